@@ -1,0 +1,505 @@
+//! JSON input: a batch of observations as a JSON array or NDJSON, parsed in
+//! one pass with borrowed strings, and exported windows.
+//!
+//! Element types are checked by us, not by serde, so one bad element (a
+//! number where an object should be, a string `ts`) becomes a per-item
+//! error and the rest of the batch still applies. Only a syntax error in a
+//! JSON array rejects the whole array (there is no way to know where its
+//! elements are); NDJSON lines fail one by one.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::engine::{Obs, WindowIn};
+use super::merge::Kind;
+use super::value::ValueRef;
+
+/// Deepest list/object nesting accepted in a value.
+pub const MAX_DEPTH: usize = 32;
+
+/// Any JSON value, scalars borrowed where possible.
+#[derive(Debug)]
+pub enum AnyIn<'a> {
+    Null,
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Str(Cow<'a, str>),
+    Complex(serde_json::Value),
+}
+
+impl<'a> AnyIn<'a> {
+    fn type_name(&self) -> &'static str {
+        match self {
+            AnyIn::Null => "null",
+            AnyIn::Bool(_) => "a boolean",
+            AnyIn::I64(_) | AnyIn::U64(_) | AnyIn::F64(_) => "a number",
+            AnyIn::Str(_) => "a string",
+            AnyIn::Complex(serde_json::Value::Array(_)) => "an array",
+            AnyIn::Complex(_) => "an object",
+        }
+    }
+
+    fn as_number(&self) -> Option<f64> {
+        match self {
+            AnyIn::I64(i) => Some(*i as f64),
+            AnyIn::U64(u) => Some(*u as f64),
+            AnyIn::F64(f) => Some(*f),
+            _ => None,
+        }
+    }
+}
+
+struct AnyVisitor;
+
+impl<'de> Visitor<'de> for AnyVisitor {
+    type Value = AnyIn<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(AnyIn::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(AnyIn::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(AnyIn::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(AnyIn::I64(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(AnyIn::U64(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(AnyIn::F64(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(AnyIn::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(AnyIn::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(AnyIn::Str(Cow::Owned(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element::<serde_json::Value>()? {
+            out.push(v);
+        }
+        Ok(AnyIn::Complex(serde_json::Value::Array(out)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+            out.insert(k, v);
+        }
+        Ok(AnyIn::Complex(serde_json::Value::Object(out)))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for AnyIn<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AnyVisitor)
+    }
+}
+
+/// A value ready for the engine; owns what could not be borrowed.
+#[derive(Debug, Clone)]
+pub enum ValueIn<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Big(String),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Json(String),
+}
+
+impl<'a> ValueIn<'a> {
+    pub fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            ValueIn::Null => ValueRef::Null,
+            ValueIn::Bool(b) => ValueRef::Bool(*b),
+            ValueIn::Int(i) => ValueRef::Int(*i),
+            ValueIn::Big(s) => ValueRef::BigInt(s),
+            ValueIn::Float(f) => ValueRef::Float(*f),
+            ValueIn::Str(s) => ValueRef::Str(s),
+            ValueIn::Json(s) => ValueRef::Json(s),
+        }
+    }
+}
+
+fn depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Canonical JSON of a list/object: sorted keys (serde_json's map is
+/// ordered), compact separators.
+pub fn canonical_json(v: &serde_json::Value) -> Result<String, String> {
+    if depth(v) > MAX_DEPTH {
+        return Err(format!("value nests deeper than {MAX_DEPTH} levels"));
+    }
+    serde_json::to_string(v).map_err(|e| e.to_string())
+}
+
+pub fn value_in(v: AnyIn<'_>) -> Result<ValueIn<'_>, String> {
+    Ok(match v {
+        AnyIn::Null => ValueIn::Null,
+        AnyIn::Bool(b) => ValueIn::Bool(b),
+        AnyIn::I64(i) => ValueIn::Int(i),
+        AnyIn::U64(u) => match i64::try_from(u) {
+            Ok(i) => ValueIn::Int(i),
+            Err(_) => ValueIn::Big(u.to_string()),
+        },
+        AnyIn::F64(f) => {
+            if !f.is_finite() {
+                return Err("value must be finite".into());
+            }
+            ValueIn::Float(f)
+        }
+        AnyIn::Str(s) => ValueIn::Str(s),
+        AnyIn::Complex(c) => ValueIn::Json(canonical_json(&c)?),
+    })
+}
+
+/// One element of a batch, types not yet checked.
+#[derive(Default, Debug)]
+pub struct RawItem<'a> {
+    not_object: Option<&'static str>,
+    identity: Option<AnyIn<'a>>,
+    primitive: Option<AnyIn<'a>>,
+    value: Option<AnyIn<'a>>,
+    ts: Option<AnyIn<'a>>,
+    confidence: Option<AnyIn<'a>>,
+    value_kind: Option<AnyIn<'a>>,
+}
+
+struct ItemVisitor;
+
+impl<'de> Visitor<'de> for ItemVisitor {
+    type Value = RawItem<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an observation object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut item = RawItem::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let slot = match key.as_ref() {
+                "identity_uuid" => &mut item.identity,
+                "primitive" => &mut item.primitive,
+                "value" => &mut item.value,
+                "ts" => &mut item.ts,
+                "confidence" => &mut item.confidence,
+                "value_kind" => &mut item.value_kind,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value::<AnyIn<'de>>()?);
+        }
+        Ok(item)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(RawItem {
+            not_object: Some("an array"),
+            ..RawItem::default()
+        })
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(RawItem::not(("a string",)))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(RawItem::not(("a boolean",)))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(RawItem::not(("a number",)))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(RawItem::not(("a number",)))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(RawItem::not(("a number",)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(RawItem::not(("null",)))
+    }
+}
+
+impl<'a> RawItem<'a> {
+    fn not(what: (&'static str,)) -> RawItem<'a> {
+        RawItem {
+            not_object: Some(what.0),
+            ..RawItem::default()
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawItem<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ItemVisitor)
+    }
+}
+
+/// A type-checked observation that owns what it could not borrow.
+#[derive(Debug)]
+pub struct ParsedObs<'a> {
+    pub identity: Cow<'a, str>,
+    pub primitive: Cow<'a, str>,
+    pub value: ValueIn<'a>,
+    pub ts: f64,
+    pub kind: Option<Kind>,
+}
+
+impl<'a> ParsedObs<'a> {
+    pub fn as_obs(&self) -> Obs<'_> {
+        Obs {
+            identity: &self.identity,
+            primitive: &self.primitive,
+            value: self.value.as_ref(),
+            ts: self.ts,
+            kind: self.kind,
+        }
+    }
+}
+
+fn string_field<'a>(name: &str, v: Option<AnyIn<'a>>) -> Result<Cow<'a, str>, String> {
+    match v {
+        Some(AnyIn::Str(s)) => Ok(s),
+        Some(other) => Err(format!("{name} must be a string, got {}", other.type_name())),
+        None => Err(format!("missing field {name}")),
+    }
+}
+
+/// Parse a JSON `kind` name (`value_kind` fields).
+pub fn parse_kind(v: Option<AnyIn<'_>>) -> Result<Option<Kind>, String> {
+    match v {
+        None | Some(AnyIn::Null) => Ok(None),
+        Some(AnyIn::Str(s)) => Kind::parse(&s)
+            .map(Some)
+            .ok_or_else(|| format!("value_kind must be categorical, numeric or hash, got {s:?}")),
+        Some(other) => Err(format!("value_kind must be a string, got {}", other.type_name())),
+    }
+}
+
+pub fn check_item(item: RawItem<'_>) -> Result<ParsedObs<'_>, String> {
+    if let Some(what) = item.not_object {
+        return Err(format!("observation must be an object, got {what}"));
+    }
+    let identity = string_field("identity_uuid", item.identity)?;
+    let primitive = string_field("primitive", item.primitive)?;
+    let ts = match item.ts {
+        Some(t) => t
+            .as_number()
+            .ok_or_else(|| format!("ts must be a number, got {}", t.type_name()))?,
+        None => return Err("missing field ts".into()),
+    };
+    if !ts.is_finite() {
+        return Err("ts must be a finite number".into());
+    }
+    match item.confidence {
+        None | Some(AnyIn::Null) => {}
+        Some(c) => match c.as_number() {
+            Some(f) if (0.0..=1.0).contains(&f) => {}
+            Some(f) => return Err(format!("confidence must be in [0, 1], got {f}")),
+            None => return Err(format!("confidence must be a number, got {}", c.type_name())),
+        },
+    }
+    let kind = parse_kind(item.value_kind)?;
+    let value = match item.value {
+        Some(v) => value_in(v)?,
+        None => return Err("missing field value".into()),
+    };
+    Ok(ParsedObs {
+        identity,
+        primitive,
+        value,
+        ts,
+        kind,
+    })
+}
+
+fn first_byte(data: &[u8]) -> Option<u8> {
+    data.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
+fn strip_bom(data: &[u8]) -> &[u8] {
+    data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data)
+}
+
+/// Parse a batch: a JSON array, or NDJSON (one object per line, blank
+/// lines skipped). Items come back in order with their index; an `Err`
+/// for the whole input only when a JSON array is not valid JSON.
+pub fn parse_batch(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, String> {
+    let data = strip_bom(data);
+    if first_byte(data) == Some(b'[') {
+        let mut de = serde_json::Deserializer::from_slice(data);
+        let items: Vec<RawItem<'_>> =
+            Vec::deserialize(&mut de).map_err(|e| format!("invalid JSON array: {e}"))?;
+        de.end().map_err(|e| format!("invalid JSON array: {e}"))?;
+        return Ok(items.into_iter().map(check_item).collect());
+    }
+    let mut out = Vec::new();
+    for (lineno, line) in data.split(|&b| b == b'\n').enumerate() {
+        if first_byte(line).is_none() {
+            continue;
+        }
+        let mut de = serde_json::Deserializer::from_slice(line);
+        let parsed = RawItem::deserialize(&mut de)
+            .and_then(|item| de.end().map(|_| item))
+            .map_err(|e| format!("line {}: invalid JSON: {e}", lineno + 1))
+            .and_then(check_item);
+        out.push(parsed);
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct WindowDoc<'a> {
+    #[serde(default)]
+    v: u32,
+    #[serde(borrow)]
+    identity_uuid: Cow<'a, str>,
+    #[serde(borrow)]
+    primitive: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    count: u64,
+    #[serde(borrow)]
+    window: Vec<(f64, AnyIn<'a>)>,
+    #[serde(default, borrow)]
+    hash_window: Vec<(AnyIn<'a>, f64)>,
+}
+
+/// A parsed exported window; `as_window` borrows it for `Engine::import`.
+pub struct ParsedWindow<'a> {
+    identity: Cow<'a, str>,
+    primitive: Cow<'a, str>,
+    kind: Kind,
+    count: u64,
+    window: Vec<(f64, ValueIn<'a>)>,
+    hash_window: Vec<(ValueIn<'a>, f64)>,
+}
+
+impl<'a> ParsedWindow<'a> {
+    pub fn as_window(&self) -> WindowIn<'_> {
+        WindowIn {
+            identity: &self.identity,
+            primitive: &self.primitive,
+            kind: self.kind,
+            count: self.count,
+            window: self.window.iter().map(|(t, v)| (*t, v.as_ref())).collect(),
+            hash_window: self.hash_window.iter().map(|(v, t)| (v.as_ref(), *t)).collect(),
+        }
+    }
+
+    pub fn key(&self) -> (&str, &str) {
+        (&self.identity, &self.primitive)
+    }
+}
+
+pub fn parse_window(data: &[u8]) -> Result<ParsedWindow<'_>, String> {
+    let doc: WindowDoc<'_> = serde_json::from_slice(data).map_err(|e| format!("invalid window JSON: {e}"))?;
+    if doc.v != 1 {
+        return Err(format!("unsupported window format version {}", doc.v));
+    }
+    let kind = Kind::parse(&doc.kind).ok_or_else(|| format!("unknown kind {:?}", doc.kind))?;
+    let window = doc
+        .window
+        .into_iter()
+        .map(|(t, v)| value_in(v).map(|v| (t, v)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let hash_window = doc
+        .hash_window
+        .into_iter()
+        .map(|(v, t)| value_in(v).map(|v| (v, t)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ParsedWindow {
+        identity: doc.identity_uuid,
+        primitive: doc.primitive,
+        kind,
+        count: doc.count,
+        window,
+        hash_window,
+    })
+}
+
+/// Parse a single JSON value.
+pub fn parse_value(data: &[u8]) -> Result<ValueIn<'_>, String> {
+    let mut de = serde_json::Deserializer::from_slice(data);
+    let v = AnyIn::deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    value_in(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_and_ndjson_agree() {
+        let arr = br#"[{"identity_uuid":"i","primitive":"p","value":"a","ts":1},
+                       {"identity_uuid":"i","primitive":"p","value":[2,1],"ts":2.5,"extra":{"x":1}}]"#;
+        let nd = b"{\"identity_uuid\":\"i\",\"primitive\":\"p\",\"value\":\"a\",\"ts\":1}\n\n\
+                   {\"identity_uuid\":\"i\",\"primitive\":\"p\",\"value\":[2,1],\"ts\":2.5}\n";
+        let a = parse_batch(arr).unwrap();
+        let n = parse_batch(nd).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(n.len(), 2);
+        for (x, y) in a.iter().zip(n.iter()) {
+            let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+            assert_eq!(x.value.as_ref(), y.value.as_ref());
+            assert_eq!(x.ts, y.ts);
+        }
+    }
+
+    #[test]
+    fn bad_items_are_per_item() {
+        let arr = br#"[1, {"identity_uuid":"i","primitive":"p","ts":"x","value":1},
+                       {"identity_uuid":"i","primitive":"p","value":1},
+                       {"identity_uuid":"i","primitive":"p","value":1,"ts":1,"confidence":2},
+                       {"identity_uuid":"i","primitive":"p","value":{"b":1,"a":[1.0,true]},"ts":1}]"#;
+        let items = parse_batch(arr).unwrap();
+        assert!(items[0].as_ref().unwrap_err().contains("must be an object"));
+        assert!(items[1].as_ref().unwrap_err().contains("ts must be a number"));
+        assert!(items[2].as_ref().unwrap_err().contains("missing field ts"));
+        assert!(items[3].as_ref().unwrap_err().contains("confidence"));
+        let ok = items[4].as_ref().unwrap();
+        assert_eq!(ok.value.as_ref(), ValueRef::Json(r#"{"a":[1.0,true],"b":1}"#));
+    }
+
+    #[test]
+    fn ndjson_bad_line_does_not_stop_the_rest() {
+        let nd = b"{bad\n{\"identity_uuid\":\"i\",\"primitive\":\"p\",\"value\":1,\"ts\":1}\n";
+        let items = parse_batch(nd).unwrap();
+        assert!(items[0].as_ref().unwrap_err().starts_with("line 1"));
+        assert!(items[1].is_ok());
+        assert!(parse_batch(b"[1,").is_err());
+    }
+
+    #[test]
+    fn big_and_deep_values() {
+        assert_eq!(
+            parse_value(b"18446744073709551615").unwrap().as_ref(),
+            ValueRef::BigInt("18446744073709551615")
+        );
+        let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+        assert!(parse_value(deep.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! The pure core: values, mergers, the incremental engine, JSON input.
+//! No Python and no I/O here.
+
+pub mod engine;
+pub mod hashwin;
+pub mod intern;
+pub mod json;
+pub mod merge;
+pub mod registry;
+pub mod value;
+
+#[cfg(test)]
+mod engine_tests;

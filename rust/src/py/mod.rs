@@ -1,0 +1,27 @@
+//! The Python binding, `decnet_attr._core`. Thin: conversions at the edge,
+//! then the pure core.
+
+mod convert;
+mod engine;
+mod errors;
+mod types;
+
+use pyo3::prelude::*;
+
+use crate::core::registry::Registry;
+
+#[pymodule]
+fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
+    m.add_class::<types::PyThresholds>()?;
+    m.add_class::<types::PyState>()?;
+    m.add_class::<types::PyChange>()?;
+    m.add_class::<types::PyRejected>()?;
+    m.add_class::<types::PyIngestResult>()?;
+    m.add_class::<engine::PyEngine>()?;
+    m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
+    m.add("DecnetAttrError", py.get_type::<errors::DecnetAttrError>())?;
+    m.add("InvalidJSONError", py.get_type::<errors::InvalidJSONError>())?;
+    m.add("REGISTRY_VERSION", Registry::get().version.as_str())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
