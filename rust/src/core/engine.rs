@@ -379,7 +379,8 @@ impl Engine {
             ));
         }
         let slot = self.find_slot(o.identity, o.primitive);
-        let (kind, known) = match slot {
+        let (default, known) = self.default_kind(o.primitive);
+        let kind = match slot {
             Some(s) => {
                 let k = self.meta[s as usize].kind;
                 if let Some(req) = o.kind {
@@ -391,12 +392,9 @@ impl Engine {
                         ));
                     }
                 }
-                (k, true)
+                k
             }
-            None => match o.kind {
-                Some(k) => (k, true),
-                None => self.default_kind(o.primitive),
-            },
+            None => o.kind.unwrap_or(default),
         };
         if kind == Kind::Numeric && o.value.to_float().is_none() {
             return Err(format!(

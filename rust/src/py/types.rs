@@ -161,9 +161,9 @@ impl PyThresholds {
         }
     }
 
-    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(PyObject, &'py PyTuple, &'py PyDict)> {
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(PyObject, &'py PyTuple)> {
         let cls = py.get_type::<PyThresholds>().getattr("_from_dict")?.into_py(py);
-        Ok((cls, PyTuple::new(py, [self.to_dict(py)?]), PyDict::new(py)))
+        Ok((cls, PyTuple::new(py, [self.to_dict(py)?])))
     }
 
     #[staticmethod]
@@ -257,7 +257,7 @@ impl PyState {
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let cv = to_py(py, &self.inner.current)?;
         Ok(format!(
-            "AttributionState(current_value={}, state={:?}, confidence={}, observation_count={}, \
+            "AttributionState(current_value={}, state='{}', confidence={}, observation_count={}, \
              last_observation_ts={})",
             cv.as_ref(py).repr()?,
             self.inner.state.as_str(),
@@ -340,13 +340,13 @@ impl PyChange {
 
     fn __repr__(&self) -> String {
         format!(
-            "ChangeRecord(identity_uuid={:?}, primitive={:?}, old_state={}, state={:?}, state_changed={})",
+            "ChangeRecord(identity_uuid={:?}, primitive={:?}, old_state={}, state='{}', state_changed={})",
             self.inner.identity.as_ref(),
             self.inner.primitive.as_ref(),
             self.inner
                 .old
                 .as_ref()
-                .map_or("None".to_string(), |o| format!("{:?}", o.state.as_str())),
+                .map_or("None".to_string(), |o| format!("'{}'", o.state.as_str())),
             self.inner.new.state.as_str(),
             if self.state_changed() { "True" } else { "False" },
         )
