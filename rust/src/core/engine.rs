@@ -18,6 +18,7 @@ use hashbrown::HashMap;
 use super::hashwin::{HashWindow, Upsert};
 use super::intern::{Id, Interner};
 use super::merge::{self, Current, Kind, Outcome, State, Thresholds};
+use super::slots::{Blocks, Meta};
 use super::registry::Registry;
 use super::value::{write_json_str, Value, ValueRef};
 
@@ -120,29 +121,32 @@ pub struct Stats {
     pub unknown_primitive_observations: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Meta {
-    count: u64,
-    ident: u32,
-    prim: u32,
-    /// Index into `nums` blocks (numeric) or `wins` (hash).
-    ext: u32,
-    len: u8,
-    kind: Kind,
-    live: bool,
-}
-
 /// Reference-counted name table (identities, primitives).
 #[derive(Default)]
 struct Names {
     map: HashMap<Arc<str>, u32, RandomState>,
     entries: Vec<Option<(Arc<str>, u32)>>,
     free: Vec<u32>,
+    last: std::cell::RefCell<Option<(u32, Arc<str>)>>,
 }
 
 impl Names {
     fn find(&self, s: &str) -> Option<u32> {
         self.map.get(s).copied()
+    }
+
+    /// `find`, remembering the last hit: observations arrive in per-session
+    /// bursts (up to 38 primitives of one attacker), so consecutive lookups
+    /// are usually for the same identity.
+    fn find_cached(&self, s: &str) -> Option<u32> {
+        if let Some((id, name)) = &*self.last.borrow() {
+            if name.as_ref() == s {
+                return Some(*id);
+            }
+        }
+        let id = self.find(s)?;
+        *self.last.borrow_mut() = self.entries[id as usize].as_ref().map(|(n, _)| (id, n.clone()));
+        Some(id)
     }
 
     fn acquire(&mut self, s: &str) -> u32 {
@@ -175,6 +179,10 @@ impl Names {
                 self.map.remove(&name);
             }
             self.free.push(id);
+            let mut last = self.last.borrow_mut();
+            if last.as_ref().is_some_and(|(l, _)| *l == id) {
+                *last = None;
+            }
         }
     }
 
@@ -200,10 +208,10 @@ pub struct Engine {
     values: Interner,
     idents: Names,
     prims: Names,
+    /// Per primitive id: (default kind, known to the registry/overrides).
+    prim_info: Vec<(Kind, bool)>,
     map: HashMap<(u32, u32), u32, RandomState>,
-    meta: Vec<Meta>,
-    ts: Vec<f64>,
-    ids: Vec<Id>,
+    slots: Blocks,
     free_slots: Vec<u32>,
     nums: Vec<f64>,
     free_nums: Vec<u32>,
@@ -212,6 +220,7 @@ pub struct Engine {
     stats: Stats,
     unknown_prims: HashSet<String>,
     scratch: Vec<Id>,
+    epoch: u32,
 }
 
 const MAX_UNKNOWN_NAMES: usize = 1000;
@@ -281,10 +290,9 @@ impl Engine {
             values: Interner::new(),
             idents: Names::default(),
             prims: Names::default(),
+            prim_info: Vec::new(),
             map: HashMap::with_hasher(RandomState::new()),
-            meta: Vec::new(),
-            ts: Vec::new(),
-            ids: Vec::new(),
+            slots: Blocks::new(cap),
             free_slots: Vec::new(),
             nums: Vec::new(),
             free_nums: Vec::new(),
@@ -293,6 +301,7 @@ impl Engine {
             stats: Stats::default(),
             unknown_prims: HashSet::new(),
             scratch: Vec::new(),
+            epoch: 0,
         })
     }
 
@@ -307,6 +316,9 @@ impl Engine {
     /// Set the merger kind of a primitive for keys created from now on.
     pub fn set_kind(&mut self, primitive: &str, kind: Kind) {
         self.overrides.insert(primitive.to_owned(), kind);
+        if let Some(p) = self.prims.find(primitive) {
+            self.prim_info[p as usize] = (kind, true);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -332,7 +344,7 @@ impl Engine {
     }
 
     /// Default kind of a primitive for a new key, and whether the registry
-    /// knew it.
+    /// (or the engine's `kinds`) knew it.
     fn default_kind(&self, primitive: &str) -> (Kind, bool) {
         if let Some(k) = self.overrides.get(primitive) {
             return (*k, true);
@@ -378,11 +390,18 @@ impl Engine {
                 o.primitive, self.limits.max_value_bytes
             ));
         }
-        let slot = self.find_slot(o.identity, o.primitive);
-        let (default, known) = self.default_kind(o.primitive);
+        let prim = self.prims.find(o.primitive);
+        let (default, known) = match prim {
+            Some(p) => self.prim_info[p as usize],
+            None => self.default_kind(o.primitive),
+        };
+        let slot = match (prim, self.idents.find_cached(o.identity)) {
+            (Some(p), Some(i)) => self.map.get(&(i, p)).copied(),
+            _ => None,
+        };
         let kind = match slot {
             Some(s) => {
-                let k = self.meta[s as usize].kind;
+                let k = self.slots.meta(s).kind;
                 if let Some(req) = o.kind {
                     if req != k {
                         return Err(format!(
@@ -409,6 +428,10 @@ impl Engine {
     fn create(&mut self, identity: &str, primitive: &str, kind: Kind) -> u32 {
         let ident = self.idents.acquire(identity);
         let prim = self.prims.acquire(primitive);
+        if self.prim_info.len() <= prim as usize {
+            self.prim_info.resize(prim as usize + 1, (Kind::Categorical, false));
+        }
+        self.prim_info[prim as usize] = self.default_kind(primitive);
         let ext = match kind {
             Kind::Categorical => 0,
             Kind::Numeric => match self.free_nums.pop() {
@@ -427,27 +450,24 @@ impl Engine {
                 }
             },
         };
-        let meta = Meta {
-            count: 0,
-            ident,
-            prim,
-            ext,
-            len: 0,
-            kind,
-            live: true,
-        };
         let slot = match self.free_slots.pop() {
-            Some(s) => {
-                self.meta[s as usize] = meta;
-                s
-            }
-            None => {
-                self.meta.push(meta);
-                self.ts.resize(self.ts.len() + self.cap, 0.0);
-                self.ids.resize(self.ids.len() + self.cap, 0);
-                (self.meta.len() - 1) as u32
-            }
+            Some(s) => s,
+            None => self.slots.push(),
         };
+        self.slots.set_meta(
+            slot,
+            &Meta {
+                count: 0,
+                ident,
+                prim,
+                ext,
+                len: 0,
+                kind,
+                live: true,
+                epoch: 0,
+                touched: 0,
+            },
+        );
         self.map.insert((ident, prim), slot);
         slot
     }
@@ -455,42 +475,31 @@ impl Engine {
     /// Merge one validated observation into a key.
     fn apply(&mut self, slot: u32, value: ValueRef<'_>, t: f64) {
         let cap = self.cap;
-        let m = self.meta[slot as usize];
-        let base = slot as usize * cap;
+        let mut m = self.slots.meta(slot);
         let mut len = m.len as usize;
-        let outside = len == cap && t < self.ts[base];
+        let outside = len == cap && t < self.slots.ts(slot)[0];
         match m.kind {
             Kind::Numeric => {
                 if !outside {
                     // validated by `check`
                     let f = value.to_float().unwrap_or(0.0);
                     let nb = m.ext as usize * cap;
-                    ring_insert(
-                        &mut self.ts[base..base + cap],
-                        &mut self.nums[nb..nb + cap],
-                        &mut len,
-                        t,
-                        f,
-                    );
+                    let (ts, _) = self.slots.ring_mut(slot);
+                    ring_insert(ts, &mut self.nums[nb..nb + cap], &mut len, t, f);
                 }
             }
             Kind::Categorical => {
                 if !outside {
                     let id = self.values.acquire(value);
-                    if let Some(ev) = ring_insert(
-                        &mut self.ts[base..base + cap],
-                        &mut self.ids[base..base + cap],
-                        &mut len,
-                        t,
-                        id,
-                    ) {
+                    let (ts, ids) = self.slots.ring_mut(slot);
+                    if let Some(ev) = ring_insert(ts, ids, &mut len, t, id) {
                         self.values.release(ev);
                     }
                 }
             }
             Kind::Hash => {
                 let prev_max = if len > 0 {
-                    self.ts[base + len - 1]
+                    self.slots.ts(slot)[len - 1]
                 } else {
                     f64::NEG_INFINITY
                 };
@@ -515,31 +524,27 @@ impl Engine {
                 }
                 if outside {
                     self.values.release(id);
-                } else if let Some(ev) = ring_insert(
-                    &mut self.ts[base..base + cap],
-                    &mut self.ids[base..base + cap],
-                    &mut len,
-                    t,
-                    id,
-                ) {
-                    self.values.release(ev);
+                } else {
+                    let (ts, ids) = self.slots.ring_mut(slot);
+                    if let Some(ev) = ring_insert(ts, ids, &mut len, t, id) {
+                        self.values.release(ev);
+                    }
                 }
             }
         }
-        let meta = &mut self.meta[slot as usize];
-        meta.len = len as u8;
-        meta.count += 1;
+        m.len = len as u8;
+        m.count += 1;
+        self.slots.set_meta(slot, &m);
     }
 
     fn outcome(&self, slot: u32) -> Outcome {
-        let m = &self.meta[slot as usize];
-        let base = slot as usize * self.cap;
+        let m = self.slots.meta(slot);
         let len = m.len as usize;
         match m.kind {
             Kind::Categorical => {
                 let mut canon = [0 as Id; 128];
-                for (i, c) in canon.iter_mut().take(len).enumerate() {
-                    *c = self.values.canon_of(self.ids[base + i]);
+                for (c, &id) in canon.iter_mut().zip(&self.slots.ids(slot)[..len]) {
+                    *c = self.values.canon_of(id);
                 }
                 merge::categorical(&self.th, m.count, &canon[..len])
             }
@@ -547,23 +552,18 @@ impl Engine {
                 let nb = m.ext as usize * self.cap;
                 merge::numeric(&self.th, m.count, &self.nums[nb..nb + len])
             }
-            Kind::Hash => merge::hash(
-                &self.th,
-                self.wins[m.ext as usize].len(),
-                len.saturating_sub(1),
-            ),
+            Kind::Hash => merge::hash(&self.th, self.wins[m.ext as usize].len(), len.saturating_sub(1)),
         }
     }
 
     fn resolve(&self, slot: u32, o: &Outcome) -> StateOut {
-        let m = &self.meta[slot as usize];
-        let base = slot as usize * self.cap;
+        let m = self.slots.meta(slot);
         let len = m.len as usize;
         if m.count == 0 || len == 0 {
             return StateOut::empty();
         }
         let current = match o.current {
-            Current::Index(i) => self.values.value(self.ids[base + i]).clone(),
+            Current::Index(i) => self.values.value(self.slots.ids(slot)[i]).clone(),
             Current::Float(f) => Value::Float(f),
             Current::Null => Value::Null,
         };
@@ -572,7 +572,7 @@ impl Engine {
             state: o.state,
             confidence: o.confidence,
             count: m.count,
-            last_ts: self.ts[base + len - 1],
+            last_ts: self.slots.ts(slot)[len - 1],
         }
     }
 
@@ -581,14 +581,19 @@ impl Engine {
     }
 
     /// Merge a batch. Bad items are reported and skipped; the rest apply.
+    /// The new state of a key is computed right after its observation is
+    /// merged (while its block is in cache), once per observation.
     pub fn ingest<'a, I>(&mut self, batch: I) -> BatchResult
     where
         I: IntoIterator<Item = (usize, Result<Obs<'a>, String>)>,
     {
         let mut out = BatchResult::default();
-        let mut touched: Vec<(u32, Option<StateOut>)> = Vec::new();
-        let mut seen: hashbrown::HashSet<u32, RandomState> =
-            hashbrown::HashSet::with_hasher(RandomState::new());
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.slots.clear_epochs();
+            self.epoch = 1;
+        }
+        let epoch = self.epoch;
         for (index, item) in batch {
             let checked = item.and_then(|o| self.check(&o).map(|c| (o, c)));
             let (o, (slot, kind, known)) = match checked {
@@ -601,9 +606,7 @@ impl Engine {
             };
             if !known {
                 self.stats.unknown_primitive_observations += 1;
-                if self.unknown_prims.len() < MAX_UNKNOWN_NAMES
-                    && !self.unknown_prims.contains(o.primitive)
-                {
+                if self.unknown_prims.len() < MAX_UNKNOWN_NAMES && !self.unknown_prims.contains(o.primitive) {
                     self.unknown_prims.insert(o.primitive.to_owned());
                 }
             }
@@ -611,27 +614,25 @@ impl Engine {
                 Some(s) => s,
                 None => self.create(o.identity, o.primitive, kind),
             };
-            if seen.insert(slot) {
-                let old = if self.meta[slot as usize].count > 0 {
-                    Some(self.state_of(slot))
-                } else {
-                    None
-                };
-                touched.push((slot, old));
-            }
+            let m = self.slots.meta(slot);
+            let pos = if m.epoch == epoch {
+                m.touched as usize
+            } else {
+                let old = if m.count > 0 { Some(self.state_of(slot)) } else { None };
+                out.changes.push(Change {
+                    identity: self.idents.name(m.ident),
+                    primitive: self.prims.name(m.prim),
+                    old,
+                    new: StateOut::empty(),
+                });
+                let pos = out.changes.len() - 1;
+                self.slots.set_touched(slot, epoch, pos as u32);
+                pos
+            };
             self.apply(slot, o.value, o.ts);
+            out.changes[pos].new = self.state_of(slot);
             self.stats.accepted += 1;
             out.accepted += 1;
-        }
-        out.changes.reserve(touched.len());
-        for (slot, old) in touched {
-            let m = self.meta[slot as usize];
-            out.changes.push(Change {
-                identity: self.idents.name(m.ident),
-                primitive: self.prims.name(m.prim),
-                old,
-                new: self.state_of(slot),
-            });
         }
         out
     }
@@ -647,8 +648,8 @@ impl Engine {
     pub fn keys(&self) -> Vec<(Arc<str>, Arc<str>)> {
         let mut out: Vec<_> = self
             .map
-            .iter()
-            .map(|(&(i, p), _)| (self.idents.name(i), self.prims.name(p)))
+            .keys()
+            .map(|&(i, p)| (self.idents.name(i), self.prims.name(p)))
             .collect();
         out.sort();
         out
@@ -665,12 +666,12 @@ impl Engine {
     }
 
     fn free_slot(&mut self, slot: u32) {
-        let m = self.meta[slot as usize];
-        let base = slot as usize * self.cap;
+        let m = self.slots.meta(slot);
         let len = m.len as usize;
         if m.kind != Kind::Numeric {
             for i in 0..len {
-                self.values.release(self.ids[base + i]);
+                let id = self.slots.ids(slot)[i];
+                self.values.release(id);
             }
         }
         match m.kind {
@@ -688,9 +689,16 @@ impl Engine {
         self.map.remove(&(m.ident, m.prim));
         self.idents.release(m.ident);
         self.prims.release(m.prim);
-        self.meta[slot as usize].live = false;
-        self.meta[slot as usize].len = 0;
-        self.meta[slot as usize].count = 0;
+        self.slots.set_meta(
+            slot,
+            &Meta {
+                count: 0,
+                len: 0,
+                live: false,
+                epoch: 0,
+                ..m
+            },
+        );
         self.free_slots.push(slot);
     }
 
@@ -702,22 +710,22 @@ impl Engine {
     }
 
     fn window_of(&self, slot: u32) -> Vec<(f64, Value)> {
-        let m = &self.meta[slot as usize];
-        let base = slot as usize * self.cap;
+        let m = self.slots.meta(slot);
+        let ts = self.slots.ts(slot);
         (0..m.len as usize)
             .map(|i| {
                 let v = if m.kind == Kind::Numeric {
                     Value::Float(self.nums[m.ext as usize * self.cap + i])
                 } else {
-                    self.values.value(self.ids[base + i]).clone()
+                    self.values.value(self.slots.ids(slot)[i]).clone()
                 };
-                (self.ts[base + i], v)
+                (ts[i], v)
             })
             .collect()
     }
 
     fn hash_window_of(&self, slot: u32) -> Vec<(Value, f64)> {
-        let m = &self.meta[slot as usize];
+        let m = self.slots.meta(slot);
         if m.kind != Kind::Hash {
             return Vec::new();
         }
@@ -730,7 +738,7 @@ impl Engine {
 
     pub fn explain(&self, identity: &str, primitive: &str) -> Option<Explanation> {
         let slot = self.find_slot(identity, primitive)?;
-        let m = self.meta[slot as usize];
+        let m = self.slots.meta(slot);
         let outcome = self.outcome(slot);
         Some(Explanation {
             identity: self.idents.name(m.ident),
@@ -747,7 +755,7 @@ impl Engine {
     /// The retained window of a key as JSON, for a store to persist.
     pub fn export(&self, identity: &str, primitive: &str) -> Option<String> {
         let slot = self.find_slot(identity, primitive)?;
-        let m = self.meta[slot as usize];
+        let m = self.slots.meta(slot);
         let mut s = String::with_capacity(96 + 32 * m.len as usize);
         s.push_str("{\"v\":1,\"identity_uuid\":");
         write_json_str(&mut s, identity);
@@ -829,14 +837,17 @@ impl Engine {
         }
         let slot = self.create(w.identity, w.primitive, w.kind);
         let cap = self.cap;
-        let base = slot as usize * cap;
-        let ext = self.meta[slot as usize].ext as usize;
+        let mut m = self.slots.meta(slot);
+        let ext = m.ext as usize;
         for (i, (t, v)) in w.window.iter().enumerate() {
-            self.ts[base + i] = *t;
             match w.kind {
                 Kind::Numeric => self.nums[ext * cap + i] = v.to_float().unwrap_or(0.0),
-                _ => self.ids[base + i] = self.values.acquire(*v),
+                _ => {
+                    let id = self.values.acquire(*v);
+                    self.slots.ring_mut(slot).1[i] = id;
+                }
             }
+            self.slots.ring_mut(slot).0[i] = *t;
         }
         if w.kind == Kind::Hash {
             for (v, t) in &w.hash_window {
@@ -849,22 +860,21 @@ impl Engine {
                 self.values.release(id);
             }
         }
-        let meta = &mut self.meta[slot as usize];
-        meta.len = len as u8;
-        meta.count = w.count;
+        m.len = len as u8;
+        m.count = w.count;
+        self.slots.set_meta(slot, &m);
         Ok(())
     }
 
     /// Approximate heap bytes held by the engine.
     pub fn heap_bytes(&self) -> usize {
-        self.meta.capacity() * std::mem::size_of::<Meta>()
-            + self.ts.capacity() * 8
-            + self.ids.capacity() * 4
+        self.slots.heap_bytes()
             + self.nums.capacity() * 8
             + self.wins.capacity() * std::mem::size_of::<HashWindow>()
             + self.wins.iter().map(HashWindow::heap_bytes).sum::<usize>()
             + self.map.capacity() * (std::mem::size_of::<((u32, u32), u32)>() + 1)
             + (self.free_slots.capacity() + self.free_nums.capacity() + self.free_wins.capacity()) * 4
+            + self.prim_info.capacity() * 2
             + self.values.heap_bytes()
             + self.idents.heap_bytes()
             + self.prims.heap_bytes()

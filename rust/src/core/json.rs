@@ -10,10 +10,11 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::engine::{Obs, WindowIn};
+use super::fastjson;
 use super::merge::Kind;
 use super::value::ValueRef;
 
@@ -174,87 +175,153 @@ pub fn value_in(v: AnyIn<'_>) -> Result<ValueIn<'_>, String> {
     })
 }
 
-/// One element of a batch, types not yet checked.
-#[derive(Default, Debug)]
-pub struct RawItem<'a> {
-    not_object: Option<&'static str>,
-    identity: Option<AnyIn<'a>>,
-    primitive: Option<AnyIn<'a>>,
-    value: Option<AnyIn<'a>>,
-    ts: Option<AnyIn<'a>>,
-    confidence: Option<AnyIn<'a>>,
-    value_kind: Option<AnyIn<'a>>,
+/// The observation fields we read; anything else is skipped unparsed.
+enum Field {
+    Identity,
+    Primitive,
+    Value,
+    Ts,
+    Confidence,
+    ValueKind,
+    Other,
 }
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
+        Ok(match v {
+            "identity_uuid" => Field::Identity,
+            "primitive" => Field::Primitive,
+            "value" => Field::Value,
+            "ts" => Field::Ts,
+            "confidence" => Field::Confidence,
+            "value_kind" => Field::ValueKind,
+            _ => Field::Other,
+        })
+    }
+}
+
+struct FieldSeed;
+
+impl<'de> DeserializeSeed<'de> for FieldSeed {
+    type Value = Field;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+        // deserialize_str hands us borrowed or escaped text: no allocation.
+        d.deserialize_str(FieldVisitor)
+    }
+}
+
+/// One element of a batch, already type-checked: the `Err` is a per-item
+/// rejection, not a parse failure.
+struct Item<'de>(Result<ParsedObs<'de>, String>);
 
 struct ItemVisitor;
 
 impl<'de> Visitor<'de> for ItemVisitor {
-    type Value = RawItem<'de>;
+    type Value = Item<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an observation object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut item = RawItem::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            let slot = match key.as_ref() {
-                "identity_uuid" => &mut item.identity,
-                "primitive" => &mut item.primitive,
-                "value" => &mut item.value,
-                "ts" => &mut item.ts,
-                "confidence" => &mut item.confidence,
-                "value_kind" => &mut item.value_kind,
-                _ => {
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key_seed(FieldSeed)? {
+            let slot = match key {
+                Field::Identity => &mut fields.identity,
+                Field::Primitive => &mut fields.primitive,
+                Field::Value => &mut fields.value,
+                Field::Ts => &mut fields.ts,
+                Field::Confidence => &mut fields.confidence,
+                Field::ValueKind => &mut fields.value_kind,
+                Field::Other => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
                 }
             };
             *slot = Some(map.next_value::<AnyIn<'de>>()?);
         }
-        Ok(item)
+        Ok(Item(check_fields(fields)))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(RawItem {
-            not_object: Some("an array"),
-            ..RawItem::default()
-        })
+        Ok(not_object("an array"))
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(RawItem::not(("a string",)))
+        Ok(not_object("a string"))
     }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(RawItem::not(("a boolean",)))
+        Ok(not_object("a boolean"))
     }
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(RawItem::not(("a number",)))
+        Ok(not_object("a number"))
     }
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(RawItem::not(("a number",)))
+        Ok(not_object("a number"))
     }
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(RawItem::not(("a number",)))
+        Ok(not_object("a number"))
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(RawItem::not(("null",)))
+        Ok(not_object("null"))
     }
 }
 
-impl<'a> RawItem<'a> {
-    fn not(what: (&'static str,)) -> RawItem<'a> {
-        RawItem {
-            not_object: Some(what.0),
-            ..RawItem::default()
-        }
-    }
+fn not_object<'a>(what: &str) -> Item<'a> {
+    Item(Err(format!("observation must be an object, got {what}")))
 }
 
-impl<'de> Deserialize<'de> for RawItem<'de> {
+impl<'de> Deserialize<'de> for Item<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(ItemVisitor)
     }
+}
+
+/// Pushes the elements of a JSON array straight into `out`.
+struct ArraySeed<'v, 'de> {
+    out: &'v mut Vec<Result<ParsedObs<'de>, String>>,
+}
+
+impl<'v, 'de> Visitor<'de> for ArraySeed<'v, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array of observations")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<Item<'de>>()? {
+            self.out.push(item.0);
+        }
+        Ok(())
+    }
+}
+
+impl<'v, 'de> DeserializeSeed<'de> for ArraySeed<'v, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+#[derive(Default)]
+struct Fields<'a> {
+    identity: Option<AnyIn<'a>>,
+    primitive: Option<AnyIn<'a>>,
+    value: Option<AnyIn<'a>>,
+    ts: Option<AnyIn<'a>>,
+    confidence: Option<AnyIn<'a>>,
+    value_kind: Option<AnyIn<'a>>,
 }
 
 /// A type-checked observation that owns what it could not borrow.
@@ -298,13 +365,10 @@ pub fn parse_kind(v: Option<AnyIn<'_>>) -> Result<Option<Kind>, String> {
     }
 }
 
-pub fn check_item(item: RawItem<'_>) -> Result<ParsedObs<'_>, String> {
-    if let Some(what) = item.not_object {
-        return Err(format!("observation must be an object, got {what}"));
-    }
-    let identity = string_field("identity_uuid", item.identity)?;
-    let primitive = string_field("primitive", item.primitive)?;
-    let ts = match item.ts {
+fn check_fields(f: Fields<'_>) -> Result<ParsedObs<'_>, String> {
+    let identity = string_field("identity_uuid", f.identity)?;
+    let primitive = string_field("primitive", f.primitive)?;
+    let ts = match f.ts {
         Some(t) => t
             .as_number()
             .ok_or_else(|| format!("ts must be a number, got {}", t.type_name()))?,
@@ -313,16 +377,16 @@ pub fn check_item(item: RawItem<'_>) -> Result<ParsedObs<'_>, String> {
     if !ts.is_finite() {
         return Err("ts must be a finite number".into());
     }
-    match item.confidence {
+    match f.confidence {
         None | Some(AnyIn::Null) => {}
         Some(c) => match c.as_number() {
-            Some(f) if (0.0..=1.0).contains(&f) => {}
-            Some(f) => return Err(format!("confidence must be in [0, 1], got {f}")),
+            Some(x) if (0.0..=1.0).contains(&x) => {}
+            Some(x) => return Err(format!("confidence must be in [0, 1], got {x}")),
             None => return Err(format!("confidence must be a number, got {}", c.type_name())),
         },
     }
-    let kind = parse_kind(item.value_kind)?;
-    let value = match item.value {
+    let kind = parse_kind(f.value_kind)?;
+    let value = match f.value {
         Some(v) => value_in(v)?,
         None => return Err("missing field value".into()),
     };
@@ -344,27 +408,56 @@ fn strip_bom(data: &[u8]) -> &[u8] {
 }
 
 /// Parse a batch: a JSON array, or NDJSON (one object per line, blank
-/// lines skipped). Items come back in order with their index; an `Err`
-/// for the whole input only when a JSON array is not valid JSON.
+/// lines skipped). Items come back in order; an `Err` for the whole input
+/// only when a JSON array is not valid JSON (or not UTF-8).
 pub fn parse_batch(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, String> {
     let data = strip_bom(data);
     if first_byte(data) == Some(b'[') {
-        let mut de = serde_json::Deserializer::from_slice(data);
-        let items: Vec<RawItem<'_>> =
-            Vec::deserialize(&mut de).map_err(|e| format!("invalid JSON array: {e}"))?;
-        de.end().map_err(|e| format!("invalid JSON array: {e}"))?;
-        return Ok(items.into_iter().map(check_item).collect());
+        let s = std::str::from_utf8(data)
+            .map_err(|e| format!("invalid JSON array: invalid UTF-8 at byte {}", e.valid_up_to()))?;
+        return fastjson::parse_array(s).map_err(|e| {
+            let (line, col) = fastjson::line_col(data, e.offset);
+            format!("invalid JSON array: {} at line {line} column {col}", e.msg)
+        });
     }
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(data.len() / 96 + 1);
+    for (lineno, line) in data.split(|&b| b == b'\n').enumerate() {
+        if first_byte(line).is_none() {
+            continue;
+        }
+        let item = match std::str::from_utf8(line).ok() {
+            None => Err(format!("line {}: invalid UTF-8", lineno + 1)),
+            Some(t) => fastjson::parse_line(t).unwrap_or_else(|e| {
+                Err(format!("line {}: invalid JSON: {} at column {}", lineno + 1, e.msg, e.offset + 1))
+            }),
+        };
+        out.push(item);
+    }
+    Ok(out)
+}
+
+/// [`parse_batch`] written with serde_json: the reference the fast reader
+/// is tested against (same results on every input), and a fallback.
+pub fn parse_batch_serde(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, String> {
+    let data = strip_bom(data);
+    // ~100 bytes per observation is typical; avoid regrowing a large vector
+    let mut out = Vec::with_capacity(data.len() / 96 + 1);
+    if first_byte(data) == Some(b'[') {
+        let mut de = serde_json::Deserializer::from_slice(data);
+        ArraySeed { out: &mut out }
+            .deserialize(&mut de)
+            .and_then(|_| de.end())
+            .map_err(|e| format!("invalid JSON array: {e}"))?;
+        return Ok(out);
+    }
     for (lineno, line) in data.split(|&b| b == b'\n').enumerate() {
         if first_byte(line).is_none() {
             continue;
         }
         let mut de = serde_json::Deserializer::from_slice(line);
-        let parsed = RawItem::deserialize(&mut de)
-            .and_then(|item| de.end().map(|_| item))
-            .map_err(|e| format!("line {}: invalid JSON: {e}", lineno + 1))
-            .and_then(check_item);
+        let parsed = Item::deserialize(&mut de)
+            .and_then(|item| de.end().map(|_| item.0))
+            .unwrap_or_else(|e| Err(format!("line {}: invalid JSON: {e}", lineno + 1)));
         out.push(parsed);
     }
     Ok(out)

@@ -2,12 +2,16 @@
 //! No Python and no I/O here.
 
 pub mod engine;
+pub mod fastjson;
 pub mod hashwin;
 pub mod intern;
 pub mod json;
 pub mod merge;
 pub mod registry;
+pub mod slots;
 pub mod value;
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod fastjson_tests;

@@ -1,0 +1,515 @@
+"""Bus interface: the event envelope, subscriptions, durable consumers and the bus.
+
+Two delivery paths (see ``DESIGN.md``):
+
+- **fan-out** (:meth:`Bus.publish` / :meth:`Bus.subscribe`): fire-and-forget,
+  at-most-once notification to every matching subscriber, bounded queue per
+  subscriber with drop-oldest (every drop counted and logged, rate-limited);
+- **durable** (:meth:`Bus.publish_durable` / :meth:`Bus.durable_consumer`):
+  at-least-once work distribution for the observation stream; the publisher
+  returns only once the event is durably accepted, consumers ack after they
+  committed, anything not acked is delivered again.
+
+Event ids are preserved end to end (reference §10.1.14), so consumers can
+de-duplicate redeliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "EVENT_SCHEMA_VERSION",
+    "Bus",
+    "BusError",
+    "BusUnavailable",
+    "Delivery",
+    "DurableConsumer",
+    "Event",
+    "QueueSubscription",
+    "RateLimitedLog",
+    "Subscription",
+]
+
+logger = logging.getLogger(__name__)
+
+EVENT_SCHEMA_VERSION = 1
+
+#: Minimum seconds between two WARNING lines about drops on one subscription.
+DROP_LOG_INTERVAL = 10.0
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# ------------------------------------------------------------------------------------------
+# envelope
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Event:
+    """One bus event (reference §1.1). Immutable; ``payload`` is a plain dict
+    shared by every subscriber, so treat it as read-only."""
+
+    topic: str
+    payload: dict[str, Any]
+    type: str = ""
+    v: int = EVENT_SCHEMA_VERSION
+    ts: float = field(default_factory=time.time)
+    id: str = field(default_factory=_new_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form, keys in DECNET's order ``v, id, topic, type, ts, payload``."""
+        return {
+            "v": self.v,
+            "id": self.id,
+            "topic": self.topic,
+            "type": self.type,
+            "ts": self.ts,
+            "payload": self.payload,
+        }
+
+    def to_json(self) -> bytes:
+        """Compact UTF-8 JSON of :meth:`to_dict` (orjson)."""
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, topic: str, data: Mapping[str, Any]) -> Event:
+        """Rebuild an event received on *topic* (reference §1.1 from-dict rules).
+
+        - the topic comes from the transport; a ``topic`` key in *data* is ignored;
+        - a missing or ``None`` payload gives ``{}``; any other non-object payload
+          raises :class:`ValueError`;
+        - a missing, ``None`` or empty ``type`` gives ``""`` (other values are ``str()``-ed);
+        - ``v`` is coerced with ``int()`` (default 1), ``ts`` with ``float()``
+          (missing or ``None``: now; non-finite: :class:`ValueError`);
+        - a missing or empty ``id`` gives a fresh uuid4 hex.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"event body must be a JSON object, not {type(data).__name__}")
+        payload = data.get("payload")
+        if payload is None:
+            payload = {}
+        elif not isinstance(payload, dict):
+            if isinstance(payload, Mapping):
+                payload = dict(payload)
+            else:
+                raise ValueError(
+                    f"event payload must be a JSON object, not {type(payload).__name__}"
+                )
+        raw_type = data.get("type")
+        etype = "" if raw_type is None else str(raw_type)
+        raw_v = data.get("v")
+        try:
+            v = EVENT_SCHEMA_VERSION if raw_v is None else int(raw_v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid event version {raw_v!r}") from exc
+        raw_ts = data.get("ts")
+        if raw_ts is None:
+            ts = time.time()
+        else:
+            try:
+                ts = float(raw_ts)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"invalid event ts {raw_ts!r}") from exc
+            if not math.isfinite(ts):
+                raise ValueError(f"invalid event ts {raw_ts!r}")
+        raw_id = data.get("id")
+        eid = str(raw_id) if raw_id not in (None, "") else _new_id()
+        return cls(topic=topic, payload=payload, type=etype, v=v, ts=ts, id=eid)
+
+    @classmethod
+    def from_json(cls, topic: str, raw: bytes) -> Event:
+        """Parse a JSON object (bytes or str); :class:`ValueError` on bad JSON or a
+        non-object."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"invalid event JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"event body must be a JSON object, not {type(data).__name__}")
+        return cls.from_dict(topic, data)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+class BusError(RuntimeError):
+    """A bus operation failed."""
+
+
+class BusUnavailable(BusError):
+    """The bus cannot do this right now (no server, no durable consumer, timeout).
+
+    Transient: the caller may retry (with the same ``event_id`` for durable
+    publishes, so that the retry is de-duplicated).
+    """
+
+
+# ------------------------------------------------------------------------------------------
+# logging helper
+# ------------------------------------------------------------------------------------------
+class RateLimitedLog:
+    """At most one WARNING per *interval* seconds per key; suppressed lines are
+    counted and reported with the next one that gets through."""
+
+    def __init__(
+        self, log: logging.Logger, interval: float = DROP_LOG_INTERVAL, max_keys: int = 1024
+    ) -> None:
+        self._log = log
+        self._interval = interval
+        self._max_keys = max_keys
+        self._state: dict[str, list[float]] = {}
+
+    def warning(self, key: str, msg: str, *args: Any) -> bool:
+        """Log *msg* % *args* at WARNING unless *key* logged within the interval.
+        Returns whether it was logged."""
+        now = time.monotonic()
+        st = self._state.get(key)
+        if st is not None and now - st[0] < self._interval:
+            st[1] += 1
+            return False
+        if st is None and len(self._state) >= self._max_keys:
+            self._state.clear()
+        suppressed = int(st[1]) if st is not None else 0
+        if suppressed:
+            self._log.warning(msg + " (%d similar message(s) suppressed)", *args, suppressed)
+        else:
+            self._log.warning(msg, *args)
+        self._state[key] = [now, 0.0]
+        return True
+
+
+# ------------------------------------------------------------------------------------------
+# subscriptions
+# ------------------------------------------------------------------------------------------
+class Subscription(ABC):
+    """An async context manager and async iterator of :class:`Event` (reference §1.2).
+
+    Iteration ends (``StopAsyncIteration``) once the subscription or its bus is
+    closed. Leaving ``async with`` calls :meth:`aclose`.
+    """
+
+    pattern: str
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Unregister; idempotent. Pending iteration ends."""
+
+    @property
+    @abstractmethod
+    def dropped(self) -> int:
+        """Events dropped for this subscriber because its queue was full."""
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the transport has registered the subscription (events
+        published from *other* connections after this returns are seen).
+        In-process: immediate."""
+        return None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> Event: ...
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class QueueSubscription(Subscription):
+    """Shared implementation: bounded FIFO with drop-oldest.
+
+    The bus calls :meth:`push` (synchronous) for every matching event and
+    :meth:`end` when it closes (queued events are still yielded, then iteration
+    stops). :meth:`aclose` stops iteration at once and discards the queue.
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        maxsize: int,
+        *,
+        on_close: Callable[[QueueSubscription], Awaitable[None]] | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        if maxsize < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.pattern = pattern
+        self._maxsize = maxsize
+        self._queue: deque[Event] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._on_close = on_close
+        self._on_drop = on_drop
+        self._dropped = 0
+        self._unlogged_drops = 0
+        self._last_drop_log = -math.inf
+        self._last_dropped_topic = ""
+
+    # -- bus side -----------------------------------------------------------------------
+    def push(self, event: Event) -> bool:
+        """Enqueue *event* (drop-oldest when full). False if already closed."""
+        if self._closed:
+            return False
+        queue = self._queue
+        if len(queue) >= self._maxsize:
+            old = queue.popleft()
+            self._note_drop(old.topic)
+        queue.append(event)
+        self._wakeup.set()
+        return True
+
+    def _note_drop(self, topic: str) -> None:
+        self._dropped += 1
+        self._unlogged_drops += 1
+        self._last_dropped_topic = topic
+        if self._on_drop is not None:
+            self._on_drop(1)
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
+            self._flush_drop_log(now)
+
+    def _flush_drop_log(self, now: float) -> None:
+        if not self._unlogged_drops:
+            return
+        logger.warning(
+            "bus subscriber %r queue full (size %d): dropped %d oldest event(s), "
+            "%d in total, last dropped topic %s",
+            self.pattern,
+            self._maxsize,
+            self._unlogged_drops,
+            self._dropped,
+            self._last_dropped_topic,
+        )
+        self._unlogged_drops = 0
+        self._last_drop_log = now
+
+    def end(self, *, drain: bool = True) -> None:
+        """Bus closing: stop accepting events; iteration ends once the queue is
+        empty (at once if not *drain*)."""
+        if not self._closed:
+            self._closed = True
+            self._flush_drop_log(time.monotonic())
+        if not drain:
+            self._queue.clear()
+        self._wakeup.set()
+
+    # -- consumer side ------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet read."""
+        return len(self._queue)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    def get_nowait(self) -> Event | None:
+        """The next queued event, or ``None`` if none is queued."""
+        return self._queue.popleft() if self._queue else None
+
+    async def __anext__(self) -> Event:
+        queue = self._queue
+        while True:
+            if queue:
+                return queue.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def aclose(self) -> None:
+        self.end(drain=False)
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            await on_close(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<{type(self).__name__} {self.pattern!r} {state} "
+            f"pending={len(self._queue)} dropped={self._dropped}>"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# durable path
+# ------------------------------------------------------------------------------------------
+class Delivery(ABC):
+    """One message from the durable stream. Ack once the event is committed;
+    nak to get it redelivered. Both are idempotent (only the first counts)."""
+
+    event: Event
+
+    @abstractmethod
+    async def ack(self) -> None:
+        """Acknowledge: the consumer committed the event; it will not be redelivered."""
+
+    @abstractmethod
+    async def nak(self, delay: float | None = None) -> None:
+        """Negative-acknowledge: deliver again (after *delay* seconds if given)."""
+
+    @property
+    @abstractmethod
+    def redelivered(self) -> bool:
+        """True if this event had been delivered before (to any consumer)."""
+
+
+class DurableConsumer(ABC):
+    """A member of a named durable consumer group (async context manager)."""
+
+    pattern: str
+    durable: str
+
+    @abstractmethod
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to *timeout* seconds for the first message, then return at once
+        with up to *max_messages* already available. ``[]`` on timeout.
+        Raises :class:`BusError` if the bus or this consumer is closed."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Detach; unacked deliveries become eligible for redelivery. Idempotent."""
+
+    async def __aenter__(self) -> DurableConsumer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+# ------------------------------------------------------------------------------------------
+# the bus
+# ------------------------------------------------------------------------------------------
+class Bus(ABC):
+    """Abstract bus. See the module docstring for the two delivery paths."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Connect; idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close; idempotent. Ends every subscription's iteration. Terminal."""
+
+    async def __aenter__(self) -> Bus:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        event_id: str | None = None,
+        ts: float | None = None,
+    ) -> Event:
+        """Fire-and-forget fan-out. :class:`ValueError` on an invalid topic
+        (wildcards included), :class:`RuntimeError` on a closed bus."""
+
+    @abstractmethod
+    async def publish_durable(
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        *,
+        event_type: str = "",
+        event_id: str | None = None,
+        ts: float | None = None,
+        timeout: float = 5.0,
+    ) -> Event:
+        """Publish and return only once durably accepted; :class:`BusUnavailable`
+        otherwise. Also fanned out to ordinary subscribers."""
+
+    @abstractmethod
+    def subscribe(self, pattern: str) -> Subscription:
+        """Subscribe (synchronous). :class:`RuntimeError` on a closed bus."""
+
+    @abstractmethod
+    def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
+        """Join the durable consumer group *durable* reading events matching *pattern*."""
+
+    @property
+    @abstractmethod
+    def connected(self) -> bool:
+        """True while the transport is usable."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Counters: at least ``published``, ``delivered``, ``dropped``,
+        ``subscriptions``, ``durable_pending``, ``reconnects``."""
+
+    # -- shared helpers --------------------------------------------------------------------
+    @staticmethod
+    def _make_event(
+        topic: str,
+        payload: dict[str, Any],
+        event_type: str,
+        event_id: str | None,
+        ts: float | None,
+    ) -> Event:
+        if not isinstance(payload, dict):
+            raise TypeError(f"payload must be a dict, not {type(payload).__name__}")
+        return Event(
+            topic,
+            payload,
+            event_type,
+            EVENT_SCHEMA_VERSION,
+            time.time() if ts is None else float(ts),
+            event_id if event_id else uuid.uuid4().hex,
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("connected" if self.connected else "disconnected")
+        return f"<{type(self).__name__} {state}>"

@@ -1,0 +1,87 @@
+"""Storage backends: SQLite (embedded default) and PostgreSQL (scale-out).
+
+``open_store(url)`` picks the backend from the URL; call ``await store.open()``
+before use and ``await store.close()`` at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from decnet_attr.store.base import (
+    DEAD_LETTER_MAX_BYTES,
+    STATES,
+    USER_UPDATE_FIELDS,
+    AttackerRow,
+    AttackerSummary,
+    DeadLetter,
+    Key,
+    ObservationRow,
+    RecomputeStats,
+    StateRow,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    TicketRow,
+    Tx,
+    UserRow,
+    truncate_payload,
+)
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def open_store(url: str) -> Store:
+    """A store for ``url`` (not opened yet).
+
+    - ``sqlite:///abs/path.db`` (also ``sqlite://relative.db``,
+      ``sqlite://:memory:``) or a plain filesystem path -> :class:`SqliteStore`;
+    - ``postgresql://…`` or ``postgres://…`` -> :class:`PostgresStore`;
+    - anything else -> :class:`ValueError`.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("empty store url")
+    lowered = url.lower()
+    if lowered.startswith(("postgresql://", "postgres://")):
+        from decnet_attr.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    if lowered.startswith("sqlite://"):
+        from decnet_attr.store.sqlite import SqliteStore
+
+        path = url[len("sqlite://") :]
+        if path in ("", "/:memory:"):
+            path = ":memory:"
+        if "?" in path:
+            raise ValueError(f"query parameters are not supported in sqlite urls: {url!r}")
+        return SqliteStore(path)
+    if _SCHEME.match(url):
+        raise ValueError(f"unsupported store url {url!r} (use sqlite:///path or postgresql://…)")
+    from decnet_attr.store.sqlite import SqliteStore
+
+    return SqliteStore(url)
+
+
+__all__ = [
+    "DEAD_LETTER_MAX_BYTES",
+    "STATES",
+    "USER_UPDATE_FIELDS",
+    "AttackerRow",
+    "AttackerSummary",
+    "DeadLetter",
+    "Key",
+    "ObservationRow",
+    "RecomputeStats",
+    "StateRow",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "TicketRow",
+    "Tx",
+    "UserRow",
+    "open_store",
+    "truncate_payload",
+]

@@ -1,0 +1,351 @@
+"""The repository interface shared by the SQLite and PostgreSQL stores.
+
+The database is the source of truth. The worker does all of one
+micro-batch's writes inside ONE transaction (:meth:`Store.transaction`);
+the API reads outside transactions. Every write is a native upsert
+(``INSERT … ON CONFLICT``), never select-then-write.
+
+Times are epoch seconds (float). JSON values (observation values,
+``current_value``, retained windows) are stored as JSON *text* so they come
+back exactly as written.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+Key = tuple[str, str]  # (identity_uuid, primitive)
+
+#: The attribution-state vocabulary (every key of ``AttackerSummary.state_counts``).
+STATES: tuple[str, ...] = ("unknown", "stable", "drifting", "conflicted", "multi_actor")
+
+#: Dead-letter payloads are cut to this many UTF-8 bytes by the store.
+DEAD_LETTER_MAX_BYTES = 64 * 1024
+
+#: The ``UserRow`` fields :meth:`Store.update_user` accepts (plus ``updated_at``).
+USER_UPDATE_FIELDS: frozenset[str] = frozenset(
+    {"password_hash", "role", "must_change_password", "disabled", "tokens_valid_from"}
+)
+
+
+def truncate_payload(payload: str, limit: int = DEAD_LETTER_MAX_BYTES) -> str:
+    """``payload`` cut to at most ``limit`` UTF-8 bytes (never inside a character;
+    unencodable lone surrogates become ``?``)."""
+    raw = payload.encode("utf-8", "replace")
+    return raw[:limit].decode("utf-8", "ignore")
+
+
+class StoreError(RuntimeError):
+    """The store failed (connection lost, constraint, …)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now."""
+
+
+@dataclass(frozen=True)
+class AttackerRow:
+    uuid: str
+    ip: str | None
+    identity_id: str | None
+    first_seen: float
+    last_seen: float
+    rotation_count: int = 0
+    last_rotation_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AttackerSummary:
+    """An attacker for the dashboard list."""
+
+    attacker: AttackerRow
+    # state -> number of primitives of its identity in that state
+    state_counts: dict[str, int]
+    multi_actor: bool  # identity currently suspected (>= 2 primitives multi_actor)
+    observation_count: int
+
+
+@dataclass(frozen=True)
+class ObservationRow:
+    """One stored observation (reference §5.2 ``observations``)."""
+
+    id: str
+    attacker_uuid: str
+    primitive: str
+    value_json: str  # the value as JSON text
+    ts: float
+    evidence_ref: str
+    confidence: float | None = None
+    window_start_ts: float | None = None
+    window_end_ts: float | None = None
+    source: str | None = None
+    identity_ref: str | None = None
+    envelope_v: int = 1
+    identity_uuid: str | None = None  # the identity the worker merged it into
+    merged: bool = True  # False: stored but not merged yet (bulk import)
+    seq: int | None = None  # assigned by the store (monotonic insertion order)
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """One ``attribution_state`` row plus what the engine needs to restart."""
+
+    identity_uuid: str
+    primitive: str
+    current_value_json: str
+    state: str
+    confidence: float
+    observation_count: int
+    last_change_ts: float
+    last_observation_ts: float
+    kind: str = "categorical"
+    window_json: str | None = None  # Engine.export_window() text
+    version: int = 0  # incremented on every write of the row
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    reason: str
+    payload_json: str  # truncated by the store to a bounded size
+    event_id: str | None = None
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class UserRow:
+    uuid: str
+    username: str
+    password_hash: str
+    role: str  # admin | viewer | sensor
+    must_change_password: bool = False
+    disabled: bool = False
+    tokens_valid_from: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TicketRow:
+    ticket_hash: str  # sha256 hex of the opaque ticket; the ticket itself is never stored
+    user_uuid: str
+    role: str
+    expires_at: float
+    created_at: float = 0.0
+
+
+@dataclass
+class RecomputeStats:
+    keys: int = 0
+    changed: list[tuple[str, str, str | None, str]] = field(default_factory=list)
+
+
+class Tx(ABC):
+    """Writes of one worker batch, inside one transaction."""
+
+    @abstractmethod
+    async def ensure_attackers(self, items: Sequence[tuple[str, str | None, float]]) -> None:
+        """Register attackers ``(uuid, ip or None, seen_ts)`` that do not exist yet.
+
+        Idempotent. When the ip is already taken by another attacker the new
+        attacker is registered without an ip. For existing attackers,
+        ``first_seen``/``last_seen`` widen to include ``seen_ts``.
+        """
+
+    @abstractmethod
+    async def ensure_identities(
+        self, attacker_uuids: Sequence[str], now: float
+    ) -> tuple[dict[str, str], list[str]]:
+        """The stub identity of each attacker, created atomically if missing.
+
+        Compare-and-set (reference §10.1.10): the identity row is inserted,
+        then ``UPDATE attackers SET identity_id = ? WHERE uuid = ? AND
+        identity_id IS NULL``; a loser deletes its row and uses the winner's.
+        Returns ``({attacker_uuid: identity_uuid}, [identity uuids formed by
+        this call])``. Unknown attackers are left out of the mapping.
+        Identity uuids are 32 lowercase hex chars.
+        """
+
+    @abstractmethod
+    async def insert_observations(self, rows: Sequence[ObservationRow]) -> list[int]:
+        """Insert observations; duplicates (same ``id``, or same
+        ``(evidence_ref, primitive)``) are skipped. Returns the indexes into
+        ``rows`` that were inserted, in order. Sequence numbers are assigned
+        in ``rows`` order."""
+
+    @abstractmethod
+    async def load_states(self, keys: Sequence[Key], *, lock: bool = False) -> dict[Key, StateRow]:
+        """The state rows (with windows) of these keys. ``lock=True`` takes
+        row locks (``SELECT … FOR UPDATE`` in key order on PostgreSQL; the
+        SQLite transaction already holds the write lock)."""
+
+    @abstractmethod
+    async def upsert_states(self, rows: Sequence[StateRow]) -> None:
+        """Insert or replace these rows (``version`` is written as given)."""
+
+    @abstractmethod
+    async def multi_actor_primitives(self, identity_uuids: Sequence[str]) -> dict[str, list[str]]:
+        """For each identity, its primitives currently in ``multi_actor``
+        (sorted; identities with none are left out)."""
+
+    @abstractmethod
+    async def multi_actor_signatures(
+        self, identity_uuids: Sequence[str], *, lock: bool = False
+    ) -> dict[str, list[str]]:
+        """The last fired primitive set per identity (persisted dedupe)."""
+
+    @abstractmethod
+    async def set_multi_actor_signature(
+        self, identity_uuid: str, primitives: Sequence[str] | None, now: float
+    ) -> None:
+        """Record a fired set, or ``None`` to re-arm (delete)."""
+
+    @abstractmethod
+    async def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None: ...
+
+    @abstractmethod
+    async def mark_merged(self, seqs: Sequence[int], identity_by_seq: dict[int, str]) -> None:
+        """Mark stored-but-unmerged observations as merged (and record the
+        identity they were merged into)."""
+
+
+class Store(ABC):
+    dialect: str  # "sqlite" or "postgresql"
+    url: str
+
+    # ---- lifecycle -------------------------------------------------------
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and run the versioned migrations."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """True when a trivial query succeeds (readiness)."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """One write transaction: committed on normal exit, rolled back on
+        an exception. SQLite: ``BEGIN IMMEDIATE``."""
+
+    @abstractmethod
+    async def schema_version(self) -> int: ...
+
+    # ---- attackers -------------------------------------------------------
+    @abstractmethod
+    async def get_attacker(self, uuid: str) -> AttackerRow | None: ...
+
+    @abstractmethod
+    async def register_attacker(
+        self, ip: str, uuid: str | None, now: float
+    ) -> tuple[AttackerRow, bool]:
+        """Idempotent by ip: returns the existing attacker for that ip, else
+        creates one (with ``uuid`` if given, else a new dashed uuid4).
+        Returns ``(row, created)``. A ``uuid`` already used by another ip
+        raises :class:`StoreError`."""
+
+    @abstractmethod
+    async def list_attackers(
+        self, *, limit: int, offset: int, sort: str = "last_seen", descending: bool = True
+    ) -> tuple[list[AttackerSummary], int]:
+        """A page of attackers and the total count. ``sort``:
+        ``last_seen`` | ``first_seen`` | ``ip``."""
+
+    @abstractmethod
+    async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
+        """Attacker uuids pointing at this identity (sorted)."""
+
+    # ---- attribution -----------------------------------------------------
+    @abstractmethod
+    async def attribution_for_identity(self, identity_uuid: str) -> list[StateRow]:
+        """Every state row of an identity, ordered by primitive."""
+
+    @abstractmethod
+    async def get_state(self, identity_uuid: str, primitive: str) -> StateRow | None: ...
+
+    @abstractmethod
+    async def multi_actor_identities(self, min_primitives: int) -> dict[str, list[str]]:
+        """Identities with at least ``min_primitives`` rows in
+        ``multi_actor``: ``{identity: sorted primitives}``."""
+
+    @abstractmethod
+    async def latest_observations(self, attacker_uuid: str) -> list[dict[str, Any]]:
+        """Latest observation per primitive of an attacker, ordered by
+        primitive: ``{primitive, value, confidence, ts, source}`` (``value``
+        decoded). Ties on ts go to the higher seq (deterministic)."""
+
+    @abstractmethod
+    async def recent_values(
+        self, identity_uuid: str, primitive: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """The last ``limit`` observations of a key in series order (ts, seq):
+        ``{ts, value, confidence, attacker_uuid}``."""
+
+    @abstractmethod
+    def iter_observations(self, *, batch_size: int = 5000) -> AsyncIterator[list[ObservationRow]]:
+        """All merged-or-not observations with an identity, ordered by
+        ``(ts, seq)``, in batches (for recompute)."""
+
+    @abstractmethod
+    async def count_observations(self) -> int: ...
+
+    @abstractmethod
+    async def pending_observations(self, *, after_seq: int, limit: int) -> list[ObservationRow]:
+        """Stored but not merged (``merged = false``), by seq."""
+
+    @abstractmethod
+    async def replace_all_states(self, rows: Sequence[StateRow]) -> None:
+        """Recompute: replace the whole ``attribution_state`` table (one
+        transaction) and clear the multi-actor dedupe."""
+
+    @abstractmethod
+    async def dead_letter_count(self) -> int: ...
+
+    # ---- users and auth --------------------------------------------------
+    @abstractmethod
+    async def create_user(self, user: UserRow) -> None:
+        """Raises :class:`StoreError` if the username exists."""
+
+    @abstractmethod
+    async def get_user(self, uuid: str) -> UserRow | None: ...
+
+    @abstractmethod
+    async def get_user_by_name(self, username: str) -> UserRow | None: ...
+
+    @abstractmethod
+    async def list_users(self) -> list[UserRow]: ...
+
+    @abstractmethod
+    async def update_user(self, uuid: str, **fields: Any) -> None:
+        """Update any of password_hash, role, must_change_password, disabled,
+        tokens_valid_from (updated_at is set)."""
+
+    @abstractmethod
+    async def count_users(self) -> int: ...
+
+    @abstractmethod
+    async def revoke_token(self, jti: str, expires_at: float) -> None: ...
+
+    @abstractmethod
+    async def is_token_revoked(self, jti: str) -> bool: ...
+
+    @abstractmethod
+    async def add_ticket(self, ticket: TicketRow, *, max_outstanding: int, now: float) -> bool:
+        """Store a ticket unless the user already has ``max_outstanding``
+        unexpired tickets (returns False then). Expired tickets are swept."""
+
+    @abstractmethod
+    async def redeem_ticket(self, ticket_hash: str, now: float) -> TicketRow | None:
+        """Atomically delete and return the ticket (single use), None when
+        absent; an expired ticket is deleted and None returned."""
+
+    @abstractmethod
+    async def purge_expired(self, now: float) -> None:
+        """Drop expired revoked-token and ticket rows."""

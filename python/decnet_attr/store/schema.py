@@ -1,0 +1,595 @@
+"""Versioned schema migrations for both dialects.
+
+Each migration is ``(version, sqlite_sql, postgres_sql)``; the SQL is a
+script of statements separated by ``;`` at the end of a line. Applied
+versions are recorded in ``schema_migrations(version, applied_at)``.
+
+The migrations run inside one transaction at :meth:`Store.open`, so
+re-opening is a no-op and two processes opening at once cannot both apply a
+migration: the PostgreSQL backend takes a transaction-level advisory lock
+first, the SQLite backend runs under ``BEGIN IMMEDIATE`` (the database write
+lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from decnet_attr.store.base import (
+    STATES,
+    USER_UPDATE_FIELDS,
+    AttackerRow,
+    AttackerSummary,
+    Key,
+    ObservationRow,
+    StateRow,
+    TicketRow,
+    UserRow,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Migration(NamedTuple):
+    version: int
+    sqlite: str
+    postgres: str
+
+
+# Arbitrary constant key for pg_advisory_xact_lock (the bytes of "decnattr").
+PG_MIGRATION_LOCK_KEY = 0x6465636E61747472
+
+_SCHEMA_MIGRATIONS_SQLITE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at REAL NOT NULL
+)
+"""
+
+_SCHEMA_MIGRATIONS_PG = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at DOUBLE PRECISION NOT NULL
+)
+"""
+
+_V1_SQLITE = """
+CREATE TABLE attacker_identities (
+    uuid TEXT PRIMARY KEY,
+    schema_version INTEGER NOT NULL DEFAULT 1,
+    campaign_id TEXT NULL,
+    first_seen_at REAL NULL,
+    last_seen_at REAL NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    confidence REAL NULL,
+    observation_count INTEGER NOT NULL DEFAULT 0,
+    merged_into_uuid TEXT NULL REFERENCES attacker_identities(uuid),
+    notes TEXT NULL
+);
+CREATE INDEX ix_attacker_identities_updated_at ON attacker_identities(updated_at);
+CREATE INDEX ix_attacker_identities_merged_into ON attacker_identities(merged_into_uuid);
+
+CREATE TABLE attackers (
+    uuid TEXT PRIMARY KEY,
+    ip TEXT NULL UNIQUE,
+    identity_id TEXT NULL REFERENCES attacker_identities(uuid),
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    rotation_count INTEGER NOT NULL DEFAULT 0,
+    last_rotation_at REAL NULL
+);
+CREATE INDEX ix_attackers_identity_id ON attackers(identity_id);
+CREATE INDEX ix_attackers_last_seen ON attackers(last_seen);
+
+CREATE TABLE observations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    identity_ref TEXT NULL,
+    primitive TEXT NOT NULL,
+    value TEXT NOT NULL,
+    confidence REAL NULL,
+    window_start_ts REAL NULL,
+    window_end_ts REAL NULL,
+    source TEXT NULL,
+    evidence_ref TEXT NOT NULL,
+    envelope_v INTEGER NOT NULL DEFAULT 1,
+    ts REAL NOT NULL,
+    attacker_uuid TEXT NOT NULL REFERENCES attackers(uuid),
+    identity_uuid TEXT NULL,
+    merged INTEGER NOT NULL DEFAULT 1,
+    CONSTRAINT uq_observations_evidence_primitive UNIQUE (evidence_ref, primitive)
+);
+CREATE INDEX ix_observations_attacker_primitive_ts
+    ON observations(attacker_uuid, primitive, ts, seq);
+CREATE INDEX ix_observations_identity_primitive_ts
+    ON observations(identity_uuid, primitive, ts, seq);
+CREATE INDEX ix_observations_primitive_ts ON observations(primitive, ts);
+CREATE INDEX ix_observations_unmerged ON observations(seq) WHERE merged = 0;
+
+CREATE TABLE attribution_state (
+    identity_uuid TEXT NOT NULL REFERENCES attacker_identities(uuid),
+    primitive TEXT NOT NULL,
+    current_value TEXT NOT NULL,
+    state TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    observation_count INTEGER NOT NULL DEFAULT 0,
+    last_change_ts REAL NOT NULL,
+    last_observation_ts REAL NOT NULL,
+    schema_version INTEGER NOT NULL DEFAULT 1,
+    updated_at REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'categorical',
+    "window" TEXT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (identity_uuid, primitive)
+);
+CREATE INDEX ix_attribution_state_state ON attribution_state(state);
+CREATE INDEX ix_attribution_state_last_change ON attribution_state(last_change_ts);
+CREATE INDEX ix_attribution_state_identity_state ON attribution_state(identity_uuid, state);
+
+CREATE TABLE multi_actor_log (
+    identity_uuid TEXT PRIMARY KEY,
+    primitives TEXT NOT NULL,
+    fired_at REAL NOT NULL
+);
+
+CREATE TABLE dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at REAL NOT NULL,
+    topic TEXT NOT NULL,
+    event_id TEXT NULL,
+    reason TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+
+CREATE TABLE users (
+    uuid TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    must_change_password INTEGER NOT NULL DEFAULT 0,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    tokens_valid_from REAL NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+
+CREATE TABLE revoked_tokens (
+    jti TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+
+CREATE TABLE sse_tickets (
+    ticket_hash TEXT PRIMARY KEY,
+    user_uuid TEXT NOT NULL,
+    role TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX ix_sse_tickets_user_expires ON sse_tickets(user_uuid, expires_at)
+"""
+
+_V1_POSTGRES = """
+CREATE TABLE attacker_identities (
+    uuid TEXT PRIMARY KEY,
+    schema_version INTEGER NOT NULL DEFAULT 1,
+    campaign_id TEXT NULL,
+    first_seen_at DOUBLE PRECISION NULL,
+    last_seen_at DOUBLE PRECISION NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    confidence DOUBLE PRECISION NULL,
+    observation_count INTEGER NOT NULL DEFAULT 0,
+    merged_into_uuid TEXT NULL REFERENCES attacker_identities(uuid),
+    notes TEXT NULL
+);
+CREATE INDEX ix_attacker_identities_updated_at ON attacker_identities(updated_at);
+CREATE INDEX ix_attacker_identities_merged_into ON attacker_identities(merged_into_uuid);
+
+CREATE TABLE attackers (
+    uuid TEXT PRIMARY KEY,
+    ip TEXT NULL UNIQUE,
+    identity_id TEXT NULL REFERENCES attacker_identities(uuid),
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL,
+    rotation_count INTEGER NOT NULL DEFAULT 0,
+    last_rotation_at DOUBLE PRECISION NULL
+);
+CREATE INDEX ix_attackers_identity_id ON attackers(identity_id);
+CREATE INDEX ix_attackers_last_seen ON attackers(last_seen);
+
+CREATE TABLE observations (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    identity_ref TEXT NULL,
+    primitive TEXT NOT NULL,
+    value TEXT NOT NULL,
+    confidence DOUBLE PRECISION NULL,
+    window_start_ts DOUBLE PRECISION NULL,
+    window_end_ts DOUBLE PRECISION NULL,
+    source TEXT NULL,
+    evidence_ref TEXT NOT NULL,
+    envelope_v INTEGER NOT NULL DEFAULT 1,
+    ts DOUBLE PRECISION NOT NULL,
+    attacker_uuid TEXT NOT NULL REFERENCES attackers(uuid),
+    identity_uuid TEXT NULL,
+    merged BOOLEAN NOT NULL DEFAULT TRUE,
+    CONSTRAINT uq_observations_evidence_primitive UNIQUE (evidence_ref, primitive)
+);
+CREATE INDEX ix_observations_attacker_primitive_ts
+    ON observations(attacker_uuid, primitive, ts, seq);
+CREATE INDEX ix_observations_identity_primitive_ts
+    ON observations(identity_uuid, primitive, ts, seq);
+CREATE INDEX ix_observations_primitive_ts ON observations(primitive, ts);
+CREATE INDEX ix_observations_unmerged ON observations(seq) WHERE NOT merged;
+
+CREATE TABLE attribution_state (
+    identity_uuid TEXT NOT NULL REFERENCES attacker_identities(uuid),
+    primitive TEXT NOT NULL,
+    current_value TEXT NOT NULL,
+    state TEXT NOT NULL,
+    confidence DOUBLE PRECISION NOT NULL,
+    observation_count INTEGER NOT NULL DEFAULT 0,
+    last_change_ts DOUBLE PRECISION NOT NULL,
+    last_observation_ts DOUBLE PRECISION NOT NULL,
+    schema_version INTEGER NOT NULL DEFAULT 1,
+    updated_at DOUBLE PRECISION NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'categorical',
+    "window" TEXT NULL,
+    version BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (identity_uuid, primitive)
+);
+CREATE INDEX ix_attribution_state_state ON attribution_state(state);
+CREATE INDEX ix_attribution_state_last_change ON attribution_state(last_change_ts);
+CREATE INDEX ix_attribution_state_identity_state ON attribution_state(identity_uuid, state);
+
+CREATE TABLE multi_actor_log (
+    identity_uuid TEXT PRIMARY KEY,
+    primitives TEXT NOT NULL,
+    fired_at DOUBLE PRECISION NOT NULL
+);
+
+CREATE TABLE dead_letters (
+    seq BIGSERIAL PRIMARY KEY,
+    received_at DOUBLE PRECISION NOT NULL,
+    topic TEXT NOT NULL,
+    event_id TEXT NULL,
+    reason TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+
+CREATE TABLE users (
+    uuid TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL,
+    must_change_password BOOLEAN NOT NULL DEFAULT FALSE,
+    disabled BOOLEAN NOT NULL DEFAULT FALSE,
+    tokens_valid_from DOUBLE PRECISION NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+
+CREATE TABLE revoked_tokens (
+    jti TEXT PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+
+CREATE TABLE sse_tickets (
+    ticket_hash TEXT PRIMARY KEY,
+    user_uuid TEXT NOT NULL,
+    role TEXT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX ix_sse_tickets_user_expires ON sse_tickets(user_uuid, expires_at)
+"""
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, _V1_SQLITE, _V1_POSTGRES),
+]
+
+LATEST_VERSION = max(m.version for m in MIGRATIONS)
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a migration script into statements (``;`` at the end of a line).
+
+    SQLite's ``executescript`` would commit the migration transaction, so the
+    SQLite backend runs the statements one by one.
+    """
+    out: list[str] = []
+    current: list[str] = []
+    for line in script.splitlines():
+        stripped = line.rstrip()
+        if stripped.endswith(";"):
+            current.append(stripped[:-1])
+            stmt = "\n".join(current).strip()
+            if stmt:
+                out.append(stmt)
+            current = []
+        else:
+            current.append(line)
+    tail = "\n".join(current).strip()
+    if tail:
+        out.append(tail)
+    return out
+
+
+async def migrate_sqlite(conn: Any) -> list[int]:
+    """Apply pending migrations on an aiosqlite connection in autocommit mode.
+
+    Runs ``BEGIN IMMEDIATE`` … ``COMMIT`` itself; returns the versions applied.
+    """
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        await conn.execute(_SCHEMA_MIGRATIONS_SQLITE)
+        rows = await conn.execute_fetchall("SELECT version FROM schema_migrations")
+        done = {int(r[0]) for r in rows}
+        applied: list[int] = []
+        for mig in MIGRATIONS:
+            if mig.version in done:
+                continue
+            for stmt in split_statements(mig.sqlite):
+                await conn.execute(stmt)
+            await conn.execute(
+                "INSERT INTO schema_migrations(version, applied_at) VALUES (?, ?)",
+                (mig.version, time.time()),
+            )
+            applied.append(mig.version)
+        await conn.execute("COMMIT")
+    except BaseException:
+        try:
+            await conn.execute("ROLLBACK")
+        except Exception:  # pragma: no cover - the connection is gone
+            log.debug("rollback after failed migration failed", exc_info=True)
+        raise
+    if applied:
+        log.info("sqlite schema migrated to version %d (applied %s)", max(applied), applied)
+    return applied
+
+
+async def migrate_postgres(conn: Any) -> list[int]:
+    """Apply pending migrations on an asyncpg connection (own transaction)."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_MIGRATION_LOCK_KEY)
+        await conn.execute(_SCHEMA_MIGRATIONS_PG)
+        rows = await conn.fetch("SELECT version FROM schema_migrations")
+        done = {int(r["version"]) for r in rows}
+        for mig in MIGRATIONS:
+            if mig.version in done:
+                continue
+            await conn.execute(mig.postgres)
+            await conn.execute(
+                "INSERT INTO schema_migrations(version, applied_at) VALUES ($1, $2)",
+                mig.version,
+                time.time(),
+            )
+            applied.append(mig.version)
+    if applied:
+        log.info("postgresql schema migrated to version %d (applied %s)", max(applied), applied)
+    return applied
+
+
+# ---- query helpers shared by both backends -------------------------------------------------
+
+ATTACKER_COLS = "uuid, ip, identity_id, first_seen, last_seen, rotation_count, last_rotation_at"
+
+STATE_COLS = (
+    "identity_uuid, primitive, current_value, state, confidence, observation_count, "
+    'last_change_ts, last_observation_ts, kind, "window", version, updated_at'
+)
+
+OBS_INSERT_COLS = (
+    "id, identity_ref, primitive, value, confidence, window_start_ts, window_end_ts, "
+    "source, evidence_ref, envelope_v, ts, attacker_uuid, identity_uuid, merged"
+)
+
+# 14 columns; the backends append the identity column as the 15th.
+OBS_SELECT_COLS = (
+    "o.seq, o.id, o.attacker_uuid, o.primitive, o.value, o.ts, o.evidence_ref, "
+    "o.confidence, o.window_start_ts, o.window_end_ts, o.source, o.identity_ref, "
+    "o.envelope_v, o.merged"
+)
+
+USER_COLS = (
+    "uuid, username, password_hash, role, must_change_password, disabled, "
+    "tokens_valid_from, created_at, updated_at"
+)
+
+TICKET_COLS = "ticket_hash, user_uuid, role, expires_at, created_at"
+
+
+def attacker_from_row(r: Sequence[Any]) -> AttackerRow:
+    return AttackerRow(
+        uuid=r[0],
+        ip=r[1],
+        identity_id=r[2],
+        first_seen=r[3],
+        last_seen=r[4],
+        rotation_count=r[5],
+        last_rotation_at=r[6],
+    )
+
+
+def state_from_row(r: Sequence[Any]) -> StateRow:
+    return StateRow(
+        identity_uuid=r[0],
+        primitive=r[1],
+        current_value_json=r[2],
+        state=r[3],
+        confidence=r[4],
+        observation_count=r[5],
+        last_change_ts=r[6],
+        last_observation_ts=r[7],
+        kind=r[8],
+        window_json=r[9],
+        version=r[10],
+        updated_at=r[11],
+    )
+
+
+def observation_from_row(r: Sequence[Any]) -> ObservationRow:
+    """From ``OBS_SELECT_COLS`` + the identity column."""
+    return ObservationRow(
+        seq=r[0],
+        id=r[1],
+        attacker_uuid=r[2],
+        primitive=r[3],
+        value_json=r[4],
+        ts=r[5],
+        evidence_ref=r[6],
+        confidence=r[7],
+        window_start_ts=r[8],
+        window_end_ts=r[9],
+        source=r[10],
+        identity_ref=r[11],
+        envelope_v=r[12],
+        merged=bool(r[13]),
+        identity_uuid=r[14],
+    )
+
+
+def user_from_row(r: Sequence[Any]) -> UserRow:
+    return UserRow(
+        uuid=r[0],
+        username=r[1],
+        password_hash=r[2],
+        role=r[3],
+        must_change_password=bool(r[4]),
+        disabled=bool(r[5]),
+        tokens_valid_from=r[6],
+        created_at=r[7],
+        updated_at=r[8],
+    )
+
+
+def ticket_from_row(r: Sequence[Any]) -> TicketRow:
+    return TicketRow(ticket_hash=r[0], user_uuid=r[1], role=r[2], expires_at=r[3], created_at=r[4])
+
+
+def dedupe_states(rows: Sequence[StateRow]) -> list[StateRow]:
+    """Last row per key wins (a batch may carry one key twice)."""
+    by_key: dict[Key, StateRow] = {}
+    for r in rows:
+        by_key[(r.identity_uuid, r.primitive)] = r
+    return list(by_key.values())
+
+
+def merge_attacker_items(
+    items: Sequence[tuple[str, str | None, float]],
+) -> list[tuple[str, str | None, float, float]]:
+    """``(uuid, ip, seen_ts)`` items folded per uuid into ``(uuid, ip, first, last)``,
+    sorted by uuid (a stable lock order); the first non-null ip wins."""
+    merged: dict[str, list[Any]] = {}
+    for uuid, ip, ts in items:
+        cur = merged.get(uuid)
+        if cur is None:
+            merged[uuid] = [uuid, ip, ts, ts]
+        else:
+            if cur[1] is None:
+                cur[1] = ip
+            cur[2] = min(cur[2], ts)
+            cur[3] = max(cur[3], ts)
+    return [(m[0], m[1], float(m[2]), float(m[3])) for m in (merged[k] for k in sorted(merged))]
+
+
+def match_inserted(rows: Sequence[ObservationRow], inserted: Sequence[Sequence[Any]]) -> list[int]:
+    """Indexes into ``rows`` of the rows the database reports as inserted.
+
+    ``inserted`` holds ``(id, evidence_ref, primitive)`` of the new rows. Within
+    a batch the first of several identical rows is the one that got in (the
+    others conflicted with it).
+    """
+    first: dict[tuple[str, str, str], int] = {}
+    for i, r in enumerate(rows):
+        first.setdefault((r.id, r.evidence_ref, r.primitive), i)
+    out: list[int] = []
+    for ins in inserted:
+        idx = first.get((ins[0], ins[1], ins[2]))
+        if idx is not None:
+            out.append(idx)
+    out.sort()
+    return out
+
+
+_LIST_SORTS = {"last_seen": "last_seen", "first_seen": "first_seen", "ip": "ip"}
+
+
+def list_order(sort: str, descending: bool, alias: str) -> str:
+    """``ORDER BY`` of :meth:`Store.list_attackers` (NULL ips last, uuid tie-break)."""
+    if sort not in _LIST_SORTS:
+        raise ValueError(f"unknown sort {sort!r}; expected one of {sorted(_LIST_SORTS)}")
+    col = f"{alias}.{_LIST_SORTS[sort]}"
+    d = "DESC" if descending else "ASC"
+    nulls_last = f"({col} IS NULL) ASC, " if sort == "ip" else ""
+    return f"{nulls_last}{col} {d}, {alias}.uuid {d}"
+
+
+def list_attackers_sql(sort: str, descending: bool, limit_param: str, offset_param: str) -> str:
+    """The page, each attacker's observation count and its identity's per-state
+    counts, in one query (index-only lookups on
+    ``ix_observations_attacker_primitive_ts`` and
+    ``ix_attribution_state_identity_state`` for the page's rows only). The
+    total is a second, plain ``count(*)``."""
+    counts = ",\n".join(
+        "    (SELECT count(*) FROM attribution_state s WHERE s.identity_uuid = p.identity_id "
+        f"AND s.state = '{st}') AS c_{st}"
+        for st in STATES
+    )
+    return f"""
+WITH page AS (
+    SELECT a.uuid, a.ip, a.identity_id, a.first_seen, a.last_seen, a.rotation_count,
+           a.last_rotation_at
+    FROM attackers a
+    ORDER BY {list_order(sort, descending, "a")}
+    LIMIT {limit_param} OFFSET {offset_param}
+)
+SELECT p.uuid, p.ip, p.identity_id, p.first_seen, p.last_seen, p.rotation_count,
+       p.last_rotation_at,
+    (SELECT count(*) FROM observations o WHERE o.attacker_uuid = p.uuid) AS n_obs,
+{counts}
+FROM page p
+ORDER BY {list_order(sort, descending, "p")}
+"""
+
+
+def summaries_from_rows(rows: Sequence[Sequence[Any]]) -> list[AttackerSummary]:
+    """:class:`AttackerSummary` objects from :func:`list_attackers_sql` rows."""
+    out: list[AttackerSummary] = []
+    for r in rows:
+        counts = {st: int(r[8 + i]) for i, st in enumerate(STATES)}
+        out.append(
+            AttackerSummary(
+                attacker=attacker_from_row(r[:7]),
+                state_counts=counts,
+                multi_actor=counts["multi_actor"] >= 2,
+                observation_count=int(r[7]),
+            )
+        )
+    return out
+
+
+def user_update_sets(
+    fields: dict[str, Any], param: Callable[[int], str], *, bools_as_int: bool
+) -> tuple[str, list[Any]]:
+    """``SET`` clause and parameters for :meth:`Store.update_user` (names whitelisted)."""
+    unknown = set(fields) - USER_UPDATE_FIELDS - {"updated_at"}
+    if unknown:
+        raise ValueError(f"cannot update user field(s): {', '.join(sorted(unknown))}")
+    values = dict(fields)
+    if values.get("updated_at") is None:
+        values["updated_at"] = time.time()
+    sets: list[str] = []
+    params: list[Any] = []
+    for i, (name, value) in enumerate(sorted(values.items()), start=1):
+        v = value
+        if name in ("must_change_password", "disabled"):
+            v = int(bool(value)) if bools_as_int else bool(value)
+        sets.append(f"{name} = {param(i)}")
+        params.append(v)
+    return ", ".join(sets), params

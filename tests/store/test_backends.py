@@ -1,0 +1,306 @@
+"""Backend selection, failure modes, locking and volume: the parts of the
+contract that are about the machinery rather than the data."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+import decnet_attr.store.sqlite as sqlite_mod
+from decnet_attr.store import (
+    ObservationRow,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    TicketRow,
+    open_store,
+)
+from decnet_attr.store.postgres import PostgresStore
+from decnet_attr.store.sqlite import SqliteStore
+from tests.pgserver import PgServer, free_port, requires_postgres
+from tests.store.conftest import obs, scalar, state
+
+OpenAnother = Callable[[], Awaitable[Store]]
+
+
+# ---- open_store ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///abs/path.db", "/abs/path.db"),
+        ("sqlite://relative.db", "relative.db"),
+        ("sqlite://:memory:", ":memory:"),
+        ("sqlite://", ":memory:"),
+        ("/var/lib/decnet-attr/attr.db", "/var/lib/decnet-attr/attr.db"),
+        ("data/attr.db", "data/attr.db"),
+    ],
+)
+def test_open_store_sqlite(url: str, path: str) -> None:
+    st = open_store(url)
+    assert isinstance(st, SqliteStore)
+    assert st.path == path and st.dialect == "sqlite"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u:p@db:5432/attr", "postgres://db/attr", "postgresql://u@h/d?sslmode=disable"],
+)
+def test_open_store_postgres(url: str) -> None:
+    st = open_store(url)
+    assert isinstance(st, PostgresStore)
+    assert st.url == url and st.dialect == "postgresql"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "   ", "mysql://db/attr", "redis://x", "postgresql+asyncpg://h/d", "sqlite:///x?a=1"],
+)
+def test_open_store_rejects(url: str) -> None:
+    with pytest.raises(ValueError):
+        open_store(url)
+
+
+async def test_sqlite_url_roundtrip(tmp_path: Path) -> None:
+    st = open_store(f"sqlite://{tmp_path / 'a.db'}")
+    await st.open()
+    try:
+        again = open_store(st.url)
+        assert isinstance(again, SqliteStore) and again.path == str(tmp_path / "a.db")
+    finally:
+        await st.close()
+
+
+async def test_sqlite_memory_store_works() -> None:
+    st = open_store("sqlite://:memory:")
+    await st.open()
+    try:
+        async with st.transaction() as tx:
+            await tx.ensure_attackers([("a", None, 1.0)])
+            await tx.ensure_identities(["a"], 1.0)
+            await tx.insert_observations([obs("o", "a")])
+        assert [len(b) async for b in st.iter_observations()] == [1]
+    finally:
+        await st.close()
+
+
+# ---- unavailability -----------------------------------------------------------------------
+
+
+async def test_sqlite_unreachable_path_is_unavailable(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "missing-dir" / "x.db")
+    with pytest.raises(StoreUnavailable):
+        await st.open()
+    assert not await st.ping()
+    with pytest.raises(StoreUnavailable):
+        await st.get_attacker("a")
+
+
+async def test_store_not_open_is_unavailable(tmp_path: Path) -> None:
+    for st in (SqliteStore(tmp_path / "x.db"), PostgresStore("postgresql://127.0.0.1:1/x")):
+        with pytest.raises(StoreUnavailable):
+            await st.count_users()
+        with pytest.raises(StoreUnavailable):
+            async with st.transaction():
+                pass
+        assert not await st.ping()
+
+
+@requires_postgres
+async def test_postgres_refused_is_unavailable() -> None:
+    st = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    with pytest.raises(StoreUnavailable):
+        await st.open()
+
+
+@requires_postgres
+async def test_postgres_restart(pg_server: PgServer) -> None:
+    dsn = await pg_server.create_database()
+    st = PostgresStore(dsn, min_size=2, max_size=4)
+    await st.open()
+    try:
+        await st.revoke_token("j", 10.0)
+        pg_server.stop()
+        try:
+            assert not await st.ping()
+            with pytest.raises(StoreUnavailable):
+                await st.is_token_revoked("j")
+            with pytest.raises(StoreUnavailable):
+                async with st.transaction() as tx:
+                    await tx.ensure_attackers([("a", None, 1.0)])
+        finally:
+            pg_server.start()
+        for _ in range(3):  # stale pooled connections are replaced
+            if await st.ping():
+                break
+        assert await st.ping()
+        assert await st.is_token_revoked("j")
+        async with st.transaction() as tx:
+            await tx.ensure_attackers([("a", None, 1.0)])
+        assert await st.get_attacker("a") is not None
+    finally:
+        await st.close()
+        await pg_server.drop_database(dsn)
+
+
+# ---- SQLite without RETURNING -------------------------------------------------------------
+
+
+async def test_sqlite_redeem_without_returning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_mod, "HAS_RETURNING", False)
+    st = SqliteStore(tmp_path / "x.db")
+    await st.open()
+    try:
+        t = TicketRow(ticket_hash="h", user_uuid="u", role="viewer", expires_at=10.0)
+        assert await st.add_ticket(t, max_outstanding=1, now=1.0)
+        got = await asyncio.gather(*(st.redeem_ticket("h", 2.0) for _ in range(5)))
+        assert sum(g is not None for g in got) == 1
+    finally:
+        await st.close()
+
+
+async def test_sqlite_too_old_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_mod, "SQLITE_VERSION", (3, 20, 0))
+    st = SqliteStore(tmp_path / "x.db")
+    with pytest.raises(StoreError, match="too old"):
+        await st.open()
+
+
+# ---- locking ------------------------------------------------------------------------------
+
+
+async def test_locked_reads_wait_for_the_holder(store: Store, open_another: OpenAnother) -> None:
+    """``load_states(lock=True)`` / ``multi_actor_signatures(lock=True)``: a second
+    transaction wanting the same rows waits until the first commits, then sees
+    its writes (row locks on PostgreSQL; the database write lock on SQLite)."""
+    async with store.transaction() as tx:
+        await tx.ensure_attackers([("a", None, 1.0)])
+        ident = (await tx.ensure_identities(["a"], 1.0))[0]["a"]
+        await tx.upsert_states([state(ident, "p", version=1)])
+        await tx.set_multi_actor_signature(ident, ["p", "q"], 1.0)
+    other = await open_another()
+    cm = store.transaction()
+    tx1 = await cm.__aenter__()
+    try:
+        await tx1.load_states([(ident, "p")], lock=True)
+        await tx1.multi_actor_signatures([ident], lock=True)
+
+        async def second() -> tuple[int, list[str]]:
+            async with other.transaction() as tx2:
+                rows = await tx2.load_states([(ident, "p")], lock=True)
+                sigs = await tx2.multi_actor_signatures([ident], lock=True)
+                return rows[(ident, "p")].version, sigs[ident]
+
+        task = asyncio.ensure_future(second())
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        await tx1.upsert_states([state(ident, "p", version=2)])
+        await tx1.set_multi_actor_signature(ident, ["p", "q", "r"], 2.0)
+    except BaseException as exc:
+        await cm.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    await cm.__aexit__(None, None, None)
+    assert await task == (2, ["p", "q", "r"])
+
+
+async def test_cancelled_transaction_rolls_back(store: Store) -> None:
+    started = asyncio.Event()
+
+    async def victim() -> None:
+        async with store.transaction() as tx:
+            await tx.ensure_attackers([("c", None, 1.0)])
+            started.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(victim())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.get_attacker("c") is None
+    async with store.transaction() as tx:
+        await tx.ensure_attackers([("d", None, 1.0)])
+    assert await store.get_attacker("d") is not None
+
+
+# ---- volume -------------------------------------------------------------------------------
+
+
+async def test_ten_thousand_rows_one_transaction(store: Store) -> None:
+    attackers = [f"att-{i}" for i in range(50)]
+    async with store.transaction() as tx:
+        await tx.ensure_attackers([(a, None, 1.0) for a in attackers])
+        mapping, formed = await tx.ensure_identities(attackers, 1.0)
+    assert len(formed) == 50
+    rows = [
+        ObservationRow(
+            id=uuid.uuid4().hex,
+            attacker_uuid=attackers[i % 50],
+            primitive=f"p.{i % 40}",
+            value_json=str(i),
+            ts=float(i // 7),
+            evidence_ref=f"ev-{i // 2}",  # shared by row pairs, whose primitives differ
+            identity_uuid=mapping[attackers[i % 50]],
+        )
+        for i in range(10_000)
+    ]
+    async with store.transaction() as tx:
+        inserted = await tx.insert_observations(rows)
+    assert inserted == list(range(10_000))
+    async with store.transaction() as tx:
+        assert await tx.insert_observations(rows[:5000]) == []
+    assert await store.count_observations() == 10_000
+    seen = 0
+    last: tuple[float, int] = (-1.0, -1)
+    async for batch in store.iter_observations(batch_size=3000):
+        for o in batch:
+            assert o.seq is not None
+            assert (o.ts, o.seq) > last
+            last = (o.ts, o.seq)
+            seen += 1
+    assert seen == 10_000
+    assert await scalar(store, "SELECT count(DISTINCT seq) FROM observations") == 10_000
+
+
+async def test_cancel_while_waiting_for_the_lock(store: Store, open_another: OpenAnother) -> None:
+    """A transaction cancelled while it waits for the write/row lock leaves its
+    store clean (SQLite: the BEGIN still runs in the driver thread and is
+    rolled back; PostgreSQL: the query is cancelled and the connection reset)."""
+    async with store.transaction() as tx:
+        await tx.ensure_attackers([("a", None, 1.0)])
+        ident = (await tx.ensure_identities(["a"], 1.0))[0]["a"]
+        await tx.upsert_states([state(ident, "p", version=1)])
+    other = await open_another()
+    cm = store.transaction()
+    tx1 = await cm.__aenter__()
+    try:
+        await tx1.load_states([(ident, "p")], lock=True)
+
+        async def waiter() -> None:
+            async with other.transaction() as tx2:
+                await tx2.load_states([(ident, "p")], lock=True)
+                await tx2.upsert_states([state(ident, "p", version=99)])
+
+        task = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await tx1.upsert_states([state(ident, "p", version=2)])
+    except BaseException as exc:
+        await cm.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    await cm.__aexit__(None, None, None)
+    async with other.transaction() as tx3:
+        assert (await tx3.load_states([(ident, "p")], lock=True))[(ident, "p")].version == 2
+        await tx3.upsert_states([state(ident, "p", version=3)])
+    got = await store.get_state(ident, "p")
+    assert got is not None and got.version == 3
