@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 Key = tuple[str, str]  # (identity_uuid, primitive)
 
@@ -56,6 +56,27 @@ class AttackerRow:
     last_seen: float
     rotation_count: int = 0
     last_rotation_at: float | None = None
+
+
+class AttributionView(NamedTuple):
+    """The public columns of one ``attribution_state`` row (no retained window):
+    what ``GET /attackers/{uuid}/attribution`` returns."""
+
+    primitive: str
+    current_value_json: str
+    state: str
+    confidence: float
+    observation_count: int
+    last_change_ts: float
+    last_observation_ts: float
+
+
+@dataclass(frozen=True)
+class AttackerAttribution:
+    """An attacker's identity (None: not formed yet) and its rows by primitive."""
+
+    identity_uuid: str | None
+    rows: list[AttributionView]
 
 
 @dataclass(frozen=True)
@@ -137,6 +158,11 @@ class TicketRow:
     role: str
     expires_at: float
     created_at: float = 0.0
+    # The access token the ticket was minted with (schema v2), so redemption can
+    # re-check that it is not revoked, expired or older than ``tokens_valid_from``.
+    token_jti: str | None = None
+    token_iat: float | None = None
+    token_exp: float | None = None
 
 
 @dataclass
@@ -261,6 +287,32 @@ class Store(ABC):
     @abstractmethod
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
         """Attacker uuids pointing at this identity (sorted)."""
+
+    async def attacker_attribution(self, attacker_uuid: str) -> AttackerAttribution | None:
+        """The attribution endpoint's read: None for an unknown attacker, else
+        its identity and that identity's rows ordered by primitive (byte
+        order), without the retained windows. Backends override this with one
+        query; this default uses two."""
+        attacker = await self.get_attacker(attacker_uuid)
+        if attacker is None:
+            return None
+        if attacker.identity_id is None:
+            return AttackerAttribution(None, [])
+        rows = await self.attribution_for_identity(attacker.identity_id)
+        views = [
+            AttributionView(
+                r.primitive,
+                r.current_value_json,
+                r.state,
+                r.confidence,
+                r.observation_count,
+                r.last_change_ts,
+                r.last_observation_ts,
+            )
+            for r in rows
+        ]
+        views.sort(key=lambda v: v.primitive)
+        return AttackerAttribution(attacker.identity_id, views)
 
     # ---- attribution -----------------------------------------------------
     @abstractmethod

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from decnet_attr.store.base import (
+    AttackerAttribution,
     AttackerRow,
     AttackerSummary,
     DeadLetter,
@@ -43,6 +44,7 @@ from decnet_attr.store.schema import (
     STATE_COLS,
     TICKET_COLS,
     USER_COLS,
+    attacker_attribution_from_rows,
     attacker_from_row,
     dedupe_states,
     list_attackers_sql,
@@ -666,6 +668,19 @@ class PostgresStore(Store):
             )
         return [r[0] for r in rows]
 
+    @_guard
+    async def attacker_attribution(self, attacker_uuid: str) -> AttackerAttribution | None:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT a.identity_id, s.primitive, s.current_value, s.state, s.confidence, "
+                "s.observation_count, s.last_change_ts, s.last_observation_ts "
+                "FROM attackers a LEFT JOIN attribution_state s "
+                "ON s.identity_uuid = a.identity_id "
+                'WHERE a.uuid = $1 ORDER BY s.primitive COLLATE "C"',
+                attacker_uuid,
+            )
+        return attacker_attribution_from_rows(rows)
+
     # ---- attribution -----------------------------------------------------------------------
     @_guard
     async def attribution_for_identity(self, identity_uuid: str) -> list[StateRow]:
@@ -885,12 +900,15 @@ class PostgresStore(Store):
             if int(n) >= max_outstanding:
                 return False
             await conn.execute(
-                f"INSERT INTO sse_tickets ({TICKET_COLS}) VALUES ($1, $2, $3, $4, $5)",
+                f"INSERT INTO sse_tickets ({TICKET_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 ticket.ticket_hash,
                 ticket.user_uuid,
                 ticket.role,
                 float(ticket.expires_at),
                 float(ticket.created_at or now),
+                ticket.token_jti,
+                None if ticket.token_iat is None else float(ticket.token_iat),
+                None if ticket.token_exp is None else float(ticket.token_exp),
             )
             return True
 

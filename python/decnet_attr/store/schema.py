@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 from decnet_attr.store.base import (
     STATES,
     USER_UPDATE_FIELDS,
+    AttackerAttribution,
     AttackerRow,
     AttackerSummary,
+    AttributionView,
     Key,
     ObservationRow,
     StateRow,
@@ -288,8 +290,23 @@ CREATE TABLE sse_tickets (
 CREATE INDEX ix_sse_tickets_user_expires ON sse_tickets(user_uuid, expires_at)
 """
 
+# v2: an SSE ticket remembers the access token it was minted with (jti, iat,
+# exp) so that redemption re-checks revocation and the tokens_valid_from cutoff.
+_V2_SQLITE = """
+ALTER TABLE sse_tickets ADD COLUMN token_jti TEXT NULL;
+ALTER TABLE sse_tickets ADD COLUMN token_iat REAL NULL;
+ALTER TABLE sse_tickets ADD COLUMN token_exp REAL NULL
+"""
+
+_V2_POSTGRES = """
+ALTER TABLE sse_tickets ADD COLUMN token_jti TEXT NULL;
+ALTER TABLE sse_tickets ADD COLUMN token_iat DOUBLE PRECISION NULL;
+ALTER TABLE sse_tickets ADD COLUMN token_exp DOUBLE PRECISION NULL
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, _V1_SQLITE, _V1_POSTGRES),
+    Migration(2, _V2_SQLITE, _V2_POSTGRES),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)
@@ -401,7 +418,9 @@ USER_COLS = (
     "tokens_valid_from, created_at, updated_at"
 )
 
-TICKET_COLS = "ticket_hash, user_uuid, role, expires_at, created_at"
+TICKET_COLS = (
+    "ticket_hash, user_uuid, role, expires_at, created_at, token_jti, token_iat, token_exp"
+)
 
 
 def attacker_from_row(r: Sequence[Any]) -> AttackerRow:
@@ -413,6 +432,20 @@ def attacker_from_row(r: Sequence[Any]) -> AttackerRow:
         last_seen=r[4],
         rotation_count=r[5],
         last_rotation_at=r[6],
+    )
+
+
+def attacker_attribution_from_rows(rows: Sequence[Sequence[Any]]) -> AttackerAttribution | None:
+    """From ``attackers LEFT JOIN attribution_state`` rows: ``identity_id``
+    then the seven :class:`AttributionView` columns (NULL without rows)."""
+    if not rows:
+        return None
+    identity = rows[0][0]
+    if identity is None or rows[0][1] is None:
+        return AttackerAttribution(identity, [])
+    return AttackerAttribution(
+        identity,
+        [AttributionView(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows],
     )
 
 
@@ -469,7 +502,16 @@ def user_from_row(r: Sequence[Any]) -> UserRow:
 
 
 def ticket_from_row(r: Sequence[Any]) -> TicketRow:
-    return TicketRow(ticket_hash=r[0], user_uuid=r[1], role=r[2], expires_at=r[3], created_at=r[4])
+    return TicketRow(
+        ticket_hash=r[0],
+        user_uuid=r[1],
+        role=r[2],
+        expires_at=r[3],
+        created_at=r[4],
+        token_jti=r[5],
+        token_iat=r[6],
+        token_exp=r[7],
+    )
 
 
 def dedupe_states(rows: Sequence[StateRow]) -> list[StateRow]:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiosqlite
 
 from decnet_attr.store.base import (
+    AttackerAttribution,
     AttackerRow,
     AttackerSummary,
     DeadLetter,
@@ -51,6 +52,7 @@ from decnet_attr.store.schema import (
     STATE_COLS,
     TICKET_COLS,
     USER_COLS,
+    attacker_attribution_from_rows,
     attacker_from_row,
     dedupe_states,
     list_attackers_sql,
@@ -213,6 +215,13 @@ _SQL_INSERT_STATE = f"""
 INSERT INTO attribution_state ({STATE_COLS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+
+_SQL_ATTACKER_ATTRIBUTION = (
+    "SELECT a.identity_id, s.primitive, s.current_value, s.state, s.confidence, "
+    "s.observation_count, s.last_change_ts, s.last_observation_ts "
+    "FROM attackers a LEFT JOIN attribution_state s ON s.identity_uuid = a.identity_id "
+    "WHERE a.uuid = ? ORDER BY s.primitive"
+)
 
 # ---- the transaction ----------------------------------------------------------------------
 
@@ -670,6 +679,11 @@ class SqliteStore(Store):
         )
         return [r[0] for r in rows]
 
+    @_guard
+    async def attacker_attribution(self, attacker_uuid: str) -> AttackerAttribution | None:
+        rows = await self._reader().execute_fetchall(_SQL_ATTACKER_ATTRIBUTION, (attacker_uuid,))
+        return attacker_attribution_from_rows(rows)
+
     # ---- attribution -----------------------------------------------------------------------
     @_guard
     async def attribution_for_identity(self, identity_uuid: str) -> list[StateRow]:
@@ -889,14 +903,16 @@ class SqliteStore(Store):
             if int(rows[0][0]) >= max_outstanding:
                 return False
             await conn.execute(
-                "INSERT INTO sse_tickets (ticket_hash, user_uuid, role, expires_at, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                f"INSERT INTO sse_tickets ({TICKET_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     ticket.ticket_hash,
                     ticket.user_uuid,
                     ticket.role,
                     ticket.expires_at,
                     ticket.created_at or now,
+                    ticket.token_jti,
+                    ticket.token_iat,
+                    ticket.token_exp,
                 ),
             )
             return True

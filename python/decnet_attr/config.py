@@ -1,0 +1,177 @@
+"""Configuration: one frozen settings object, built once at start-up from
+``DECNET_ATTR_*`` environment variables and command-line flags (flags win).
+Nothing reads ``os.environ`` after that.
+
+Every field has an environment variable: ``DECNET_ATTR_<FIELD>`` upper-cased
+(``bus_url`` → ``DECNET_ATTR_BUS_URL``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DECNET_ATTR_"
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value."""
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in {"1", "true", "yes", "on"}:
+        return True
+    if s in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where ------------------------------------------------------------
+    data_dir: Path = field(default=Path(".decnet-attr"), metadata={"help": "data directory (SQLite file, JWT secret)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen address"})
+    port: int = field(default=8080, metadata={"help": "HTTP port"})
+    bus_url: str = field(default="memory://", metadata={"help": "memory:// or nats://host:port"})
+    db_url: str = field(default="", metadata={"help": "postgresql://… (default: SQLite file in the data directory)"})
+    # --- auth -------------------------------------------------------------
+    jwt_secret: str = field(default="", metadata={"help": "HS256 secret, >= 32 chars (default: generated into the data directory)", "secret": True})
+    jwt_exp_minutes: int = field(default=240, metadata={"help": "access token lifetime"})
+    jwt_issuer: str = "decnet"
+    jwt_audience: str = "decnet-dashboard"
+    login_rate: int = field(default=10, metadata={"help": "logins per login_window per IP and per username"})
+    login_window: float = 300.0
+    ticket_rate: int = field(default=30, metadata={"help": "SSE tickets per minute per user"})
+    ticket_ttl: float = 60.0
+    max_tickets_per_user: int = 10
+    trust_forwarded_for: bool = field(default=False, metadata={"help": "use X-Forwarded-For for rate limits (behind a proxy)"})
+    # --- SSE --------------------------------------------------------------
+    sse_max_per_user: int = field(default=5, metadata={"help": "concurrent streams per user"})
+    sse_keepalive: float = 15.0
+    sse_queue_size: int = 256
+    sse_resume_buffer: int = field(default=512, metadata={"help": "events kept per attacker for Last-Event-ID resume"})
+    sse_retry_ms: int = 3000
+    # --- ingest -----------------------------------------------------------
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "largest POST /observations body"})
+    max_batch_items: int = 10_000
+    max_value_bytes: int = 8192
+    # --- worker -----------------------------------------------------------
+    worker: bool = field(default=True, metadata={"help": "run the attribution worker inside serve"})
+    worker_name: str = "attribution"
+    durable_name: str = "attribution"
+    batch_max: int = field(default=2000, metadata={"help": "largest worker micro-batch"})
+    batch_delay: float = field(default=0.002, metadata={"help": "longest wait to fill a micro-batch (s)"})
+    heartbeat_interval: float = 10.0
+    multi_actor_tick: float = field(default=60.0, metadata={"help": "safety-net multi-actor scan period (s)"})
+    thresholds: str = field(default="", metadata={"help": 'JSON object of threshold overrides, e.g. {"window_n": 6}'})
+    # --- logging ----------------------------------------------------------
+    log_format: str = field(default="text", metadata={"help": "text or json"})
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be 1..65535, got {self.port}")
+        if self.log_format not in {"text", "json"}:
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        if not (self.bus_url.startswith(("memory://", "nats://", "tls://"))):
+            raise ConfigError(f"bus_url must be memory:// or nats://…, got {self.bus_url!r}")
+        if self.db_url and not self.db_url.startswith(("postgresql://", "postgres://", "sqlite://")):
+            raise ConfigError(f"db_url must be postgresql://… or sqlite:///path, got {self.db_url!r}")
+        for name in ("batch_max", "sse_max_per_user", "sse_queue_size", "max_batch_items", "login_rate"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.thresholds:
+            self.threshold_overrides()  # validates
+
+    # --- derived ------------------------------------------------------------
+    @property
+    def store_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.data_dir / 'attr.db').resolve()}"
+
+    @property
+    def shared_store(self) -> bool:
+        """True when several processes may write the store (PostgreSQL):
+        the worker then reloads the windows of a batch's keys under row
+        locks instead of trusting its in-memory engine."""
+        return self.store_url.startswith(("postgresql://", "postgres://"))
+
+    def threshold_overrides(self) -> dict[str, Any]:
+        import json
+
+        if not self.thresholds:
+            return {}
+        try:
+            value = json.loads(self.thresholds)
+        except ValueError as exc:
+            raise ConfigError(f"thresholds is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("thresholds must be a JSON object")
+        return value
+
+    def make_thresholds(self) -> Any:
+        from decnet_attr import DecnetAttrError, Thresholds
+
+        try:
+            return Thresholds(**self.threshold_overrides())
+        except DecnetAttrError as exc:
+            raise ConfigError(f"thresholds: {exc}") from None
+
+    def redacted(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.metadata.get("secret") and v:
+                v = "***"
+            out[f.name] = str(v) if isinstance(v, Path) else v
+        return out
+
+    # --- construction -------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults ← environment ← overrides (CLI flags; None = not given)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key in env:
+                values[f.name] = _convert(f, env[key])
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k not in {f.name for f in fields(cls)}:
+                raise ConfigError(f"unknown setting {k!r}")
+            values[k] = v
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if typ == "int":
+            return int(raw)
+        if typ == "float":
+            return float(raw)
+        if typ == "bool":
+            return _bool(raw)
+        if typ == "Path":
+            return Path(raw)
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None
+
+
+def setting_help() -> list[tuple[str, str, str]]:
+    """(env var, default, help) for every setting (README / --help)."""
+    out = []
+    for f in fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        out.append((ENV_PREFIX + f.name.upper(), str(default), str(f.metadata.get("help", ""))))
+    return out

@@ -1,0 +1,6 @@
+"""The attribution worker: bus → validated micro-batches → one store
+transaction with the Rust engine's merge → commit → events."""
+
+from decnet_attr.worker.worker import AttributionWorker, WorkerStats
+
+__all__ = ["AttributionWorker", "WorkerStats"]

@@ -1,0 +1,655 @@
+"""The attribution worker.
+
+Consumes ``attacker.observation.>`` from the bus's durable stream in
+micro-batches and, per batch:
+
+1. validates every event (bad ones become dead letters with a reason);
+2. in ONE store transaction: registers unknown attackers, creates stub
+   identities atomically, inserts the observations (idempotent by id and by
+   ``(evidence_ref, primitive)``), brings the engine's windows for the
+   batch's keys up to date (under row locks on PostgreSQL, where several
+   workers share the store), merges the batch in the Rust engine, upserts the
+   changed state rows with their retained windows, and updates the
+   persisted multi-actor dedupe;
+3. commits, THEN acks the messages and publishes ``identity.formed``,
+   ``attribution.profile.state_changed`` / ``profile.updated`` and
+   ``attribution.profile.multi_actor_suspected``.
+
+If anything fails before the commit, the transaction rolls back, the keys the
+batch touched are evicted from the engine (they reload from the store) and
+the messages are nak'ed for redelivery: accepted data is never lost and
+never merged twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from decnet_attr import Engine, IngestResult
+from decnet_attr.bus import Bus, BusError, Delivery
+from decnet_attr.bus.helpers import publish_safely, run_control_listener, run_health_heartbeat
+from decnet_attr.config import Settings
+from decnet_attr.logs import RepeatFilter
+from decnet_attr.registry import value_kind_for
+from decnet_attr.store.base import DeadLetter, StateRow, Store, StoreError, Tx
+from decnet_attr.topics import (
+    ATTACKER_OBSERVED,
+    ATTRIBUTION_PROFILE_MULTI_ACTOR_SUSPECTED,
+    ATTRIBUTION_PROFILE_STATE_CHANGED,
+    ATTRIBUTION_PROFILE_UPDATED,
+    EVENT_TYPE_MULTI_ACTOR_SUSPECTED,
+    EVENT_TYPE_PROFILE_UPDATED,
+    EVENT_TYPE_STATE_CHANGED,
+    IDENTITY_FORMED,
+    OBSERVATION_PATTERN,
+)
+from decnet_attr.worker.validate import CheckedObservation, Rejected, check_observation
+
+log = logging.getLogger(__name__)
+log.addFilter(RepeatFilter(10.0))
+
+Key = tuple[str, str]
+
+
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus style)."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.sum += v
+        self.count += 1
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+
+@dataclass
+class WorkerStats:
+    received: int = 0
+    merged: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    batch_failures: int = 0
+    redelivered: int = 0
+    published: int = 0
+    state_changes: int = 0
+    multi_actor_fired: int = 0
+    identities_formed: int = 0
+    attackers_observed: int = 0
+    pending_merged: int = 0
+    lag_seconds: float = 0.0
+    last_batch_at: float = 0.0
+    batch_size: Histogram = field(default_factory=lambda: Histogram((1, 10, 50, 100, 500, 1000, 2000, 5000)))
+    merge_seconds: Histogram = field(
+        default_factory=lambda: Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+    )
+
+
+@dataclass
+class _Batch:
+    deliveries: list[Delivery]
+    checked: list[tuple[int, CheckedObservation]]
+    dead: list[DeadLetter]
+
+
+class AttributionWorker:
+    """See the module docstring. ``start()`` spawns the tasks; ``stop()``
+    finishes the batch in hand, then stops (the process keeps running)."""
+
+    def __init__(self, settings: Settings, bus: Bus, store: Store, *, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.store = store
+        self.thresholds = settings.make_thresholds()
+        self.engine = engine or Engine(self.thresholds, max_value_bytes=settings.max_value_bytes)
+        self.stats = WorkerStats()
+        self.shared = settings.shared_store
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._consumer_done = asyncio.Event()
+        self._running = False
+        self.last_heartbeat = 0.0  # monotonic time of the last loop turn
+        self._attackers_by_identity: OrderedDict[str, set[str]] = OrderedDict()
+
+    # ---- lifecycle -----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._running and not self._consumer_done.is_set()
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        self._stop.clear()
+        self._consumer_done.clear()
+        self.last_heartbeat = time.monotonic()
+        await self.merge_pending()
+        s = self.settings
+        self._tasks = [
+            asyncio.create_task(self._consume_loop(), name="attribution-consumer"),
+            asyncio.create_task(self._observed_loop(), name="attribution-observed"),
+            asyncio.create_task(self._tick_loop(), name="attribution-multi-actor-tick"),
+            asyncio.create_task(
+                run_health_heartbeat(self.bus, s.worker_name, interval=s.heartbeat_interval, extra=self.health),
+                name="attribution-heartbeat",
+            ),
+            asyncio.create_task(
+                run_control_listener(self.bus, s.worker_name, self._stop), name="attribution-control"
+            ),
+        ]
+        log.info("attribution worker started (%s store, %s bus)", self.store.dialect, self.bus.name)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Drain: the batch in hand is committed and acked, then tasks end."""
+        if not self._running:
+            return
+        self._stop.set()
+        consumer = self._tasks[0] if self._tasks else None
+        if consumer is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(consumer), timeout)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        self._running = False
+        log.info("attribution worker stopped")
+
+    async def wait_stopped(self) -> None:
+        """Until a control ``stop`` (or :meth:`stop`) ends the consumer."""
+        await self._stop.wait()
+
+    def health(self) -> dict[str, Any]:
+        st = self.stats
+        return {
+            "received": st.received,
+            "merged": st.merged,
+            "rejected": st.rejected,
+            "duplicates": st.duplicates,
+            "dropped": self.bus.stats().get("dropped", 0),
+            "lag": round(st.lag_seconds, 3),
+            "batches": st.batches,
+            "batch_failures": st.batch_failures,
+            "keys": len(self.engine),
+            "running": self.running,
+        }
+
+    # ---- the consumer ------------------------------------------------------------------
+    async def _consume_loop(self) -> None:
+        backoff = 0.2
+        try:
+            while not self._stop.is_set():
+                try:
+                    consumer = self.bus.durable_consumer(OBSERVATION_PATTERN, durable=self.settings.durable_name)
+                except (BusError, RuntimeError) as exc:
+                    log.warning("cannot open the observation stream (%s); retrying", exc)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                try:
+                    async with consumer:
+                        backoff = 0.2
+                        await self._drain(consumer)
+                except (BusError, RuntimeError) as exc:
+                    if self._stop.is_set():
+                        break
+                    log.warning("observation stream ended (%s); reconnecting", exc)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            self._consumer_done.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _drain(self, consumer: Any) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            self.last_heartbeat = time.monotonic()
+            msgs = await consumer.fetch(s.batch_max, timeout=0.5)
+            if not msgs:
+                continue
+            if len(msgs) < s.batch_max and s.batch_delay > 0:
+                deadline = time.monotonic() + s.batch_delay
+                while len(msgs) < s.batch_max:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    more = await consumer.fetch(s.batch_max - len(msgs), timeout=left)
+                    if not more:
+                        break
+                    msgs.extend(more)
+            await self.process(msgs)
+
+    # ---- one batch ---------------------------------------------------------------------
+    async def process(self, deliveries: list[Delivery]) -> None:
+        """Validate, store and merge one micro-batch; ack after the commit."""
+        batch = self._check(deliveries)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                published = await self._commit(batch)
+                break
+            except (StoreError, OSError) as exc:
+                self.stats.batch_failures += 1
+                if attempt >= 3 or self._stop.is_set():
+                    log.warning("batch of %d failed (%s); redelivering later", len(deliveries), exc)
+                    for d in deliveries:
+                        with contextlib.suppress(Exception):
+                            await d.nak(delay=1.0)
+                    return
+                await asyncio.sleep(0.05 * attempt)
+        for d in deliveries:
+            await d.ack()
+        for topic, payload, etype in published:
+            if await publish_safely(self.bus, topic, payload, etype):
+                self.stats.published += 1
+
+    def _check(self, deliveries: list[Delivery]) -> _Batch:
+        s = self.settings
+        checked: list[tuple[int, CheckedObservation]] = []
+        dead: list[DeadLetter] = []
+        seen: set[str] = set()
+        now = time.time()
+        for i, d in enumerate(deliveries):
+            ev = d.event
+            self.stats.received += 1
+            if d.redelivered:
+                self.stats.redelivered += 1
+            try:
+                c = check_observation(
+                    ev.topic,
+                    ev.payload,
+                    ev.id,
+                    max_value_bytes=s.max_value_bytes,
+                    accept_unknown=False,
+                )
+            except Rejected as exc:
+                self.stats.rejected += 1
+                log.warning("rejected observation event %s on %s: %s", ev.id, ev.topic[:200], exc)
+                try:
+                    body = orjson.dumps(ev.payload).decode()
+                except (TypeError, orjson.JSONEncodeError):
+                    body = repr(ev.payload)
+                dead.append(DeadLetter(topic=ev.topic, reason=str(exc), payload_json=body, event_id=ev.id, received_at=now))
+                continue
+            if c.row.id in seen:
+                self.stats.duplicates += 1
+                continue
+            seen.add(c.row.id)
+            checked.append((i, c))
+        return _Batch(deliveries=deliveries, checked=checked, dead=dead)
+
+    async def _commit(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
+        t0 = time.perf_counter()
+        now = time.time()
+        touched: list[Key] = []
+        try:
+            async with self.store.transaction() as tx:
+                if batch.dead:
+                    await tx.insert_dead_letters(batch.dead)
+                events = await self._merge_in_tx(tx, [c for _, c in batch.checked], now, touched)
+        except BaseException:
+            # the engine may hold merges the store never committed
+            self.engine.evict(touched)
+            raise
+        self.stats.dead_lettered += len(batch.dead)
+        self.stats.batches += 1
+        self.stats.batch_size.observe(len(batch.deliveries))
+        self.stats.merge_seconds.observe(time.perf_counter() - t0)
+        self.stats.last_batch_at = now
+        if batch.checked:
+            newest = max(c.row.ts for _, c in batch.checked)
+            self.stats.lag_seconds = max(0.0, now - newest)
+        return events
+
+    async def _merge_in_tx(
+        self,
+        tx: Tx,
+        checked: list[CheckedObservation],
+        now: float,
+        touched: list[Key],
+        *,
+        already_stored: bool = False,
+        identities: dict[str, str] | None = None,
+    ) -> list[tuple[str, dict[str, Any], str]]:
+        """Everything of one batch inside the transaction. Returns the events
+        to publish after the commit. ``touched`` is filled with the engine
+        keys as soon as they may have changed (for eviction on failure);
+        ``identities`` (if given) with attacker → identity."""
+        if not checked:
+            return []
+        events: list[tuple[str, dict[str, Any], str]] = []
+        attackers: dict[str, tuple[str | None, float]] = {}
+        for c in checked:
+            ip, seen = attackers.get(c.row.attacker_uuid, (None, c.row.ts))
+            attackers[c.row.attacker_uuid] = (ip or c.attacker_ip, max(seen, c.row.ts))
+        await tx.ensure_attackers([(a, ip, ts) for a, (ip, ts) in attackers.items()])
+        identity_of, formed = await tx.ensure_identities(list(attackers), now)
+        if identities is not None:
+            identities.update(identity_of)
+        formed_set = set(formed)
+        for a, ident in identity_of.items():
+            if ident in formed_set:
+                events.append((IDENTITY_FORMED, {"identity_uuid": ident, "attacker_uuid": a, "ts": now}, "formed"))
+                self.stats.identities_formed += 1
+        rows = [replace(c.row, identity_uuid=identity_of.get(c.row.attacker_uuid)) for c in checked]
+        if already_stored:
+            new_idx = list(range(len(rows)))
+        else:
+            new_idx = await tx.insert_observations(rows)
+            self.stats.duplicates += len(rows) - len(new_idx)
+        new_rows = [rows[i] for i in new_idx if rows[i].identity_uuid]
+        if not new_rows:
+            return events
+        for r in new_rows:
+            ident = r.identity_uuid or ""
+            self._note_attacker(ident, r.attacker_uuid)
+        keys = list(dict.fromkeys((r.identity_uuid or "", r.primitive) for r in new_rows))
+        prior = await self._load_windows(tx, keys, touched)
+        values = {rows[i].id: checked[i].value for i in new_idx}
+        result = self.engine.ingest(
+            [
+                {
+                    "identity_uuid": r.identity_uuid,
+                    "primitive": r.primitive,
+                    "value": values[r.id],
+                    "ts": r.ts,
+                    "confidence": r.confidence,
+                }
+                for r in new_rows
+            ]
+        )
+        if result.errors:
+            # validate.py mirrors the engine's checks, so this is a defect; the
+            # rollback keeps the store consistent and the batch is retried.
+            raise StoreError(f"engine rejected {len(result.errors)} checked observations: {result.errors[0].reason}")
+        self.stats.merged += len(new_rows)
+        events.extend(await self._write_states(tx, result, prior, now))
+        return events
+
+    async def _load_windows(self, tx: Tx, keys: list[Key], touched: list[Key]) -> dict[Key, StateRow]:
+        """Prior state rows of the batch's keys; makes the engine hold exactly
+        the stored windows for them (all of them on a shared store, only
+        the missing ones otherwise)."""
+        prior = await tx.load_states(keys, lock=self.shared)
+        touched.extend(keys)
+        refresh = keys if self.shared else self.engine.missing(keys)
+        if not refresh:
+            return prior
+        if self.shared:
+            self.engine.evict(refresh)
+        windows: list[str] = []
+        rebuild: list[Key] = []
+        for k in refresh:
+            row = prior.get(k)
+            if row is None:
+                continue
+            if row.window_json:
+                windows.append(row.window_json)
+            else:
+                rebuild.append(k)
+        if windows:
+            for err in self.engine.import_windows(windows):
+                # a window from other thresholds: rebuild the key from its series
+                doc = orjson.loads(windows[err.index])
+                rebuild.append((doc["identity_uuid"], doc["primitive"]))
+        for ident, prim in rebuild:
+            await self._rebuild_key(ident, prim)
+        return prior
+
+    async def _rebuild_key(self, identity: str, primitive: str) -> None:
+        self.engine.evict([(identity, primitive)])
+        series = await self.store.recent_values(identity, primitive, 10**9)
+        self.engine.ingest(
+            [{"identity_uuid": identity, "primitive": primitive, "value": o["value"], "ts": o["ts"]} for o in series]
+        )
+        log.info("rebuilt %s/%s from %d stored observations", identity, primitive, len(series))
+
+    async def _write_states(
+        self, tx: Tx, result: IngestResult, prior: dict[Key, StateRow], now: float
+    ) -> list[tuple[str, dict[str, Any], str]]:
+        events: list[tuple[str, dict[str, Any], str]] = []
+        changes = list(result)
+        keys = [(c.identity_uuid, c.primitive) for c in changes]
+        windows = self.engine.export_windows(keys)
+        rows: list[StateRow] = []
+        multi_touch: set[str] = set()
+        for c, key, window in zip(changes, keys, windows):
+            st = c.state
+            old = prior.get(key)
+            changed = old is None or old.state != st.state
+            last_change = st.last_observation_ts if changed or old is None else old.last_change_ts
+            version = (old.version if old else 0) + 1
+            current_json = orjson.dumps(st.current_value).decode()
+            rows.append(
+                StateRow(
+                    identity_uuid=key[0],
+                    primitive=key[1],
+                    current_value_json=current_json,
+                    state=st.state,
+                    confidence=st.confidence,
+                    observation_count=st.observation_count,
+                    last_change_ts=last_change,
+                    last_observation_ts=st.last_observation_ts,
+                    kind=value_kind_for(key[1]),
+                    window_json=window,
+                    version=version,
+                    updated_at=now,
+                )
+            )
+            if "multi_actor" in (st.state, old.state if old else None):
+                multi_touch.add(key[0])
+            payload = {
+                "identity_uuid": key[0],
+                "primitive": key[1],
+                "old_state": old.state if old else None,
+                "new_state": st.state,
+                "current_value": st.current_value,
+                "confidence": st.confidence,
+                "observation_count": st.observation_count,
+                "ts": st.last_observation_ts,
+                "attacker_uuids": self._attackers_of(key[0]),
+                "last_change_ts": last_change,
+                "last_observation_ts": st.last_observation_ts,
+                "emitted_at": now,
+                "version": version,
+            }
+            if changed:
+                self.stats.state_changes += 1
+                events.append((ATTRIBUTION_PROFILE_STATE_CHANGED, payload, EVENT_TYPE_STATE_CHANGED))
+            else:
+                events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
+        await tx.upsert_states(rows)
+        if multi_touch:
+            events.extend(await self._multi_actor(tx, sorted(multi_touch), now))
+        return events
+
+    # ---- multi-actor (reference §4.9 with BUG-10 semantics, persisted) ---------------
+    async def _multi_actor(self, tx: Tx, identities: list[str], now: float) -> list[tuple[str, dict[str, Any], str]]:
+        need = self.thresholds.multi_actor_min_primitives
+        flagged = await tx.multi_actor_primitives(identities)
+        fired = await tx.multi_actor_signatures(identities, lock=self.shared)
+        events = []
+        for ident in identities:
+            prims = sorted(flagged.get(ident, []))
+            last = fired.get(ident)
+            if len(prims) < need:
+                if last is not None:
+                    await tx.set_multi_actor_signature(ident, None, now)  # re-arm
+                continue
+            if last is not None and sorted(last) == prims:
+                continue
+            await tx.set_multi_actor_signature(ident, prims, now)
+            self.stats.multi_actor_fired += 1
+            events.append(
+                (
+                    ATTRIBUTION_PROFILE_MULTI_ACTOR_SUSPECTED,
+                    self._suspicion(ident, prims, now),
+                    EVENT_TYPE_MULTI_ACTOR_SUSPECTED,
+                )
+            )
+        return events
+
+    def _suspicion(self, ident: str, prims: list[str], now: float) -> dict[str, Any]:
+        evidence: dict[str, Any] = {}
+        for p in prims:
+            ex = self.engine.explain(ident, p)
+            if ex is None:
+                continue
+            recent = ex["window"][-self.thresholds.window_n :]
+            evidence[p] = {
+                "values": [w["value"] for w in recent],
+                "flips": ex["detail"].get("flips"),
+                "repeats": ex["detail"].get("repeats"),
+                "confidence": ex["state"]["confidence"],
+                "rule": ex["rule"],
+            }
+        return {
+            "identity_uuid": ident,
+            "primitives": prims,
+            "evidence_summary": f"{len(prims)} primitives flagged multi_actor",
+            "confidence": self.thresholds.multi_actor_max_confidence,
+            "ts": now,
+            "attacker_uuids": self._attackers_of(ident),
+            "evidence": evidence,
+        }
+
+    async def tick_multi_actor(self) -> int:
+        """Safety net: fire for any identity the batches missed (e.g. rows
+        written by a recompute); returns how many fired."""
+        need = self.thresholds.multi_actor_min_primitives
+        candidates = await self.store.multi_actor_identities(need)
+        if not candidates:
+            return 0
+        events: list[tuple[str, dict[str, Any], str]] = []
+        now = time.time()
+        async with self.store.transaction() as tx:
+            events = await self._multi_actor(tx, sorted(candidates), now)
+        for topic, payload, etype in events:
+            if await publish_safely(self.bus, topic, payload, etype):
+                self.stats.published += 1
+        return len(events)
+
+    async def _tick_loop(self) -> None:
+        interval = self.settings.multi_actor_tick
+        while not self._stop.is_set():
+            await self._sleep(interval)
+            if self._stop.is_set():
+                return
+            try:
+                await self.tick_multi_actor()
+            except Exception as exc:  # the safety net must never kill the worker
+                log.warning("multi-actor tick failed: %s", exc)
+
+    # ---- attackers -------------------------------------------------------------------
+    def _note_attacker(self, identity: str, attacker: str) -> None:
+        s = self._attackers_by_identity.get(identity)
+        if s is None:
+            s = self._attackers_by_identity[identity] = set()
+            if len(self._attackers_by_identity) > 100_000:
+                self._attackers_by_identity.popitem(last=False)
+        else:
+            self._attackers_by_identity.move_to_end(identity)
+        s.add(attacker)
+
+    def _attackers_of(self, identity: str) -> list[str]:
+        return sorted(self._attackers_by_identity.get(identity, ()))
+
+    async def _observed_loop(self) -> None:
+        """``attacker.observed`` events register attackers too."""
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                async with self.bus.subscribe(ATTACKER_OBSERVED) as sub:
+                    backoff = 0.5
+                    async for ev in sub:
+                        await self._register_observed(ev.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("attacker.observed subscription failed: %s", exc)
+            await self._sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _register_observed(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        uuid = payload.get("attacker_uuid") or payload.get("uuid")
+        ip = payload.get("attacker_ip") or payload.get("ip")
+        ts = payload.get("ts")
+        if not isinstance(uuid, str) or not uuid or len(uuid) > 128:
+            return
+        if ip is not None and not isinstance(ip, str):
+            ip = None
+        when = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else time.time()
+        try:
+            async with self.store.transaction() as tx:
+                await tx.ensure_attackers([(uuid, ip, when)])
+            self.stats.attackers_observed += 1
+        except StoreError as exc:
+            log.warning("could not register observed attacker %s: %s", uuid, exc)
+
+    # ---- catch-up ----------------------------------------------------------------------
+    async def merge_pending(self, limit: int = 5000) -> int:
+        """Merge observations stored but not merged yet (bulk imports, or
+        rows written by another tool): reference §10.1.11."""
+        total = 0
+        after = 0
+        while True:
+            rows = await self.store.pending_observations(after_seq=after, limit=limit)
+            if not rows:
+                return total
+            checked = [
+                CheckedObservation(row=r, value=orjson.loads(r.value_json), attacker_ip=None) for r in rows
+            ]
+            touched: list[Key] = []
+            identity_of: dict[str, str] = {}
+            now = time.time()
+            try:
+                async with self.store.transaction() as tx:
+                    events = await self._merge_in_tx(
+                        tx, checked, now, touched, already_stored=True, identities=identity_of
+                    )
+                    seqs = [r.seq for r in rows if r.seq is not None]
+                    await tx.mark_merged(
+                        seqs,
+                        {
+                            r.seq: identity_of[r.attacker_uuid]
+                            for r in rows
+                            if r.seq is not None and r.attacker_uuid in identity_of
+                        },
+                    )
+            except BaseException:
+                self.engine.evict(touched)
+                raise
+            for topic, payload, etype in events:
+                await publish_safely(self.bus, topic, payload, etype)
+            total += len(rows)
+            self.stats.pending_merged += len(rows)
+            after = max((r.seq or 0) for r in rows)
+            log.info("merged %d stored-but-unmerged observations", total)
+
+

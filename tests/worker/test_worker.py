@@ -1,0 +1,349 @@
+"""The attribution worker on the embedded default (in-process bus + SQLite)
+and, for the store-dependent behaviour, on PostgreSQL too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from decnet_attr import Thresholds
+from decnet_attr.bus import Bus, Delivery, Event, get_bus
+from decnet_attr.config import Settings
+from decnet_attr.store import ObservationRow, Store, open_store
+from decnet_attr.topics import attacker_observation, system_control
+from decnet_attr.worker import AttributionWorker
+from decnet_attr.worker.recompute import explain_state, recompute
+from tests import oracle
+from tests.worker.helpers import mk_obs, oracle_states, publish_all, stored_states, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class FakeDelivery(Delivery):
+    event: Event
+    acked: bool = False
+    naked: bool = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.naked = True
+
+    @property
+    def redelivered(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, heartbeat_interval=0.2, multi_actor_tick=3600, batch_delay=0.001)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> Any:
+    st = open_store(settings.store_url)
+    await st.open()
+    yield st
+    await st.close()
+
+
+@pytest.fixture
+async def bus() -> Any:
+    b = get_bus("memory://")
+    await b.connect()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def worker(settings: Settings, bus: Bus, store: Store) -> Any:
+    w = AttributionWorker(settings, bus, store)
+    await w.start()
+    yield w
+    await w.stop()
+
+
+A = "attacker-a"
+
+
+async def test_states_equal_the_oracle_and_events_follow_the_commit(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    seen: list[Event] = []
+    rows_at_event: list[int] = []
+
+    async def collect() -> None:
+        async with bus.subscribe("attribution.>") as sub:
+            async for ev in sub:
+                if ev.topic.endswith("state_changed"):
+                    # the row is committed before the event is published
+                    ident = ev.payload["identity_uuid"]
+                    row = await store.get_state(ident, ev.payload["primitive"])
+                    rows_at_event.append(0 if row is None else row.observation_count)
+                seen.append(ev)
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(0.01)
+    values = ["typed", "typed", "typed", "pasted", "typed", "pasted", "typed", "pasted"]
+    obs = [mk_obs(A, "motor.input_modality", v, 100.0 + i) for i, v in enumerate(values)]
+    obs += [mk_obs(A, "toolchain.c2.beacon_interval_ms", 1000 + i, 100.0 + i) for i in range(6)]
+    for o in obs:  # one by one: every prefix goes through its own batch
+        await publish_all(bus, [o])
+    want = oracle_states(obs)
+    got = await stored_states(store, [A])
+    assert set(got) == set(want)
+    for key, st in want.items():
+        assert oracle.same(got[key], st), (key, got[key], st)
+    await wait_for(lambda: sum(e.topic.endswith("state_changed") for e in seen) >= 3)
+    task.cancel()
+    changes = [e for e in seen if e.topic.endswith("state_changed")]
+    assert all(n > 0 for n in rows_at_event)
+    first = changes[0].payload
+    assert first["old_state"] is None and first["new_state"] == "unknown"
+    assert set(first) >= {
+        "identity_uuid", "primitive", "old_state", "new_state", "current_value", "confidence",
+        "observation_count", "ts", "attacker_uuids", "last_change_ts", "last_observation_ts",
+    }
+    assert first["attacker_uuids"] == [A]
+    assert first["ts"] == first["last_observation_ts"]
+    assert changes[0].type == "profile.state_changed"
+    updates = [e for e in seen if e.topic == "attribution.profile.updated"]
+    assert updates, "a row that changed without a state transition is announced as profile.updated"
+    assert worker.stats.merged == len(obs)
+
+
+async def test_last_change_ts_kept_while_state_holds(worker: AttributionWorker, bus: Bus, store: Store) -> None:
+    await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3)])
+    await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3, 6)])
+    att = await store.get_attacker(A)
+    assert att is not None and att.identity_id
+    row = await store.get_state(att.identity_id, "motor.keystroke_cadence")
+    assert row is not None
+    assert (row.state, row.last_change_ts, row.last_observation_ts) == ("stable", 2.0, 5.0)
+    assert row.version == 2
+    assert json.loads(row.window_json or "{}")["count"] == 6
+
+
+async def test_bad_events_are_dead_lettered_and_the_worker_lives(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    p = "motor.input_modality"
+    good = mk_obs(A, p, "typed", 1.0)
+    bad_payloads: list[tuple[str, Any, str]] = [
+        (attacker_observation(p), "not a dict", "payload must be an object"),
+        (attacker_observation(p), {**good, "id": "b1", "ts": "yesterday"}, "ts must be a finite number"),
+        (attacker_observation(p), {**good, "id": "b2", "value": "x" * 10_000_000}, "above the limit"),
+        (attacker_observation(p), {**good, "id": "b3", "primitive": "motor.keystroke_cadence"}, "does not match"),
+        (attacker_observation("made.up.primitive"), {**good, "id": "b4", "primitive": "made.up.primitive"}, "unknown primitive"),
+        ("attacker.observation.*", {**good, "id": "b5"}, "is not attacker.observation"),
+        (attacker_observation(p), {**good, "id": "b6", "attacker_uuid": ""}, "attacker_uuid"),
+        (
+            attacker_observation("toolchain.c2.beacon_interval_ms"),
+            {**good, "id": "b7", "primitive": "toolchain.c2.beacon_interval_ms", "value": "fast"},
+            "not a finite number",
+        ),
+        (attacker_observation(p), {**good, "id": "b8", "confidence": 7}, "confidence"),
+        (attacker_observation(p), {k: v for k, v in good.items() if k != "value"} | {"id": "b9"}, "missing field value"),
+    ]
+    deliveries = [FakeDelivery(Event(topic=t, payload=pl, id=f"e{i}")) for i, (t, pl, _r) in enumerate(bad_payloads)]  # type: ignore[arg-type]
+    deliveries.append(FakeDelivery(Event(topic=attacker_observation(p), payload=good, id="ok")))
+    await worker.process(list(deliveries))  # type: ignore[arg-type]
+    assert all(d.acked for d in deliveries), "bad events are acked (dead-lettered), not redelivered forever"
+    assert worker.stats.rejected == len(bad_payloads)
+    assert worker.stats.merged == 1
+    assert await store.dead_letter_count() == len(bad_payloads)
+    rows = await _dead_letters(store)
+    for (_t, _p, reason), (topic, got_reason) in zip(bad_payloads, rows):
+        assert reason in got_reason, (reason, got_reason)
+    # and the worker keeps consuming
+    await publish_all(bus, [mk_obs(A, p, "typed", 2.0), mk_obs(A, p, "typed", 3.0)])
+    assert (await stored_states(store, [A]))[("", p)].state == "stable"
+
+
+async def _dead_letters(store: Store) -> list[tuple[str, str]]:
+    from tests.worker.helpers import query
+
+    return [(r[0], r[1]) for r in await query(store, "SELECT topic, reason FROM dead_letters ORDER BY seq")]
+
+
+async def test_duplicates_are_stored_and_merged_once(worker: AttributionWorker, bus: Bus, store: Store) -> None:
+    o = mk_obs(A, "motor.input_modality", "typed", 1.0)
+    await publish_all(bus, [o, o])
+    await publish_all(bus, [o])
+    same_evidence = {**mk_obs(A, "motor.input_modality", "pasted", 2.0), "evidence_ref": o["evidence_ref"]}
+    await publish_all(bus, [same_evidence])
+    st = (await stored_states(store, [A]))[("", "motor.input_modality")]
+    assert st.observation_count == 1
+    from tests.worker.helpers import query
+
+    assert (await query(store, "SELECT count(*) FROM observations"))[0][0] == 1
+    # the bus drops the repeated event ids; the store drops the repeated
+    # (evidence_ref, primitive)
+    assert (worker.stats.received, worker.stats.duplicates) == (2, 1)
+
+
+async def test_identity_formed_once_per_attacker(worker: AttributionWorker, bus: Bus, store: Store) -> None:
+    formed: list[Event] = []
+
+    async def collect() -> None:
+        async with bus.subscribe("identity.>") as sub:
+            async for ev in sub:
+                formed.append(ev)
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(0.01)
+    await publish_all(bus, [mk_obs(A, "motor.input_modality", "typed", float(t), ip="10.0.0.7") for t in range(3)])
+    await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", 4.0)])
+    await wait_for(lambda: len(formed) >= 1)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert len(formed) == 1
+    att = await store.get_attacker(A)
+    assert att is not None and att.ip == "10.0.0.7"
+    assert formed[0].payload == {"identity_uuid": att.identity_id, "attacker_uuid": A, "ts": formed[0].payload["ts"]}
+
+
+async def test_attacker_observed_registers_attackers(worker: AttributionWorker, bus: Bus, store: Store) -> None:
+    await asyncio.sleep(0.05)
+    await bus.publish("attacker.observed", {"attacker_uuid": "obs-1", "attacker_ip": "192.0.2.9", "ts": 5.0})
+    await wait_for(lambda: worker.stats.attackers_observed == 1)
+    att = await store.get_attacker("obs-1")
+    assert att is not None and att.ip == "192.0.2.9"
+
+
+def alternation(attacker: str, prim: str, a: str, b: str, start: float, n: int = 5) -> list[dict[str, Any]]:
+    return [mk_obs(attacker, prim, a if i % 2 == 0 else b, start + i) for i in range(n)]
+
+
+async def test_multi_actor_fires_dedupes_refires_and_rearms(
+    settings: Settings, worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    fired: list[Event] = []
+
+    async def collect() -> None:
+        async with bus.subscribe("attribution.profile.multi_actor_suspected") as sub:
+            async for ev in sub:
+                fired.append(ev)
+
+    task = asyncio.create_task(collect())
+    await asyncio.sleep(0.01)
+    await publish_all(bus, alternation(A, "motor.input_modality", "typed", "pasted", 0))
+    assert fired == []  # one primitive is not enough
+    await publish_all(bus, alternation(A, "environmental.shell_type", "bash", "zsh", 0))
+    await wait_for(lambda: len(fired) == 1)
+    p = fired[0].payload
+    assert p["primitives"] == ["environmental.shell_type", "motor.input_modality"]
+    assert p["evidence_summary"] == "2 primitives flagged multi_actor"
+    assert p["confidence"] == 0.6 and p["attacker_uuids"] == [A]
+    assert p["evidence"]["motor.input_modality"]["values"] == ["typed", "pasted", "typed", "pasted", "typed"]
+    # same set again (another alternating observation keeps both multi_actor): no re-fire
+    await publish_all(bus, [mk_obs(A, "motor.input_modality", "pasted", 5.0)])
+    await asyncio.sleep(0.05)
+    assert len(fired) == 1
+    # growth → re-fire
+    await publish_all(bus, alternation(A, "motor.keystroke_cadence", "steady", "bursty", 0))
+    await wait_for(lambda: len(fired) == 2)
+    assert len(fired[1].payload["primitives"]) == 3
+    # a restart does not re-fire (the dedupe is persisted)
+    await worker.stop()
+    w2 = AttributionWorker(settings, bus, store)
+    await w2.start()
+    try:
+        assert await w2.tick_multi_actor() == 0
+        # shrinking 3 → 2 is a different set: fires (DECNET semantics)
+        await publish_all(bus, [mk_obs(A, "environmental.shell_type", "bash", 10.0 + i) for i in range(5)])
+        await wait_for(lambda: len(fired) == 3)
+        assert fired[2].payload["primitives"] == ["motor.input_modality", "motor.keystroke_cadence"]
+        # below 2 → re-armed, nothing fires
+        await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", 10.0 + i) for i in range(5)])
+        await asyncio.sleep(0.05)
+        assert len(fired) == 3
+        # back to 2 → fires again
+        await publish_all(bus, alternation(A, "environmental.shell_type", "bash", "zsh", 20))
+        await wait_for(lambda: len(fired) == 4)
+        assert fired[3].payload["primitives"] == ["environmental.shell_type", "motor.input_modality"]
+    finally:
+        await w2.stop()
+        task.cancel()
+
+
+async def test_restart_rebuilds_from_stored_windows(settings: Settings, bus: Bus, store: Store) -> None:
+    obs = [mk_obs(A, "motor.input_modality", v, float(i)) for i, v in enumerate("aabababbbbbaab")]
+    obs += [mk_obs(A, "motor.digraph_simhash", f"h{i % 4}", i * 20000.0) for i in range(12)]
+    obs += [mk_obs(A, "toolchain.c2.beacon_interval_ms", 100 + 10 * i, float(i)) for i in range(12)]
+    w1 = AttributionWorker(settings, bus, store)
+    await w1.start()
+    await publish_all(bus, obs[: len(obs) // 2])
+    await w1.stop()
+    w2 = AttributionWorker(settings, bus, store)  # fresh engine: nothing in memory
+    await w2.start()
+    assert len(w2.engine) == 0
+    await publish_all(bus, obs[len(obs) // 2 :])
+    await w2.stop()
+    want = oracle_states(obs)
+    got = await stored_states(store, [A])
+    for key, st in want.items():
+        assert oracle.same(got[key], st), key
+    # no full-series reload: only the batch's keys were loaded, from windows
+    assert len(w2.engine) == len({(o["primitive"]) for o in obs[len(obs) // 2 :]})
+
+
+async def test_stored_but_unmerged_observations_are_merged_on_start(
+    settings: Settings, bus: Bus, store: Store
+) -> None:
+    async with store.transaction() as tx:
+        await tx.ensure_attackers([(A, None, 1.0)])
+        await tx.insert_observations(
+            [
+                ObservationRow(
+                    id=f"imp-{i}", attacker_uuid=A, primitive="motor.input_modality",
+                    value_json='"typed"', ts=float(i), evidence_ref=f"import:{i}", merged=False,
+                )
+                for i in range(4)
+            ]
+        )
+    w = AttributionWorker(settings, bus, store)
+    await w.start()
+    await w.stop()
+    st = (await stored_states(store, [A]))[("", "motor.input_modality")]
+    assert (st.state, st.observation_count) == ("stable", 4)
+    assert await store.pending_observations(after_seq=0, limit=10) == []
+
+
+async def test_control_stop_stops_only_the_worker(worker: AttributionWorker, bus: Bus) -> None:
+    await asyncio.sleep(0.05)
+    await bus.publish(system_control("attribution"), {"action": "stop", "requested_by": "test"})
+    await asyncio.wait_for(worker.wait_stopped(), 5)
+    await wait_for(lambda: not worker.running)
+    # the process (this test) is alive and the bus still works
+    assert not bus.closed
+
+
+async def test_health_heartbeat_carries_counters(worker: AttributionWorker, bus: Bus) -> None:
+    async with bus.subscribe("system.attribution.health") as sub:
+        ev = await asyncio.wait_for(sub.__anext__(), 5)
+    assert {"worker", "ts", "received", "merged", "rejected", "dropped", "lag"} <= set(ev.payload)
+
+
+async def test_recompute_after_a_threshold_change(settings: Settings, worker: AttributionWorker, bus: Bus, store: Store) -> None:
+    obs = [mk_obs(A, "motor.input_modality", v, float(i)) for i, v in enumerate("aaaab")]
+    await publish_all(bus, obs)
+    report = await recompute(store, settings, dry_run=True)
+    assert report["changed"] == []
+    stricter = settings.replace(thresholds=json.dumps({"majority": 5}))
+    report = await recompute(store, stricter, dry_run=False)
+    assert [(c["old_state"], c["new_state"]) for c in report["changed"]] == [("stable", "conflicted")]
+    st = (await stored_states(store, [A]))[("", "motor.input_modality")]
+    want = oracle.aggregate(obs)
+    assert st.state == "conflicted" and want.state == "stable"
+    ex = await explain_state(store, stricter, A, "motor.input_modality")
+    assert ex is not None and ex["rule"] == "no_clear_majority"
+    assert ex["thresholds"]["majority"] == 5
+    assert Thresholds(majority=5).majority == 5
