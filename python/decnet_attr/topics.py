@@ -28,6 +28,8 @@ semantics (§1.3) and never validates.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ATTACKER_FINGERPRINTED",
     "ATTACKER_FINGERPRINT_ROTATED",
@@ -188,13 +190,12 @@ EVENT_TYPE_FINGERPRINT_ROTATED = "attacker.fingerprint_rotated"
 # ------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------
+_BAD_CHAR = re.compile(r"[.*>\s\x00-\x1f\x7f]")
+
+
 def _bad_char(token: str) -> str | None:
-    for ch in token:
-        if ch in ".*>":
-            return ch
-        if ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F:
-            return ch
-    return None
+    m = _BAD_CHAR.search(token)
+    return m.group(0) if m else None
 
 
 def validate_segment(segment: str) -> str:

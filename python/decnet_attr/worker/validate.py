@@ -35,6 +35,23 @@ class CheckedObservation:
     attacker_ip: str | None
 
 
+_TOPICS: dict[str, tuple[str | None, bool, bool]] = {}
+
+
+def _topic_info(topic: str) -> tuple[str | None, bool, bool]:
+    """(primitive, known, numeric) of a topic, cached: a fleet publishes on a
+    few dozen topics, so validating each topic string once is enough."""
+    info = _TOPICS.get(topic)
+    if info is None:
+        primitive = primitive_from_topic(topic)
+        known = primitive is not None and is_known(primitive)
+        numeric = primitive is not None and value_kind_for(primitive) == "numeric"
+        info = (primitive, known, numeric)
+        if len(_TOPICS) < 10_000:
+            _TOPICS[topic] = info
+    return info
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -63,9 +80,10 @@ def check_observation(
     *,
     max_value_bytes: int,
     accept_unknown: bool = False,
+    identity_uuid: str | None = None,
 ) -> CheckedObservation:
     """Validate one observation event; raise :class:`Rejected` with a reason."""
-    primitive = primitive_from_topic(topic)
+    primitive, known, numeric = _topic_info(topic)
     if primitive is None:
         raise Rejected(f"topic {topic[:200]!r} is not attacker.observation.<primitive>")
     if not isinstance(payload, dict):
@@ -73,7 +91,7 @@ def check_observation(
     named = payload.get("primitive", primitive)
     if named != primitive:
         raise Rejected(f"payload primitive {str(named)[:200]!r} does not match topic primitive {primitive!r}")
-    if not is_known(primitive):
+    if not known:
         note_unknown(primitive)
         if not accept_unknown:
             raise Rejected(f"unknown primitive {primitive!r}")
@@ -92,7 +110,7 @@ def check_observation(
         raise Rejected(f"value is not JSON: {exc}") from None
     if len(value_json) > max_value_bytes:
         raise Rejected(f"value is {len(value_json)} bytes, above the limit of {max_value_bytes}")
-    if value_kind_for(primitive) == "numeric" and not _numeric_ok(value):
+    if numeric and not _numeric_ok(value):
         raise Rejected(f"{primitive} is numeric but the value {value_json[:80]} is not a finite number")
     confidence = payload.get("confidence")
     if confidence is not None and not (_finite(confidence) and 0.0 <= confidence <= 1.0):
@@ -134,5 +152,6 @@ def check_observation(
         source=source,
         identity_ref=identity_ref,
         envelope_v=version if isinstance(version, int) and not isinstance(version, bool) else 1,
+        identity_uuid=identity_uuid,
     )
     return CheckedObservation(row=row, value=value, attacker_ip=ip or None)

@@ -128,6 +128,9 @@ class AttributionWorker:
         self._running = False
         self.last_heartbeat = 0.0  # monotonic time of the last loop turn
         self._attackers_by_identity: OrderedDict[str, set[str]] = OrderedDict()
+        # attacker → identity as last seen committed (a hint: rows are
+        # re-pointed if the store says otherwise)
+        self._identity_cache: dict[str, str] = {}
 
     # ---- lifecycle -----------------------------------------------------------------
     @property
@@ -279,12 +282,14 @@ class AttributionWorker:
             if d.redelivered:
                 self.stats.redelivered += 1
             try:
+                attacker = ev.payload.get("attacker_uuid") if isinstance(ev.payload, dict) else None
                 c = check_observation(
                     ev.topic,
                     ev.payload,
                     ev.id,
                     max_value_bytes=s.max_value_bytes,
                     accept_unknown=False,
+                    identity_uuid=self._identity_cache.get(attacker) if isinstance(attacker, str) else None,
                 )
             except Rejected as exc:
                 self.stats.rejected += 1
@@ -348,6 +353,9 @@ class AttributionWorker:
             attackers[c.row.attacker_uuid] = (ip or c.attacker_ip, max(seen, c.row.ts))
         await tx.ensure_attackers([(a, ip, ts) for a, (ip, ts) in attackers.items()])
         identity_of, formed = await tx.ensure_identities(list(attackers), now)
+        if len(self._identity_cache) > 200_000:
+            self._identity_cache.clear()
+        self._identity_cache.update(identity_of)
         if identities is not None:
             identities.update(identity_of)
         formed_set = set(formed)
@@ -355,7 +363,11 @@ class AttributionWorker:
             if ident in formed_set:
                 events.append((IDENTITY_FORMED, {"identity_uuid": ident, "attacker_uuid": a, "ts": now}, "formed"))
                 self.stats.identities_formed += 1
-        rows = [replace(c.row, identity_uuid=identity_of.get(c.row.attacker_uuid)) for c in checked]
+        rows = [
+            c.row if c.row.identity_uuid == identity_of.get(c.row.attacker_uuid)
+            else replace(c.row, identity_uuid=identity_of.get(c.row.attacker_uuid))
+            for c in checked
+        ]
         if already_stored:
             new_idx = list(range(len(rows)))
         else:
