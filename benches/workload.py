@@ -18,13 +18,19 @@ from decnet_attr.registry import registry
 EMITTED = [p for p in registry().primitives.values() if p.decnet_emits]
 
 
-def observations(keys: int, n: int, *, seed: int = 7, ts0: float = 1.7e9) -> list[dict[str, Any]]:
+def observations(
+    keys: int, n: int, *, seed: int = 7, ts0: float = 1.7e9, sweep: bool = False
+) -> list[dict[str, Any]]:
+    """`n` observations over `keys` keys (identities × 38). Sessions pick a
+    random identity, or with ``sweep`` go round-robin so every key exists."""
     rnd = random.Random(seed)
-    idents = max(1, keys // len(EMITTED))
+    idents = max(1, -(-keys // len(EMITTED)) if sweep else keys // len(EMITTED))
     out: list[dict[str, Any]] = []
     ts = ts0
+    session = 0
     while len(out) < n:
-        ident = rnd.randrange(idents)
+        ident = session % idents if sweep else rnd.randrange(idents)
+        session += 1
         ts += 1.0
         for spec in EMITTED:
             if spec.kind == "hash":

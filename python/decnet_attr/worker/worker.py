@@ -146,8 +146,14 @@ class AttributionWorker:
         self.last_heartbeat = time.monotonic()
         await self.merge_pending()
         s = self.settings
+        # join the durable group now, so that events published as soon as
+        # start() returns are ours (the in-process bus only queues durable
+        # events for groups that exist)
+        first: Any = None
+        with contextlib.suppress(BusError, RuntimeError):
+            first = self.bus.durable_consumer(OBSERVATION_PATTERN, durable=s.durable_name)
         self._tasks = [
-            asyncio.create_task(self._consume_loop(), name="attribution-consumer"),
+            asyncio.create_task(self._consume_loop(first), name="attribution-consumer"),
             asyncio.create_task(self._observed_loop(), name="attribution-observed"),
             asyncio.create_task(self._tick_loop(), name="attribution-multi-actor-tick"),
             asyncio.create_task(
@@ -198,12 +204,15 @@ class AttributionWorker:
         }
 
     # ---- the consumer ------------------------------------------------------------------
-    async def _consume_loop(self) -> None:
+    async def _consume_loop(self, first: Any = None) -> None:
         backoff = 0.2
         try:
             while not self._stop.is_set():
                 try:
-                    consumer = self.bus.durable_consumer(OBSERVATION_PATTERN, durable=self.settings.durable_name)
+                    consumer = first or self.bus.durable_consumer(
+                        OBSERVATION_PATTERN, durable=self.settings.durable_name
+                    )
+                    first = None
                 except (BusError, RuntimeError) as exc:
                     log.warning("cannot open the observation stream (%s); retrying", exc)
                     await self._sleep(backoff)

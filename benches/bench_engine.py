@@ -1,0 +1,169 @@
+"""Engine benchmarks (issue: foundation §6). Run with ``make bench``.
+
+- ``Engine.ingest_json`` and ``Engine.ingest`` throughput with batches of 1k
+  and 10k observations over 10k, 100k and 1M distinct keys, next to
+  ``orjson.loads`` of the same bytes (the cost of just parsing them in
+  Python);
+- a DECNET-style baseline (per observation: take the key's whole series and
+  recompute it in pure Python) at series lengths 10, 100 and 1000, next to
+  the engine merging into keys with that much history;
+- engine memory per key at 1M keys.
+
+Workload: DECNET-shaped session bursts (benches/workload.py). Each case
+records ``obs_per_s`` in the benchmark's extra_info; the summary table is
+printed at the end of the run (benches/conftest.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Any
+
+import orjson
+import pytest
+
+from benches import baseline
+from benches.conftest import record
+from benches.workload import EMITTED, batches, json_array, observations
+from decnet_attr import Engine
+
+KEYS = [10_000, 100_000, 1_000_000]
+SIZES = [1_000, 10_000]
+
+_engines: dict[int, tuple[Engine, list[list[dict[str, Any]]]]] = {}
+
+
+def warm_engine(keys: int) -> tuple[Engine, list[list[dict[str, Any]]]]:
+    """An engine holding `keys` keys (every identity had a session), plus
+    fresh observations (later ts) for the measured batches."""
+    if keys not in _engines:
+        _engines.clear()
+        gc.collect()
+        eng = Engine()
+        idents = keys // len(EMITTED)
+        warm = observations(keys, idents * len(EMITTED) * 2, seed=11, sweep=True)
+        for b in batches(warm, 20_000):
+            eng.ingest(b)
+        fresh = observations(keys, 60_000, seed=12, ts0=2.0e9)
+        _engines[keys] = (eng, batches(fresh, 10_000))
+    return _engines[keys]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("keys", KEYS)
+def test_ingest_json(benchmark: Any, keys: int, size: int) -> None:
+    eng, fresh = warm_engine(keys)
+    payloads = [json_array(b[i : i + size]) for b in fresh for i in range(0, len(b), size)]
+    it = iter(range(10**9))
+
+    def run() -> None:
+        eng.ingest_json(payloads[next(it) % len(payloads)])
+
+    benchmark.pedantic(run, rounds=max(20, 60_000 // size), iterations=1, warmup_rounds=2)
+    record(benchmark, f"ingest_json keys={keys:,} batch={size:,}", size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("keys", KEYS)
+def test_ingest_dicts(benchmark: Any, keys: int, size: int) -> None:
+    eng, fresh = warm_engine(keys)
+    chunks = [b[i : i + size] for b in fresh for i in range(0, len(b), size)]
+    it = iter(range(10**9))
+
+    def run() -> None:
+        eng.ingest(chunks[next(it) % len(chunks)])
+
+    benchmark.pedantic(run, rounds=max(20, 60_000 // size), iterations=1, warmup_rounds=2)
+    record(benchmark, f"ingest keys={keys:,} batch={size:,}", size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_orjson_loads_same_bytes(benchmark: Any, size: int) -> None:
+    fresh = observations(100_000, 60_000, seed=12, ts0=2.0e9)
+    payloads = [json_array(fresh[i : i + size]) for i in range(0, len(fresh), size)]
+    it = iter(range(10**9))
+
+    def run() -> None:
+        orjson.loads(payloads[next(it) % len(payloads)])
+
+    benchmark.pedantic(run, rounds=max(20, 60_000 // size), iterations=1, warmup_rounds=2)
+    record(benchmark, f"orjson.loads (parse floor) batch={size:,}", size)
+
+
+@pytest.mark.parametrize("length", [10, 100, 1000])
+def test_decnet_style_baseline(benchmark: Any, length: int) -> None:
+    """Per observation: load the key's whole series (a list here: no DB, the
+    baseline's best case) and recompute it in pure Python."""
+    series = baseline.series("motor.input_modality", length)
+    n = 200 if length <= 100 else 40
+
+    def run() -> None:
+        baseline.merge_per_observation(series, n)
+
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    record(benchmark, f"DECNET-style recompute, series length {length}", n)
+
+
+@pytest.mark.parametrize("length", [10, 100, 1000])
+def test_engine_with_history(benchmark: Any, length: int) -> None:
+    """The engine merging into keys that already hold `length` observations
+    (its cost does not depend on the history)."""
+    eng = Engine()
+    keys = 1000
+    hist = [
+        {"identity_uuid": f"{k:032x}", "primitive": "motor.input_modality", "value": "typed", "ts": float(t)}
+        for t in range(length)
+        for k in range(keys)
+    ]
+    eng.ingest(hist)
+    new = [
+        json_array(
+            [
+                {"identity_uuid": f"{k:032x}", "primitive": "motor.input_modality", "value": "typed", "ts": float(length + r)}
+                for k in range(keys)
+            ]
+        )
+        for r in range(50)
+    ]
+    it = iter(range(10**9))
+
+    def run() -> None:
+        eng.ingest_json(new[next(it) % len(new)])
+
+    benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=1)
+    record(benchmark, f"engine, keys with {length} observations of history", keys)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_per_key_at_1m_keys(benchmark: Any) -> None:
+    _engines.clear()
+    gc.collect()
+    keys = 1_000_000
+    idents = keys // len(EMITTED) + 1
+    data = [json_array(b) for b in batches(observations(keys, idents * len(EMITTED) * 3, seed=5, sweep=True), 20_000)]
+    gc.collect()
+    before = _rss()
+    eng = Engine()
+
+    def fill() -> None:
+        for d in data:
+            eng.ingest_json(d)
+
+    benchmark.pedantic(fill, rounds=1, iterations=1)
+    gc.collect()
+    per_key = (_rss() - before) / len(eng)
+    benchmark.extra_info["keys"] = len(eng)
+    benchmark.extra_info["rss_bytes_per_key"] = per_key
+    benchmark.extra_info["heap_estimate_bytes_per_key"] = eng.stats()["heap_bytes"] / len(eng)
+    record(
+        benchmark,
+        f"memory: {per_key:.0f} B/key RSS at {len(eng):,} keys "
+        f"(engine's own estimate {eng.stats()['heap_bytes'] / len(eng):.0f} B/key)",
+        len(data) * 20_000,
+    )
+    assert len(eng) >= keys

@@ -1,0 +1,250 @@
+"""End-to-end worker benchmarks (issue: worker §6). Run with ``make bench``.
+
+publish → stored → ``attribution.profile.*`` published, for the embedded
+default (in-process bus + SQLite) and for NATS JetStream + PostgreSQL:
+
+- sustained throughput: publish N observations as fast as the bus takes
+  them, time until the worker has committed all of them;
+- latency at a fixed rate (10k obs/s for a few seconds): publish → the
+  event announcing the key's new state, p50/p99;
+- a DECNET-style baseline worker on the same SQLite store: per event, load
+  the key's full series from the database, recompute in Python, upsert,
+  commit (reference §4.8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from benches.conftest import record
+from benches.workload import observations
+from decnet_attr.bus import Bus, get_bus
+from decnet_attr.config import Settings
+from decnet_attr.registry import value_kind_for
+from decnet_attr.store import Store, open_store
+from decnet_attr.topics import attacker_observation
+from decnet_attr.worker import AttributionWorker
+from tests import oracle
+
+
+def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any]]:
+    out = observations(keys, n, seed=seed)
+    for i, o in enumerate(out):
+        o["attacker_uuid"] = o.pop("identity_uuid")
+        o["id"] = f"b{seed}-{i}"
+        o["evidence_ref"] = f"bench:{seed}:{i}"
+        o["ts"] = 1.8e9 + i * 1e-3  # unique, increasing
+    return out
+
+
+@contextlib.asynccontextmanager
+async def embedded(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
+    settings = Settings(data_dir=tmp, batch_max=2000, batch_delay=0.002, heartbeat_interval=30)
+    store = open_store(settings.store_url)
+    await store.open()
+    bus = get_bus("memory://", durable_queue_size=1_000_000)
+    await bus.connect()
+    try:
+        yield settings, bus, store
+    finally:
+        await bus.close()
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def scaled(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
+    from tests.natsserver import NatsServer, nats_server_path
+    from tests.pgserver import PgServer, pg_bin_dir
+
+    if nats_server_path() is None or pg_bin_dir() is None:
+        pytest.skip("nats-server or postgresql not installed")
+    with NatsServer() as nats, PgServer() as pg:
+        dsn = await pg.create_database()
+        settings = Settings(
+            data_dir=tmp, bus_url=nats.url, db_url=dsn, batch_max=2000, batch_delay=0.002, heartbeat_interval=30
+        )
+        store = open_store(dsn)
+        await store.open()
+        bus = get_bus(nats.url)
+        await bus.connect()
+        try:
+            yield settings, bus, store
+        finally:
+            await bus.close()
+            await store.close()
+
+
+BACKENDS = {"in-process + SQLite": embedded, "NATS + PostgreSQL": scaled}
+
+
+async def sustained(backend: str, n: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        async with BACKENDS[backend](Path(d)) as (settings, bus, store):
+            worker = AttributionWorker(settings, bus, store)
+            await worker.start()
+            events = as_events(n)
+            t0 = time.perf_counter()
+            for o in events:
+                await bus.publish(attacker_observation(o["primitive"]), o, event_id=o["id"])
+            deadline = time.monotonic() + 300
+            while worker.stats.merged + worker.stats.duplicates < n and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            elapsed = time.perf_counter() - t0
+            assert worker.stats.merged == n, worker.health()
+            await worker.stop()
+            return n / elapsed
+
+
+async def latency(backend: str, rate: int, seconds: float) -> tuple[float, float, int]:
+    """p50, p99 (ms) publish → state event, at a fixed publish rate."""
+    with tempfile.TemporaryDirectory() as d:
+        async with BACKENDS[backend](Path(d)) as (settings, bus, store):
+            worker = AttributionWorker(settings, bus, store)
+            await worker.start()
+            sent: dict[float, float] = {}
+            lat: list[float] = []
+
+            async def listen() -> None:
+                async with bus.subscribe("attribution.profile.>") as sub:
+                    async for ev in sub:
+                        t = sent.pop(ev.payload.get("last_observation_ts"), None)
+                        if t is not None:
+                            lat.append(time.perf_counter() - t)
+
+            listener = asyncio.create_task(listen())
+            await asyncio.sleep(0.2)
+            total = int(rate * seconds)
+            events = as_events(total, seed=22)
+            tick = 0.01
+            per_tick = max(1, int(rate * tick))
+            start = time.perf_counter()
+            for i in range(0, total, per_tick):
+                target = start + (i // per_tick) * tick
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                for o in events[i : i + per_tick]:
+                    sent[o["ts"]] = time.perf_counter()
+                    await bus.publish(attacker_observation(o["primitive"]), o, event_id=o["id"])
+            deadline = time.monotonic() + 60
+            while worker.stats.merged < total and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            listener.cancel()
+            await worker.stop()
+            lat.sort()
+            p50 = statistics.median(lat) * 1000
+            p99 = lat[int(len(lat) * 0.99) - 1] * 1000
+            return p50, p99, len(lat)
+
+
+async def decnet_style(n: int, history: int) -> float:
+    """Per event: SELECT the key's whole series, recompute, SELECT the prior
+    row, upsert it, commit. Same SQLite store and schema."""
+    with tempfile.TemporaryDirectory() as d:
+        async with embedded(Path(d)) as (settings, bus, store):
+            worker = AttributionWorker(settings, bus, store)
+            attackers = 50
+            seed_events = []
+            for a in range(attackers):
+                for i in range(history):
+                    seed_events.append(
+                        {
+                            "attacker_uuid": f"dec-{a}", "primitive": "motor.input_modality",
+                            "value": "typed" if i % 5 else "pasted", "ts": float(i), "id": f"s{a}-{i}",
+                            "evidence_ref": f"s{a}-{i}", "confidence": 1.0,
+                        }
+                    )
+            from decnet_attr.bus import Event
+
+            class D:
+                def __init__(self, e: Event) -> None:
+                    self.event = e
+
+                redelivered = False
+
+                async def ack(self) -> None: ...
+
+                async def nak(self, delay: float | None = None) -> None: ...
+
+            for i in range(0, len(seed_events), 2000):
+                chunk = seed_events[i : i + 2000]
+                await worker.process([D(Event(topic=attacker_observation(o["primitive"]), payload=o, id=o["id"])) for o in chunk])  # type: ignore[misc]
+            conn = store._w  # type: ignore[attr-defined]
+            ident = {
+                a: (await store.get_attacker(f"dec-{a}")).identity_id  # type: ignore[union-attr]
+                for a in range(attackers)
+            }
+            t0 = time.perf_counter()
+            for k in range(n):
+                a = k % attackers
+                ts = float(history + k)
+                await conn.execute("BEGIN IMMEDIATE")
+                await conn.execute(
+                    "INSERT INTO observations (id, primitive, value, confidence, evidence_ref, ts, attacker_uuid, identity_uuid) "
+                    "VALUES (?, ?, ?, 1.0, ?, ?, ?, ?)",
+                    (f"n{k}", "motor.input_modality", '"typed"', f"n{k}", ts, f"dec-{a}", ident[a]),
+                )
+                await conn.execute("COMMIT")
+                rows = await conn.execute_fetchall(
+                    "SELECT o.ts, o.value, o.confidence FROM observations o JOIN attackers t ON t.uuid = o.attacker_uuid "
+                    "WHERE t.identity_id = ? AND o.primitive = ? ORDER BY o.ts",
+                    (ident[a], "motor.input_modality"),
+                )
+                series = [{"ts": r[0], "value": orjson.loads(r[1]), "confidence": r[2]} for r in rows]
+                st = oracle.aggregate(series, value_kind_for("motor.input_modality"))
+                await conn.execute("BEGIN IMMEDIATE")
+                await conn.execute_fetchall(
+                    "SELECT state FROM attribution_state WHERE identity_uuid = ? AND primitive = ?",
+                    (ident[a], "motor.input_modality"),
+                )
+                await conn.execute(
+                    "UPDATE attribution_state SET state = ?, confidence = ?, observation_count = ?, "
+                    "last_observation_ts = ?, current_value = ? WHERE identity_uuid = ? AND primitive = ?",
+                    (st.state, st.confidence, st.observation_count, st.last_observation_ts,
+                     orjson.dumps(st.current_value).decode(), ident[a], "motor.input_modality"),
+                )
+                await conn.execute("COMMIT")
+            return n / (time.perf_counter() - t0)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_sustained_throughput(benchmark: Any, backend: str) -> None:
+    n = 60_000 if backend.startswith("in-process") else 30_000
+    rates: list[float] = []
+    benchmark.pedantic(lambda: rates.append(asyncio.run(sustained(backend, n))), rounds=1, iterations=1)
+    benchmark.extra_info["obs_per_s"] = rates[0]
+    record_rate(f"worker sustained, {backend}", rates[0])
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_latency_at_10k_per_s(benchmark: Any, backend: str) -> None:
+    out: list[tuple[float, float, int]] = []
+    benchmark.pedantic(lambda: out.append(asyncio.run(latency(backend, 10_000, 3.0))), rounds=1, iterations=1)
+    p50, p99, count = out[0]
+    benchmark.extra_info.update({"p50_ms": p50, "p99_ms": p99, "samples": count})
+    record_rate(f"latency publish→state event at 10k obs/s, {backend}: p50 {p50:.1f} ms, p99 {p99:.1f} ms", count / 3.0)
+
+
+@pytest.mark.parametrize("history", [10, 100])
+def test_decnet_style_worker(benchmark: Any, history: int) -> None:
+    rates: list[float] = []
+    benchmark.pedantic(lambda: rates.append(asyncio.run(decnet_style(400, history))), rounds=1, iterations=1)
+    benchmark.extra_info["obs_per_s"] = rates[0]
+    record_rate(f"DECNET-style worker (per event reload+recompute+commit), series {history}, SQLite", rates[0])
+
+
+def record_rate(label: str, rate: float) -> None:
+    from benches import conftest
+
+    conftest._rows.append((label, rate))
