@@ -44,8 +44,11 @@ $(SO): $(RUST_SRC) pyproject.toml .cargo/config.toml $(STAMP)/venv
 		> $(STAMP)/build.log 2>&1 || { cat $(STAMP)/build.log >&2; echo "setup: build failed (log above)" >&2; exit 1; }
 	@touch $@
 
+# The main job: API + SSE + dashboard + worker on the embedded default
+# (in-process bus + SQLite in $(DATA_DIR)). First start prints the admin
+# password once. Ctrl-C stops it gracefully.
 run: setup
-	$(VENV)/bin/decnet-attr replay examples/observations.ndjson
+	$(VENV)/bin/decnet-attr serve --data-dir $(DATA_DIR)
 
 test: setup test-rust test-py
 

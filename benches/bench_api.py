@@ -120,7 +120,7 @@ class Server:
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
                 try:
-                    async with http.get(f"{self.base}/healthz") as r:
+                    async with http.get(f"{self.base}/readyz") as r:
                         if r.status == 200:
                             return
                 except aiohttp.ClientError:

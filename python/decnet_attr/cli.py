@@ -23,14 +23,17 @@ from decnet_attr.config import ConfigError, Settings, setting_help
 log = logging.getLogger(__name__)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    # On nested sub-commands (users add …) the defaults are SUPPRESS so that
+    # a flag given before the sub-command is not reset by the sub-parser.
+    d: object = argparse.SUPPRESS if nested else None
     g = p.add_argument_group("common settings (also DECNET_ATTR_* variables)")
-    g.add_argument("--data-dir", type=Path, default=None, help="data directory (default .decnet-attr)")
-    g.add_argument("--db-url", default=None, help="postgresql://… (default: SQLite in the data dir)")
-    g.add_argument("--bus-url", default=None, help="memory:// (default) or nats://host:port")
-    g.add_argument("--thresholds", default=None, help='JSON threshold overrides, e.g. {"window_n":6}')
-    g.add_argument("--log-format", choices=["text", "json"], default=None)
-    g.add_argument("--log-level", default=None)
+    g.add_argument("--data-dir", type=Path, default=d, help="data directory (default .decnet-attr)")
+    g.add_argument("--db-url", default=d, help="postgresql://… (default: SQLite in the data dir)")
+    g.add_argument("--bus-url", default=d, help="memory:// (default) or nats://host:port")
+    g.add_argument("--thresholds", default=d, help='JSON threshold overrides, e.g. {"window_n":6}')
+    g.add_argument("--log-format", choices=["text", "json"], default=d)
+    g.add_argument("--log-level", default=d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     ua = usub.add_parser("add", help="add a user (password read from stdin)")
     ua.add_argument("name")
     ua.add_argument("--role", choices=["admin", "viewer", "sensor"], default="viewer")
-    usub.add_parser("list", help="list users")
+    ul = usub.add_parser("list", help="list users")
     up = usub.add_parser("passwd", help="set a user's password (read from stdin)")
     up.add_argument("name")
     ud = usub.add_parser("disable", help="disable a user and revoke their tokens")
     ud.add_argument("name")
+    for sp in (ua, ul, up, ud):
+        _common(sp, nested=True)
 
     r = sub.add_parser("replay", help="merge an NDJSON/JSON file of observations and print the states")
     r.add_argument("file", type=Path)

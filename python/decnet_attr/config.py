@@ -91,7 +91,7 @@ class Settings:
     # --- derived ------------------------------------------------------------
     @property
     def store_url(self) -> str:
-        return self.db_url or f"sqlite:///{(self.data_dir / 'attr.db').resolve()}"
+        return self.db_url or f"sqlite://{(self.data_dir / 'attr.db').resolve()}"
 
     @property
     def shared_store(self) -> bool:

@@ -3,6 +3,7 @@ otherwise (logs and CI stay readable)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -17,11 +18,15 @@ class Progress:
         stream: TextIO | None = None,
         interval: float = 5.0,
         unit: str = "obs",
+        logger: logging.Logger | None = None,
     ) -> None:
         self.label = label
         self.total = total
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        # not on a terminal and a logger given: progress goes out as log
+        # records (so --log-format json stays one JSON object per line)
+        self.logger = None if self.tty else logger
         self.interval = 0.1 if self.tty else interval
         self.unit = unit
         self.done = 0
@@ -41,6 +46,17 @@ class Progress:
 
     def _render(self, *, final: bool) -> None:
         rate = self.rate()
+        if self.logger is not None:
+            self.logger.info(
+                "%s: %d %s, %.0f %s/s",
+                self.label,
+                self.done,
+                self.unit,
+                rate,
+                self.unit,
+                extra={"progress": self.label, "done": self.done, "total": self.total, "rate": round(rate, 1)},
+            )
+            return
         if self.total:
             frac = min(1.0, self.done / self.total)
             if self.tty:
@@ -49,7 +65,7 @@ class Progress:
                 end = "\n" if final else ""
                 self.stream.write(
                     f"\r{self.label} [{bar}] {self.done:,}/{self.total:,} {self.unit} "
-                    f"{frac:6.1%} {rate:,.0f} {self.unit}/s{end}"
+                    f"{frac:6.1%} {rate:,.0f} {self.unit}/s\x1b[K{end}"
                 )
             else:
                 self.stream.write(
@@ -59,7 +75,10 @@ class Progress:
         else:
             prefix = "\r" if self.tty else ""
             end = "\n" if (final or not self.tty) else ""
-            self.stream.write(f"{prefix}{self.label}: {self.done:,} {self.unit}, {rate:,.0f} {self.unit}/s{end}")
+            clear = "\x1b[K" if self.tty else ""
+            self.stream.write(
+                f"{prefix}{self.label}: {self.done:,} {self.unit}, {rate:,.0f} {self.unit}/s{clear}{end}"
+            )
         self.stream.flush()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ table stores it) is decoded.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ import orjson
 from decnet_attr import Engine
 from decnet_attr.config import Settings
 from decnet_attr.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 def _items(path: Path) -> Iterator[tuple[int, Any]]:
@@ -67,7 +70,7 @@ def replay_file(path: Path, settings: Settings, *, batch: int = 10_000, fmt: str
         print(f"decnet-attr: {path}: no such file", file=sys.stderr)
         return 1
     engine = Engine(settings.make_thresholds(), max_value_bytes=settings.max_value_bytes)
-    progress = Progress(f"replay {path.name}")
+    progress = Progress(f"replay {path.name}", logger=log if settings.log_format == "json" else None)
     rejected: list[tuple[int, str]] = []
     pending: list[dict[str, Any]] = []
     lines: list[int] = []
@@ -116,13 +119,17 @@ def replay_file(path: Path, settings: Settings, *, batch: int = 10_000, fmt: str
         for r in rows:
             out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
     for lineno, reason in rejected[:20]:
-        print(f"line {lineno}: rejected: {reason}", file=sys.stderr)
+        log.warning("line %d rejected: %s", lineno, reason, extra={"line": lineno})
     if len(rejected) > 20:
-        print(f"... and {len(rejected) - 20} more rejected", file=sys.stderr)
+        log.warning("%d more observations rejected", len(rejected) - 20)
     rate = total / elapsed if elapsed > 0 else 0.0
-    print(
-        f"replayed {total:,} observations ({len(rejected):,} rejected) into {len(keys):,} keys "
-        f"in {elapsed:.2f} s: {rate:,.0f} obs/s",
-        file=sys.stderr,
+    log.info(
+        "replayed %d observations (%d rejected) into %d keys in %.2f s: %.0f obs/s",
+        total,
+        len(rejected),
+        len(keys),
+        elapsed,
+        rate,
+        extra={"observations": total, "rejected": len(rejected), "keys": len(keys), "seconds": round(elapsed, 3), "obs_per_s": round(rate)},
     )
     return 0

@@ -919,22 +919,19 @@ async def test_unknown_route_is_404_whatever_the_body(harness: Harness) -> None:
 
 # ---- application lifecycle ------------------------------------------------------------------
 async def test_healthz(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    resp = await harness.client.get("/healthz")
+    resp = await harness.client.get("/readyz")
     assert resp.status == 200
-    assert await resp.json() == {"status": "ok", "store": True, "bus": True, "worker": None}
+    assert await resp.json() == {"status": "ok", "checks": {"store": True, "bus": True, "worker": None}}
 
     async def down() -> bool:
         return False
 
     monkeypatch.setattr(harness.store, "ping", down)
-    resp = await harness.client.get("/healthz")
+    resp = await harness.client.get("/readyz")
     assert resp.status == 503
-    assert await resp.json() == {
-        "status": "unavailable",
-        "store": False,
-        "bus": True,
-        "worker": None,
-    }
+    assert await resp.json() == {"status": "unready", "checks": {"store": False, "bus": True, "worker": None}}
+    resp = await harness.client.get("/healthz")  # liveness does not depend on the store
+    assert (resp.status, await resp.json()) == (200, {"status": "ok"})
 
 
 async def test_startup_and_shutdown_order(
@@ -981,8 +978,8 @@ async def test_startup_and_shutdown_order(
         spy(hub, "start", "sse.start")
         spy(hub, "stop", "sse.stop")
     client = await aiohttp_client(app)
-    resp = await client.get("/healthz")
-    assert (await resp.json())["worker"] is True
+    resp = await client.get("/readyz")
+    assert (await resp.json())["checks"]["worker"] is True
     await client.close()
     sse_up = ["sse.start"] if hub is not None else []
     sse_down = ["sse.stop"] if hub is not None else []

@@ -163,10 +163,10 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str, log_path: Path)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(f"{base}/healthz") as resp:
+            async with session.get(f"{base}/readyz") as resp:
                 if resp.status == 200:
                     body = await resp.json()
-                    assert body == {"status": "ok", "store": True, "bus": True, "worker": True}
+                    assert body == {"status": "ok", "checks": {"store": True, "bus": True, "worker": True}}
                     return
         await asyncio.sleep(0.1)
     raise AssertionError("server not ready:\n" + _read(log_path))

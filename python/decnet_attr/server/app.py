@@ -185,7 +185,18 @@ def create_app(
     app.add_routes(routes_auth.routes)
     app.add_routes(routes_attackers.routes)
     app.add_routes(routes_ingest.routes)
-    app.router.add_get("/healthz", healthz, name="healthz")
+    # ---- dashboard (dashboard.py: "/" and "/static/…") and the explain route ----------------
+    from decnet_attr.server import routes_explain
+    from decnet_attr.server.dashboard import setup_dashboard
+
+    app.add_routes(routes_explain.routes)
+    setup_dashboard(app)
+    # ---- end dashboard ----------------------------------------------------------------------
+    # ---- ops (ops.py): /healthz (liveness), /readyz, /metrics, request counting -------------
+    from decnet_attr.server.ops import setup_ops
+
+    setup_ops(app)
+    # ---- end ops ----------------------------------------------------------------------------
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -246,23 +257,3 @@ def create_app(
     app.cleanup_ctx.extend([store_ctx, bus_ctx, auth_ctx, sse_ctx, worker_ctx])
     app.on_shutdown.append(on_shutdown)
     return app
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness and readiness: 200 when the store answers and the bus is
-    connected (and the in-process worker runs), else 503."""
-    from decnet_attr.server.errors import json_response
-
-    app = request.app
-    store_ok = await app[STORE].ping()
-    bus_ok = app[BUS].connected
-    worker = app[WORKER]
-    worker_ok: bool | None = None if worker is None else bool(getattr(worker, "running", True))
-    ok = store_ok and bus_ok and worker_ok is not False
-    body = {
-        "status": "ok" if ok else "unavailable",
-        "store": store_ok,
-        "bus": bus_ok,
-        "worker": worker_ok,
-    }
-    return json_response(body, status=200 if ok else 503)

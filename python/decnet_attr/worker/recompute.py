@@ -94,8 +94,14 @@ async def recompute(store: Store, settings: Settings, *, dry_run: bool = False, 
     return {"observations": total, "keys": len(rows), "changed": changed, "dropped": dropped, "dry_run": dry_run}
 
 
+def _open(settings: Settings) -> Store:
+    if not settings.db_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return open_store(settings.store_url)
+
+
 async def recompute_command(settings: Settings, *, dry_run: bool = False) -> int:
-    store = open_store(settings.store_url)
+    store = _open(settings)
     await store.open()
     try:
         progress = Progress("recompute", await store.count_observations())
@@ -149,7 +155,7 @@ async def explain_state(store: Store, settings: Settings, attacker_uuid: str, pr
 
 
 async def explain_command(settings: Settings, attacker_uuid: str, primitive: str) -> int:
-    store = open_store(settings.store_url)
+    store = _open(settings)
     await store.open()
     try:
         ex = await explain_state(store, settings, attacker_uuid, primitive)
