@@ -112,7 +112,12 @@ def test_engine_with_history(benchmark: Any, length: int) -> None:
     eng = Engine()
     keys = 1000
     hist = [
-        {"identity_uuid": f"{k:032x}", "primitive": "motor.input_modality", "value": "typed", "ts": float(t)}
+        {
+            "identity_uuid": f"{k:032x}",
+            "primitive": "motor.input_modality",
+            "value": "typed",
+            "ts": float(t),
+        }
         for t in range(length)
         for k in range(keys)
     ]
@@ -120,7 +125,12 @@ def test_engine_with_history(benchmark: Any, length: int) -> None:
     new = [
         json_array(
             [
-                {"identity_uuid": f"{k:032x}", "primitive": "motor.input_modality", "value": "typed", "ts": float(length + r)}
+                {
+                    "identity_uuid": f"{k:032x}",
+                    "primitive": "motor.input_modality",
+                    "value": "typed",
+                    "ts": float(length + r),
+                }
                 for k in range(keys)
             ]
         )
@@ -145,7 +155,10 @@ def test_memory_per_key_at_1m_keys(benchmark: Any) -> None:
     gc.collect()
     keys = 1_000_000
     idents = keys // len(EMITTED) + 1
-    data = [json_array(b) for b in batches(observations(keys, idents * len(EMITTED) * 3, seed=5, sweep=True), 20_000)]
+    data = [
+        json_array(b)
+        for b in batches(observations(keys, idents * len(EMITTED) * 3, seed=5, sweep=True), 20_000)
+    ]
     gc.collect()
     before = _rss()
     eng = Engine()

@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 import pytest
+from tests import oracle
 
-from benches.conftest import record
 from benches.workload import observations
 from decnet_attr.bus import Bus, get_bus
 from decnet_attr.config import Settings
@@ -34,7 +34,6 @@ from decnet_attr.registry import value_kind_for
 from decnet_attr.store import Store, open_store
 from decnet_attr.topics import attacker_observation
 from decnet_attr.worker import AttributionWorker
-from tests import oracle
 
 
 def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any]]:
@@ -71,7 +70,12 @@ async def scaled(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
     with NatsServer() as nats, PgServer() as pg:
         dsn = await pg.create_database()
         settings = Settings(
-            data_dir=tmp, bus_url=nats.url, db_url=dsn, batch_max=2000, batch_delay=0.002, heartbeat_interval=30
+            data_dir=tmp,
+            bus_url=nats.url,
+            db_url=dsn,
+            batch_max=2000,
+            batch_delay=0.002,
+            heartbeat_interval=30,
         )
         store = open_store(dsn)
         await store.open()
@@ -160,9 +164,13 @@ async def decnet_style(n: int, history: int) -> float:
                 for i in range(history):
                     seed_events.append(
                         {
-                            "attacker_uuid": f"dec-{a}", "primitive": "motor.input_modality",
-                            "value": "typed" if i % 5 else "pasted", "ts": float(i), "id": f"s{a}-{i}",
-                            "evidence_ref": f"s{a}-{i}", "confidence": 1.0,
+                            "attacker_uuid": f"dec-{a}",
+                            "primitive": "motor.input_modality",
+                            "value": "typed" if i % 5 else "pasted",
+                            "ts": float(i),
+                            "id": f"s{a}-{i}",
+                            "evidence_ref": f"s{a}-{i}",
+                            "confidence": 1.0,
                         }
                     )
             from decnet_attr.bus import Event
@@ -179,7 +187,12 @@ async def decnet_style(n: int, history: int) -> float:
 
             for i in range(0, len(seed_events), 2000):
                 chunk = seed_events[i : i + 2000]
-                await worker.process([D(Event(topic=attacker_observation(o["primitive"]), payload=o, id=o["id"])) for o in chunk])  # type: ignore[misc]
+                await worker.process(
+                    [
+                        D(Event(topic=attacker_observation(o["primitive"]), payload=o, id=o["id"]))
+                        for o in chunk
+                    ]
+                )  # type: ignore[misc]
             conn = store._w  # type: ignore[attr-defined]
             ident = {
                 a: (await store.get_attacker(f"dec-{a}")).identity_id  # type: ignore[union-attr]
@@ -201,7 +214,9 @@ async def decnet_style(n: int, history: int) -> float:
                     "WHERE t.identity_id = ? AND o.primitive = ? ORDER BY o.ts",
                     (ident[a], "motor.input_modality"),
                 )
-                series = [{"ts": r[0], "value": orjson.loads(r[1]), "confidence": r[2]} for r in rows]
+                series = [
+                    {"ts": r[0], "value": orjson.loads(r[1]), "confidence": r[2]} for r in rows
+                ]
                 st = oracle.aggregate(series, value_kind_for("motor.input_modality"))
                 await conn.execute("BEGIN IMMEDIATE")
                 await conn.execute_fetchall(
@@ -211,8 +226,15 @@ async def decnet_style(n: int, history: int) -> float:
                 await conn.execute(
                     "UPDATE attribution_state SET state = ?, confidence = ?, observation_count = ?, "
                     "last_observation_ts = ?, current_value = ? WHERE identity_uuid = ? AND primitive = ?",
-                    (st.state, st.confidence, st.observation_count, st.last_observation_ts,
-                     orjson.dumps(st.current_value).decode(), ident[a], "motor.input_modality"),
+                    (
+                        st.state,
+                        st.confidence,
+                        st.observation_count,
+                        st.last_observation_ts,
+                        orjson.dumps(st.current_value).decode(),
+                        ident[a],
+                        "motor.input_modality",
+                    ),
                 )
                 await conn.execute("COMMIT")
             return n / (time.perf_counter() - t0)
@@ -222,7 +244,9 @@ async def decnet_style(n: int, history: int) -> float:
 def test_sustained_throughput(benchmark: Any, backend: str) -> None:
     n = 60_000 if backend.startswith("in-process") else 30_000
     rates: list[float] = []
-    benchmark.pedantic(lambda: rates.append(asyncio.run(sustained(backend, n))), rounds=1, iterations=1)
+    benchmark.pedantic(
+        lambda: rates.append(asyncio.run(sustained(backend, n))), rounds=1, iterations=1
+    )
     benchmark.extra_info["obs_per_s"] = rates[0]
     record_rate(f"worker sustained, {backend}", rates[0])
 
@@ -230,18 +254,28 @@ def test_sustained_throughput(benchmark: Any, backend: str) -> None:
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_latency_at_10k_per_s(benchmark: Any, backend: str) -> None:
     out: list[tuple[float, float, int]] = []
-    benchmark.pedantic(lambda: out.append(asyncio.run(latency(backend, 10_000, 3.0))), rounds=1, iterations=1)
+    benchmark.pedantic(
+        lambda: out.append(asyncio.run(latency(backend, 10_000, 3.0))), rounds=1, iterations=1
+    )
     p50, p99, count = out[0]
     benchmark.extra_info.update({"p50_ms": p50, "p99_ms": p99, "samples": count})
-    record_rate(f"latency publish→state event at 10k obs/s, {backend}: p50 {p50:.1f} ms, p99 {p99:.1f} ms", count / 3.0)
+    record_rate(
+        f"latency publish→state event at 10k obs/s, {backend}: p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+        count / 3.0,
+    )
 
 
 @pytest.mark.parametrize("history", [10, 100])
 def test_decnet_style_worker(benchmark: Any, history: int) -> None:
     rates: list[float] = []
-    benchmark.pedantic(lambda: rates.append(asyncio.run(decnet_style(400, history))), rounds=1, iterations=1)
+    benchmark.pedantic(
+        lambda: rates.append(asyncio.run(decnet_style(400, history))), rounds=1, iterations=1
+    )
     benchmark.extra_info["obs_per_s"] = rates[0]
-    record_rate(f"DECNET-style worker (per event reload+recompute+commit), series {history}, SQLite", rates[0])
+    record_rate(
+        f"DECNET-style worker (per event reload+recompute+commit), series {history}, SQLite",
+        rates[0],
+    )
 
 
 def record_rate(label: str, rate: float) -> None:

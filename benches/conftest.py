@@ -34,6 +34,8 @@ def _bench_only(request: pytest.FixtureRequest) -> None:
     """Benchmarks are not tests: skip unless pytest-benchmark is enabled
     (`make bench` passes --benchmark-enable)."""
     cfg = request.config
-    disabled = cfg.getoption("benchmark_disable", False) and not cfg.getoption("benchmark_enable", False)
+    disabled = cfg.getoption("benchmark_disable", False) and not cfg.getoption(
+        "benchmark_enable", False
+    )
     if disabled and "benchmark" in request.fixturenames:
         pytest.skip("benchmarks run with `make bench`")

@@ -100,7 +100,9 @@ def categorical(obs: list[dict[str, Any]]) -> OState:
     clear = top_count >= min(MAJORITY, len(recent))
     if not clear:
         if is_alternation(values):
-            return OState(last["value"], "multi_actor", min(confidence, MULTI_ACTOR_MAX_CONF), n, last_ts)
+            return OState(
+                last["value"], "multi_actor", min(confidence, MULTI_ACTOR_MAX_CONF), n, last_ts
+            )
         return OState(last["value"], "conflicted", confidence, n, last_ts)
     older = values[-2 * WINDOW_N : -WINDOW_N]
     if not older:
@@ -156,7 +158,9 @@ def hash_merger(obs: list[dict[str, Any]]) -> OState:
     last = obs[-1]
     last_ts = float(last["ts"])
     cutoff = last_ts - HASH_WINDOW
-    distinct = {_Key(o["value"]) for o in obs if float(o["ts"]) >= cutoff and o["value"] is not None}
+    distinct = {
+        _Key(o["value"]) for o in obs if float(o["ts"]) >= cutoff and o["value"] is not None
+    }
     rotations = max(0, len(distinct) - 1)
     conf = 1 / (1 + rotations)
     if rotations == 0:

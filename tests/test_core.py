@@ -261,7 +261,9 @@ def obs(i: str, p: str, v: Any, ts: float, **kw: Any) -> dict[str, Any]:
 
 def test_engine_uses_registry_kinds() -> None:
     eng = Engine()
-    eng.ingest([obs("i", "toolchain.c2.beacon_interval_ms", v, t) for t, v in enumerate([10, 10, 10])])
+    eng.ingest(
+        [obs("i", "toolchain.c2.beacon_interval_ms", v, t) for t, v in enumerate([10, 10, 10])]
+    )
     s = eng.get("i", "toolchain.c2.beacon_interval_ms")
     assert s is not None and s.current_value == 10.0 and isinstance(s.current_value, float)
     eng.ingest([obs("i", "motor.digraph_simhash", "abcd", 1.0)])
@@ -303,19 +305,35 @@ BAD: list[tuple[Any, str]] = [
     ({"identity_uuid": "i", "primitive": "p", "value": 1, "ts": float("nan")}, "finite"),
     ({"identity_uuid": "i", "primitive": "p", "value": 1, "ts": float("inf")}, "finite"),
     ({"identity_uuid": "i", "primitive": "p", "value": float("nan"), "ts": 1}, "finite"),
-    ({"identity_uuid": "i", "primitive": "p", "value": object(), "ts": 1}, "unsupported value type"),
+    (
+        {"identity_uuid": "i", "primitive": "p", "value": object(), "ts": 1},
+        "unsupported value type",
+    ),
     ({"identity_uuid": "i", "primitive": "p", "value": {1: "a"}, "ts": 1}, "keys must be strings"),
     ({"identity_uuid": "i", "primitive": "p", "value": "\ud800", "ts": 1}, "UTF-8"),
     ({"identity_uuid": "i", "primitive": "p", "value": "x" * 9000, "ts": 1}, "above the limit"),
     ({"identity_uuid": "i" * 300, "primitive": "p", "value": 1, "ts": 1}, "above the limit"),
     ({"identity_uuid": "i", "primitive": "p", "value": 1, "ts": 1, "confidence": 2}, "confidence"),
-    ({"identity_uuid": "i", "primitive": "p", "value": 1, "ts": 1, "value_kind": "x"}, "value_kind"),
     (
-        {"identity_uuid": "i", "primitive": "toolchain.c2.beacon_interval_ms", "value": "fast", "ts": 1},
+        {"identity_uuid": "i", "primitive": "p", "value": 1, "ts": 1, "value_kind": "x"},
+        "value_kind",
+    ),
+    (
+        {
+            "identity_uuid": "i",
+            "primitive": "toolchain.c2.beacon_interval_ms",
+            "value": "fast",
+            "ts": 1,
+        },
         'toolchain.c2.beacon_interval_ms is numeric but the value "fast"',
     ),
     (
-        {"identity_uuid": "i", "primitive": "toolchain.c2.beacon_interval_ms", "value": [1], "ts": 1},
+        {
+            "identity_uuid": "i",
+            "primitive": "toolchain.c2.beacon_interval_ms",
+            "value": [1],
+            "ts": 1,
+        },
         "not a finite number",
     ),
 ]
@@ -431,7 +449,12 @@ def test_threads_share_one_engine() -> None:
 
     def work(t: int) -> None:
         for j in range(0, per_thread, 100):
-            eng.ingest([obs(f"id-{t}", "motor.input_modality", "typed", float(k)) for k in range(j, j + 100)])
+            eng.ingest(
+                [
+                    obs(f"id-{t}", "motor.input_modality", "typed", float(k))
+                    for k in range(j, j + 100)
+                ]
+            )
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for th in threads:
@@ -445,7 +468,8 @@ def test_threads_share_one_engine() -> None:
 
 def test_gil_is_released_during_a_batch() -> None:
     rows = b"\n".join(
-        orjson.dumps(obs(f"id-{i % 5000}", "motor.input_modality", "typed", float(i))) for i in range(400_000)
+        orjson.dumps(obs(f"id-{i % 5000}", "motor.input_modality", "typed", float(i)))
+        for i in range(400_000)
     )
     eng = Engine()
     started = threading.Event()

@@ -42,7 +42,9 @@ timestamps = st.one_of(
 )
 
 
-def series(values: st.SearchStrategy[Any], max_size: int = 25) -> st.SearchStrategy[list[dict[str, Any]]]:
+def series(
+    values: st.SearchStrategy[Any], max_size: int = 25
+) -> st.SearchStrategy[list[dict[str, Any]]]:
     return st.lists(st.fixed_dictionaries({"value": values, "ts": timestamps}), max_size=max_size)
 
 
@@ -91,8 +93,12 @@ def arrival_streams(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[int]]:
     """Observations for a few keys in a random arrival order (late arrivals,
     ties), and random batch cut points."""
     items: list[dict[str, Any]] = []
-    for ident in draw(st.lists(st.sampled_from(["id-a", "id-b"]), min_size=1, max_size=2, unique=True)):
-        for prim in draw(st.lists(st.sampled_from(list(KINDS)), min_size=1, max_size=3, unique=True)):
+    for ident in draw(
+        st.lists(st.sampled_from(["id-a", "id-b"]), min_size=1, max_size=2, unique=True)
+    ):
+        for prim in draw(
+            st.lists(st.sampled_from(list(KINDS)), min_size=1, max_size=3, unique=True)
+        ):
             for o in draw(series(VALUES[prim], 25)):
                 items.append(
                     {"identity_uuid": ident, "primitive": prim, "value_kind": KINDS[prim], **o}

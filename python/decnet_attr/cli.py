@@ -50,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--host", default=None)
     s.add_argument("--port", type=int, default=None)
-    s.add_argument("--no-worker", dest="worker", action="store_false", default=None,
-                   help="do not run the attribution worker in this process")
+    s.add_argument(
+        "--no-worker",
+        dest="worker",
+        action="store_false",
+        default=None,
+        help="do not run the attribution worker in this process",
+    )
 
     w = sub.add_parser("worker", help="run the attribution worker alone (scale-out)")
     _common(w)
@@ -70,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (ua, ul, up, ud):
         _common(sp, nested=True)
 
-    r = sub.add_parser("replay", help="merge an NDJSON/JSON file of observations and print the states")
+    r = sub.add_parser(
+        "replay", help="merge an NDJSON/JSON file of observations and print the states"
+    )
     r.add_argument("file", type=Path)
     r.add_argument("--thresholds", default=None)
     r.add_argument("--batch", type=int, default=10_000)
@@ -80,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recompute", help="rebuild all attribution state from stored observations")
     _common(rc)
-    rc.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
+    rc.add_argument(
+        "--dry-run", action="store_true", help="report what would change, write nothing"
+    )
 
     ex = sub.add_parser("explain", help="why an attacker's primitive has its state")
     _common(ex)
@@ -91,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     keys = [
-        "data_dir", "db_url", "bus_url", "thresholds", "log_format", "log_level", "host", "port", "worker",
+        "data_dir",
+        "db_url",
+        "bus_url",
+        "thresholds",
+        "log_format",
+        "log_level",
+        "host",
+        "port",
+        "worker",
     ]
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
     return Settings.from_env(**overrides)

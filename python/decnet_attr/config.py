@@ -34,30 +34,48 @@ def _bool(v: str) -> bool:
 @dataclass(frozen=True)
 class Settings:
     # --- where ------------------------------------------------------------
-    data_dir: Path = field(default=Path(".decnet-attr"), metadata={"help": "data directory (SQLite file, JWT secret)"})
+    data_dir: Path = field(
+        default=Path(".decnet-attr"), metadata={"help": "data directory (SQLite file, JWT secret)"}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen address"})
     port: int = field(default=8080, metadata={"help": "HTTP port"})
     bus_url: str = field(default="memory://", metadata={"help": "memory:// or nats://host:port"})
-    db_url: str = field(default="", metadata={"help": "postgresql://… (default: SQLite file in the data directory)"})
+    db_url: str = field(
+        default="", metadata={"help": "postgresql://… (default: SQLite file in the data directory)"}
+    )
     # --- auth -------------------------------------------------------------
-    jwt_secret: str = field(default="", metadata={"help": "HS256 secret, >= 32 chars (default: generated into the data directory)", "secret": True})
+    jwt_secret: str = field(
+        default="",
+        metadata={
+            "help": "HS256 secret, >= 32 chars (default: generated into the data directory)",
+            "secret": True,
+        },
+    )
     jwt_exp_minutes: int = field(default=240, metadata={"help": "access token lifetime"})
     jwt_issuer: str = "decnet"
     jwt_audience: str = "decnet-dashboard"
-    login_rate: int = field(default=10, metadata={"help": "logins per login_window per IP and per username"})
+    login_rate: int = field(
+        default=10, metadata={"help": "logins per login_window per IP and per username"}
+    )
     login_window: float = 300.0
     ticket_rate: int = field(default=30, metadata={"help": "SSE tickets per minute per user"})
     ticket_ttl: float = 60.0
     max_tickets_per_user: int = 10
-    trust_forwarded_for: bool = field(default=False, metadata={"help": "use X-Forwarded-For for rate limits (behind a proxy)"})
+    trust_forwarded_for: bool = field(
+        default=False, metadata={"help": "use X-Forwarded-For for rate limits (behind a proxy)"}
+    )
     # --- SSE --------------------------------------------------------------
     sse_max_per_user: int = field(default=5, metadata={"help": "concurrent streams per user"})
     sse_keepalive: float = 15.0
     sse_queue_size: int = 256
-    sse_resume_buffer: int = field(default=512, metadata={"help": "events kept per attacker for Last-Event-ID resume"})
+    sse_resume_buffer: int = field(
+        default=512, metadata={"help": "events kept per attacker for Last-Event-ID resume"}
+    )
     sse_retry_ms: int = 3000
     # --- ingest -----------------------------------------------------------
-    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "largest POST /observations body"})
+    max_body_bytes: int = field(
+        default=8 * 1024 * 1024, metadata={"help": "largest POST /observations body"}
+    )
     max_batch_items: int = 10_000
     max_value_bytes: int = 8192
     # --- worker -----------------------------------------------------------
@@ -65,10 +83,16 @@ class Settings:
     worker_name: str = "attribution"
     durable_name: str = "attribution"
     batch_max: int = field(default=2000, metadata={"help": "largest worker micro-batch"})
-    batch_delay: float = field(default=0.002, metadata={"help": "longest wait to fill a micro-batch (s)"})
+    batch_delay: float = field(
+        default=0.002, metadata={"help": "longest wait to fill a micro-batch (s)"}
+    )
     heartbeat_interval: float = 10.0
-    multi_actor_tick: float = field(default=60.0, metadata={"help": "safety-net multi-actor scan period (s)"})
-    thresholds: str = field(default="", metadata={"help": 'JSON object of threshold overrides, e.g. {"window_n": 6}'})
+    multi_actor_tick: float = field(
+        default=60.0, metadata={"help": "safety-net multi-actor scan period (s)"}
+    )
+    thresholds: str = field(
+        default="", metadata={"help": 'JSON object of threshold overrides, e.g. {"window_n": 6}'}
+    )
     # --- logging ----------------------------------------------------------
     log_format: str = field(default="text", metadata={"help": "text or json"})
     log_level: str = "INFO"
@@ -80,9 +104,19 @@ class Settings:
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         if not (self.bus_url.startswith(("memory://", "nats://", "tls://"))):
             raise ConfigError(f"bus_url must be memory:// or nats://…, got {self.bus_url!r}")
-        if self.db_url and not self.db_url.startswith(("postgresql://", "postgres://", "sqlite://")):
-            raise ConfigError(f"db_url must be postgresql://… or sqlite:///path, got {self.db_url!r}")
-        for name in ("batch_max", "sse_max_per_user", "sse_queue_size", "max_batch_items", "login_rate"):
+        if self.db_url and not self.db_url.startswith(
+            ("postgresql://", "postgres://", "sqlite://")
+        ):
+            raise ConfigError(
+                f"db_url must be postgresql://… or sqlite:///path, got {self.db_url!r}"
+            )
+        for name in (
+            "batch_max",
+            "sse_max_per_user",
+            "sse_queue_size",
+            "max_batch_items",
+            "login_rate",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if self.thresholds:

@@ -54,7 +54,12 @@ class Progress:
                 self.unit,
                 rate,
                 self.unit,
-                extra={"progress": self.label, "done": self.done, "total": self.total, "rate": round(rate, 1)},
+                extra={
+                    "progress": self.label,
+                    "done": self.done,
+                    "total": self.total,
+                    "rate": round(rate, 1),
+                },
             )
             return
         if self.total:

@@ -56,7 +56,7 @@ def _normalise(item: Any) -> dict[str, Any] | str:
             return "needs identity_uuid or attacker_uuid"
         out["identity_uuid"] = out["attacker_uuid"]
     v = out.get("value")
-    if isinstance(v, str) and v[:1] in "[{\"":
+    if isinstance(v, str) and v[:1] in '[{"':
         try:
             out["value"] = json.loads(v)
         except ValueError:
@@ -64,13 +64,22 @@ def _normalise(item: Any) -> dict[str, Any] | str:
     return out
 
 
-def replay_file(path: Path, settings: Settings, *, batch: int = 10_000, fmt: str = "table", out: TextIO | None = None) -> int:
+def replay_file(
+    path: Path,
+    settings: Settings,
+    *,
+    batch: int = 10_000,
+    fmt: str = "table",
+    out: TextIO | None = None,
+) -> int:
     out = out or sys.stdout
     if not path.exists():
         print(f"decnet-attr: {path}: no such file", file=sys.stderr)
         return 1
     engine = Engine(settings.make_thresholds(), max_value_bytes=settings.max_value_bytes)
-    progress = Progress(f"replay {path.name}", logger=log if settings.log_format == "json" else None)
+    progress = Progress(
+        f"replay {path.name}", logger=log if settings.log_format == "json" else None
+    )
     rejected: list[tuple[int, str]] = []
     pending: list[dict[str, Any]] = []
     lines: list[int] = []
@@ -105,7 +114,12 @@ def replay_file(path: Path, settings: Settings, *, batch: int = 10_000, fmt: str
     if fmt == "json":
         for (ident, prim), st in zip(keys, states):
             if st is not None:
-                out.write(orjson.dumps({"identity_uuid": ident, "primitive": prim, **st.to_dict()}).decode() + "\n")
+                out.write(
+                    orjson.dumps(
+                        {"identity_uuid": ident, "primitive": prim, **st.to_dict()}
+                    ).decode()
+                    + "\n"
+                )
     else:
         rows = [("IDENTITY", "PRIMITIVE", "STATE", "CONFIDENCE", "COUNT", "CURRENT VALUE")]
         for (ident, prim), st in zip(keys, states):
@@ -114,7 +128,9 @@ def replay_file(path: Path, settings: Settings, *, batch: int = 10_000, fmt: str
             value = json.dumps(st.current_value, ensure_ascii=False)
             if len(value) > 40:
                 value = value[:37] + "..."
-            rows.append((ident, prim, st.state, f"{st.confidence:.2f}", str(st.observation_count), value))
+            rows.append(
+                (ident, prim, st.state, f"{st.confidence:.2f}", str(st.observation_count), value)
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
@@ -130,6 +146,12 @@ def replay_file(path: Path, settings: Settings, *, batch: int = 10_000, fmt: str
         len(keys),
         elapsed,
         rate,
-        extra={"observations": total, "rejected": len(rejected), "keys": len(keys), "seconds": round(elapsed, 3), "obs_per_s": round(rate)},
+        extra={
+            "observations": total,
+            "rejected": len(rejected),
+            "keys": len(keys),
+            "seconds": round(elapsed, 3),
+            "obs_per_s": round(rate),
+        },
     )
     return 0

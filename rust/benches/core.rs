@@ -11,8 +11,10 @@ use _core::core::merge::Thresholds;
 /// The 38 primitives DECNET emits, with their allowed values (from the
 /// packaged registry), in registry order.
 fn emitted() -> Vec<(String, Vec<String>, String)> {
-    let doc: serde_json::Value =
-        serde_json::from_str(include_str!("../../python/decnet_attr/data/primitives.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(include_str!(
+        "../../python/decnet_attr/data/primitives.json"
+    ))
+    .unwrap();
     let mut out = Vec::new();
     for (name, spec) in doc["primitives"].as_object().unwrap() {
         if spec["decnet_emits"] != serde_json::Value::Bool(true) {
@@ -22,7 +24,11 @@ fn emitted() -> Vec<(String, Vec<String>, String)> {
             .as_array()
             .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
             .unwrap_or_default();
-        out.push((name.clone(), allowed, spec["kind"].as_str().unwrap().to_string()));
+        out.push((
+            name.clone(),
+            allowed,
+            spec["kind"].as_str().unwrap().to_string(),
+        ));
     }
     out
 }
@@ -52,11 +58,22 @@ fn batches(keys: usize, batch: usize, n_batches: usize) -> Vec<Vec<u8>> {
         ts += 1.0;
         for (name, allowed, kind) in &prims {
             let value = if kind == "hash" {
-                format!("\"{:016x}\"", if rng.next() % 5 == 0 { rng.next() } else { ident as u64 })
+                format!(
+                    "\"{:016x}\"",
+                    if rng.next().is_multiple_of(5) {
+                        rng.next()
+                    } else {
+                        ident as u64
+                    }
+                )
             } else if allowed.is_empty() {
                 "\"en-US\"".to_string()
             } else {
-                let pick = if rng.next() % 5 == 0 { rng.next() as usize } else { ident };
+                let pick = if rng.next().is_multiple_of(5) {
+                    rng.next() as usize
+                } else {
+                    ident
+                };
                 format!("\"{}\"", allowed[pick % allowed.len()])
             };
             lines.push(format!(
@@ -76,7 +93,12 @@ fn engine_with(keys: usize, data: &[Vec<u8>]) -> Engine {
     // warm: every key exists and has a full window
     for b in data {
         let parsed = parse_batch(b).unwrap();
-        eng.ingest(parsed.iter().enumerate().map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))));
+        eng.ingest(
+            parsed
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))),
+        );
     }
     assert!(eng.len() <= keys);
     eng
@@ -98,19 +120,32 @@ fn bench(c: &mut Criterion) {
         let parsed = parse_batch(sample).unwrap();
         g.bench_function(BenchmarkId::new("merge_parsed", batch), |b| {
             b.iter(|| {
-                eng.ingest(parsed.iter().enumerate().map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))))
-                    .changes
-                    .len()
+                eng.ingest(
+                    parsed
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))),
+                )
+                .changes
+                .len()
             })
         });
-        g.bench_with_input(BenchmarkId::new("parse_and_merge", batch), sample, |b, d| {
-            b.iter(|| {
-                let p = parse_batch(d).unwrap();
-                eng.ingest(p.iter().enumerate().map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))))
+        g.bench_with_input(
+            BenchmarkId::new("parse_and_merge", batch),
+            sample,
+            |b, d| {
+                b.iter(|| {
+                    let p = parse_batch(d).unwrap();
+                    eng.ingest(
+                        p.iter().enumerate().map(|(i, r)| {
+                            (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))
+                        }),
+                    )
                     .changes
                     .len()
-            })
-        });
+                })
+            },
+        );
         g.finish();
     }
 }

@@ -16,7 +16,9 @@ from tests import oracle
 _counter = 0
 
 
-def mk_obs(attacker: str, primitive: str, value: Any, ts: float, *, ip: str | None = None) -> dict[str, Any]:
+def mk_obs(
+    attacker: str, primitive: str, value: Any, ts: float, *, ip: str | None = None
+) -> dict[str, Any]:
     """An observation event payload as DECNET's profiler publishes it (§3.2)."""
     global _counter
     _counter += 1
@@ -43,7 +45,9 @@ async def publish_all(bus: Bus, items: Iterable[dict[str, Any]], timeout: float 
     """Durable publishes: each returns once the worker committed it."""
     await asyncio.gather(
         *(
-            bus.publish_durable(attacker_observation(o["primitive"]), o, event_id=o["id"], timeout=timeout)
+            bus.publish_durable(
+                attacker_observation(o["primitive"]), o, event_id=o["id"], timeout=timeout
+            )
             for o in items
         )
     )
@@ -64,7 +68,9 @@ def oracle_states(obs: list[dict[str, Any]]) -> dict[tuple[str, str], oracle.OSt
 
 
 class _Row:
-    def __init__(self, current_value: Any, state: str, confidence: float, count: int, last_ts: float) -> None:
+    def __init__(
+        self, current_value: Any, state: str, confidence: float, count: int, last_ts: float
+    ) -> None:
         self.current_value = current_value
         self.state = state
         self.confidence = confidence
@@ -83,7 +89,11 @@ async def stored_states(store: Store, attackers: list[str]) -> dict[tuple[str, s
         for r in await store.attribution_for_identity(att.identity_id):
             key = ("" if len(attackers) == 1 else a, r.primitive)
             out[key] = _Row(
-                json.loads(r.current_value_json), r.state, r.confidence, r.observation_count, r.last_observation_ts
+                json.loads(r.current_value_json),
+                r.state,
+                r.confidence,
+                r.observation_count,
+                r.last_observation_ts,
             )
     return out
 

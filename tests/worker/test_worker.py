@@ -43,7 +43,9 @@ class FakeDelivery(Delivery):
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path, heartbeat_interval=0.2, multi_actor_tick=3600, batch_delay=0.001)
+    return Settings(
+        data_dir=tmp_path, heartbeat_interval=0.2, multi_actor_tick=3600, batch_delay=0.001
+    )
 
 
 @pytest.fixture
@@ -108,8 +110,17 @@ async def test_states_equal_the_oracle_and_events_follow_the_commit(
     first = changes[0].payload
     assert first["old_state"] is None and first["new_state"] == "unknown"
     assert set(first) >= {
-        "identity_uuid", "primitive", "old_state", "new_state", "current_value", "confidence",
-        "observation_count", "ts", "attacker_uuids", "last_change_ts", "last_observation_ts",
+        "identity_uuid",
+        "primitive",
+        "old_state",
+        "new_state",
+        "current_value",
+        "confidence",
+        "observation_count",
+        "ts",
+        "attacker_uuids",
+        "last_change_ts",
+        "last_observation_ts",
     }
     assert first["attacker_uuids"] == [A]
     assert first["ts"] == first["last_observation_ts"]
@@ -119,15 +130,22 @@ async def test_states_equal_the_oracle_and_events_follow_the_commit(
     assert worker.stats.merged == len(obs)
 
 
-async def test_last_change_ts_kept_while_state_holds(worker: AttributionWorker, bus: Bus, store: Store) -> None:
-    await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3)])
-    await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3, 6)])
+async def test_last_change_ts_kept_while_state_holds(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    await publish_all(
+        bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3)]
+    )
+    await publish_all(
+        bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3, 6)]
+    )
     att = await store.get_attacker(A)
     assert att is not None and att.identity_id
     row = await store.get_state(att.identity_id, "motor.keystroke_cadence")
     assert row is not None
     assert (row.state, row.last_change_ts, row.last_observation_ts) == ("stable", 2.0, 5.0)
     assert row.version == 2
+    assert row.previous_state == "unknown"  # the state before the last transition
     assert json.loads(row.window_json or "{}")["count"] == 6
 
 
@@ -138,10 +156,26 @@ async def test_bad_events_are_dead_lettered_and_the_worker_lives(
     good = mk_obs(A, p, "typed", 1.0)
     bad_payloads: list[tuple[str, Any, str]] = [
         (attacker_observation(p), "not a dict", "payload must be an object"),
-        (attacker_observation(p), {**good, "id": "b1", "ts": "yesterday"}, "ts must be a finite number"),
-        (attacker_observation(p), {**good, "id": "b2", "value": "x" * 10_000_000}, "above the limit"),
-        (attacker_observation(p), {**good, "id": "b3", "primitive": "motor.keystroke_cadence"}, "does not match"),
-        (attacker_observation("made.up.primitive"), {**good, "id": "b4", "primitive": "made.up.primitive"}, "unknown primitive"),
+        (
+            attacker_observation(p),
+            {**good, "id": "b1", "ts": "yesterday"},
+            "ts must be a finite number",
+        ),
+        (
+            attacker_observation(p),
+            {**good, "id": "b2", "value": "x" * 10_000_000},
+            "above the limit",
+        ),
+        (
+            attacker_observation(p),
+            {**good, "id": "b3", "primitive": "motor.keystroke_cadence"},
+            "does not match",
+        ),
+        (
+            attacker_observation("made.up.primitive"),
+            {**good, "id": "b4", "primitive": "made.up.primitive"},
+            "unknown primitive",
+        ),
         ("attacker.observation.*", {**good, "id": "b5"}, "is not attacker.observation"),
         (attacker_observation(p), {**good, "id": "b6", "attacker_uuid": ""}, "attacker_uuid"),
         (
@@ -150,17 +184,26 @@ async def test_bad_events_are_dead_lettered_and_the_worker_lives(
             "not a finite number",
         ),
         (attacker_observation(p), {**good, "id": "b8", "confidence": 7}, "confidence"),
-        (attacker_observation(p), {k: v for k, v in good.items() if k != "value"} | {"id": "b9"}, "missing field value"),
+        (
+            attacker_observation(p),
+            {k: v for k, v in good.items() if k != "value"} | {"id": "b9"},
+            "missing field value",
+        ),
     ]
-    deliveries = [FakeDelivery(Event(topic=t, payload=pl, id=f"e{i}")) for i, (t, pl, _r) in enumerate(bad_payloads)]  # type: ignore[arg-type]
+    deliveries = [
+        FakeDelivery(Event(topic=t, payload=pl, id=f"e{i}"))
+        for i, (t, pl, _r) in enumerate(bad_payloads)
+    ]  # type: ignore[arg-type]
     deliveries.append(FakeDelivery(Event(topic=attacker_observation(p), payload=good, id="ok")))
     await worker.process(list(deliveries))  # type: ignore[arg-type]
-    assert all(d.acked for d in deliveries), "bad events are acked (dead-lettered), not redelivered forever"
+    assert all(d.acked for d in deliveries), (
+        "bad events are acked (dead-lettered), not redelivered forever"
+    )
     assert worker.stats.rejected == len(bad_payloads)
     assert worker.stats.merged == 1
     assert await store.dead_letter_count() == len(bad_payloads)
     rows = await _dead_letters(store)
-    for (_t, _p, reason), (topic, got_reason) in zip(bad_payloads, rows):
+    for (_t, _p, reason), (_topic, got_reason) in zip(bad_payloads, rows):
         assert reason in got_reason, (reason, got_reason)
     # and the worker keeps consuming
     await publish_all(bus, [mk_obs(A, p, "typed", 2.0), mk_obs(A, p, "typed", 3.0)])
@@ -170,14 +213,22 @@ async def test_bad_events_are_dead_lettered_and_the_worker_lives(
 async def _dead_letters(store: Store) -> list[tuple[str, str]]:
     from tests.worker.helpers import query
 
-    return [(r[0], r[1]) for r in await query(store, "SELECT topic, reason FROM dead_letters ORDER BY seq")]
+    return [
+        (r[0], r[1])
+        for r in await query(store, "SELECT topic, reason FROM dead_letters ORDER BY seq")
+    ]
 
 
-async def test_duplicates_are_stored_and_merged_once(worker: AttributionWorker, bus: Bus, store: Store) -> None:
+async def test_duplicates_are_stored_and_merged_once(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
     o = mk_obs(A, "motor.input_modality", "typed", 1.0)
     await publish_all(bus, [o, o])
     await publish_all(bus, [o])
-    same_evidence = {**mk_obs(A, "motor.input_modality", "pasted", 2.0), "evidence_ref": o["evidence_ref"]}
+    same_evidence = {
+        **mk_obs(A, "motor.input_modality", "pasted", 2.0),
+        "evidence_ref": o["evidence_ref"],
+    }
     await publish_all(bus, [same_evidence])
     st = (await stored_states(store, [A]))[("", "motor.input_modality")]
     assert st.observation_count == 1
@@ -189,7 +240,9 @@ async def test_duplicates_are_stored_and_merged_once(worker: AttributionWorker, 
     assert (worker.stats.received, worker.stats.duplicates) == (2, 1)
 
 
-async def test_identity_formed_once_per_attacker(worker: AttributionWorker, bus: Bus, store: Store) -> None:
+async def test_identity_formed_once_per_attacker(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
     formed: list[Event] = []
 
     async def collect() -> None:
@@ -199,7 +252,9 @@ async def test_identity_formed_once_per_attacker(worker: AttributionWorker, bus:
 
     task = asyncio.create_task(collect())
     await asyncio.sleep(0.01)
-    await publish_all(bus, [mk_obs(A, "motor.input_modality", "typed", float(t), ip="10.0.0.7") for t in range(3)])
+    await publish_all(
+        bus, [mk_obs(A, "motor.input_modality", "typed", float(t), ip="10.0.0.7") for t in range(3)]
+    )
     await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", 4.0)])
     await wait_for(lambda: len(formed) >= 1)
     await asyncio.sleep(0.05)
@@ -207,18 +262,28 @@ async def test_identity_formed_once_per_attacker(worker: AttributionWorker, bus:
     assert len(formed) == 1
     att = await store.get_attacker(A)
     assert att is not None and att.ip == "10.0.0.7"
-    assert formed[0].payload == {"identity_uuid": att.identity_id, "attacker_uuid": A, "ts": formed[0].payload["ts"]}
+    assert formed[0].payload == {
+        "identity_uuid": att.identity_id,
+        "attacker_uuid": A,
+        "ts": formed[0].payload["ts"],
+    }
 
 
-async def test_attacker_observed_registers_attackers(worker: AttributionWorker, bus: Bus, store: Store) -> None:
+async def test_attacker_observed_registers_attackers(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
     await asyncio.sleep(0.05)
-    await bus.publish("attacker.observed", {"attacker_uuid": "obs-1", "attacker_ip": "192.0.2.9", "ts": 5.0})
+    await bus.publish(
+        "attacker.observed", {"attacker_uuid": "obs-1", "attacker_ip": "192.0.2.9", "ts": 5.0}
+    )
     await wait_for(lambda: worker.stats.attackers_observed == 1)
     att = await store.get_attacker("obs-1")
     assert att is not None and att.ip == "192.0.2.9"
 
 
-def alternation(attacker: str, prim: str, a: str, b: str, start: float, n: int = 5) -> list[dict[str, Any]]:
+def alternation(
+    attacker: str, prim: str, a: str, b: str, start: float, n: int = 5
+) -> list[dict[str, Any]]:
     return [mk_obs(attacker, prim, a if i % 2 == 0 else b, start + i) for i in range(n)]
 
 
@@ -242,7 +307,13 @@ async def test_multi_actor_fires_dedupes_refires_and_rearms(
     assert p["primitives"] == ["environmental.shell_type", "motor.input_modality"]
     assert p["evidence_summary"] == "2 primitives flagged multi_actor"
     assert p["confidence"] == 0.6 and p["attacker_uuids"] == [A]
-    assert p["evidence"]["motor.input_modality"]["values"] == ["typed", "pasted", "typed", "pasted", "typed"]
+    assert p["evidence"]["motor.input_modality"]["values"] == [
+        "typed",
+        "pasted",
+        "typed",
+        "pasted",
+        "typed",
+    ]
     # same set again (another alternating observation keeps both multi_actor): no re-fire
     await publish_all(bus, [mk_obs(A, "motor.input_modality", "pasted", 5.0)])
     await asyncio.sleep(0.05)
@@ -258,23 +329,32 @@ async def test_multi_actor_fires_dedupes_refires_and_rearms(
     try:
         assert await w2.tick_multi_actor() == 0
         # shrinking 3 → 2 is a different set: fires (DECNET semantics)
-        await publish_all(bus, [mk_obs(A, "environmental.shell_type", "bash", 10.0 + i) for i in range(5)])
+        await publish_all(
+            bus, [mk_obs(A, "environmental.shell_type", "bash", 10.0 + i) for i in range(5)]
+        )
         await wait_for(lambda: len(fired) == 3)
         assert fired[2].payload["primitives"] == ["motor.input_modality", "motor.keystroke_cadence"]
         # below 2 → re-armed, nothing fires
-        await publish_all(bus, [mk_obs(A, "motor.keystroke_cadence", "steady", 10.0 + i) for i in range(5)])
+        await publish_all(
+            bus, [mk_obs(A, "motor.keystroke_cadence", "steady", 10.0 + i) for i in range(5)]
+        )
         await asyncio.sleep(0.05)
         assert len(fired) == 3
         # back to 2 → fires again
         await publish_all(bus, alternation(A, "environmental.shell_type", "bash", "zsh", 20))
         await wait_for(lambda: len(fired) == 4)
-        assert fired[3].payload["primitives"] == ["environmental.shell_type", "motor.input_modality"]
+        assert fired[3].payload["primitives"] == [
+            "environmental.shell_type",
+            "motor.input_modality",
+        ]
     finally:
         await w2.stop()
         task.cancel()
 
 
-async def test_restart_rebuilds_from_stored_windows(settings: Settings, bus: Bus, store: Store) -> None:
+async def test_restart_rebuilds_from_stored_windows(
+    settings: Settings, bus: Bus, store: Store
+) -> None:
     obs = [mk_obs(A, "motor.input_modality", v, float(i)) for i, v in enumerate("aabababbbbbaab")]
     obs += [mk_obs(A, "motor.digraph_simhash", f"h{i % 4}", i * 20000.0) for i in range(12)]
     obs += [mk_obs(A, "toolchain.c2.beacon_interval_ms", 100 + 10 * i, float(i)) for i in range(12)]
@@ -303,8 +383,13 @@ async def test_stored_but_unmerged_observations_are_merged_on_start(
         await tx.insert_observations(
             [
                 ObservationRow(
-                    id=f"imp-{i}", attacker_uuid=A, primitive="motor.input_modality",
-                    value_json='"typed"', ts=float(i), evidence_ref=f"import:{i}", merged=False,
+                    id=f"imp-{i}",
+                    attacker_uuid=A,
+                    primitive="motor.input_modality",
+                    value_json='"typed"',
+                    ts=float(i),
+                    evidence_ref=f"import:{i}",
+                    merged=False,
                 )
                 for i in range(4)
             ]
@@ -332,14 +417,18 @@ async def test_health_heartbeat_carries_counters(worker: AttributionWorker, bus:
     assert {"worker", "ts", "received", "merged", "rejected", "dropped", "lag"} <= set(ev.payload)
 
 
-async def test_recompute_after_a_threshold_change(settings: Settings, worker: AttributionWorker, bus: Bus, store: Store) -> None:
+async def test_recompute_after_a_threshold_change(
+    settings: Settings, worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
     obs = [mk_obs(A, "motor.input_modality", v, float(i)) for i, v in enumerate("aaaab")]
     await publish_all(bus, obs)
     report = await recompute(store, settings, dry_run=True)
     assert report["changed"] == []
     stricter = settings.replace(thresholds=json.dumps({"majority": 5}))
     report = await recompute(store, stricter, dry_run=False)
-    assert [(c["old_state"], c["new_state"]) for c in report["changed"]] == [("stable", "conflicted")]
+    assert [(c["old_state"], c["new_state"]) for c in report["changed"]] == [
+        ("stable", "conflicted")
+    ]
     st = (await stored_states(store, [A]))[("", "motor.input_modality")]
     want = oracle.aggregate(obs)
     assert st.state == "conflicted" and want.state == "stable"

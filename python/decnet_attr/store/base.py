@@ -127,6 +127,7 @@ class StateRow:
     window_json: str | None = None  # Engine.export_window() text
     version: int = 0  # incremented on every write of the row
     updated_at: float = 0.0
+    previous_state: str | None = None  # the state before the last transition
 
 
 @dataclass(frozen=True)

@@ -182,16 +182,16 @@ RETURNING id, evidence_ref, primitive
 _STATE_UNNEST = """
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int4[], $7::float8[],
-    $8::float8[], $9::text[], $10::text[], $11::int8[], $12::float8[]
+    $8::float8[], $9::text[], $10::text[], $11::int8[], $12::float8[], $13::text[]
 ) AS u(identity_uuid, primitive, current_value, state, confidence, observation_count,
-       last_change_ts, last_observation_ts, kind, win, version, updated_at)
+       last_change_ts, last_observation_ts, kind, win, version, updated_at, previous_state)
 """
 
 _SQL_INSERT_STATES = f"""
 INSERT INTO attribution_state ({STATE_COLS})
 SELECT u.identity_uuid, u.primitive, u.current_value, u.state, u.confidence,
        u.observation_count, u.last_change_ts, u.last_observation_ts, u.kind, u.win,
-       u.version, u.updated_at
+       u.version, u.updated_at, u.previous_state
 {_STATE_UNNEST}
 ORDER BY u.identity_uuid, u.primitive
 """
@@ -209,7 +209,8 @@ ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
     kind = EXCLUDED.kind,
     "window" = EXCLUDED."window",
     version = EXCLUDED.version,
-    updated_at = EXCLUDED.updated_at
+    updated_at = EXCLUDED.updated_at,
+    previous_state = EXCLUDED.previous_state
 """
 )
 
@@ -230,6 +231,7 @@ def _state_arrays(rows: Sequence[StateRow]) -> list[list[Any]]:
         [r.window_json for r in rows],
         [int(r.version) for r in rows],
         [float(r.updated_at or now) for r in rows],
+        [r.previous_state for r in rows],
     ]
 
 

@@ -304,9 +304,20 @@ ALTER TABLE sse_tickets ADD COLUMN token_iat DOUBLE PRECISION NULL;
 ALTER TABLE sse_tickets ADD COLUMN token_exp DOUBLE PRECISION NULL
 """
 
+# v3: the state before the last transition, so `explain` can say where a
+# badge came from.
+_V3_SQLITE = """
+ALTER TABLE attribution_state ADD COLUMN previous_state TEXT NULL
+"""
+
+_V3_POSTGRES = """
+ALTER TABLE attribution_state ADD COLUMN previous_state TEXT NULL
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, _V1_SQLITE, _V1_POSTGRES),
     Migration(2, _V2_SQLITE, _V2_POSTGRES),
+    Migration(3, _V3_SQLITE, _V3_POSTGRES),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)
@@ -398,7 +409,7 @@ ATTACKER_COLS = "uuid, ip, identity_id, first_seen, last_seen, rotation_count, l
 
 STATE_COLS = (
     "identity_uuid, primitive, current_value, state, confidence, observation_count, "
-    'last_change_ts, last_observation_ts, kind, "window", version, updated_at'
+    'last_change_ts, last_observation_ts, kind, "window", version, updated_at, previous_state'
 )
 
 OBS_INSERT_COLS = (
@@ -463,6 +474,7 @@ def state_from_row(r: Sequence[Any]) -> StateRow:
         window_json=r[9],
         version=r[10],
         updated_at=r[11],
+        previous_state=r[12],
     )
 
 

@@ -161,6 +161,7 @@ def _state_params(s: StateRow, now: float) -> tuple[Any, ...]:
         s.window_json,
         s.version,
         s.updated_at or now,
+        s.previous_state,
     )
 
 
@@ -189,7 +190,7 @@ ON CONFLICT DO NOTHING
 
 _SQL_UPSERT_STATE = f"""
 INSERT INTO attribution_state ({STATE_COLS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
     current_value = excluded.current_value,
     state = excluded.state,
@@ -200,7 +201,8 @@ ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
     kind = excluded.kind,
     "window" = excluded."window",
     version = excluded.version,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    previous_state = excluded.previous_state
 """
 
 _SQL_LOAD_STATES = (
@@ -213,7 +215,7 @@ _SQL_LOAD_STATES = (
 
 _SQL_INSERT_STATE = f"""
 INSERT INTO attribution_state ({STATE_COLS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 _SQL_ATTACKER_ATTRIBUTION = (

@@ -25,11 +25,14 @@ from decnet_attr.store.base import StateRow, Store
 Key = tuple[str, str]
 
 
-async def recompute(store: Store, settings: Settings, *, dry_run: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+async def recompute(
+    store: Store, settings: Settings, *, dry_run: bool = False, progress: Progress | None = None
+) -> dict[str, Any]:
     engine = Engine(settings.make_thresholds(), max_value_bytes=settings.max_value_bytes)
     last_change: dict[Key, float] = {}
+    previous: dict[Key, str | None] = {}
     total = 0
-    async for rows in store.iter_observations(batch_size=5000):
+    async for batch in store.iter_observations(batch_size=5000):
         res = engine.ingest(
             [
                 {
@@ -38,15 +41,17 @@ async def recompute(store: Store, settings: Settings, *, dry_run: bool = False, 
                     "value": orjson.loads(r.value_json),
                     "ts": r.ts,
                 }
-                for r in rows
+                for r in batch
             ]
         )
         for c in res:
             if c.state_changed:
-                last_change[(c.identity_uuid, c.primitive)] = c.state.last_observation_ts
-        total += len(rows)
+                key = (c.identity_uuid, c.primitive)
+                last_change[key] = c.state.last_observation_ts
+                previous[key] = c.old_state.state if c.old_state is not None else None
+        total += len(batch)
         if progress:
-            progress.update(len(rows))
+            progress.update(len(batch))
     keys = engine.keys()
     states = engine.get_many(keys)
     windows = engine.export_windows(keys)
@@ -75,6 +80,7 @@ async def recompute(store: Store, settings: Settings, *, dry_run: bool = False, 
                 window_json=window,
                 version=(prev.version if prev else 0) + 1,
                 updated_at=now,
+                previous_state=previous.get(key),
             )
         )
         if prev is None or prev.state != st.state or abs(prev.confidence - st.confidence) > 1e-12:
@@ -91,7 +97,13 @@ async def recompute(store: Store, settings: Settings, *, dry_run: bool = False, 
     dropped = [k for k in old if k not in set(keys)]
     if not dry_run:
         await store.replace_all_states(rows)
-    return {"observations": total, "keys": len(rows), "changed": changed, "dropped": dropped, "dry_run": dry_run}
+    return {
+        "observations": total,
+        "keys": len(rows),
+        "changed": changed,
+        "dropped": dropped,
+        "dry_run": dry_run,
+    }
 
 
 def _open(settings: Settings) -> Store:
@@ -120,7 +132,9 @@ async def recompute_command(settings: Settings, *, dry_run: bool = False) -> int
     return 0
 
 
-async def explain_state(store: Store, settings: Settings, attacker_uuid: str, primitive: str) -> dict[str, Any] | None:
+async def explain_state(
+    store: Store, settings: Settings, attacker_uuid: str, primitive: str
+) -> dict[str, Any] | None:
     """The explanation of an attacker's primitive from its stored window,
     or None when the attacker or the row does not exist."""
     attacker = await store.get_attacker(attacker_uuid)
@@ -136,7 +150,17 @@ async def explain_state(store: Store, settings: Settings, attacker_uuid: str, pr
             engine.clear()
     if not len(engine):
         series = await store.recent_values(row.identity_uuid, primitive, 10**9)
-        engine.ingest([{"identity_uuid": row.identity_uuid, "primitive": primitive, "value": o["value"], "ts": o["ts"]} for o in series])
+        engine.ingest(
+            [
+                {
+                    "identity_uuid": row.identity_uuid,
+                    "primitive": primitive,
+                    "value": o["value"],
+                    "ts": o["ts"],
+                }
+                for o in series
+            ]
+        )
     ex = engine.explain(row.identity_uuid, primitive)
     if ex is None:
         return None
@@ -149,7 +173,7 @@ async def explain_state(store: Store, settings: Settings, attacker_uuid: str, pr
         "last_observation_ts": row.last_observation_ts,
         "version": row.version,
     }
-    ex["previous_state"] = getattr(row, "previous_state", None)
+    ex["previous_state"] = row.previous_state
     ex["thresholds"] = engine.thresholds.to_dict()
     return ex
 
@@ -162,7 +186,10 @@ async def explain_command(settings: Settings, attacker_uuid: str, primitive: str
     finally:
         await store.close()
     if ex is None:
-        print(f"decnet-attr: no attribution for attacker {attacker_uuid} primitive {primitive}", file=sys.stderr)
+        print(
+            f"decnet-attr: no attribution for attacker {attacker_uuid} primitive {primitive}",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(ex, indent=2, ensure_ascii=False, default=str))
     return 0

@@ -90,7 +90,9 @@ def check_observation(
         raise Rejected(f"payload must be an object, got {type(payload).__name__}")
     named = payload.get("primitive", primitive)
     if named != primitive:
-        raise Rejected(f"payload primitive {str(named)[:200]!r} does not match topic primitive {primitive!r}")
+        raise Rejected(
+            f"payload primitive {str(named)[:200]!r} does not match topic primitive {primitive!r}"
+        )
     if not known:
         note_unknown(primitive)
         if not accept_unknown:
@@ -101,9 +103,10 @@ def check_observation(
     if "value" not in payload:
         raise Rejected("missing field value")
     value = payload["value"]
-    ts = payload.get("ts")
-    if not _finite(ts):
+    raw_ts = payload.get("ts")
+    if not _finite(raw_ts):
         raise Rejected("ts must be a finite number")
+    ts = float(raw_ts)  # type: ignore[arg-type]  # _finite() checked it
     try:
         value_json = orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError) as exc:
@@ -111,7 +114,9 @@ def check_observation(
     if len(value_json) > max_value_bytes:
         raise Rejected(f"value is {len(value_json)} bytes, above the limit of {max_value_bytes}")
     if numeric and not _numeric_ok(value):
-        raise Rejected(f"{primitive} is numeric but the value {value_json[:80]} is not a finite number")
+        raise Rejected(
+            f"{primitive} is numeric but the value {value_json[:80]} is not a finite number"
+        )
     confidence = payload.get("confidence")
     if confidence is not None and not (_finite(confidence) and 0.0 <= confidence <= 1.0):
         raise Rejected("confidence must be a number in [0, 1]")
@@ -125,12 +130,19 @@ def check_observation(
     if source is not None and (not isinstance(source, str) or len(source) > MAX_SOURCE):
         raise Rejected("source must be a string of at most 512 characters")
     identity_ref = payload.get("identity_ref")
-    if identity_ref is not None and (not isinstance(identity_ref, str) or len(identity_ref) > MAX_NAME):
+    if identity_ref is not None and (
+        not isinstance(identity_ref, str) or len(identity_ref) > MAX_NAME
+    ):
         raise Rejected("identity_ref must be a string")
     window = payload.get("window")
-    w_start = w_end = None
+    w_start: float | None = None
+    w_end: float | None = None
     if window is not None:
-        if not isinstance(window, dict) or not _finite(window.get("start_ts")) or not _finite(window.get("end_ts")):
+        if (
+            not isinstance(window, dict)
+            or not _finite(window.get("start_ts"))
+            or not _finite(window.get("end_ts"))
+        ):
             raise Rejected("window must be {start_ts, end_ts} numbers")
         w_start, w_end = float(window["start_ts"]), float(window["end_ts"])
         if w_end < w_start:
@@ -144,7 +156,7 @@ def check_observation(
         attacker_uuid=attacker,
         primitive=primitive,
         value_json=value_json,
-        ts=float(ts),
+        ts=ts,
         evidence_ref=evidence,
         confidence=None if confidence is None else float(confidence),
         window_start_ts=w_start,

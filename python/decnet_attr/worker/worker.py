@@ -97,9 +97,13 @@ class WorkerStats:
     pending_merged: int = 0
     lag_seconds: float = 0.0
     last_batch_at: float = 0.0
-    batch_size: Histogram = field(default_factory=lambda: Histogram((1, 10, 50, 100, 500, 1000, 2000, 5000)))
+    batch_size: Histogram = field(
+        default_factory=lambda: Histogram((1, 10, 50, 100, 500, 1000, 2000, 5000))
+    )
     merge_seconds: Histogram = field(
-        default_factory=lambda: Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        default_factory=lambda: Histogram(
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+        )
     )
 
 
@@ -114,7 +118,9 @@ class AttributionWorker:
     """See the module docstring. ``start()`` spawns the tasks; ``stop()``
     finishes the batch in hand, then stops (the process keeps running)."""
 
-    def __init__(self, settings: Settings, bus: Bus, store: Store, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, settings: Settings, bus: Bus, store: Store, *, engine: Engine | None = None
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.store = store
@@ -157,11 +163,14 @@ class AttributionWorker:
             asyncio.create_task(self._observed_loop(), name="attribution-observed"),
             asyncio.create_task(self._tick_loop(), name="attribution-multi-actor-tick"),
             asyncio.create_task(
-                run_health_heartbeat(self.bus, s.worker_name, interval=s.heartbeat_interval, extra=self.health),
+                run_health_heartbeat(
+                    self.bus, s.worker_name, interval=s.heartbeat_interval, extra=self.health
+                ),
                 name="attribution-heartbeat",
             ),
             asyncio.create_task(
-                run_control_listener(self.bus, s.worker_name, self._stop), name="attribution-control"
+                run_control_listener(self.bus, s.worker_name, self._stop),
+                name="attribution-control",
             ),
         ]
         log.info("attribution worker started (%s store, %s bus)", self.store.dialect, self.bus.name)
@@ -298,7 +307,9 @@ class AttributionWorker:
                     ev.id,
                     max_value_bytes=s.max_value_bytes,
                     accept_unknown=False,
-                    identity_uuid=self._identity_cache.get(attacker) if isinstance(attacker, str) else None,
+                    identity_uuid=self._identity_cache.get(attacker)
+                    if isinstance(attacker, str)
+                    else None,
                 )
             except Rejected as exc:
                 self.stats.rejected += 1
@@ -307,7 +318,15 @@ class AttributionWorker:
                     body = orjson.dumps(ev.payload).decode()
                 except (TypeError, orjson.JSONEncodeError):
                     body = repr(ev.payload)
-                dead.append(DeadLetter(topic=ev.topic, reason=str(exc), payload_json=body, event_id=ev.id, received_at=now))
+                dead.append(
+                    DeadLetter(
+                        topic=ev.topic,
+                        reason=str(exc),
+                        payload_json=body,
+                        event_id=ev.id,
+                        received_at=now,
+                    )
+                )
                 continue
             if c.row.id in seen:
                 self.stats.duplicates += 1
@@ -370,10 +389,17 @@ class AttributionWorker:
         formed_set = set(formed)
         for a, ident in identity_of.items():
             if ident in formed_set:
-                events.append((IDENTITY_FORMED, {"identity_uuid": ident, "attacker_uuid": a, "ts": now}, "formed"))
+                events.append(
+                    (
+                        IDENTITY_FORMED,
+                        {"identity_uuid": ident, "attacker_uuid": a, "ts": now},
+                        "formed",
+                    )
+                )
                 self.stats.identities_formed += 1
         rows = [
-            c.row if c.row.identity_uuid == identity_of.get(c.row.attacker_uuid)
+            c.row
+            if c.row.identity_uuid == identity_of.get(c.row.attacker_uuid)
             else replace(c.row, identity_uuid=identity_of.get(c.row.attacker_uuid))
             for c in checked
         ]
@@ -406,12 +432,16 @@ class AttributionWorker:
         if result.errors:
             # validate.py mirrors the engine's checks, so this is a defect; the
             # rollback keeps the store consistent and the batch is retried.
-            raise StoreError(f"engine rejected {len(result.errors)} checked observations: {result.errors[0].reason}")
+            raise StoreError(
+                f"engine rejected {len(result.errors)} checked observations: {result.errors[0].reason}"
+            )
         self.stats.merged += len(new_rows)
         events.extend(await self._write_states(tx, result, prior, now))
         return events
 
-    async def _load_windows(self, tx: Tx, keys: list[Key], touched: list[Key]) -> dict[Key, StateRow]:
+    async def _load_windows(
+        self, tx: Tx, keys: list[Key], touched: list[Key]
+    ) -> dict[Key, StateRow]:
         """Prior state rows of the batch's keys; makes the engine hold exactly
         the stored windows for them (all of them on a shared store, only
         the missing ones otherwise)."""
@@ -445,7 +475,15 @@ class AttributionWorker:
         self.engine.evict([(identity, primitive)])
         series = await self.store.recent_values(identity, primitive, 10**9)
         self.engine.ingest(
-            [{"identity_uuid": identity, "primitive": primitive, "value": o["value"], "ts": o["ts"]} for o in series]
+            [
+                {
+                    "identity_uuid": identity,
+                    "primitive": primitive,
+                    "value": o["value"],
+                    "ts": o["ts"],
+                }
+                for o in series
+            ]
         )
         log.info("rebuilt %s/%s from %d stored observations", identity, primitive, len(series))
 
@@ -479,6 +517,7 @@ class AttributionWorker:
                     window_json=window,
                     version=version,
                     updated_at=now,
+                    previous_state=(old.state if changed else old.previous_state) if old else None,
                 )
             )
             if "multi_actor" in (st.state, old.state if old else None):
@@ -500,7 +539,9 @@ class AttributionWorker:
             }
             if changed:
                 self.stats.state_changes += 1
-                events.append((ATTRIBUTION_PROFILE_STATE_CHANGED, payload, EVENT_TYPE_STATE_CHANGED))
+                events.append(
+                    (ATTRIBUTION_PROFILE_STATE_CHANGED, payload, EVENT_TYPE_STATE_CHANGED)
+                )
             else:
                 events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
         await tx.upsert_states(rows)
@@ -509,7 +550,9 @@ class AttributionWorker:
         return events
 
     # ---- multi-actor (reference §4.9 with BUG-10 semantics, persisted) ---------------
-    async def _multi_actor(self, tx: Tx, identities: list[str], now: float) -> list[tuple[str, dict[str, Any], str]]:
+    async def _multi_actor(
+        self, tx: Tx, identities: list[str], now: float
+    ) -> list[tuple[str, dict[str, Any], str]]:
         need = self.thresholds.multi_actor_min_primitives
         flagged = await tx.multi_actor_primitives(identities)
         fired = await tx.multi_actor_signatures(identities, lock=self.shared)
@@ -625,7 +668,9 @@ class AttributionWorker:
             return
         if ip is not None and not isinstance(ip, str):
             ip = None
-        when = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else time.time()
+        when = (
+            float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else time.time()
+        )
         try:
             async with self.store.transaction() as tx:
                 await tx.ensure_attackers([(uuid, ip, when)])
@@ -644,7 +689,8 @@ class AttributionWorker:
             if not rows:
                 return total
             checked = [
-                CheckedObservation(row=r, value=orjson.loads(r.value_json), attacker_ip=None) for r in rows
+                CheckedObservation(row=r, value=orjson.loads(r.value_json), attacker_ip=None)
+                for r in rows
             ]
             touched: list[Key] = []
             identity_of: dict[str, str] = {}
@@ -672,5 +718,3 @@ class AttributionWorker:
             self.stats.pending_merged += len(rows)
             after = max((r.seq or 0) for r in rows)
             log.info("merged %d stored-but-unmerged observations", total)
-
-

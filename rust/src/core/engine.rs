@@ -18,8 +18,8 @@ use hashbrown::HashMap;
 use super::hashwin::{HashWindow, Upsert};
 use super::intern::{Id, Interner};
 use super::merge::{self, Current, Kind, Outcome, State, Thresholds};
-use super::slots::{Blocks, Meta};
 use super::registry::Registry;
+use super::slots::{Blocks, Meta};
 use super::value::{write_json_str, Value, ValueRef};
 
 /// Input limits. Anything above them is rejected per item.
@@ -88,7 +88,7 @@ pub struct Change {
 
 impl Change {
     pub fn state_changed(&self) -> bool {
-        self.old.as_ref().map_or(true, |o| o.state != self.new.state)
+        self.old.as_ref().is_none_or(|o| o.state != self.new.state)
     }
 }
 
@@ -145,7 +145,9 @@ impl Names {
             }
         }
         let id = self.find(s)?;
-        *self.last.borrow_mut() = self.entries[id as usize].as_ref().map(|(n, _)| (id, n.clone()));
+        *self.last.borrow_mut() = self.entries[id as usize]
+            .as_ref()
+            .map(|(n, _)| (id, n.clone()));
         Some(id)
     }
 
@@ -196,7 +198,12 @@ impl Names {
     fn heap_bytes(&self) -> usize {
         self.map.capacity() * 24
             + self.entries.capacity() * 24
-            + self.entries.iter().flatten().map(|(n, _)| n.len() + 16).sum::<usize>()
+            + self
+                .entries
+                .iter()
+                .flatten()
+                .map(|(n, _)| n.len() + 16)
+                .sum::<usize>()
     }
 }
 
@@ -258,7 +265,13 @@ fn describe(v: ValueRef<'_>) -> String {
 /// existing equal ts (arrival order). If the ring is full the oldest entry
 /// is dropped and returned. The caller has checked that the observation
 /// does not fall before a full window.
-fn ring_insert<T: Copy>(ts: &mut [f64], vals: &mut [T], len: &mut usize, t: f64, v: T) -> Option<T> {
+fn ring_insert<T: Copy>(
+    ts: &mut [f64],
+    vals: &mut [T],
+    len: &mut usize,
+    t: f64,
+    v: T,
+) -> Option<T> {
     let cap = ts.len();
     let p = ts[..*len].partition_point(|&x| x <= t);
     if *len == cap {
@@ -429,7 +442,8 @@ impl Engine {
         let ident = self.idents.acquire(identity);
         let prim = self.prims.acquire(primitive);
         if self.prim_info.len() <= prim as usize {
-            self.prim_info.resize(prim as usize + 1, (Kind::Categorical, false));
+            self.prim_info
+                .resize(prim as usize + 1, (Kind::Categorical, false));
         }
         self.prim_info[prim as usize] = self.default_kind(primitive);
         let ext = match kind {
@@ -552,7 +566,11 @@ impl Engine {
                 let nb = m.ext as usize * self.cap;
                 merge::numeric(&self.th, m.count, &self.nums[nb..nb + len])
             }
-            Kind::Hash => merge::hash(&self.th, self.wins[m.ext as usize].len(), len.saturating_sub(1)),
+            Kind::Hash => merge::hash(
+                &self.th,
+                self.wins[m.ext as usize].len(),
+                len.saturating_sub(1),
+            ),
         }
     }
 
@@ -606,7 +624,9 @@ impl Engine {
             };
             if !known {
                 self.stats.unknown_primitive_observations += 1;
-                if self.unknown_prims.len() < MAX_UNKNOWN_NAMES && !self.unknown_prims.contains(o.primitive) {
+                if self.unknown_prims.len() < MAX_UNKNOWN_NAMES
+                    && !self.unknown_prims.contains(o.primitive)
+                {
                     self.unknown_prims.insert(o.primitive.to_owned());
                 }
             }
@@ -618,7 +638,11 @@ impl Engine {
             let pos = if m.epoch == epoch {
                 m.touched as usize
             } else {
-                let old = if m.count > 0 { Some(self.state_of(slot)) } else { None };
+                let old = if m.count > 0 {
+                    Some(self.state_of(slot))
+                } else {
+                    None
+                };
                 out.changes.push(Change {
                     identity: self.idents.name(m.ident),
                     primitive: self.prims.name(m.prim),
@@ -638,7 +662,8 @@ impl Engine {
     }
 
     pub fn get(&self, identity: &str, primitive: &str) -> Option<StateOut> {
-        self.find_slot(identity, primitive).map(|s| self.state_of(s))
+        self.find_slot(identity, primitive)
+            .map(|s| self.state_of(s))
     }
 
     pub fn contains(&self, identity: &str, primitive: &str) -> bool {
@@ -873,7 +898,8 @@ impl Engine {
             + self.wins.capacity() * std::mem::size_of::<HashWindow>()
             + self.wins.iter().map(HashWindow::heap_bytes).sum::<usize>()
             + self.map.capacity() * (std::mem::size_of::<((u32, u32), u32)>() + 1)
-            + (self.free_slots.capacity() + self.free_nums.capacity() + self.free_wins.capacity()) * 4
+            + (self.free_slots.capacity() + self.free_nums.capacity() + self.free_wins.capacity())
+                * 4
             + self.prim_info.capacity() * 2
             + self.values.heap_bytes()
             + self.idents.heap_bytes()
@@ -895,7 +921,11 @@ pub struct WindowIn<'a> {
 /// `aggregate_observations` over a whole series given in order (§4.3):
 /// positional, like DECNET — `current_value` and `last_observation_ts`
 /// come from the last element and the hash window is anchored on it.
-pub fn aggregate(th: &Thresholds, kind: Kind, obs: &[(f64, ValueRef<'_>)]) -> Result<StateOut, String> {
+pub fn aggregate(
+    th: &Thresholds,
+    kind: Kind,
+    obs: &[(f64, ValueRef<'_>)],
+) -> Result<StateOut, String> {
     let n = obs.len();
     let Some(&(last_ts, last_value)) = obs.last() else {
         return Ok(StateOut::empty());
@@ -922,12 +952,21 @@ pub fn aggregate(th: &Thresholds, kind: Kind, obs: &[(f64, ValueRef<'_>)]) -> Re
         Kind::Numeric => {
             // DECNET converts only what the rule reads: the last value below
             // the floor, else the last 2N.
-            let used = if (n as u64) < th.min_observations { &tail[take - 1..] } else { tail };
+            let used = if (n as u64) < th.min_observations {
+                &tail[take - 1..]
+            } else {
+                tail
+            };
             let mut vals = Vec::with_capacity(used.len());
             for (_, v) in used {
                 match v.to_float() {
                     Some(f) => vals.push(f),
-                    None => return Err(format!("numeric merger: value {} is not a finite number", describe(*v))),
+                    None => {
+                        return Err(format!(
+                            "numeric merger: value {} is not a finite number",
+                            describe(*v)
+                        ))
+                    }
                 }
             }
             merge::numeric(th, n as u64, &vals)
@@ -935,7 +974,8 @@ pub fn aggregate(th: &Thresholds, kind: Kind, obs: &[(f64, ValueRef<'_>)]) -> Re
         Kind::Hash => {
             let cutoff = last_ts - th.hash_window_secs;
             let mut seen: Vec<super::value::Canon> = Vec::new();
-            let mut set: std::collections::HashSet<super::value::Canon> = std::collections::HashSet::new();
+            let mut set: std::collections::HashSet<super::value::Canon> =
+                std::collections::HashSet::new();
             for (t, v) in obs {
                 if *t >= cutoff && !v.is_null() {
                     let c = v.canon();

@@ -63,7 +63,9 @@ fn sorted_series(arrivals: &[(f64, V)]) -> Vec<(f64, ValueRef<'static>)> {
     let mut idx: Vec<usize> = (0..arrivals.len()).collect();
     // stable sort: ties keep arrival order
     idx.sort_by(|&a, &b| arrivals[a].0.total_cmp(&arrivals[b].0));
-    idx.iter().map(|&i| (arrivals[i].0, arrivals[i].1.r())).collect()
+    idx.iter()
+        .map(|&i| (arrivals[i].0, arrivals[i].1.r()))
+        .collect()
 }
 
 fn check_stream(kind: Kind, arrivals: Vec<(f64, V)>, cuts: Vec<usize>, th: Thresholds) {
@@ -182,7 +184,11 @@ fn late_arrival_before_full_window_only_counts() {
     assert_eq!(ch.new.state, State::Stable);
     assert_eq!(ch.new.last_ts, 111.0);
     assert!(!ch.state_changed());
-    assert_eq!(eng.interned_values(), 1, "the late value was never retained");
+    assert_eq!(
+        eng.interned_values(),
+        1,
+        "the late value was never retained"
+    );
 }
 
 #[test]
@@ -213,10 +219,17 @@ fn bad_items_are_reported_and_the_rest_applies() {
                    {"identity_uuid":"i","primitive":"p","value":1,"ts":1,"value_kind":"hash"},
                    {"identity_uuid":"i","primitive":"p","value":1,"ts":2,"value_kind":"numeric"}]"#;
     let items = parse_batch(data).unwrap();
-    let res = eng.ingest(items.iter().enumerate().map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))));
+    let res = eng.ingest(
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))),
+    );
     let idx: Vec<usize> = res.errors.iter().map(|e| e.index).collect();
     assert_eq!(idx, vec![0, 2, 4]);
-    assert!(res.errors[0].reason.contains("toolchain.c2.beacon_interval_ms"));
+    assert!(res.errors[0]
+        .reason
+        .contains("toolchain.c2.beacon_interval_ms"));
     assert!(res.errors[0].reason.contains("\"fast\""));
     assert!(res.errors[2].reason.contains("conflicts"));
     let s = eng.get("i", "toolchain.c2.beacon_interval_ms").unwrap();
@@ -249,7 +262,11 @@ fn oversize_values_are_rejected() {
 #[test]
 fn evict_frees_everything() {
     let mut eng = Engine::new(Thresholds::default(), Limits::default()).unwrap();
-    for k in ["motor.keystroke_cadence", "motor.digraph_simhash", "toolchain.c2.beacon_interval_ms"] {
+    for k in [
+        "motor.keystroke_cadence",
+        "motor.digraph_simhash",
+        "toolchain.c2.beacon_interval_ms",
+    ] {
         let batch: Vec<_> = (0..15)
             .map(|i| {
                 (
@@ -288,7 +305,10 @@ fn changes_report_old_and_new() {
     assert!(r.changes[0].state_changed());
     assert_eq!(r.changes[0].new.state, State::Unknown);
     let r = eng.ingest(vec![(0, Ok(mk(3.0)))]);
-    assert_eq!(r.changes[0].old.as_ref().map(|o| o.state), Some(State::Unknown));
+    assert_eq!(
+        r.changes[0].old.as_ref().map(|o| o.state),
+        Some(State::Unknown)
+    );
     assert_eq!(r.changes[0].new.state, State::Stable);
     assert!(r.changes[0].state_changed());
 }

@@ -69,7 +69,10 @@ fn is_ws(c: u8) -> bool {
 
 impl<'a> P<'a> {
     fn err<T>(&self, msg: &'static str) -> R<T> {
-        Err(SyntaxError { offset: self.i, msg })
+        Err(SyntaxError {
+            offset: self.i,
+            msg,
+        })
     }
 
     #[inline]
@@ -141,7 +144,8 @@ impl<'a> P<'a> {
                         b'u' => {
                             let hi = self.hex4()?;
                             let c = if (0xD800..0xDC00).contains(&hi) {
-                                if b.get(self.i) != Some(&b'\\') || b.get(self.i + 1) != Some(&b'u') {
+                                if b.get(self.i) != Some(&b'\\') || b.get(self.i + 1) != Some(&b'u')
+                                {
                                     return self.err("lone leading surrogate in hex escape");
                                 }
                                 self.i += 2;
@@ -445,7 +449,9 @@ impl<'a> P<'a> {
             }
         }
         let [identity, primitive, value, ts, confidence, value_kind] = f;
-        Ok(check(identity, primitive, value, ts, confidence, value_kind))
+        Ok(check(
+            identity, primitive, value, ts, confidence, value_kind,
+        ))
     }
 }
 
@@ -472,7 +478,10 @@ fn number(v: &AnyIn<'_>) -> Option<f64> {
 fn string_field<'a>(name: &str, v: Option<AnyIn<'a>>) -> Result<Cow<'a, str>, String> {
     match v {
         Some(AnyIn::Str(s)) => Ok(s),
-        Some(other) => Err(format!("{name} must be a string, got {}", type_name(&other))),
+        Some(other) => Err(format!(
+            "{name} must be a string, got {}",
+            type_name(&other)
+        )),
         None => Err(format!("missing field {name}")),
     }
 }
@@ -488,7 +497,9 @@ fn check<'a>(
     let identity = string_field("identity_uuid", identity)?;
     let primitive = string_field("primitive", primitive)?;
     let ts = match ts {
-        Some(t) => number(&t).ok_or_else(|| format!("ts must be a number, got {}", type_name(&t)))?,
+        Some(t) => {
+            number(&t).ok_or_else(|| format!("ts must be a number, got {}", type_name(&t)))?
+        }
         None => return Err("missing field ts".into()),
     };
     if !ts.is_finite() {
@@ -499,16 +510,25 @@ fn check<'a>(
         Some(c) => match number(&c) {
             Some(x) if (0.0..=1.0).contains(&x) => {}
             Some(x) => return Err(format!("confidence must be in [0, 1], got {x}")),
-            None => return Err(format!("confidence must be a number, got {}", type_name(&c))),
+            None => {
+                return Err(format!(
+                    "confidence must be a number, got {}",
+                    type_name(&c)
+                ))
+            }
         },
     }
     let kind = match value_kind {
         None | Some(AnyIn::Null) => None,
-        Some(AnyIn::Str(s)) => Some(
-            Kind::parse(&s)
-                .ok_or_else(|| format!("value_kind must be categorical, numeric or hash, got {s:?}"))?,
-        ),
-        Some(other) => return Err(format!("value_kind must be a string, got {}", type_name(&other))),
+        Some(AnyIn::Str(s)) => Some(Kind::parse(&s).ok_or_else(|| {
+            format!("value_kind must be categorical, numeric or hash, got {s:?}")
+        })?),
+        Some(other) => {
+            return Err(format!(
+                "value_kind must be a string, got {}",
+                type_name(&other)
+            ))
+        }
     };
     let value = match value {
         Some(v) => value_in(v)?,
@@ -525,7 +545,11 @@ fn check<'a>(
 
 /// Parse a whole JSON array of observations. `s` must be the full input.
 pub fn parse_array(s: &str) -> R<Vec<Result<ParsedObs<'_>, String>>> {
-    let mut p = P { b: s.as_bytes(), s, i: 0 };
+    let mut p = P {
+        b: s.as_bytes(),
+        s,
+        i: 0,
+    };
     let mut out = Vec::with_capacity(s.len() / 96 + 1);
     p.ws();
     p.expect(b'[', "expected `[`")?;
@@ -556,7 +580,11 @@ pub fn parse_array(s: &str) -> R<Vec<Result<ParsedObs<'_>, String>>> {
 
 /// Parse one NDJSON line holding one observation.
 pub fn parse_line(s: &str) -> R<Result<ParsedObs<'_>, String>> {
-    let mut p = P { b: s.as_bytes(), s, i: 0 };
+    let mut p = P {
+        b: s.as_bytes(),
+        s,
+        i: 0,
+    };
     p.ws();
     let item = p.item()?;
     p.ws();
@@ -570,6 +598,11 @@ pub fn parse_line(s: &str) -> R<Result<ParsedObs<'_>, String>> {
 pub fn line_col(s: &[u8], offset: usize) -> (usize, usize) {
     let before = &s[..offset.min(s.len())];
     let line = before.iter().filter(|&&c| c == b'\n').count() + 1;
-    let col = offset - before.iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1) + 1;
+    let col = offset
+        - before
+            .iter()
+            .rposition(|&c| c == b'\n')
+            .map_or(0, |p| p + 1)
+        + 1;
     (line, col)
 }

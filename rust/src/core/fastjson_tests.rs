@@ -25,12 +25,28 @@ fn json_scalar() -> impl Strategy<Value = String> {
     prop_oneof![
         json_string(),
         prop::sample::select(vec![
-            "0", "1", "-1", "12.5", "1e3", "1E-3", "-2.5e+2", "1.0", "9223372036854775807",
-            "9223372036854775808", "18446744073709551616", "-9223372036854775809", "true",
-            "false", "null", "0.1", "123456789.123456789",
+            "0",
+            "1",
+            "-1",
+            "12.5",
+            "1e3",
+            "1E-3",
+            "-2.5e+2",
+            "1.0",
+            "9223372036854775807",
+            "9223372036854775808",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "true",
+            "false",
+            "null",
+            "0.1",
+            "123456789.123456789",
         ])
         .prop_map(str::to_owned),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| format!("{f:?}")),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| format!("{f:?}")),
         any::<i64>().prop_map(|i| i.to_string()),
     ]
 }
@@ -42,7 +58,10 @@ fn json_value() -> impl Strategy<Value = String> {
             prop::collection::vec((json_string(), inner), 0..4).prop_map(|v| {
                 format!(
                     "{{{}}}",
-                    v.iter().map(|(k, x)| format!("{k}:{x}")).collect::<Vec<_>>().join(", ")
+                    v.iter()
+                        .map(|(k, x)| format!("{k}:{x}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             }),
         ]
@@ -55,8 +74,15 @@ fn observation() -> impl Strategy<Value = String> {
         prop::sample::select(vec![r#""motor.input_modality""#, r#""p""#, "[1]"]),
         json_value(),
         prop_oneof![json_scalar(), Just("1700000000.25".to_string())],
-        prop::option::of(prop::sample::select(vec!["1.0", "0", "0.5", "2", "null", r#""x""#])),
-        prop::option::of(prop::sample::select(vec![r#""numeric""#, r#""hash""#, r#""x""#, "null"])),
+        prop::option::of(prop::sample::select(vec![
+            "1.0", "0", "0.5", "2", "null", r#""x""#,
+        ])),
+        prop::option::of(prop::sample::select(vec![
+            r#""numeric""#,
+            r#""hash""#,
+            r#""x""#,
+            "null",
+        ])),
         prop::collection::vec((json_string(), json_value()), 0..3),
         any::<u64>(),
         prop::sample::select(vec!["", " ", "\t", "\r"]),
@@ -122,7 +148,12 @@ fn agree(input: &[u8]) -> Result<(), TestCaseError> {
             Ok(())
         }
         _ => {
-            prop_assert!(false, "batch disagrees: {:?} vs {:?}", fast.is_ok(), slow.is_ok());
+            prop_assert!(
+                false,
+                "batch disagrees: {:?} vs {:?}",
+                fast.is_ok(),
+                slow.is_ok()
+            );
             Ok(())
         }
     }

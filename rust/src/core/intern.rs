@@ -4,7 +4,7 @@
 //! same whatever its values look like, and a value that leaves every window
 //! is freed (hash primitives produce a new value per rotation forever).
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 
 use ahash::RandomState;
 use hashbrown::hash_map::RawEntryMut;
@@ -36,9 +36,7 @@ pub struct Interner {
 }
 
 fn hash_of<T: Hash + ?Sized>(state: &RandomState, v: &T) -> u64 {
-    let mut h = state.build_hasher();
-    v.hash(&mut h);
-    h.finish()
+    state.hash_one(v)
 }
 
 impl Default for Interner {
@@ -64,7 +62,11 @@ impl Interner {
     /// Intern a raw value, taking one reference.
     pub fn acquire(&mut self, v: ValueRef<'_>) -> Id {
         let hash = hash_of(&self.hasher, &v);
-        match self.raw_map.raw_entry_mut().from_hash(hash, |k| k.as_ref() == v) {
+        match self
+            .raw_map
+            .raw_entry_mut()
+            .from_hash(hash, |k| k.as_ref() == v)
+        {
             RawEntryMut::Occupied(e) => {
                 let id = *e.get();
                 if let Some(entry) = self.raw[id as usize].as_mut() {
@@ -77,7 +79,11 @@ impl Interner {
                 let canon = {
                     let key = v.canon();
                     let chash = hash_of(&self.hasher, &key);
-                    match self.canon_map.raw_entry_mut().from_hash(chash, |k| *k == key) {
+                    match self
+                        .canon_map
+                        .raw_entry_mut()
+                        .from_hash(chash, |k| *k == key)
+                    {
                         RawEntryMut::Occupied(ce) => {
                             let cid = *ce.get();
                             if let Some(c) = self.canon[cid as usize].as_mut() {
@@ -169,7 +175,11 @@ impl Interner {
             return;
         };
         let hash = hash_of(&self.hasher, &c.key);
-        if let RawEntryMut::Occupied(e) = self.canon_map.raw_entry_mut().from_hash(hash, |k| *k == c.key) {
+        if let RawEntryMut::Occupied(e) = self
+            .canon_map
+            .raw_entry_mut()
+            .from_hash(hash, |k| *k == c.key)
+        {
             e.remove();
         }
         self.canon_free.push(cid);
@@ -187,7 +197,10 @@ impl Interner {
     }
 
     pub fn canon_key(&self, cid: Id) -> Option<&Canon> {
-        self.canon.get(cid as usize).and_then(|c| c.as_ref()).map(|c| &c.key)
+        self.canon
+            .get(cid as usize)
+            .and_then(|c| c.as_ref())
+            .map(|c| &c.key)
     }
 
     pub fn is_null_canon(&self, cid: Id) -> bool {

@@ -349,7 +349,10 @@ impl<'a> ParsedObs<'a> {
 fn string_field<'a>(name: &str, v: Option<AnyIn<'a>>) -> Result<Cow<'a, str>, String> {
     match v {
         Some(AnyIn::Str(s)) => Ok(s),
-        Some(other) => Err(format!("{name} must be a string, got {}", other.type_name())),
+        Some(other) => Err(format!(
+            "{name} must be a string, got {}",
+            other.type_name()
+        )),
         None => Err(format!("missing field {name}")),
     }
 }
@@ -361,7 +364,10 @@ pub fn parse_kind(v: Option<AnyIn<'_>>) -> Result<Option<Kind>, String> {
         Some(AnyIn::Str(s)) => Kind::parse(&s)
             .map(Some)
             .ok_or_else(|| format!("value_kind must be categorical, numeric or hash, got {s:?}")),
-        Some(other) => Err(format!("value_kind must be a string, got {}", other.type_name())),
+        Some(other) => Err(format!(
+            "value_kind must be a string, got {}",
+            other.type_name()
+        )),
     }
 }
 
@@ -382,7 +388,12 @@ fn check_fields(f: Fields<'_>) -> Result<ParsedObs<'_>, String> {
         Some(c) => match c.as_number() {
             Some(x) if (0.0..=1.0).contains(&x) => {}
             Some(x) => return Err(format!("confidence must be in [0, 1], got {x}")),
-            None => return Err(format!("confidence must be a number, got {}", c.type_name())),
+            None => {
+                return Err(format!(
+                    "confidence must be a number, got {}",
+                    c.type_name()
+                ))
+            }
         },
     }
     let kind = parse_kind(f.value_kind)?;
@@ -413,8 +424,12 @@ fn strip_bom(data: &[u8]) -> &[u8] {
 pub fn parse_batch(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, String> {
     let data = strip_bom(data);
     if first_byte(data) == Some(b'[') {
-        let s = std::str::from_utf8(data)
-            .map_err(|e| format!("invalid JSON array: invalid UTF-8 at byte {}", e.valid_up_to()))?;
+        let s = std::str::from_utf8(data).map_err(|e| {
+            format!(
+                "invalid JSON array: invalid UTF-8 at byte {}",
+                e.valid_up_to()
+            )
+        })?;
         return fastjson::parse_array(s).map_err(|e| {
             let (line, col) = fastjson::line_col(data, e.offset);
             format!("invalid JSON array: {} at line {line} column {col}", e.msg)
@@ -428,7 +443,12 @@ pub fn parse_batch(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, St
         let item = match std::str::from_utf8(line).ok() {
             None => Err(format!("line {}: invalid UTF-8", lineno + 1)),
             Some(t) => fastjson::parse_line(t).unwrap_or_else(|e| {
-                Err(format!("line {}: invalid JSON: {} at column {}", lineno + 1, e.msg, e.offset + 1))
+                Err(format!(
+                    "line {}: invalid JSON: {} at column {}",
+                    lineno + 1,
+                    e.msg,
+                    e.offset + 1
+                ))
             }),
         };
         out.push(item);
@@ -498,7 +518,11 @@ impl<'a> ParsedWindow<'a> {
             kind: self.kind,
             count: self.count,
             window: self.window.iter().map(|(t, v)| (*t, v.as_ref())).collect(),
-            hash_window: self.hash_window.iter().map(|(v, t)| (v.as_ref(), *t)).collect(),
+            hash_window: self
+                .hash_window
+                .iter()
+                .map(|(v, t)| (v.as_ref(), *t))
+                .collect(),
         }
     }
 
@@ -508,7 +532,8 @@ impl<'a> ParsedWindow<'a> {
 }
 
 pub fn parse_window(data: &[u8]) -> Result<ParsedWindow<'_>, String> {
-    let doc: WindowDoc<'_> = serde_json::from_slice(data).map_err(|e| format!("invalid window JSON: {e}"))?;
+    let doc: WindowDoc<'_> =
+        serde_json::from_slice(data).map_err(|e| format!("invalid window JSON: {e}"))?;
     if doc.v != 1 {
         return Err(format!("unsupported window format version {}", doc.v));
     }
@@ -570,11 +595,17 @@ mod tests {
                        {"identity_uuid":"i","primitive":"p","value":{"b":1,"a":[1.0,true]},"ts":1}]"#;
         let items = parse_batch(arr).unwrap();
         assert!(items[0].as_ref().unwrap_err().contains("must be an object"));
-        assert!(items[1].as_ref().unwrap_err().contains("ts must be a number"));
+        assert!(items[1]
+            .as_ref()
+            .unwrap_err()
+            .contains("ts must be a number"));
         assert!(items[2].as_ref().unwrap_err().contains("missing field ts"));
         assert!(items[3].as_ref().unwrap_err().contains("confidence"));
         let ok = items[4].as_ref().unwrap();
-        assert_eq!(ok.value.as_ref(), ValueRef::Json(r#"{"a":[1.0,true],"b":1}"#));
+        assert_eq!(
+            ok.value.as_ref(),
+            ValueRef::Json(r#"{"a":[1.0,true],"b":1}"#)
+        );
     }
 
     #[test]

@@ -88,14 +88,23 @@ impl Thresholds {
             return Err("majority must be >= 1".into());
         }
         if !(self.ewma_alpha > 0.0 && self.ewma_alpha <= 1.0) {
-            return Err(format!("ewma_alpha must be in (0, 1], got {}", self.ewma_alpha));
+            return Err(format!(
+                "ewma_alpha must be in (0, 1], got {}",
+                self.ewma_alpha
+            ));
         }
         finite_pos("stable_dispersion_pct", self.stable_dispersion_pct)?;
         finite_pos("drift_mean_shift_pct", self.drift_mean_shift_pct)?;
         finite_pos("conflict_dispersion_pct", self.conflict_dispersion_pct)?;
-        finite_pos("numeric_conflict_confidence", self.numeric_conflict_confidence)?;
+        finite_pos(
+            "numeric_conflict_confidence",
+            self.numeric_conflict_confidence,
+        )?;
         finite_pos("hash_window_secs", self.hash_window_secs)?;
-        finite_pos("multi_actor_max_confidence", self.multi_actor_max_confidence)?;
+        finite_pos(
+            "multi_actor_max_confidence",
+            self.multi_actor_max_confidence,
+        )?;
         finite_pos("multi_actor_tick_secs", self.multi_actor_tick_secs)?;
         if self.multi_actor_min_primitives < 1 {
             return Err("multi_actor_min_primitives must be >= 1".into());
@@ -220,7 +229,9 @@ impl Rule {
             Rule::DispersionAboveConflict => {
                 "coefficient of variation around the EWMA is above the conflict threshold"
             }
-            Rule::MeanShift => "EWMA moved from the older window's EWMA by at least the drift threshold",
+            Rule::MeanShift => {
+                "EWMA moved from the older window's EWMA by at least the drift threshold"
+            }
             Rule::NumericSteady => "EWMA close to the older window (or no older window)",
             Rule::HashNoRotation => "a single distinct value in the hash window",
             Rule::HashFewRotations => "rotations in the hash window at most hash_drift_max",
@@ -523,9 +534,15 @@ mod tests {
         assert_eq!(o.state, State::MultiActor);
         assert_eq!(o.confidence, 0.5);
         // ABBAB: 3 flips, 1 repeat → alternation
-        assert_eq!(categorical(&t, 5, &[1, 2, 2, 1, 2]).state, State::MultiActor);
+        assert_eq!(
+            categorical(&t, 5, &[1, 2, 2, 1, 2]).state,
+            State::MultiActor
+        );
         // AABBA: 2 flips, 2 repeats → not
-        assert_eq!(categorical(&t, 5, &[1, 1, 2, 2, 1]).state, State::Conflicted);
+        assert_eq!(
+            categorical(&t, 5, &[1, 1, 2, 2, 1]).state,
+            State::Conflicted
+        );
         // confidence capped at 0.6
         let o = categorical(&t, 5, &[1, 2, 1, 2, 1]);
         assert_eq!(o.state, State::MultiActor);
@@ -544,7 +561,10 @@ mod tests {
         let o = categorical(&t, 10, &[1, 2, 3, 1, 2, 2, 2, 2, 2, 2]);
         assert_eq!(o.detail.rule, Rule::OlderWindowUnsettled);
         // same majority → stable
-        assert_eq!(categorical(&t, 7, &[1, 1, 1, 1, 1, 1, 1]).state, State::Stable);
+        assert_eq!(
+            categorical(&t, 7, &[1, 1, 1, 1, 1, 1, 1]).state,
+            State::Stable
+        );
     }
 
     #[test]
@@ -567,7 +587,12 @@ mod tests {
         let o = numeric(&t, 3, &[0.0, 0.0, 0.0]);
         assert_eq!(o.state, State::Stable);
         let o = numeric(&t, 3, &[-1.0, 1.0, 0.0]);
-        assert_eq!(o.detail.cv, Some(1e9).filter(|_| o.detail.ewma == Some(0.0)).or(o.detail.cv));
+        assert_eq!(
+            o.detail.cv,
+            Some(1e9)
+                .filter(|_| o.detail.ewma == Some(0.0))
+                .or(o.detail.cv)
+        );
         let o = numeric(&t, 10, &[1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
         assert_eq!(o.state, State::Drifting);
         let o = numeric(&t, 5, &[1.0, 100.0, 1.0, 100.0, 1.0]);

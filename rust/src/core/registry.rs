@@ -82,9 +82,15 @@ mod tests {
         let r = Registry::get();
         assert_eq!(r.version, "0.1.4");
         assert_eq!(r.len(), 82);
-        assert_eq!(r.kind("toolchain.c2.beacon_interval_ms"), Some(Kind::Numeric));
+        assert_eq!(
+            r.kind("toolchain.c2.beacon_interval_ms"),
+            Some(Kind::Numeric)
+        );
         assert_eq!(r.kind("motor.digraph_simhash"), Some(Kind::Hash));
-        assert_eq!(r.kind("toolchain.ssh.kex_algorithm_order"), Some(Kind::Categorical));
+        assert_eq!(
+            r.kind("toolchain.ssh.kex_algorithm_order"),
+            Some(Kind::Categorical)
+        );
         assert_eq!(r.kind("environmental.locale"), Some(Kind::Categorical));
         assert_eq!(r.kind("no.such.primitive"), None);
     }

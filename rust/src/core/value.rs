@@ -318,7 +318,10 @@ mod tests {
             ValueRef::Float(1e20).canon(),
             ValueRef::BigInt("100000000000000000000").canon()
         );
-        assert_eq!(ValueRef::Float(-9.223372036854775808e18).canon(), Canon::Int(i64::MIN));
+        assert_eq!(
+            ValueRef::Float(-9.223_372_036_854_776e18).canon(),
+            Canon::Int(i64::MIN)
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::once_cell::GILOnceCell;
 use pyo3::prelude::*;
-use pyo3::AsPyPointer;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyList, PyLong, PyString, PyTuple};
+use pyo3::AsPyPointer;
 
 use crate::core::engine::Obs;
 use crate::core::json::{canonical_json, MAX_DEPTH};
@@ -20,11 +20,14 @@ extern "C" {
     // Part of CPython's ABI on every 3.x (in the limited API from 3.10);
     // unlike PyUnicode_AsUTF8String it returns the cached UTF-8 buffer
     // without allocating a bytes object per string.
-    fn PyUnicode_AsUTF8AndSize(unicode: *mut ffi::PyObject, size: *mut ffi::Py_ssize_t) -> *const c_char;
+    fn PyUnicode_AsUTF8AndSize(
+        unicode: *mut ffi::PyObject,
+        size: *mut ffi::Py_ssize_t,
+    ) -> *const c_char;
 }
 
 /// The UTF-8 text of a Python str, borrowed for as long as the object lives.
-pub fn str_of<'py>(s: &'py PyString) -> Result<&'py str, String> {
+pub fn str_of(s: &PyString) -> Result<&str, String> {
     let mut size: ffi::Py_ssize_t = 0;
     // SAFETY: `s` is a live str object (the GIL is held, as `'py` proves)
     // and the returned buffer lives as long as the object.
@@ -62,7 +65,8 @@ pub struct Arena {
 
 impl Arena {
     pub fn push(&mut self, s: &str) -> Result<Span, String> {
-        let start = u32::try_from(self.buf.len()).map_err(|_| "batch text above 4 GiB".to_string())?;
+        let start =
+            u32::try_from(self.buf.len()).map_err(|_| "batch text above 4 GiB".to_string())?;
         self.buf.push_str(s);
         let len = u32::try_from(s.len()).map_err(|_| "string above 4 GiB".to_string())?;
         Ok(Span(start, len))
@@ -108,7 +112,10 @@ impl Item {
 }
 
 fn type_name(obj: &PyAny) -> String {
-    obj.get_type().name().map(str::to_owned).unwrap_or_else(|_| "?".into())
+    obj.get_type()
+        .name()
+        .map(str::to_owned)
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn py_to_json(obj: &PyAny, depth: usize) -> Result<serde_json::Value, String> {
@@ -141,10 +148,18 @@ fn py_to_json(obj: &PyAny, depth: usize) -> Result<serde_json::Value, String> {
         return Ok(J::String(str_of(s)?.to_owned()));
     }
     if let Ok(l) = obj.downcast::<PyList>() {
-        return l.iter().map(|x| py_to_json(x, depth + 1)).collect::<Result<Vec<_>, _>>().map(J::Array);
+        return l
+            .iter()
+            .map(|x| py_to_json(x, depth + 1))
+            .collect::<Result<Vec<_>, _>>()
+            .map(J::Array);
     }
     if let Ok(t) = obj.downcast::<PyTuple>() {
-        return t.iter().map(|x| py_to_json(x, depth + 1)).collect::<Result<Vec<_>, _>>().map(J::Array);
+        return t
+            .iter()
+            .map(|x| py_to_json(x, depth + 1))
+            .collect::<Result<Vec<_>, _>>()
+            .map(J::Array);
     }
     if let Ok(d) = obj.downcast::<PyDict>() {
         let mut m = serde_json::Map::new();
@@ -214,9 +229,9 @@ pub fn parse_kind_obj(obj: Option<&PyAny>) -> Result<Option<Kind>, String> {
                 .downcast::<PyString>()
                 .map_err(|_| format!("value_kind must be a string, got {}", type_name(o)))?;
             let s = str_of(s)?;
-            Kind::parse(s)
-                .map(Some)
-                .ok_or_else(|| format!("value_kind must be categorical, numeric or hash, got {s:?}"))
+            Kind::parse(s).map(Some).ok_or_else(|| {
+                format!("value_kind must be categorical, numeric or hash, got {s:?}")
+            })
         }
     }
 }
@@ -256,7 +271,9 @@ impl<'py> Keys<'py> {
 
 pub fn extract_ts(d: &PyDict, keys: &Keys<'_>) -> Result<f64, String> {
     let ts = match d.get_item(keys.ts) {
-        Some(t) => extract_number(t).ok_or_else(|| format!("ts must be a number, got {}", type_name(t)))?,
+        Some(t) => {
+            extract_number(t).ok_or_else(|| format!("ts must be a number, got {}", type_name(t)))?
+        }
         None => return Err("missing field ts".into()),
     };
     if !ts.is_finite() {
@@ -297,7 +314,11 @@ pub fn extract_item(obj: &PyAny, keys: &Keys<'_>, arena: &mut Arena) -> Result<I
 }
 
 /// For `aggregate_observations`: (ts, value) of one dict.
-pub fn extract_series_item(obj: &PyAny, keys: &Keys<'_>, arena: &mut Arena) -> Result<(f64, VSlot), String> {
+pub fn extract_series_item(
+    obj: &PyAny,
+    keys: &Keys<'_>,
+    arena: &mut Arena,
+) -> Result<(f64, VSlot), String> {
     let d = obj
         .downcast::<PyDict>()
         .map_err(|_| format!("observation must be a dict, got {}", type_name(obj)))?;
@@ -335,10 +356,7 @@ pub fn to_py(py: Python<'_>, v: &Value) -> PyResult<PyObject> {
 }
 
 /// Sequence input: a list fast path, else any iterable.
-pub fn for_each_item<'py>(
-    seq: &'py PyAny,
-    mut f: impl FnMut(usize, &'py PyAny),
-) -> PyResult<()> {
+pub fn for_each_item<'py>(seq: &'py PyAny, mut f: impl FnMut(usize, &'py PyAny)) -> PyResult<()> {
     if let Ok(list) = seq.downcast::<PyList>() {
         for (i, obj) in list.iter().enumerate() {
             f(i, obj);

@@ -10,7 +10,9 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use super::convert::{extract_item, extract_series_item, for_each_item, str_of, to_py, Arena, Item, Keys};
+use super::convert::{
+    extract_item, extract_series_item, for_each_item, str_of, to_py, Arena, Item, Keys,
+};
 use super::errors::{DecnetAttrError, InvalidJSONError};
 use super::types::{PyIngestResult, PyRejected, PyState, PyThresholds};
 use crate::core::engine::{aggregate, Engine, Explanation, ItemError, Limits, StateOut};
@@ -42,7 +44,12 @@ fn data_of(obj: &PyAny) -> PyResult<Data<'_>> {
         return Ok(Data::Owned(b.to_vec()));
     }
     if let Ok(s) = obj.downcast::<PyString>() {
-        return Ok(Data::Owned(str_of(s).map_err(DecnetAttrError::new_err)?.as_bytes().to_vec()));
+        return Ok(Data::Owned(
+            str_of(s)
+                .map_err(DecnetAttrError::new_err)?
+                .as_bytes()
+                .to_vec(),
+        ));
     }
     if let Ok(v) = obj.extract::<Vec<u8>>() {
         return Ok(Data::Owned(v));
@@ -69,7 +76,11 @@ pub struct PyEngine {
 }
 
 impl PyEngine {
-    fn result(&self, py: Python<'_>, res: crate::core::engine::BatchResult) -> PyResult<Py<PyIngestResult>> {
+    fn result(
+        &self,
+        py: Python<'_>,
+        res: crate::core::engine::BatchResult,
+    ) -> PyResult<Py<PyIngestResult>> {
         Py::new(
             py,
             PyIngestResult {
@@ -84,7 +95,13 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[args(thresholds = "None", "*", max_value_bytes = "8192", max_name_bytes = "256", kinds = "None")]
+    #[args(
+        thresholds = "None",
+        "*",
+        max_value_bytes = "8192",
+        max_name_bytes = "256",
+        kinds = "None"
+    )]
     fn new(
         thresholds: Option<PyThresholds>,
         max_value_bytes: usize,
@@ -132,10 +149,16 @@ impl PyEngine {
         let keys = Keys::new(py);
         let mut arena = Arena::default();
         let mut items: Vec<(usize, Result<Item, String>)> = Vec::new();
-        for_each_item(batch, |i, obj| items.push((i, extract_item(obj, &keys, &mut arena))))?;
+        for_each_item(batch, |i, obj| {
+            items.push((i, extract_item(obj, &keys, &mut arena)))
+        })?;
         let res = py.allow_threads(|| {
             let mut eng = self.inner.lock();
-            eng.ingest(items.into_iter().map(|(i, r)| (i, r.map(|it| it.obs(&arena)))))
+            eng.ingest(
+                items
+                    .into_iter()
+                    .map(|(i, r)| (i, r.map(|it| it.obs(&arena)))),
+            )
         });
         self.result(py, res)
     }
@@ -148,12 +171,14 @@ impl PyEngine {
         let res = py.allow_threads(|| {
             let parsed = parse_batch(bytes)?;
             let mut eng = self.inner.lock();
-            Ok::<_, String>(eng.ingest(
-                parsed
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))),
-            ))
+            Ok::<_, String>(
+                eng.ingest(
+                    parsed
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| (i, r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone))),
+                ),
+            )
         });
         match res {
             Ok(r) => self.result(py, r),
@@ -163,7 +188,10 @@ impl PyEngine {
 
     /// The current state of a key, or None.
     fn get(&self, identity_uuid: &str, primitive: &str) -> Option<PyState> {
-        self.inner.lock().get(identity_uuid, primitive).map(|inner| PyState { inner })
+        self.inner
+            .lock()
+            .get(identity_uuid, primitive)
+            .map(|inner| PyState { inner })
     }
 
     /// States of many keys at once (None where missing).
@@ -198,7 +226,10 @@ impl PyEngine {
     fn missing(&self, keys: &PyAny) -> PyResult<Vec<(String, String)>> {
         let keys = key_pairs(keys)?;
         let eng = self.inner.lock();
-        Ok(keys.into_iter().filter(|(i, p)| !eng.contains(i, p)).collect())
+        Ok(keys
+            .into_iter()
+            .filter(|(i, p)| !eng.contains(i, p))
+            .collect())
     }
 
     /// Drop keys; returns how many existed.
@@ -247,9 +278,15 @@ impl PyEngine {
 
     /// Why a key is in its state: the retained window, the counts, the rule
     /// and the thresholds it compared against. None for an unknown key.
-    fn explain(&self, py: Python<'_>, identity_uuid: &str, primitive: &str) -> PyResult<Option<PyObject>> {
+    fn explain(
+        &self,
+        py: Python<'_>,
+        identity_uuid: &str,
+        primitive: &str,
+    ) -> PyResult<Option<PyObject>> {
         let ex = self.inner.lock().explain(identity_uuid, primitive);
-        ex.map(|e| explanation(py, &self.thresholds, &e)).transpose()
+        ex.map(|e| explanation(py, &self.thresholds, &e))
+            .transpose()
     }
 
     /// Counters and sizes.
@@ -260,7 +297,10 @@ impl PyEngine {
         d.set_item("keys", eng.len())?;
         d.set_item("accepted", s.accepted)?;
         d.set_item("rejected", s.rejected)?;
-        d.set_item("unknown_primitive_observations", s.unknown_primitive_observations)?;
+        d.set_item(
+            "unknown_primitive_observations",
+            s.unknown_primitive_observations,
+        )?;
         d.set_item("unknown_primitives", eng.unknown_primitives())?;
         d.set_item("interned_values", eng.interned_values())?;
         d.set_item("heap_bytes", eng.heap_bytes())?;
@@ -364,11 +404,13 @@ pub fn aggregate_observations(
     let mut arena = Arena::default();
     let mut items = Vec::new();
     let mut first_err: Option<String> = None;
-    for_each_item(observations, |i, obj| match extract_series_item(obj, &keys, &mut arena) {
-        Ok(v) => items.push(v),
-        Err(e) => {
-            if first_err.is_none() {
-                first_err = Some(format!("observation {i}: {e}"));
+    for_each_item(observations, |i, obj| {
+        match extract_series_item(obj, &keys, &mut arena) {
+            Ok(v) => items.push(v),
+            Err(e) => {
+                if first_err.is_none() {
+                    first_err = Some(format!("observation {i}: {e}"));
+                }
             }
         }
     })?;
@@ -384,7 +426,9 @@ pub fn aggregate_observations(
     let kind = match super::convert::parse_kind_obj(value_kind) {
         Ok(k) => k.unwrap_or(Kind::Categorical),
         Err(_) => {
-            let shown = value_kind.map(|v| v.repr().map(|r| r.to_string())).transpose()?;
+            let shown = value_kind
+                .map(|v| v.repr().map(|r| r.to_string()))
+                .transpose()?;
             return Err(DecnetAttrError::new_err(format!(
                 "unknown value_kind {}; expected None, 'categorical', 'numeric' or 'hash'",
                 shown.unwrap_or_default()

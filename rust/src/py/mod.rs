@@ -20,7 +20,10 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
     m.add("DecnetAttrError", py.get_type::<errors::DecnetAttrError>())?;
-    m.add("InvalidJSONError", py.get_type::<errors::InvalidJSONError>())?;
+    m.add(
+        "InvalidJSONError",
+        py.get_type::<errors::InvalidJSONError>(),
+    )?;
     m.add("REGISTRY_VERSION", Registry::get().version.as_str())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -146,14 +146,22 @@ impl PyThresholds {
         let parts: Vec<String> = FIELDS
             .iter()
             .map(|f| -> PyResult<String> {
-                let v = d.get_item(f).map(|v| v.repr().map(|r| r.to_string())).transpose()?;
+                let v = d
+                    .get_item(f)
+                    .map(|v| v.repr().map(|r| r.to_string()))
+                    .transpose()?;
                 Ok(format!("{f}={}", v.unwrap_or_default()))
             })
             .collect::<PyResult<_>>()?;
         Ok(format!("Thresholds({})", parts.join(", ")))
     }
 
-    fn __richcmp__(&self, other: PyRef<'_, PyThresholds>, op: CompareOp, py: Python<'_>) -> PyObject {
+    fn __richcmp__(
+        &self,
+        other: PyRef<'_, PyThresholds>,
+        op: CompareOp,
+        py: Python<'_>,
+    ) -> PyObject {
         match op {
             CompareOp::Eq => (self.inner == other.inner).into_py(py),
             CompareOp::Ne => (self.inner != other.inner).into_py(py),
@@ -162,7 +170,10 @@ impl PyThresholds {
     }
 
     fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(PyObject, &'py PyTuple)> {
-        let cls = py.get_type::<PyThresholds>().getattr("_from_dict")?.into_py(py);
+        let cls = py
+            .get_type::<PyThresholds>()
+            .getattr("_from_dict")?
+            .into_py(py);
         Ok((cls, PyTuple::new(py, [self.to_dict(py)?])))
     }
 
@@ -197,7 +208,13 @@ impl PyState {
 #[pymethods]
 impl PyState {
     #[new]
-    #[args(current_value, state, confidence, observation_count, last_observation_ts)]
+    #[args(
+        current_value,
+        state,
+        confidence,
+        observation_count,
+        last_observation_ts
+    )]
     fn new(
         current_value: &PyAny,
         state: &str,
@@ -381,7 +398,10 @@ impl PyRejected {
         Ok(d)
     }
     fn __repr__(&self) -> String {
-        format!("RejectedItem(index={}, reason={:?})", self.index, self.reason)
+        format!(
+            "RejectedItem(index={}, reason={:?})",
+            self.index, self.reason
+        )
     }
     fn __richcmp__(&self, other: PyRef<'_, PyRejected>, op: CompareOp, py: Python<'_>) -> PyObject {
         let eq = self.index == other.index && self.reason == other.reason;
