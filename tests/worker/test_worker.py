@@ -133,18 +133,16 @@ async def test_states_equal_the_oracle_and_events_follow_the_commit(
 async def test_last_change_ts_kept_while_state_holds(
     worker: AttributionWorker, bus: Bus, store: Store
 ) -> None:
-    await publish_all(
-        bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3)]
-    )
-    await publish_all(
-        bus, [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(3, 6)]
-    )
+    steady = [mk_obs(A, "motor.keystroke_cadence", "steady", float(t)) for t in range(6)]
+    await publish_all(bus, steady[:2])  # unknown (too few)
+    await publish_all(bus, steady[2:3])  # unknown → stable at ts 2
+    await publish_all(bus, steady[3:])  # still stable: last_change_ts kept
     att = await store.get_attacker(A)
     assert att is not None and att.identity_id
     row = await store.get_state(att.identity_id, "motor.keystroke_cadence")
     assert row is not None
     assert (row.state, row.last_change_ts, row.last_observation_ts) == ("stable", 2.0, 5.0)
-    assert row.version == 2
+    assert row.version == 3
     assert row.previous_state == "unknown"  # the state before the last transition
     assert json.loads(row.window_json or "{}")["count"] == 6
 
