@@ -353,6 +353,7 @@ async def _scenario(port: int, streams: int, attackers: int) -> dict[str, Any]:
         }
     for t in transports:
         t.close()
+    await asyncio.sleep(0.2)  # let the transports actually close
     return out
 
 
@@ -369,7 +370,7 @@ def run_case(streams: int) -> dict[str, Any]:
     attackers = max(1, streams // STREAMS_PER_ATTACKER)
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -385,18 +386,18 @@ def run_case(streams: int) -> dict[str, Any]:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.strip() == "READY", line
-            result = asyncio.run(_scenario(port, streams, attackers))
-            asyncio.run(_get_json(port, "POST", "/bench/quit"))
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        ) as proc:
+            try:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                assert line.strip() == "READY", line
+                result = asyncio.run(_scenario(port, streams, attackers))
+                asyncio.run(_get_json(port, "POST", "/bench/quit"))
+                proc.wait(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     return result
 
 

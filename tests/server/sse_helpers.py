@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,8 +174,8 @@ async def seed_attacker(
     *,
     identity: bool = False,
     ip: str | None = None,
-    observations: list[tuple[str, Any, float]] = (),  # type: ignore[assignment]
-    states: list[tuple[str, Any, str]] = (),  # type: ignore[assignment]
+    observations: Sequence[tuple[str, Any, float]] = (),
+    states: Sequence[tuple[str, Any, str]] = (),
 ) -> str | None:
     """Create an attacker (with a stub identity if asked), observations
     ``(primitive, value, ts)`` and state rows ``(primitive, value, state)``.

@@ -222,7 +222,9 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None:
             if time.monotonic() > deadline:
-                raise AssertionError(f"worker pid {self.proc.pid} still running after {timeout}s\n{self.log()}")
+                raise AssertionError(
+                    f"worker pid {self.proc.pid} still running after {timeout}s\n{self.log()}"
+                )
             await asyncio.sleep(0.02)
         return int(self.proc.returncode)
 
@@ -251,7 +253,9 @@ def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     ``decnet-attr worker`` with a clean ``DECNET_ATTR_*`` environment."""
     procs: list[WorkerProcess] = []
 
-    def spawn(*, bus_url: str, db_url: str = "", data_dir: Path | None = None, **extra: str) -> WorkerProcess:
+    def spawn(
+        *, bus_url: str, db_url: str = "", data_dir: Path | None = None, **extra: str
+    ) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DECNET_ATTR_")}
         env.update(
             {
@@ -294,8 +298,9 @@ async def consumer_drained(bus: NatsBus, durable: str = DURABLE) -> bool:
     return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
-async def set_ack_wait(bus: NatsBus, seconds: float, *, expect_current: float | None = None,
-                       timeout: float = 15.0) -> None:
+async def set_ack_wait(
+    bus: NatsBus, seconds: float, *, expect_current: float | None = None, timeout: float = 15.0
+) -> None:
     """Shorten the durable's ack_wait from outside.
 
     ``decnet-attr worker`` has no setting for it and (re)creates the durable
@@ -383,8 +388,16 @@ class Workload:
     stored (published after ``main`` is stored: the store drops them).
     """
 
-    def __init__(self, n_attackers: int = 6, *, tag: str = "w", both_alternations: int | None = None,
-                 drift_len: int = 24, hash_len: int = 14, num_len: int = 20) -> None:
+    def __init__(
+        self,
+        n_attackers: int = 6,
+        *,
+        tag: str = "w",
+        both_alternations: int | None = None,
+        drift_len: int = 24,
+        hash_len: int = 14,
+        num_len: int = 20,
+    ) -> None:
         self.attackers = [f"{tag}-attacker-{i:02d}" for i in range(n_attackers)]
         both = n_attackers - 1 if both_alternations is None else both_alternations
         self.multi = set(self.attackers[:both])
@@ -394,7 +407,9 @@ class Workload:
             base = 1_000_000.0 + 10_000.0 * i
             alt = [P_ALT1, P_ALT2] if a in self.multi else [P_ALT1]
             for p, (x, y) in zip(alt, [("typed", "pasted"), ("bash", "zsh")]):
-                self.main += [mk_obs(a, p, x if k % 2 == 0 else y, base + 10.0 * k + 0.25) for k in range(5)]
+                self.main += [
+                    mk_obs(a, p, x if k % 2 == 0 else y, base + 10.0 * k + 0.25) for k in range(5)
+                ]
             half = drift_len // 2
             self.main += [
                 mk_obs(a, P_DRIFT, "steady" if k < half else "bursty", base + 100.0 + 3.0 * k + 0.5)
@@ -402,10 +417,16 @@ class Workload:
             ]
             self.late += [mk_obs(a, P_DRIFT, "steady", base + 100.0 - 1.0 - k) for k in range(3)]
             self.main += [
-                mk_obs(a, P_HASH, f"{(k * 7 + i) % 5:016x}", base + 40_000.0 * k + 0.75) for k in range(hash_len)
+                mk_obs(a, P_HASH, f"{(k * 7 + i) % 5:016x}", base + 40_000.0 * k + 0.75)
+                for k in range(hash_len)
             ]
             self.main += [
-                mk_obs(a, P_NUM, 1000 + (k % 3) * 10 + (500 if k >= num_len // 2 else 0), base + 200.0 + 2.0 * k)
+                mk_obs(
+                    a,
+                    P_NUM,
+                    1000 + (k % 3) * 10 + (500 if k >= num_len // 2 else 0),
+                    base + 200.0 + 2.0 * k,
+                )
                 for k in range(num_len)
             ]
             self.late += [mk_obs(a, P_NUM, 990 + k, base + 150.0 + k) for k in range(3)]
@@ -426,15 +447,22 @@ class Workload:
         return {o["id"] for o in self.distinct}
 
 
-async def publish_durable(bus: Bus, items: list[dict[str, Any]], *, concurrency: int = 64,
-                          event_id: Callable[[dict[str, Any]], str] | None = None) -> None:
+async def publish_durable(
+    bus: Bus,
+    items: list[dict[str, Any]],
+    *,
+    concurrency: int = 64,
+    event_id: Callable[[dict[str, Any]], str] | None = None,
+) -> None:
     """JetStream-acked publishes (each returns once the stream stored it)."""
     sem = asyncio.Semaphore(concurrency)
 
     async def one(o: dict[str, Any]) -> None:
         async with sem:
             eid = event_id(o) if event_id else o["id"]
-            await bus.publish_durable(attacker_observation(o["primitive"]), o, event_id=eid, timeout=10.0)
+            await bus.publish_durable(
+                attacker_observation(o["primitive"]), o, event_id=eid, timeout=10.0
+            )
 
     await asyncio.gather(*(one(o) for o in items))
 
@@ -443,7 +471,9 @@ async def publish_with_retry(bus: Bus, o: dict[str, Any], *, deadline: float) ->
     """A sensor's publish: retry on BusUnavailable with the same event id."""
     while True:
         try:
-            await bus.publish_durable(attacker_observation(o["primitive"]), o, event_id=o["id"], timeout=2.0)
+            await bus.publish_durable(
+                attacker_observation(o["primitive"]), o, event_id=o["id"], timeout=2.0
+            )
             return
         except BusUnavailable:
             if time.monotonic() > deadline:
@@ -455,15 +485,22 @@ async def publish_with_retry(bus: Bus, o: dict[str, Any], *, deadline: float) ->
 
 
 async def stored_id_counts(store: Store) -> dict[str, int]:
-    return {r[0]: int(r[1]) for r in await query(store, "SELECT id, count(*) FROM observations GROUP BY id")}
+    return {
+        r[0]: int(r[1])
+        for r in await query(store, "SELECT id, count(*) FROM observations GROUP BY id")
+    }
 
 
 async def stored_count(store: Store) -> int:
     return int((await query(store, "SELECT count(*) FROM observations"))[0][0])
 
 
-async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str,
-                     diag: Callable[[], Awaitable[str]] | None = None) -> None:
+async def wait_until(
+    cond: Callable[[], Awaitable[bool]],
+    timeout: float,
+    what: str,
+    diag: Callable[[], Awaitable[str]] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while not await cond():
         if time.monotonic() > deadline:
@@ -491,16 +528,24 @@ async def assert_stored_exactly_once(
     assert dup_ev == []
 
 
-async def assert_states_equal_oracle(store: Store, observations: list[dict[str, Any]], attackers: list[str]) -> None:
+async def assert_states_equal_oracle(
+    store: Store, observations: list[dict[str, Any]], attackers: list[str]
+) -> None:
     from tests import oracle
     from tests.worker.helpers import oracle_states, stored_states
 
     want = oracle_states(observations)
     got = await stored_states(store, attackers)
-    assert set(got) == set(want), (sorted(set(want) - set(got))[:5], sorted(set(got) - set(want))[:5])
+    assert set(got) == set(want), (
+        sorted(set(want) - set(got))[:5],
+        sorted(set(got) - set(want))[:5],
+    )
     bad = [
-        (key, (got[key].state, got[key].observation_count, got[key].current_value),
-         (st.state, st.observation_count, st.current_value))
+        (
+            key,
+            (got[key].state, got[key].observation_count, got[key].current_value),
+            (st.state, st.observation_count, st.current_value),
+        )
         for key, st in sorted(want.items())
         if not oracle.same(got[key], st)
     ]

@@ -91,8 +91,16 @@ class Publisher:
     """A sensor publishing durably in the background (chunks of concurrent
     publishes, a short pause between chunks); records what was acked."""
 
-    def __init__(self, bus: Any, items: list[dict[str, Any]], *, chunk: int = 50, pause: float = 0.01,
-                 retry: bool = False, deadline: float = 40.0) -> None:
+    def __init__(
+        self,
+        bus: Any,
+        items: list[dict[str, Any]],
+        *,
+        chunk: int = 50,
+        pause: float = 0.01,
+        retry: bool = False,
+        deadline: float = 40.0,
+    ) -> None:
         self.bus = bus
         self.items = items
         self.chunk = chunk
@@ -112,7 +120,9 @@ class Publisher:
             if self.retry:
                 await publish_with_retry(self.bus, o, deadline=self.deadline)
             else:
-                await self.bus.publish_durable(attacker_observation(o["primitive"]), o, event_id=o["id"], timeout=10.0)
+                await self.bus.publish_durable(
+                    attacker_observation(o["primitive"]), o, event_id=o["id"], timeout=10.0
+                )
         except BusError as exc:
             self.failed.append((o["id"], repr(exc)))
             return
@@ -160,9 +170,18 @@ async def _diag(store: Store, bus: Any) -> str:
 
 
 async def _sigkill_scenario(
-    *, tmp_path: Path, nats_url: str, db_url: str, store: Store | None, open_sqlite: Path | None,
-    make_nats_bus: NatsBusFactory, make_store: StoreFactory, spawn_worker: Any,
-    publishers: list[Publisher], n: int, tag: str,
+    *,
+    tmp_path: Path,
+    nats_url: str,
+    db_url: str,
+    store: Store | None,
+    open_sqlite: Path | None,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    spawn_worker: Any,
+    publishers: list[Publisher],
+    n: int,
+    tag: str,
 ) -> Store:
     data_dir = tmp_path / "data"
     proc = spawn_worker(bus_url=nats_url, db_url=db_url, data_dir=data_dir)
@@ -198,7 +217,9 @@ async def _sigkill_scenario(
         assert proc.alive(), proc.log()
         return await stored_count(store) == n and await consumer_drained(pub)
 
-    await wait_until(all_stored, 30, "everything stored after the restart", lambda: _diag(store, pub))
+    await wait_until(
+        all_stored, 30, "everything stored after the restart", lambda: _diag(store, pub)
+    )
     await assert_stored_exactly_once(store, {o["id"] for o in items})
     attackers = sorted({o["attacker_uuid"] for o in items})
     await assert_states_equal_oracle(store, items, attackers)
@@ -211,28 +232,52 @@ async def _sigkill_scenario(
 
 
 async def test_sigkill_mid_stream_then_restart_postgres(
-    tmp_path: Path, nats_srv: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, spawn_worker: Any, publishers: list[Publisher],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    spawn_worker: Any,
+    publishers: list[Publisher],
 ) -> None:
     store = await make_store(pg_dsn)  # migrated before the worker starts
     await _sigkill_scenario(
-        tmp_path=tmp_path, nats_url=nats_srv.url, db_url=pg_dsn, store=store, open_sqlite=None,
-        make_nats_bus=make_nats_bus, make_store=make_store, spawn_worker=spawn_worker,
-        publishers=publishers, n=3000, tag="kpg",
+        tmp_path=tmp_path,
+        nats_url=nats_srv.url,
+        db_url=pg_dsn,
+        store=store,
+        open_sqlite=None,
+        make_nats_bus=make_nats_bus,
+        make_store=make_store,
+        spawn_worker=spawn_worker,
+        publishers=publishers,
+        n=3000,
+        tag="kpg",
     )
 
 
 async def test_sigkill_mid_stream_then_restart_sqlite_file(
-    tmp_path: Path, nats_srv: NatsServer, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, spawn_worker: Any, publishers: list[Publisher],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    spawn_worker: Any,
+    publishers: list[Publisher],
 ) -> None:
     # DECNET_ATTR_DB_URL unset: the worker uses <data dir>/attr.db (SQLite, WAL);
     # the test reads the same file (opened once the worker is up)
     await _sigkill_scenario(
-        tmp_path=tmp_path, nats_url=nats_srv.url, db_url="", store=None,
+        tmp_path=tmp_path,
+        nats_url=nats_srv.url,
+        db_url="",
+        store=None,
         open_sqlite=(tmp_path / "data" / "attr.db").resolve(),
-        make_nats_bus=make_nats_bus, make_store=make_store, spawn_worker=spawn_worker,
-        publishers=publishers, n=2000, tag="ksq",
+        make_nats_bus=make_nats_bus,
+        make_store=make_store,
+        spawn_worker=spawn_worker,
+        publishers=publishers,
+        n=2000,
+        tag="ksq",
     )
 
 
@@ -240,8 +285,13 @@ async def test_sigkill_mid_stream_then_restart_sqlite_file(
 
 
 async def test_nats_server_restart_while_sensors_publish(
-    tmp_path: Path, nats_srv: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker], publishers: list[Publisher],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
+    publishers: list[Publisher],
 ) -> None:
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn)
     wbus = await make_nats_bus(nats_srv.url, name="worker", ack_wait=2.0)
@@ -299,8 +349,13 @@ def own_pg() -> Any:
 
 
 async def test_postgres_down_for_a_moment(
-    tmp_path: Path, nats_srv: NatsServer, own_pg: PgServer, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker], publishers: list[Publisher],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    own_pg: PgServer,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
+    publishers: list[Publisher],
 ) -> None:
     dsn = await own_pg.create_database()
     settings = worker_settings(tmp_path, nats_srv.url, dsn)
@@ -332,8 +387,12 @@ async def test_postgres_down_for_a_moment(
         except Exception:  # the test's own pool reconnects too
             return False
 
-    await wait_until(all_stored, 30, "everything stored after the outage", lambda: _diag(store, pub))
-    assert w.stats.batch_failures > failures_before, "the outage was noticed (batches failed and were retried)"
+    await wait_until(
+        all_stored, 30, "everything stored after the outage", lambda: _diag(store, pub)
+    )
+    assert w.stats.batch_failures > failures_before, (
+        "the outage was noticed (batches failed and were retried)"
+    )
     await assert_stored_exactly_once(store, {o["id"] for o in items})
     await assert_states_equal_oracle(store, items, sorted({o["attacker_uuid"] for o in items}))
     report = await recompute(store, settings, dry_run=True)
@@ -342,8 +401,13 @@ async def test_postgres_down_for_a_moment(
 
 
 async def test_worker_connections_terminated_repeatedly(
-    tmp_path: Path, nats_srv: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker], publishers: list[Publisher],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
+    publishers: list[Publisher],
 ) -> None:
     """pg_terminate_backend on the worker's connections, again and again,
     while the stream flows: failed batches are retried or nak'ed, nothing is
@@ -387,8 +451,13 @@ async def test_worker_connections_terminated_repeatedly(
     "undone when the transaction fails and the batch is retried: health/metrics over-count",
 )
 async def test_stats_do_not_count_rolled_back_attempts(
-    tmp_path: Path, nats_srv: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from decnet_attr.store.postgres import PostgresTx
 
@@ -403,7 +472,9 @@ async def test_stats_do_not_count_rolled_back_attempts(
 
     monkeypatch.setattr(PostgresTx, "upsert_states", flaky)
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn)
-    w = AttributionWorker(settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn))
+    w = AttributionWorker(
+        settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn)
+    )
     pub = await make_nats_bus(nats_srv.url, name="sensor")
     store = await make_store(pg_dsn)
     items = [mk_obs("stats-a", P_DRIFT, "steady", 10.0 + i) for i in range(5)]
@@ -424,13 +495,19 @@ async def test_stats_do_not_count_rolled_back_attempts(
 
 
 async def _dead_letters(store: Store) -> list[tuple[str, str, str, int]]:
-    rows = await query(store, "SELECT event_id, topic, reason, length(payload) FROM dead_letters ORDER BY seq")
+    rows = await query(
+        store, "SELECT event_id, topic, reason, length(payload) FROM dead_letters ORDER BY seq"
+    )
     return [(r[0], r[1], r[2], int(r[3])) for r in rows]
 
 
 async def test_hostile_events_on_the_real_bus(
-    tmp_path: Path, nats_srv_big: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker],
+    tmp_path: Path,
+    nats_srv_big: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
 ) -> None:
     srv = nats_srv_big  # max_payload 16 MiB, so that a 10 MB event reaches the worker
     settings = worker_settings(tmp_path, srv.url, pg_dsn)
@@ -451,9 +528,17 @@ async def test_hostile_events_on_the_real_bus(
     cases: list[tuple[str, dict[str, Any], str]] = [
         (attacker_observation(p), bad("h-ts", ts="yesterday"), "ts must be a finite number"),
         (attacker_observation(p), bad("h-att", attacker_uuid=12345), "attacker_uuid"),
-        (attacker_observation(P_NUM), bad("h-num", primitive=P_NUM, value={"fast": [1, 2]}), "not a finite number"),
+        (
+            attacker_observation(P_NUM),
+            bad("h-num", primitive=P_NUM, value={"fast": [1, 2]}),
+            "not a finite number",
+        ),
         (attacker_observation(p), bad("h-big", value="x" * 10_000_000), "above the limit"),
-        (attacker_observation("made.up.primitive"), bad("h-unk", primitive="made.up.primitive"), "unknown primitive"),
+        (
+            attacker_observation("made.up.primitive"),
+            bad("h-unk", primitive="made.up.primitive"),
+            "unknown primitive",
+        ),
         (attacker_observation(p), bad("h-mis", primitive=P_ALT2), "does not match"),
         (attacker_observation(p), bad("h-conf", confidence="high"), "confidence"),
         (attacker_observation(p), bad("h-win", window="yesterday"), "window must be"),
@@ -462,7 +547,11 @@ async def test_hostile_events_on_the_real_bus(
         (attacker_observation(p), bad("h-ev", evidence_ref=["a", "b"]), "evidence_ref"),
     ]
     for topic, payload, _reason in cases:
-        eid = payload["id"] if isinstance(payload.get("id"), str) and " " not in payload["id"] else "h-id"
+        eid = (
+            payload["id"]
+            if isinstance(payload.get("id"), str) and " " not in payload["id"]
+            else "h-id"
+        )
         await pub.publish_durable(topic, payload, event_id=eid, timeout=10.0)
     # raw bytes straight through nats-py, durably (JetStream publish)
     js = pub._js
@@ -477,8 +566,11 @@ async def test_hostile_events_on_the_real_bus(
     # decodable envelopes whose payloads are hostile reach the worker
     raw_rejected = [
         (attacker_observation(p), b'{"v": 1, "id": "raw-empty", "payload": {}}', "attacker_uuid"),
-        ("attacker.observation.x", b'{"v": 1, "id": "raw-x", "payload": {"attacker_uuid": "a", "value": 1, "ts": 1}}',
-         "unknown primitive"),
+        (
+            "attacker.observation.x",
+            b'{"v": 1, "id": "raw-x", "payload": {"attacker_uuid": "a", "value": 1, "ts": 1}}',
+            "unknown primitive",
+        ),
     ]
     for topic, raw, _reason in raw_rejected:
         await js.publish(topic, raw)
@@ -496,7 +588,9 @@ async def test_hostile_events_on_the_real_bus(
     async def goods_stored() -> bool:
         return await stored_count(store) == len(goods) and await consumer_drained(pub)
 
-    await wait_until(goods_stored, 20, "good events after the hostile ones", lambda: _diag(store, pub))
+    await wait_until(
+        goods_stored, 20, "good events after the hostile ones", lambda: _diag(store, pub)
+    )
     await assert_states_equal_oracle(store, goods, ["hostile-a"])
     assert w.stats.rejected == n_rejected and w.stats.dead_lettered == n_rejected
     assert await store.dead_letter_count() == n_rejected
@@ -505,9 +599,15 @@ async def test_hostile_events_on_the_real_bus(
     expected = [(t, r) for t, _pl, r in cases] + [(t, r) for t, _raw, r in raw_rejected]
     got_by_reason = sorted((t, r) for _eid, t, r, _n in letters)
     for topic, reason in expected:
-        assert any(t == topic and reason in r for t, r in got_by_reason), (topic, reason, got_by_reason)
+        assert any(t == topic and reason in r for t, r in got_by_reason), (
+            topic,
+            reason,
+            got_by_reason,
+        )
     big = [n for eid, _t, r, n in letters if "above the limit" in r]
-    assert big and big[0] <= DEAD_LETTER_MAX_BYTES, "the 10 MB payload is truncated in the dead letter"
+    assert big and big[0] <= DEAD_LETTER_MAX_BYTES, (
+        "the 10 MB payload is truncated in the dead letter"
+    )
     # undecodable bytes never reach the worker: the bus terminates them (no
     # redelivery) and counts them
     assert wbus.stats()["invalid"] == len(undecodable)
@@ -519,20 +619,28 @@ _DROP = object()
 
 
 async def test_oversized_event_on_a_default_server(
-    tmp_path: Path, nats_srv: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
 ) -> None:
     """nats-server's default max_payload is 1 MiB: a bigger durable publish
     fails at the publisher and nothing reaches the worker."""
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn)
-    w = AttributionWorker(settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn))
+    w = AttributionWorker(
+        settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn)
+    )
     await w.start()
     workers.append(w)
     store = await make_store(pg_dsn)
     pub = await make_nats_bus(nats_srv.url, name="sensor")
     huge = mk_obs("big-a", P_ALT1, "x" * 2_000_000, 1.0)
     with pytest.raises(BusError):
-        await pub.publish_durable(attacker_observation(P_ALT1), huge, event_id=huge["id"], timeout=5.0)
+        await pub.publish_durable(
+            attacker_observation(P_ALT1), huge, event_id=huge["id"], timeout=5.0
+        )
     ok = mk_obs("big-a", P_ALT1, "typed", 2.0)
     await publish_durable(pub, [ok])
 
@@ -556,7 +664,9 @@ async def test_oversized_publish_is_not_reported_as_transient(
     pub = await make_nats_bus(nats_srv.url, name="sensor")
     huge = mk_obs("big-a", P_ALT1, "x" * 2_000_000, 1.0)
     with pytest.raises(BusError) as info:
-        await pub.publish_durable(attacker_observation(P_ALT1), huge, event_id=huge["id"], timeout=5.0)
+        await pub.publish_durable(
+            attacker_observation(P_ALT1), huge, event_id=huge["id"], timeout=5.0
+        )
     assert not isinstance(info.value, BusUnavailable), repr(info.value)
 
 
@@ -567,11 +677,17 @@ async def test_oversized_publish_is_not_reported_as_transient(
     "neither in worker.stats.rejected nor in the dead_letters table",
 )
 async def test_undecodable_bytes_are_dead_lettered(
-    tmp_path: Path, nats_srv: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
 ) -> None:
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn)
-    w = AttributionWorker(settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn))
+    w = AttributionWorker(
+        settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn)
+    )
     await w.start()
     workers.append(w)
     store = await make_store(pg_dsn)
@@ -598,8 +714,12 @@ async def test_undecodable_bytes_are_dead_lettered(
     "batch - good events included - is redelivered and fails forever (a poison batch)",
 )
 async def test_nul_characters_do_not_poison_the_batch(
-    tmp_path: Path, nats_srv: NatsServer, pg_dsn: str, make_nats_bus: NatsBusFactory,
-    make_store: StoreFactory, workers: list[AttributionWorker],
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
 ) -> None:
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn, batch_delay=0.05)
     store = await make_store(pg_dsn)
@@ -614,12 +734,16 @@ async def test_nul_characters_do_not_poison_the_batch(
         attacker_observation(P_ALT1),
         b'{"v": 1, "id": "env\\u0000id", "payload": {"value": 1}}',  # rejected -> dead letter
     )
-    w = AttributionWorker(settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn))
+    w = AttributionWorker(
+        settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn)
+    )
     await w.start()
     workers.append(w)
 
     async def settled() -> bool:
         return await stored_count(store) == len(goods) and await store.dead_letter_count() == 2
 
-    await wait_until(settled, 4, "good events merged, NUL events dead-lettered", lambda: _diag(store, pub))
+    await wait_until(
+        settled, 4, "good events merged, NUL events dead-lettered", lambda: _diag(store, pub)
+    )
     await assert_states_equal_oracle(store, goods, ["nul-a"])

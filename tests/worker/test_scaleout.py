@@ -14,10 +14,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from decnet_attr.bus.nats import NatsBus
+from decnet_attr.store import Store
 from decnet_attr.worker import AttributionWorker
 from decnet_attr.worker.recompute import recompute
 from tests.natsserver import NatsServer
@@ -27,6 +31,7 @@ from tests.worker.conftest import (
     Collector,
     NatsBusFactory,
     StoreFactory,
+    WorkerProcess,
     Workload,
     assert_one_identity_per_attacker,
     assert_states_equal_oracle,
@@ -44,7 +49,7 @@ pytestmark = pytest.mark.timeout(60)
 MULTI_SET = sorted([P_ALT1, P_ALT2])
 
 
-async def _run_workload(wl: Workload, pub, store, *, settle: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+async def _run_workload(wl: Workload, pub: NatsBus, store: Store, *, settle: float = 30.0) -> None:
     """Publish the workload in two phases (main + exact duplicates; then late
     arrivals + evidence duplicates) and wait until all of it is consumed."""
     # exact duplicates: half with the original event id (JetStream drops them
@@ -69,7 +74,7 @@ async def _run_workload(wl: Workload, pub, store, *, settle: float = 30.0) -> No
     await wait_until(all_consumed, settle, "everything consumed", lambda: _diag(store, pub))
 
 
-async def _diag(store, pub) -> str:  # type: ignore[no-untyped-def]
+async def _diag(store: Store, pub: NatsBus) -> str:
     try:
         info = await consumer_info(pub)
         return f"(stored={await stored_count(store)}, pending={info.num_pending}, ack_pending={info.num_ack_pending})"
@@ -91,7 +96,9 @@ async def test_one_worker_on_nats_and_postgres(
 ) -> None:
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn)
     assert settings.shared_store
-    w = AttributionWorker(settings, await make_nats_bus(nats_srv.url, name="worker-1"), await make_store(pg_dsn))
+    w = AttributionWorker(
+        settings, await make_nats_bus(nats_srv.url, name="worker-1"), await make_store(pg_dsn)
+    )
     await w.start()
     workers.append(w)
     pub = await make_nats_bus(nats_srv.url, name="sensor")
@@ -115,9 +122,13 @@ async def test_one_worker_on_nats_and_postgres(
     ident = await assert_one_identity_per_attacker(store, wl.attackers)
     assert sorted(e.payload["attacker_uuid"] for e in formed.events) == sorted(wl.attackers)
     assert {e.payload["attacker_uuid"]: e.payload["identity_uuid"] for e in formed.events} == ident
-    assert sorted(e.payload["identity_uuid"] for e in ma.events) == sorted(ident[a] for a in wl.multi)
+    assert sorted(e.payload["identity_uuid"] for e in ma.events) == sorted(
+        ident[a] for a in wl.multi
+    )
     assert all(e.payload["primitives"] == MULTI_SET for e in ma.events)
-    assert pub.stats()["durable_duplicates"] == len([o for i, o in enumerate(wl.dup_same_id) if i % 2 == 0])
+    assert pub.stats()["durable_duplicates"] == len(
+        [o for i, o in enumerate(wl.dup_same_id) if i % 2 == 0]
+    )
     st = w.stats
     assert st.merged == len(wl.distinct)
     assert st.duplicates == _n_dup_reaching_worker(wl)
@@ -158,7 +169,9 @@ async def test_two_workers_share_the_stream_and_the_database(
         await asyncio.sleep(0.5)  # late (duplicate) alerts would arrive now
     elapsed = time.monotonic() - t0
 
-    assert w1.stats.merged > 0 and w2.stats.merged > 0, "JetStream split the work between both workers"
+    assert w1.stats.merged > 0 and w2.stats.merged > 0, (
+        "JetStream split the work between both workers"
+    )
     assert w1.stats.merged + w2.stats.merged == len(wl.distinct), "nothing merged twice"
     await assert_stored_exactly_once(store, wl.ids, {o["id"] for o in wl.dup_evidence})
     await assert_states_equal_oracle(store, wl.distinct, wl.attackers)
@@ -172,13 +185,15 @@ async def test_two_workers_share_the_stream_and_the_database(
     assert fired == sorted((ident[a], tuple(MULTI_SET)) for a in wl.multi)
     assert w1.stats.multi_actor_fired + w2.stats.multi_actor_fired == len(wl.multi)
     rows = await _query(store, "SELECT identity_uuid, primitives FROM multi_actor_log ORDER BY 1")
-    assert rows == sorted((ident[a], '["environmental.shell_type","motor.input_modality"]') for a in wl.multi)
+    assert rows == sorted(
+        (ident[a], '["environmental.shell_type","motor.input_modality"]') for a in wl.multi
+    )
     report = await recompute(store, settings, dry_run=True)
     assert report["changed"] == [] and report["dropped"] == []
     assert elapsed < 30
 
 
-async def _query(store, sql):  # type: ignore[no-untyped-def]
+async def _query(store: Store, sql: str) -> list[tuple[Any, ...]]:
     from tests.worker.helpers import query
 
     return await query(store, sql)
@@ -190,7 +205,7 @@ async def test_decnet_attr_worker_subprocess_consumes_and_drains_on_sigterm(
     pg_dsn: str,
     make_nats_bus: NatsBusFactory,
     make_store: StoreFactory,
-    spawn_worker,  # type: ignore[no-untyped-def]
+    spawn_worker: Callable[..., WorkerProcess],
     workers: list[AttributionWorker],
 ) -> None:
     proc = spawn_worker(bus_url=nats_srv.url, db_url=pg_dsn, data_dir=tmp_path / "data")
@@ -203,16 +218,16 @@ async def test_decnet_attr_worker_subprocess_consumes_and_drains_on_sigterm(
         assert proc.alive(), proc.log()
         return await stored_count(store) == len(wl.main)
 
-    await wait_until(main_stored, 30, "the subprocess stored the observations", lambda: _diag(store, pub))
+    await wait_until(
+        main_stored, 30, "the subprocess stored the observations", lambda: _diag(store, pub)
+    )
     await assert_states_equal_oracle(store, wl.main, wl.attackers)
 
     # SIGTERM while more is arriving: the batch in hand is committed and
     # acked, anything fetched but not merged is handed back (nak), exit 0
     more = Workload(4, tag="sub2", drift_len=60, num_len=60)
     sender = asyncio.create_task(publish_durable(pub, more.distinct, concurrency=8))
-    await wait_until(
-        lambda: _gt(store, len(wl.main)), 30, "the second stream started arriving"
-    )
+    await wait_until(lambda: _gt(store, len(wl.main)), 30, "the second stream started arriving")
     t0 = time.monotonic()
     proc.signal(signal.SIGTERM)
     rc = await proc.wait(10.0)
@@ -236,13 +251,17 @@ async def test_decnet_attr_worker_subprocess_consumes_and_drains_on_sigterm(
     async def all_stored() -> bool:
         return await stored_count(store) == len(everything) and await consumer_drained(pub)
 
-    await wait_until(all_stored, 30, "the rest stored by the next worker", lambda: _diag(store, pub))
+    await wait_until(
+        all_stored, 30, "the rest stored by the next worker", lambda: _diag(store, pub)
+    )
     await assert_stored_exactly_once(store, {o["id"] for o in everything})
     await assert_states_equal_oracle(store, everything, wl.attackers + more.attackers)
-    assert w.stats.merged < len(more.distinct), "the subprocess had merged part of the second stream"
+    assert w.stats.merged < len(more.distinct), (
+        "the subprocess had merged part of the second stream"
+    )
 
 
-def _gt(store, n: int):  # type: ignore[no-untyped-def]
+def _gt(store: Store, n: int) -> Coroutine[Any, Any, bool]:
     async def f() -> bool:
         return await stored_count(store) > n
 
@@ -267,7 +286,9 @@ async def test_closing_a_durable_consumer_hands_back_everything_it_was_sent(
 
     async def one(i: int) -> None:
         async with sem:
-            await pub.publish_durable(attacker_observation("motor.input_modality"), {"i": i}, event_id=f"e{i}")
+            await pub.publish_durable(
+                attacker_observation("motor.input_modality"), {"i": i}, event_id=f"e{i}"
+            )
 
     await asyncio.gather(*(one(i) for i in range(n)))
     bus = await make_nats_bus(nats_srv.url, name="consumer")

@@ -491,49 +491,62 @@ class AttributionWorker:
         self, tx: Tx, result: IngestResult, prior: dict[Key, StateRow], now: float
     ) -> list[tuple[str, dict[str, Any], str]]:
         events: list[tuple[str, dict[str, Any], str]] = []
-        changes = list(result)
-        keys = [(c.identity_uuid, c.primitive) for c in changes]
+        changes = result.rows()  # plain tuples, value JSON made in Rust
+        keys = [(c[0], c[1]) for c in changes]
         windows = self.engine.export_windows(keys)
         rows: list[StateRow] = []
         multi_touch: set[str] = set()
-        for c, key, window in zip(changes, keys, windows):
-            st = c.state
+        attackers: dict[str, list[str]] = {}
+        for (
+            ident,
+            prim,
+            state,
+            conf,
+            count,
+            last_ts,
+            current,
+            current_json,
+            _o,
+            _c,
+        ), key, window in zip(changes, keys, windows):
             old = prior.get(key)
-            changed = old is None or old.state != st.state
-            last_change = st.last_observation_ts if changed or old is None else old.last_change_ts
+            changed = old is None or old.state != state
+            last_change = last_ts if changed or old is None else old.last_change_ts
             version = (old.version if old else 0) + 1
-            current_json = orjson.dumps(st.current_value).decode()
             rows.append(
                 StateRow(
-                    identity_uuid=key[0],
-                    primitive=key[1],
+                    identity_uuid=ident,
+                    primitive=prim,
                     current_value_json=current_json,
-                    state=st.state,
-                    confidence=st.confidence,
-                    observation_count=st.observation_count,
+                    state=state,
+                    confidence=conf,
+                    observation_count=count,
                     last_change_ts=last_change,
-                    last_observation_ts=st.last_observation_ts,
-                    kind=value_kind_for(key[1]),
+                    last_observation_ts=last_ts,
+                    kind=value_kind_for(prim),
                     window_json=window,
                     version=version,
                     updated_at=now,
                     previous_state=(old.state if changed else old.previous_state) if old else None,
                 )
             )
-            if "multi_actor" in (st.state, old.state if old else None):
-                multi_touch.add(key[0])
+            if state == "multi_actor" or (old is not None and old.state == "multi_actor"):
+                multi_touch.add(ident)
+            who = attackers.get(ident)
+            if who is None:
+                who = attackers[ident] = self._attackers_of(ident)
             payload = {
-                "identity_uuid": key[0],
-                "primitive": key[1],
+                "identity_uuid": ident,
+                "primitive": prim,
                 "old_state": old.state if old else None,
-                "new_state": st.state,
-                "current_value": st.current_value,
-                "confidence": st.confidence,
-                "observation_count": st.observation_count,
-                "ts": st.last_observation_ts,
-                "attacker_uuids": self._attackers_of(key[0]),
+                "new_state": state,
+                "current_value": current,
+                "confidence": conf,
+                "observation_count": count,
+                "ts": last_ts,
+                "attacker_uuids": who,
                 "last_change_ts": last_change,
-                "last_observation_ts": st.last_observation_ts,
+                "last_observation_ts": last_ts,
                 "emitted_at": now,
                 "version": version,
             }
