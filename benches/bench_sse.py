@@ -279,8 +279,8 @@ class _SseClient(asyncio.Protocol):
 
 async def _get_json(port: int, method: str, path: str, timeout: float = 60.0) -> Any:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close"
-    writer.write(head.encode() + b"\r\n\r\n")
+    request = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close"
+    writer.write(request.encode() + b"\r\n\r\n")
     raw = await asyncio.wait_for(reader.read(), timeout)
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")

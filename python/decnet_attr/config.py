@@ -86,6 +86,9 @@ class Settings:
     batch_delay: float = field(
         default=0.002, metadata={"help": "longest wait to fill a micro-batch (s)"}
     )
+    ack_wait: float = field(
+        default=30.0, metadata={"help": "seconds before an unacked observation is redelivered"}
+    )
     heartbeat_interval: float = 10.0
     multi_actor_tick: float = field(
         default=60.0, metadata={"help": "safety-net multi-actor scan period (s)"}
@@ -133,6 +136,10 @@ class Settings:
         the worker then reloads the windows of a batch's keys under row
         locks instead of trusting its in-memory engine."""
         return self.store_url.startswith(("postgresql://", "postgres://"))
+
+    def bus_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`decnet_attr.bus.get_bus`."""
+        return {"ack_wait": self.ack_wait}
 
     def threshold_overrides(self) -> dict[str, Any]:
         import json

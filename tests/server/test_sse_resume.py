@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,12 @@ from tests.server.sse_helpers import (
 
 A = "0b5e7a52-0000-4000-8000-00000000000a"
 B = "0b5e7a52-0000-4000-8000-00000000000b"
-EMPTY = {"attacker_uuid": A, "observations": [], "identity_uuid": None, "attribution": []}
+EMPTY: dict[str, Any] = {
+    "attacker_uuid": A,
+    "observations": [],
+    "identity_uuid": None,
+    "attribution": [],
+}
 
 
 def scored(env: SseEnv, seq: int, score: int, attacker: str = A) -> bytes:

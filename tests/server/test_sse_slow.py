@@ -99,9 +99,9 @@ async def test_slow_consumer_gets_gap_and_snapshot_fast_one_everything(
     await env.publish(topics.ATTACKER_SCORED, {"attacker_uuid": A, "n": n + 1})
     rest = []
     while True:
-        f = parse(await slow.event())
-        rest.append(int(f["id"].rsplit("-", 1)[1]))
-        if f["data"]["payload"]["n"] == n + 1:
+        ev = parse(await slow.event())
+        rest.append(int(ev["id"].rsplit("-", 1)[1]))
+        if ev["data"]["payload"]["n"] == n + 1:
             break
     assert rest == list(range(snap_seq + 1, n + 2))
     assert env.hub.stats()["gaps"] == 1

@@ -444,12 +444,6 @@ async def test_worker_connections_terminated_repeatedly(
     assert w.running
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: WorkerStats counters (merged, duplicates, identities_formed, state_changes, "
-    "multi_actor_fired) are incremented inside _merge_in_tx, before the commit, and are not "
-    "undone when the transaction fails and the batch is retried: health/metrics over-count",
-)
 async def test_stats_do_not_count_rolled_back_attempts(
     tmp_path: Path,
     nats_srv: NatsServer,
@@ -574,6 +568,8 @@ async def test_hostile_events_on_the_real_bus(
     ]
     for topic, raw, _reason in raw_rejected:
         await js.publish(topic, raw)
+    # undecodable messages are dead-lettered too, with their reason
+    raw_rejected += [("attacker.observation.x", raw, "undecodable message") for raw in undecodable]
     n_rejected = len(cases) + len(raw_rejected)
 
     async def all_rejected() -> bool:
@@ -652,12 +648,6 @@ async def test_oversized_event_on_a_default_server(
     assert w.running
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NatsBus.publish_durable maps nats-py's MaxPayloadError (a permanent error: "
-    "the event can never fit) to BusUnavailable, which the bus documents as transient "
-    "('the caller may retry'): a sensor retrying on BusUnavailable loops forever",
-)
 async def test_oversized_publish_is_not_reported_as_transient(
     nats_srv: NatsServer, make_nats_bus: NatsBusFactory
 ) -> None:
@@ -670,12 +660,6 @@ async def test_oversized_publish_is_not_reported_as_transient(
     assert not isinstance(info.value, BusUnavailable), repr(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (gap): an undecodable message on attacker.observation.* is term()ed by the NATS "
-    "bus (counted only in bus.stats()['invalid']); it never reaches the worker, so it is "
-    "neither in worker.stats.rejected nor in the dead_letters table",
-)
 async def test_undecodable_bytes_are_dead_lettered(
     tmp_path: Path,
     nats_srv: NatsServer,
@@ -705,14 +689,6 @@ async def test_undecodable_bytes_are_dead_lettered(
     assert await store.dead_letter_count() == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a NUL character in a text field that validate.py accepts (source, "
-    "evidence_ref, attacker_uuid, identity_ref, attacker_ip, or the envelope id of a "
-    "rejected event stored as dead_letters.event_id) makes PostgreSQL refuse the whole "
-    "batch (CharacterNotInRepertoireError -> StoreError); the worker retries, naks, and the "
-    "batch - good events included - is redelivered and fails forever (a poison batch)",
-)
 async def test_nul_characters_do_not_poison_the_batch(
     tmp_path: Path,
     nats_srv: NatsServer,

@@ -150,6 +150,16 @@ class BusError(RuntimeError):
     """A bus operation failed."""
 
 
+#: Payload key of a durable delivery whose bytes were not a valid envelope
+#: (the raw text, truncated, is its value); consumers dead-letter it.
+UNDECODABLE = "_undecodable"
+
+
+class BusPayloadTooLarge(BusError):
+    """The event can never be published: it exceeds the transport's size limit
+    (NATS ``max_payload``). Permanent: retrying cannot help."""
+
+
 class BusUnavailable(BusError):
     """The bus cannot do this right now (no server, no durable consumer, timeout).
 

@@ -34,8 +34,10 @@ from nats.js import JetStreamContext
 from nats.js import api as jsapi
 
 from decnet_attr.bus.base import (
+    UNDECODABLE,
     Bus,
     BusError,
+    BusPayloadTooLarge,
     BusUnavailable,
     Delivery,
     DurableConsumer,
@@ -322,16 +324,16 @@ class _NatsDurableConsumer(DurableConsumer):
             try:
                 event = Event.from_json(msg.subject, msg.data)
             except ValueError as exc:
+                # handed on (not dropped) so the consumer can dead-letter it
+                # with its reason; the payload marks it undecodable
                 self.bus._invalid += 1
-                _rl.warning(
-                    "nats-invalid",
-                    "dropping undecodable durable message on %s: %s",
-                    msg.subject,
-                    exc,
+                raw = bytes(msg.data[:65536]).decode("utf-8", "replace")
+                msg_id = (msg.headers or {}).get(_MSG_ID_HEADER) if msg.headers else None
+                event = Event(
+                    topic=msg.subject,
+                    payload={UNDECODABLE: raw, "error": str(exc)[:500]},
+                    id=str(msg_id) if msg_id else uuid.uuid4().hex,
                 )
-                with contextlib.suppress(Exception):
-                    await msg.term()
-                continue
             delivery = _NatsDelivery(self, msg, event)
             self._inflight[delivery] = None
             out.append(delivery)
@@ -739,6 +741,10 @@ class NatsBus(Bus):
         nc = await self._client()
         try:
             await nc.publish(topic, data)
+        except nerr.MaxPayloadError as exc:
+            raise BusPayloadTooLarge(
+                f"event on {topic!r} is {len(data)} bytes, above the server's max_payload"
+            ) from exc
         except (nerr.Error, OSError) as exc:
             raise BusUnavailable(f"publish on {topic!r} failed: {_describe(exc)}") from exc
         self._published += 1
@@ -898,6 +904,11 @@ class NatsBus(Bus):
                 )
             except BusError:
                 raise
+            except nerr.MaxPayloadError as exc:
+                raise BusPayloadTooLarge(
+                    f"event {event.id} on {topic!r} is {len(data)} bytes, above the server's "
+                    f"max_payload"
+                ) from exc
             except _TRANSIENT as exc:
                 if self._closed:
                     raise BusUnavailable("bus closed") from exc

@@ -132,7 +132,7 @@ def create_app(
     if own_store and not settings.db_url:
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     the_store = store if store is not None else open_store(settings.store_url)
-    the_bus = bus if bus is not None else get_bus(settings.bus_url)
+    the_bus = bus if bus is not None else get_bus(settings.bus_url, **settings.bus_options())
 
     counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
     app = web.Application(

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from decnet_attr.bus import BusError, Event
+from decnet_attr.bus import BusError, BusPayloadTooLarge, Event
 from decnet_attr.config import Settings
 from decnet_attr.registry import PrimitiveSpec, registry
 from decnet_attr.server.app import BUS, COUNTERS, SETTINGS
@@ -393,6 +393,8 @@ async def _publish(
         for c, res in zip(chunk, results):
             if isinstance(res, Event):
                 accepted.append(c.id)
+            elif isinstance(res, BusPayloadTooLarge):
+                rejected.append({"index": c.index, "reason": f"too large for the bus: {res}"})
             elif isinstance(res, (BusError, RuntimeError, asyncio.TimeoutError, OSError)):
                 failure = failure or str(res) or type(res).__name__
             elif isinstance(res, (ValueError, TypeError)):

@@ -19,7 +19,7 @@ async def run_worker(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_store(settings.store_url)
     await store.open()
-    bus = get_bus(settings.bus_url)
+    bus = get_bus(settings.bus_url, **settings.bus_options())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from decnet_attr.bus.base import UNDECODABLE
 from decnet_attr.registry import is_known, note_unknown, value_kind_for
 from decnet_attr.store.base import ObservationRow
 from decnet_attr.topics import primitive_from_topic
@@ -88,6 +89,8 @@ def check_observation(
         raise Rejected(f"topic {topic[:200]!r} is not attacker.observation.<primitive>")
     if not isinstance(payload, dict):
         raise Rejected(f"payload must be an object, got {type(payload).__name__}")
+    if UNDECODABLE in payload:
+        raise Rejected(f"undecodable message: {payload.get('error', '?')}")
     named = payload.get("primitive", primitive)
     if named != primitive:
         raise Rejected(
@@ -150,6 +153,17 @@ def check_observation(
     ip = payload.get("attacker_ip")
     if ip is not None and (not isinstance(ip, str) or len(ip) > 64):
         raise Rejected("attacker_ip must be a string")
+    for name, text in (
+        ("attacker_uuid", attacker),
+        ("id", oid),
+        ("evidence_ref", evidence),
+        ("source", source),
+        ("identity_ref", identity_ref),
+        ("attacker_ip", ip),
+    ):
+        # PostgreSQL text cannot hold NUL: one such field would fail the whole batch
+        if text is not None and "\x00" in text:
+            raise Rejected(f"{name} contains a NUL character")
     version = payload.get("v", 1)
     row = ObservationRow(
         id=oid,

@@ -40,7 +40,7 @@ from decnet_attr.bus.helpers import publish_safely, run_control_listener, run_he
 from decnet_attr.config import Settings
 from decnet_attr.logs import RepeatFilter
 from decnet_attr.registry import value_kind_for
-from decnet_attr.store.base import DeadLetter, StateRow, Store, StoreError, Tx
+from decnet_attr.store.base import DeadLetter, StateRow, Store, StoreError, StoreUnavailable, Tx
 from decnet_attr.topics import (
     ATTACKER_OBSERVED,
     ATTRIBUTION_PROFILE_MULTI_ACTOR_SUSPECTED,
@@ -105,6 +105,21 @@ class WorkerStats:
             (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
         )
     )
+
+
+# counted inside a transaction attempt; rolled back with it
+_ATTEMPT_COUNTERS = (
+    "merged",
+    "duplicates",
+    "identities_formed",
+    "state_changes",
+    "multi_actor_fired",
+)
+
+
+def _printable(text: str) -> str:
+    """Text a store can hold: PostgreSQL refuses NUL."""
+    return text.replace("\x00", "\\u0000")
 
 
 @dataclass
@@ -267,26 +282,67 @@ class AttributionWorker:
     async def process(self, deliveries: list[Delivery]) -> None:
         """Validate, store and merge one micro-batch; ack after the commit."""
         batch = self._check(deliveries)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                published = await self._commit(batch)
-                break
-            except (StoreError, OSError) as exc:
-                self.stats.batch_failures += 1
-                if attempt >= 3 or self._stop.is_set():
-                    log.warning("batch of %d failed (%s); redelivering later", len(deliveries), exc)
-                    for d in deliveries:
-                        with contextlib.suppress(Exception):
-                            await d.nak(delay=1.0)
-                    return
-                await asyncio.sleep(0.05 * attempt)
+        try:
+            published = await self._commit_resilient(batch)
+        except (StoreError, OSError) as exc:
+            log.warning("batch of %d failed (%s); redelivering later", len(deliveries), exc)
+            for d in deliveries:
+                with contextlib.suppress(Exception):
+                    await d.nak(delay=1.0)
+            return
         for d in deliveries:
             await d.ack()
         for topic, payload, etype in published:
             if await publish_safely(self.bus, topic, payload, etype):
                 self.stats.published += 1
+
+    async def _commit_resilient(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
+        """Commit a batch, retrying transient store failures; a batch the
+        store refuses for its data is split in halves until the offending
+        observation is alone, and that one becomes a dead letter — one
+        hostile event never holds back the others."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._commit(batch)
+            except StoreUnavailable:
+                self.stats.batch_failures += 1
+                if attempt >= 3 or self._stop.is_set():
+                    raise
+            except StoreError as exc:
+                self.stats.batch_failures += 1
+                transient = "conflict" in str(exc) or "retry" in str(exc)
+                if transient and attempt < 3 and not self._stop.is_set():
+                    await asyncio.sleep(0.05 * attempt)
+                    continue
+                if transient or self._stop.is_set():
+                    raise
+                return await self._split(batch, exc)
+            await asyncio.sleep(0.05 * attempt)
+
+    async def _split(self, batch: _Batch, exc: StoreError) -> list[tuple[str, dict[str, Any], str]]:
+        items = batch.checked
+        if len(items) <= 1:
+            dead = list(batch.dead)
+            now = time.time()
+            for _i, c in items:
+                self.stats.rejected += 1
+                log.warning("observation %s refused by the store: %s", c.row.id[:128], exc)
+                dead.append(
+                    DeadLetter(
+                        topic=_printable(f"attacker.observation.{c.row.primitive}"),
+                        reason=f"store refused it: {str(exc)[:500]}",
+                        payload_json=_printable(c.row.value_json),
+                        event_id=_printable(c.row.id),
+                        received_at=now,
+                    )
+                )
+            return await self._commit(_Batch(batch.deliveries, [], dead))
+        mid = len(items) // 2
+        first = await self._commit_resilient(_Batch(batch.deliveries, items[:mid], batch.dead))
+        second = await self._commit_resilient(_Batch(batch.deliveries, items[mid:], []))
+        return first + second
 
     def _check(self, deliveries: list[Delivery]) -> _Batch:
         s = self.settings
@@ -320,10 +376,10 @@ class AttributionWorker:
                     body = repr(ev.payload)
                 dead.append(
                     DeadLetter(
-                        topic=ev.topic,
-                        reason=str(exc),
-                        payload_json=body,
-                        event_id=ev.id,
+                        topic=_printable(ev.topic),
+                        reason=_printable(str(exc)),
+                        payload_json=_printable(body),
+                        event_id=_printable(str(ev.id)[:200]),
                         received_at=now,
                     )
                 )
@@ -339,14 +395,18 @@ class AttributionWorker:
         t0 = time.perf_counter()
         now = time.time()
         touched: list[Key] = []
+        counted = {f: getattr(self.stats, f) for f in _ATTEMPT_COUNTERS}
         try:
             async with self.store.transaction() as tx:
                 if batch.dead:
                     await tx.insert_dead_letters(batch.dead)
                 events = await self._merge_in_tx(tx, [c for _, c in batch.checked], now, touched)
         except BaseException:
-            # the engine may hold merges the store never committed
+            # the engine may hold merges the store never committed, and the
+            # counters counted an attempt that did not happen
             self.engine.evict(touched)
+            for f, v in counted.items():
+                setattr(self.stats, f, v)
             raise
         self.stats.dead_lettered += len(batch.dead)
         self.stats.batches += 1
