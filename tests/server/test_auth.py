@@ -921,7 +921,10 @@ async def test_unknown_route_is_404_whatever_the_body(harness: Harness) -> None:
 async def test_healthz(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     resp = await harness.client.get("/readyz")
     assert resp.status == 200
-    assert await resp.json() == {"status": "ok", "checks": {"store": True, "bus": True, "worker": None}}
+    assert await resp.json() == {
+        "status": "ok",
+        "checks": {"store": True, "bus": True, "worker": None},
+    }
 
     async def down() -> bool:
         return False
@@ -929,7 +932,10 @@ async def test_healthz(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(harness.store, "ping", down)
     resp = await harness.client.get("/readyz")
     assert resp.status == 503
-    assert await resp.json() == {"status": "unready", "checks": {"store": False, "bus": True, "worker": None}}
+    assert await resp.json() == {
+        "status": "unready",
+        "checks": {"store": False, "bus": True, "worker": None},
+    }
     resp = await harness.client.get("/healthz")  # liveness does not depend on the store
     assert (resp.status, await resp.json()) == (200, {"status": "ok"})
 

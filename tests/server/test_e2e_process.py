@@ -166,7 +166,10 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str, log_path: Path)
             async with session.get(f"{base}/readyz") as resp:
                 if resp.status == 200:
                     body = await resp.json()
-                    assert body == {"status": "ok", "checks": {"store": True, "bus": True, "worker": True}}
+                    assert body == {
+                        "status": "ok",
+                        "checks": {"store": True, "bus": True, "worker": True},
+                    }
                     return
         await asyncio.sleep(0.1)
     raise AssertionError("server not ready:\n" + _read(log_path))
