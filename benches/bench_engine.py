@@ -25,7 +25,7 @@ import pytest
 
 from benches import baseline
 from benches.conftest import record
-from benches.workload import EMITTED, batches, json_array, observations
+from benches.workload import EMITTED, batches, json_array, ndjson, observations
 from decnet_attr import Engine
 
 KEYS = [10_000, 100_000, 1_000_000]
@@ -62,6 +62,37 @@ def test_ingest_json(benchmark: Any, keys: int, size: int) -> None:
 
     benchmark.pedantic(run, rounds=max(20, 60_000 // size), iterations=1, warmup_rounds=2)
     record(benchmark, f"ingest_json keys={keys:,} batch={size:,}", size)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("keys", [100_000])
+def test_ingest_ndjson(benchmark: Any, keys: int, threads: int) -> None:
+    """NDJSON (what sensors and DECNET exports send), batches of 10k; with
+    threads=2 the parse runs on the second core while this one merges."""
+    eng, fresh = warm_engine(keys)
+    payloads = [ndjson(b) for b in fresh]
+    it = iter(range(10**9))
+
+    def run() -> None:
+        eng.ingest_json(payloads[next(it) % len(payloads)], threads=threads)
+
+    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=2)
+    record(benchmark, f"ingest_json NDJSON keys={keys:,} batch=10,000 threads={threads}", 10_000)
+
+
+def test_orjson_ndjson_floor(benchmark: Any) -> None:
+    """The same NDJSON bytes through orjson: one loads() per line."""
+    fresh = observations(100_000, 60_000, seed=12, ts0=2.0e9)
+    payloads = [ndjson(fresh[i : i + 10_000]) for i in range(0, len(fresh), 10_000)]
+    it = iter(range(10**9))
+
+    def run() -> None:
+        loads = orjson.loads
+        for line in payloads[next(it) % len(payloads)].splitlines():
+            loads(line)
+
+    benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=2)
+    record(benchmark, "orjson.loads per NDJSON line (parse floor) batch=10,000", 10_000)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -105,10 +136,12 @@ def test_decnet_style_baseline(benchmark: Any, length: int) -> None:
     record(benchmark, f"DECNET-style recompute, series length {length}", n)
 
 
+@pytest.mark.parametrize("mode", ["array", "ndjson-2-threads"])
 @pytest.mark.parametrize("length", [10, 100, 1000])
-def test_engine_with_history(benchmark: Any, length: int) -> None:
+def test_engine_with_history(benchmark: Any, length: int, mode: str) -> None:
     """The engine merging into keys that already hold `length` observations
-    (its cost does not depend on the history)."""
+    (its cost does not depend on the history); as a JSON array on one
+    thread, and as NDJSON parsed on a second thread."""
     eng = Engine()
     keys = 1000
     hist = [
@@ -122,8 +155,10 @@ def test_engine_with_history(benchmark: Any, length: int) -> None:
         for k in range(keys)
     ]
     eng.ingest(hist)
+    encode = json_array if mode == "array" else ndjson
+    threads = 1 if mode == "array" else 2
     new = [
-        json_array(
+        encode(
             [
                 {
                     "identity_uuid": f"{k:032x}",
@@ -139,10 +174,10 @@ def test_engine_with_history(benchmark: Any, length: int) -> None:
     it = iter(range(10**9))
 
     def run() -> None:
-        eng.ingest_json(new[next(it) % len(new)])
+        eng.ingest_json(new[next(it) % len(new)], threads=threads)
 
     benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=1)
-    record(benchmark, f"engine, keys with {length} observations of history", keys)
+    record(benchmark, f"engine, keys with {length} observations of history ({mode})", keys)
 
 
 def _rss() -> int:

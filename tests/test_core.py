@@ -491,3 +491,33 @@ def test_gil_is_released_during_a_batch() -> None:
     assert len(eng) == 5000
     # with the GIL held for the whole call this loop could not run at all
     assert spins > 50
+
+
+def test_pipelined_ndjson_equals_single_threaded() -> None:
+    import random
+
+    rnd = random.Random(5)
+    lines = []
+    for i in range(6000):
+        if i % 997 == 0:
+            lines.append(b'{"broken json')
+            continue
+        prim = rnd.choice(["motor.input_modality", "motor.digraph_simhash", "toolchain.c2.beacon_interval_ms"])
+        value: Any = rnd.choice(["typed", "pasted"]) if prim == "motor.input_modality" else rnd.randrange(5)
+        if prim == "motor.digraph_simhash":
+            value = f"{value:016x}"
+        lines.append(orjson.dumps(obs(f"id-{rnd.randrange(300)}", prim, value, float(rnd.randrange(5000)))))
+    data = b"\n".join(lines)
+    assert len(data) > 64 * 1024  # large enough for the pipeline
+    one, two = Engine(), Engine()
+    r1 = one.ingest_json(data)
+    r2 = two.ingest_json(data, threads=2)
+    assert [(e.index, e.reason) for e in r1.errors] == [(e.index, e.reason) for e in r2.errors]
+    assert len(r1.errors) == 7
+    assert [c.to_dict() for c in r1] == [c.to_dict() for c in r2]
+    assert r1.accepted == r2.accepted == 6000 - 7
+    for key in one.keys():
+        assert one.get(*key) == two.get(*key)
+    # a JSON array is parsed whole even with threads=2 (all-or-nothing)
+    with pytest.raises(InvalidJSONError):
+        two.ingest_json(b"[" + b",".join(lines[1:200]) + b",{]", threads=2)

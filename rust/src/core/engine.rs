@@ -19,7 +19,7 @@ use super::hashwin::{HashWindow, Upsert};
 use super::intern::{Id, Interner};
 use super::merge::{self, Current, Kind, Outcome, State, Thresholds};
 use super::registry::Registry;
-use super::slots::{Blocks, Meta};
+use super::slots::{Blocks, Cached, Meta};
 use super::value::{write_json_str, Value, ValueRef};
 
 /// Input limits. Anything above them is rejected per item.
@@ -97,6 +97,8 @@ pub struct BatchResult {
     pub changes: Vec<Change>,
     pub errors: Vec<ItemError>,
     pub accepted: usize,
+    /// The batch's epoch (which keys it touched already).
+    epoch: u32,
 }
 
 /// Why a key's state is what it is.
@@ -119,6 +121,68 @@ pub struct Stats {
     pub accepted: u64,
     pub rejected: u64,
     pub unknown_primitive_observations: u64,
+}
+
+/// (identity, primitive) → slot: per identity a small vector of
+/// (primitive id, slot) sorted by primitive. An identity's keys are looked
+/// up together (a session is a burst of its primitives), so the lookup
+/// costs one cache line instead of a hash-map probe per observation.
+#[derive(Default)]
+struct KeyIndex {
+    by_ident: Vec<Vec<(u32, u32)>>,
+    count: usize,
+}
+
+impl KeyIndex {
+    fn get(&self, ident: u32, prim: u32) -> Option<u32> {
+        let v = self.by_ident.get(ident as usize)?;
+        let i = v.partition_point(|e| e.0 < prim);
+        v.get(i).filter(|e| e.0 == prim).map(|e| e.1)
+    }
+
+    fn insert(&mut self, ident: u32, prim: u32, slot: u32) {
+        if self.by_ident.len() <= ident as usize {
+            self.by_ident.resize_with(ident as usize + 1, Vec::new);
+        }
+        let v = &mut self.by_ident[ident as usize];
+        let i = v.partition_point(|e| e.0 < prim);
+        if v.get(i).is_some_and(|e| e.0 == prim) {
+            v[i].1 = slot;
+        } else {
+            v.insert(i, (prim, slot));
+            self.count += 1;
+        }
+    }
+
+    fn remove(&mut self, ident: u32, prim: u32) {
+        let Some(v) = self.by_ident.get_mut(ident as usize) else {
+            return;
+        };
+        let i = v.partition_point(|e| e.0 < prim);
+        if v.get(i).is_some_and(|e| e.0 == prim) {
+            v.remove(i);
+            self.count -= 1;
+            if v.is_empty() {
+                *v = Vec::new(); // give the memory back
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, u32, u32)> + '_ {
+        self.by_ident
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| v.iter().map(move |&(p, s)| (i as u32, p, s)))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.by_ident.capacity() * std::mem::size_of::<Vec<(u32, u32)>>()
+            + self
+                .by_ident
+                .iter()
+                .map(|v| v.capacity() * 8)
+                .sum::<usize>()
+    }
 }
 
 /// Reference-counted name table (identities, primitives).
@@ -217,7 +281,7 @@ pub struct Engine {
     prims: Names,
     /// Per primitive id: (default kind, known to the registry/overrides).
     prim_info: Vec<(Kind, bool)>,
-    map: HashMap<(u32, u32), u32, RandomState>,
+    map: KeyIndex,
     slots: Blocks,
     free_slots: Vec<u32>,
     nums: Vec<f64>,
@@ -304,7 +368,7 @@ impl Engine {
             idents: Names::default(),
             prims: Names::default(),
             prim_info: Vec::new(),
-            map: HashMap::with_hasher(RandomState::new()),
+            map: KeyIndex::default(),
             slots: Blocks::new(cap),
             free_slots: Vec::new(),
             nums: Vec::new(),
@@ -335,11 +399,11 @@ impl Engine {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.map.count == 0
     }
 
     pub fn stats(&self) -> &Stats {
@@ -371,7 +435,7 @@ impl Engine {
     fn find_slot(&self, identity: &str, primitive: &str) -> Option<u32> {
         let i = self.idents.find(identity)?;
         let p = self.prims.find(primitive)?;
-        self.map.get(&(i, p)).copied()
+        self.map.get(i, p)
     }
 
     fn check_name(&self, what: &str, s: &str) -> Result<(), String> {
@@ -409,7 +473,7 @@ impl Engine {
             None => self.default_kind(o.primitive),
         };
         let slot = match (prim, self.idents.find_cached(o.identity)) {
-            (Some(p), Some(i)) => self.map.get(&(i, p)).copied(),
+            (Some(p), Some(i)) => self.map.get(i, p),
             _ => None,
         };
         let kind = match slot {
@@ -482,7 +546,7 @@ impl Engine {
                 touched: 0,
             },
         );
-        self.map.insert((ident, prim), slot);
+        self.map.insert(ident, prim, slot);
         slot
     }
 
@@ -598,6 +662,60 @@ impl Engine {
         self.resolve(slot, &self.outcome(slot))
     }
 
+    /// The key's state from its cache (no merge), if cached.
+    fn cached_state(&self, slot: u32) -> Option<StateOut> {
+        let c = self.slots.cached(slot)?;
+        let m = self.slots.meta(slot);
+        let len = m.len as usize;
+        if len == 0 {
+            return None;
+        }
+        let current = if m.kind == Kind::Numeric {
+            Value::Float(f64::from_bits(c.current))
+        } else {
+            self.values.value(c.current as Id).clone()
+        };
+        Some(StateOut {
+            current,
+            state: c.state,
+            confidence: c.confidence,
+            count: m.count,
+            last_ts: self.slots.ts(slot)[len - 1],
+        })
+    }
+
+    /// Merge, remember the result in the key's cache, and return it.
+    fn refresh(&mut self, slot: u32) -> StateOut {
+        let o = self.outcome(slot);
+        let out = self.resolve(slot, &o);
+        let m = self.slots.meta(slot);
+        let current = match (m.kind, o.current) {
+            (Kind::Numeric, Current::Float(f)) => Some(f.to_bits()),
+            (Kind::Numeric, _) => None,
+            (_, Current::Index(i)) => {
+                let id = self.slots.ids(slot)[i];
+                self.values.retain(id);
+                Some(u64::from(id))
+            }
+            _ => None,
+        };
+        let new = current.map(|current| Cached {
+            state: o.state,
+            confidence: o.confidence,
+            current,
+        });
+        self.set_cache(slot, m.kind, new);
+        out
+    }
+
+    fn set_cache(&mut self, slot: u32, kind: Kind, c: Option<Cached>) {
+        if let Some(prev) = self.slots.set_cached(slot, c) {
+            if kind != Kind::Numeric {
+                self.values.release(prev.current as Id);
+            }
+        }
+    }
+
     /// Merge a batch. Bad items are reported and skipped; the rest apply.
     /// The new state of a key is computed right after its observation is
     /// merged (while its block is in cache), once per observation.
@@ -605,13 +723,35 @@ impl Engine {
     where
         I: IntoIterator<Item = (usize, Result<Obs<'a>, String>)>,
     {
-        let mut out = BatchResult::default();
+        let mut out = self.begin();
+        self.ingest_more(&mut out, batch);
+        out
+    }
+
+    /// Start a batch that arrives in several parts (see [`Self::ingest_more`]).
+    pub fn begin(&mut self) -> BatchResult {
         self.epoch = self.epoch.wrapping_add(1);
         if self.epoch == 0 {
             self.slots.clear_epochs();
             self.epoch = 1;
         }
-        let epoch = self.epoch;
+        BatchResult {
+            epoch: self.epoch,
+            ..BatchResult::default()
+        }
+    }
+
+    /// Merge one more part of a batch begun with [`Self::begin`]: a key
+    /// touched by several parts still gets one change record (its state
+    /// before the first part, after the last). No other batch may run on
+    /// this engine in between.
+    pub fn ingest_more<'a, I>(&mut self, out: &mut BatchResult, batch: I)
+    where
+        I: IntoIterator<Item = (usize, Result<Obs<'a>, String>)>,
+    {
+        let batch = batch.into_iter();
+        out.changes.reserve(batch.size_hint().0);
+        let epoch = out.epoch;
         for (index, item) in batch {
             let checked = item.and_then(|o| self.check(&o).map(|c| (o, c)));
             let (o, (slot, kind, known)) = match checked {
@@ -639,7 +779,10 @@ impl Engine {
                 m.touched as usize
             } else {
                 let old = if m.count > 0 {
-                    Some(self.state_of(slot))
+                    Some(
+                        self.cached_state(slot)
+                            .unwrap_or_else(|| self.state_of(slot)),
+                    )
                 } else {
                     None
                 };
@@ -654,11 +797,10 @@ impl Engine {
                 pos
             };
             self.apply(slot, o.value, o.ts);
-            out.changes[pos].new = self.state_of(slot);
+            out.changes[pos].new = self.refresh(slot);
             self.stats.accepted += 1;
             out.accepted += 1;
         }
-        out
     }
 
     pub fn get(&self, identity: &str, primitive: &str) -> Option<StateOut> {
@@ -673,8 +815,8 @@ impl Engine {
     pub fn keys(&self) -> Vec<(Arc<str>, Arc<str>)> {
         let mut out: Vec<_> = self
             .map
-            .keys()
-            .map(|&(i, p)| (self.idents.name(i), self.prims.name(p)))
+            .iter()
+            .map(|(i, p, _)| (self.idents.name(i), self.prims.name(p)))
             .collect();
         out.sort();
         out
@@ -692,6 +834,7 @@ impl Engine {
 
     fn free_slot(&mut self, slot: u32) {
         let m = self.slots.meta(slot);
+        self.set_cache(slot, m.kind, None);
         let len = m.len as usize;
         if m.kind != Kind::Numeric {
             for i in 0..len {
@@ -711,7 +854,7 @@ impl Engine {
             }
             Kind::Categorical => {}
         }
-        self.map.remove(&(m.ident, m.prim));
+        self.map.remove(m.ident, m.prim);
         self.idents.release(m.ident);
         self.prims.release(m.prim);
         self.slots.set_meta(
@@ -728,7 +871,7 @@ impl Engine {
     }
 
     pub fn clear(&mut self) {
-        let slots: Vec<u32> = self.map.values().copied().collect();
+        let slots: Vec<u32> = self.map.iter().map(|(_, _, s)| s).collect();
         for s in slots {
             self.free_slot(s);
         }
@@ -897,7 +1040,7 @@ impl Engine {
             + self.nums.capacity() * 8
             + self.wins.capacity() * std::mem::size_of::<HashWindow>()
             + self.wins.iter().map(HashWindow::heap_bytes).sum::<usize>()
-            + self.map.capacity() * (std::mem::size_of::<((u32, u32), u32)>() + 1)
+            + self.map.heap_bytes()
             + (self.free_slots.capacity() + self.free_nums.capacity() + self.free_wins.capacity())
                 * 4
             + self.prim_info.capacity() * 2

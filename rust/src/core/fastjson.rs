@@ -62,6 +62,46 @@ fn plain_run(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Exact powers of ten representable in an f64.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// Clinger's fast path for plain decimals (`-123.456`, no exponent): when
+/// the digits as an integer `m` are below 2^53 and there are at most 22
+/// fraction digits `k`, `m / 10^k` is one correctly rounded division of two
+/// exact doubles, so it equals the full parser's result. Anything else
+/// returns None (the caller uses `str::parse`).
+#[inline]
+fn fast_decimal(text: &str) -> Option<f64> {
+    let b = text.as_bytes();
+    let (neg, digits) = match b.first() {
+        Some(b'-') => (true, &b[1..]),
+        _ => (false, b),
+    };
+    let mut m: u64 = 0;
+    let mut frac: usize = 0;
+    let mut seen_dot = false;
+    for &c in digits {
+        match c {
+            b'0'..=b'9' => {
+                m = m.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+                if seen_dot {
+                    frac += 1;
+                }
+            }
+            b'.' if !seen_dot => seen_dot = true,
+            _ => return None,
+        }
+    }
+    if m >= (1u64 << 53) || frac >= POW10.len() {
+        return None;
+    }
+    let v = m as f64 / POW10[frac];
+    Some(if neg { -v } else { v })
+}
+
 #[inline]
 fn is_ws(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\n' | b'\r')
@@ -290,6 +330,9 @@ impl<'a> P<'a> {
                 return Ok(AnyIn::U64(u));
             }
         }
+        if let Some(f) = fast_decimal(text) {
+            return Ok(AnyIn::F64(f));
+        }
         match text.parse::<f64>() {
             Ok(f) if f.is_finite() => Ok(AnyIn::F64(f)),
             _ => {
@@ -395,6 +438,39 @@ impl<'a> P<'a> {
         }
     }
 
+    /// An object key at the opening quote: which of the six fields we read
+    /// it names (`None`: another key). The common keys are matched on their
+    /// raw bytes, quote included; anything else (or an escape) goes through
+    /// the general string reader.
+    #[inline]
+    fn field_key(&mut self) -> R<Option<usize>> {
+        const KEYS: [(&[u8], usize); 6] = [
+            (b"\"identity_uuid\"", 0),
+            (b"\"primitive\"", 1),
+            (b"\"value\"", 2),
+            (b"\"ts\"", 3),
+            (b"\"confidence\"", 4),
+            (b"\"value_kind\"", 5),
+        ];
+        let rest = &self.b[self.i..];
+        for (k, slot) in KEYS {
+            if rest.starts_with(k) {
+                self.i += k.len();
+                return Ok(Some(slot));
+            }
+        }
+        let key = self.string()?;
+        Ok(match key.as_ref() {
+            "identity_uuid" => Some(0),
+            "primitive" => Some(1),
+            "value" => Some(2),
+            "ts" => Some(3),
+            "confidence" => Some(4),
+            "value_kind" => Some(5),
+            _ => None,
+        })
+    }
+
     /// One batch element: an observation object (type-checked), or any
     /// other JSON value (rejected per item).
     fn item(&mut self) -> R<Result<ParsedObs<'a>, String>> {
@@ -420,16 +496,7 @@ impl<'a> P<'a> {
                 if self.peek() != Some(b'"') {
                     return self.err("key must be a string");
                 }
-                let key = self.string()?;
-                let slot = match key.as_ref() {
-                    "identity_uuid" => Some(0),
-                    "primitive" => Some(1),
-                    "value" => Some(2),
-                    "ts" => Some(3),
-                    "confidence" => Some(4),
-                    "value_kind" => Some(5),
-                    _ => None,
-                };
+                let slot = self.field_key()?;
                 self.ws();
                 self.expect(b':', "expected `:`")?;
                 self.ws();
@@ -605,4 +672,43 @@ pub fn line_col(s: &[u8], offset: usize) -> (usize, usize) {
             .map_or(0, |p| p + 1)
         + 1;
     (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_decimal;
+
+    #[test]
+    fn fast_path_matches_std() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let int = x % 10_000_000_000;
+            let frac = (x >> 40) % 100_000;
+            let digits = ((x >> 20) % 6) as usize;
+            let text = if digits == 0 {
+                format!("{int}.0")
+            } else {
+                format!(
+                    "{int}.{:0width$}",
+                    frac % 10u64.pow(digits as u32),
+                    width = digits
+                )
+            };
+            let neg = if x & 1 == 1 { format!("-{text}") } else { text };
+            if let Some(f) = fast_decimal(&neg) {
+                assert_eq!(f.to_bits(), neg.parse::<f64>().unwrap().to_bits(), "{neg}");
+            }
+        }
+        assert_eq!(fast_decimal("1800000000.123"), Some(1800000000.123));
+        assert_eq!(fast_decimal("0.1"), Some(0.1));
+        assert_eq!(
+            fast_decimal("-0.0").map(f64::to_bits),
+            Some((-0.0f64).to_bits())
+        );
+        assert_eq!(fast_decimal("1e5"), None);
+        assert_eq!(fast_decimal("123456789012345678.5"), None);
+    }
 }

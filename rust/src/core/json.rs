@@ -456,6 +456,47 @@ pub fn parse_batch(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, St
     Ok(out)
 }
 
+/// NDJSON [`parse_batch`] delivered in parts of `chunk` items to `sink`
+/// (for a caller that merges while this parses, on another thread). Lines
+/// fail one by one, as in `parse_batch`. `None` when `data` is a JSON
+/// array: an array is all-or-nothing, so it is parsed whole first.
+pub fn parse_ndjson_chunks<'a>(
+    data: &'a [u8],
+    chunk: usize,
+    mut sink: impl FnMut(Vec<Result<ParsedObs<'a>, String>>) -> bool,
+) -> Option<()> {
+    let chunk = chunk.max(1);
+    let data = strip_bom(data);
+    if first_byte(data) == Some(b'[') {
+        return None;
+    }
+    let mut part = Vec::with_capacity(chunk);
+    for (lineno, line) in data.split(|&b| b == b'\n').enumerate() {
+        if first_byte(line).is_none() {
+            continue;
+        }
+        let item = match std::str::from_utf8(line).ok() {
+            None => Err(format!("line {}: invalid UTF-8", lineno + 1)),
+            Some(t) => fastjson::parse_line(t).unwrap_or_else(|e| {
+                Err(format!(
+                    "line {}: invalid JSON: {} at column {}",
+                    lineno + 1,
+                    e.msg,
+                    e.offset + 1
+                ))
+            }),
+        };
+        part.push(item);
+        if part.len() == chunk && !sink(std::mem::replace(&mut part, Vec::with_capacity(chunk))) {
+            return Some(());
+        }
+    }
+    if !part.is_empty() {
+        sink(part);
+    }
+    Some(())
+}
+
 /// [`parse_batch`] written with serde_json: the reference the fast reader
 /// is tested against (same results on every input), and a fallback.
 pub fn parse_batch_serde(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, String> {

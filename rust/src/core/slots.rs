@@ -8,12 +8,18 @@
 //! [0] count                 [1] ident | prim << 32
 //! [2] ext | len << 32 | kind << 40 | live << 48
 //! [3] epoch | touched << 32 (batch bookkeeping)
-//! [4 .. 4+cap]              ts (f64)
-//! [4+cap .. 4+cap+cap/2]    value ids (u32, two per word)
+//! [4] cached state: confidence (f64)
+//! [5] cached state: current value (raw id, or f64 bits for numeric keys)
+//! [6 .. 6+cap]              ts (f64)
+//! [6+cap .. 6+cap+cap/2]    value ids (u32, two per word)
+//!
+//! The cached state is the key's state as of its last merge (code in bits
+//! 56..63 of word 2, 0 = none), so a batch gets a key's old state without
+//! merging it again.
 //! ```
 
 use super::intern::Id;
-use super::merge::Kind;
+use super::merge::{Kind, State};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Meta {
@@ -53,7 +59,38 @@ pub struct Blocks {
     words: Vec<u64>,
 }
 
-const HEADER: usize = 4;
+const HEADER: usize = 6;
+
+/// A key's state as of its last merge.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cached {
+    pub state: State,
+    pub confidence: f64,
+    /// Raw value id (categorical, hash: holds one reference) or f64 bits
+    /// (numeric).
+    pub current: u64,
+}
+
+fn state_code(s: State) -> u64 {
+    match s {
+        State::Unknown => 1,
+        State::Stable => 2,
+        State::Drifting => 3,
+        State::Conflicted => 4,
+        State::MultiActor => 5,
+    }
+}
+
+fn state_of_code(c: u64) -> Option<State> {
+    Some(match c {
+        1 => State::Unknown,
+        2 => State::Stable,
+        3 => State::Drifting,
+        4 => State::Conflicted,
+        5 => State::MultiActor,
+        _ => return None,
+    })
+}
 
 /// View `u64` words as `f64`s.
 fn as_f64(w: &[u64]) -> &[f64] {
@@ -132,11 +169,39 @@ impl Blocks {
         let w = self.block_mut(slot);
         w[0] = m.count;
         w[1] = u64::from(m.ident) | (u64::from(m.prim) << 32);
+        let cache_bits = w[2] & (0xff << 56);
         w[2] = u64::from(m.ext)
             | (u64::from(m.len) << 32)
             | (kind_code(m.kind) << 40)
-            | (u64::from(m.live) << 48);
+            | (u64::from(m.live) << 48)
+            | cache_bits;
         w[3] = u64::from(m.epoch) | (u64::from(m.touched) << 32);
+    }
+
+    pub fn cached(&self, slot: u32) -> Option<Cached> {
+        let w = self.block(slot);
+        let state = state_of_code(w[2] >> 56)?;
+        Some(Cached {
+            state,
+            confidence: f64::from_bits(w[4]),
+            current: w[5],
+        })
+    }
+
+    /// Store (or with `None` clear) the cached state; returns the previous one
+    /// so the caller can release its value reference.
+    pub fn set_cached(&mut self, slot: u32, c: Option<Cached>) -> Option<Cached> {
+        let prev = self.cached(slot);
+        let w = self.block_mut(slot);
+        match c {
+            Some(c) => {
+                w[2] = (w[2] & !(0xff << 56)) | (state_code(c.state) << 56);
+                w[4] = c.confidence.to_bits();
+                w[5] = c.current;
+            }
+            None => w[2] &= !(0xff << 56),
+        }
+        prev
     }
 
     pub fn set_touched(&mut self, slot: u32, epoch: u32, touched: u32) {
@@ -205,6 +270,23 @@ mod tests {
         assert_eq!(b.ts(s0)[9], 0.0);
         assert_eq!(b.ids(s0)[9], 0);
         assert_eq!(b.meta(s1), m, "ring writes leave the header alone");
+        assert_eq!(b.cached(s1), None);
+        let c = Cached {
+            state: State::MultiActor,
+            confidence: 0.6,
+            current: 7,
+        };
+        assert_eq!(b.set_cached(s1, Some(c)), None);
+        assert_eq!(b.cached(s1), Some(c));
+        assert_eq!(b.meta(s1), m, "the cache leaves the header alone");
+        b.set_meta(s1, &m);
+        assert_eq!(
+            b.cached(s1),
+            Some(c),
+            "and the header leaves the cache alone"
+        );
+        assert_eq!(b.set_cached(s1, None), Some(c));
+        assert_eq!(b.cached(s1), None);
         // odd capacity
         let mut o = Blocks::new(3);
         let s = o.push();

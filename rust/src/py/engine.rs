@@ -16,7 +16,7 @@ use super::convert::{
 use super::errors::{DecnetAttrError, InvalidJSONError};
 use super::types::{PyIngestResult, PyRejected, PyState, PyThresholds};
 use crate::core::engine::{aggregate, Engine, Explanation, ItemError, Limits, StateOut};
-use crate::core::json::{parse_batch, parse_window};
+use crate::core::json::{parse_batch, parse_ndjson_chunks, parse_window};
 use crate::core::merge::{Kind, Rule, Thresholds};
 
 /// Bytes of a bytes/bytearray/memoryview/str argument. Only `bytes` is
@@ -75,7 +75,47 @@ pub struct PyEngine {
     thresholds: Thresholds,
 }
 
+/// Below this, a second thread costs more than it saves.
+const PIPELINE_MIN_BYTES: usize = 64 * 1024;
+
 impl PyEngine {
+    /// NDJSON parsed on a scoped thread in parts of up to 1024 lines,
+    /// merged here as the parts arrive. `None` for a JSON array.
+    fn ingest_ndjson_pipelined(&self, bytes: &[u8]) -> Option<crate::core::engine::BatchResult> {
+        use std::sync::mpsc::sync_channel;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return None;
+        }
+        std::thread::scope(|scope| {
+            // ~100 bytes a line; parts small enough that merging starts
+            // early, large enough that the hand-over stays cheap
+            let chunk = (bytes.len() / 100 / 8).clamp(128, 1024);
+            let (tx, rx) = sync_channel(16);
+            let parser = scope
+                .spawn(move || parse_ndjson_chunks(bytes, chunk, |part| tx.send(part).is_ok()));
+            let mut eng = self.inner.lock();
+            let mut out = eng.begin();
+            let mut base = 0usize;
+            for part in rx {
+                let n = part.len();
+                eng.ingest_more(
+                    &mut out,
+                    part.iter().enumerate().map(|(i, r)| {
+                        (
+                            base + i,
+                            r.as_ref().map(|p| p.as_obs()).map_err(Clone::clone),
+                        )
+                    }),
+                );
+                base += n;
+            }
+            drop(eng);
+            // the parser cannot fail on NDJSON (bad lines are per-item errors)
+            let _ = parser.join();
+            Some(out)
+        })
+    }
+
     fn result(
         &self,
         py: Python<'_>,
@@ -164,10 +204,22 @@ impl PyEngine {
     }
 
     /// Same as `ingest`, from a JSON array or NDJSON (bytes or str),
-    /// parsed in Rust without the GIL.
-    fn ingest_json(&self, py: Python<'_>, data: &PyAny) -> PyResult<Py<PyIngestResult>> {
+    /// parsed in Rust without the GIL. With `threads=2`, large NDJSON input
+    /// is parsed on a second thread while this one merges.
+    #[args(data, "*", threads = "1")]
+    fn ingest_json(
+        &self,
+        py: Python<'_>,
+        data: &PyAny,
+        threads: usize,
+    ) -> PyResult<Py<PyIngestResult>> {
         let data = data_of(data)?;
         let bytes = data.bytes();
+        if threads > 1 && bytes.len() >= PIPELINE_MIN_BYTES {
+            if let Some(res) = py.allow_threads(|| self.ingest_ndjson_pipelined(bytes)) {
+                return self.result(py, res);
+            }
+        }
         let res = py.allow_threads(|| {
             let parsed = parse_batch(bytes)?;
             let mut eng = self.inner.lock();
