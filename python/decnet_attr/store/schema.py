@@ -314,10 +314,18 @@ _V3_POSTGRES = """
 ALTER TABLE attribution_state ADD COLUMN previous_state TEXT NULL
 """
 
+# v4: drop two indexes no query uses; every observation insert and state
+# upsert paid for them (the worker's write path is index-bound).
+_V4 = """
+DROP INDEX IF EXISTS ix_observations_primitive_ts;
+DROP INDEX IF EXISTS ix_attribution_state_last_change
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, _V1_SQLITE, _V1_POSTGRES),
     Migration(2, _V2_SQLITE, _V2_POSTGRES),
     Migration(3, _V3_SQLITE, _V3_POSTGRES),
+    Migration(4, _V4, _V4),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)

@@ -260,12 +260,32 @@ class AttributionWorker:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _drain(self, consumer: Any) -> None:
+        """Fetch and validate the next batch while the previous one is being
+        committed (the store works on its own thread or server meanwhile);
+        commits stay strictly one after the other, in arrival order."""
         s = self.settings
-        while not self._stop.is_set():
-            self.last_heartbeat = time.monotonic()
-            msgs = await consumer.fetch(s.batch_max, timeout=0.5)
-            if not msgs:
-                continue
+        inflight: asyncio.Task[None] | None = None
+        try:
+            while not self._stop.is_set():
+                self.last_heartbeat = time.monotonic()
+                msgs = await self._fill(consumer)
+                if not msgs:
+                    if inflight is not None:
+                        await inflight
+                        inflight = None
+                    continue
+                batch = self._check(msgs)
+                if inflight is not None:
+                    await inflight
+                inflight = asyncio.create_task(self._finish(batch))
+        finally:
+            if inflight is not None:
+                await asyncio.shield(inflight)
+
+    async def _fill(self, consumer: Any) -> list[Delivery]:
+        s = self.settings
+        msgs: list[Delivery] = await consumer.fetch(s.batch_max, timeout=0.5)
+        if msgs:
             if len(msgs) < s.batch_max and s.batch_delay > 0:
                 deadline = time.monotonic() + s.batch_delay
                 while len(msgs) < s.batch_max:
@@ -276,12 +296,15 @@ class AttributionWorker:
                     if not more:
                         break
                     msgs.extend(more)
-            await self.process(msgs)
+        return msgs
 
     # ---- one batch ---------------------------------------------------------------------
     async def process(self, deliveries: list[Delivery]) -> None:
         """Validate, store and merge one micro-batch; ack after the commit."""
-        batch = self._check(deliveries)
+        await self._finish(self._check(deliveries))
+
+    async def _finish(self, batch: _Batch) -> None:
+        deliveries = batch.deliveries
         try:
             published = await self._commit_resilient(batch)
         except (StoreError, OSError) as exc:
