@@ -10,8 +10,7 @@
 
 use std::borrow::Cow;
 
-use super::json::{value_in, AnyIn, ParsedObs};
-use super::merge::Kind;
+use super::json::{check_fields, AnyIn, Fields, ParsedObs};
 
 /// Nesting allowed while skipping unknown fields (serde_json's default).
 const MAX_SKIP_DEPTH: usize = 128;
@@ -516,98 +515,15 @@ impl<'a> P<'a> {
             }
         }
         let [identity, primitive, value, ts, confidence, value_kind] = f;
-        Ok(check(
-            identity, primitive, value, ts, confidence, value_kind,
-        ))
+        Ok(check_fields(Fields {
+            identity,
+            primitive,
+            value,
+            ts,
+            confidence,
+            value_kind,
+        }))
     }
-}
-
-fn type_name(v: &AnyIn<'_>) -> &'static str {
-    match v {
-        AnyIn::Null => "null",
-        AnyIn::Bool(_) => "a boolean",
-        AnyIn::I64(_) | AnyIn::U64(_) | AnyIn::F64(_) => "a number",
-        AnyIn::Str(_) => "a string",
-        AnyIn::Complex(serde_json::Value::Array(_)) => "an array",
-        AnyIn::Complex(_) => "an object",
-    }
-}
-
-fn number(v: &AnyIn<'_>) -> Option<f64> {
-    match v {
-        AnyIn::I64(i) => Some(*i as f64),
-        AnyIn::U64(u) => Some(*u as f64),
-        AnyIn::F64(f) => Some(*f),
-        _ => None,
-    }
-}
-
-fn string_field<'a>(name: &str, v: Option<AnyIn<'a>>) -> Result<Cow<'a, str>, String> {
-    match v {
-        Some(AnyIn::Str(s)) => Ok(s),
-        Some(other) => Err(format!(
-            "{name} must be a string, got {}",
-            type_name(&other)
-        )),
-        None => Err(format!("missing field {name}")),
-    }
-}
-
-fn check<'a>(
-    identity: Option<AnyIn<'a>>,
-    primitive: Option<AnyIn<'a>>,
-    value: Option<AnyIn<'a>>,
-    ts: Option<AnyIn<'a>>,
-    confidence: Option<AnyIn<'a>>,
-    value_kind: Option<AnyIn<'a>>,
-) -> Result<ParsedObs<'a>, String> {
-    let identity = string_field("identity_uuid", identity)?;
-    let primitive = string_field("primitive", primitive)?;
-    let ts = match ts {
-        Some(t) => {
-            number(&t).ok_or_else(|| format!("ts must be a number, got {}", type_name(&t)))?
-        }
-        None => return Err("missing field ts".into()),
-    };
-    if !ts.is_finite() {
-        return Err("ts must be a finite number".into());
-    }
-    match confidence {
-        None | Some(AnyIn::Null) => {}
-        Some(c) => match number(&c) {
-            Some(x) if (0.0..=1.0).contains(&x) => {}
-            Some(x) => return Err(format!("confidence must be in [0, 1], got {x}")),
-            None => {
-                return Err(format!(
-                    "confidence must be a number, got {}",
-                    type_name(&c)
-                ))
-            }
-        },
-    }
-    let kind = match value_kind {
-        None | Some(AnyIn::Null) => None,
-        Some(AnyIn::Str(s)) => Some(Kind::parse(&s).ok_or_else(|| {
-            format!("value_kind must be categorical, numeric or hash, got {s:?}")
-        })?),
-        Some(other) => {
-            return Err(format!(
-                "value_kind must be a string, got {}",
-                type_name(&other)
-            ))
-        }
-    };
-    let value = match value {
-        Some(v) => value_in(v)?,
-        None => return Err("missing field value".into()),
-    };
-    Ok(ParsedObs {
-        identity,
-        primitive,
-        value,
-        ts,
-        kind,
-    })
 }
 
 /// Parse a whole JSON array of observations. `s` must be the full input.

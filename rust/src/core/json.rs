@@ -314,14 +314,15 @@ impl<'v, 'de> DeserializeSeed<'de> for ArraySeed<'v, 'de> {
     }
 }
 
+/// The six fields of an observation, as read (shared by both readers).
 #[derive(Default)]
-struct Fields<'a> {
-    identity: Option<AnyIn<'a>>,
-    primitive: Option<AnyIn<'a>>,
-    value: Option<AnyIn<'a>>,
-    ts: Option<AnyIn<'a>>,
-    confidence: Option<AnyIn<'a>>,
-    value_kind: Option<AnyIn<'a>>,
+pub(crate) struct Fields<'a> {
+    pub identity: Option<AnyIn<'a>>,
+    pub primitive: Option<AnyIn<'a>>,
+    pub value: Option<AnyIn<'a>>,
+    pub ts: Option<AnyIn<'a>>,
+    pub confidence: Option<AnyIn<'a>>,
+    pub value_kind: Option<AnyIn<'a>>,
 }
 
 /// A type-checked observation that owns what it could not borrow.
@@ -371,7 +372,8 @@ pub fn parse_kind(v: Option<AnyIn<'_>>) -> Result<Option<Kind>, String> {
     }
 }
 
-fn check_fields(f: Fields<'_>) -> Result<ParsedObs<'_>, String> {
+/// Type-check the fields of one observation (per-item errors).
+pub(crate) fn check_fields(f: Fields<'_>) -> Result<ParsedObs<'_>, String> {
     let identity = string_field("identity_uuid", f.identity)?;
     let primitive = string_field("primitive", f.primitive)?;
     let ts = match f.ts {
@@ -436,23 +438,10 @@ pub fn parse_batch(data: &[u8]) -> Result<Vec<Result<ParsedObs<'_>, String>>, St
         });
     }
     let mut out = Vec::with_capacity(data.len() / 96 + 1);
-    for (lineno, line) in data.split(|&b| b == b'\n').enumerate() {
-        if first_byte(line).is_none() {
-            continue;
-        }
-        let item = match std::str::from_utf8(line).ok() {
-            None => Err(format!("line {}: invalid UTF-8", lineno + 1)),
-            Some(t) => fastjson::parse_line(t).unwrap_or_else(|e| {
-                Err(format!(
-                    "line {}: invalid JSON: {} at column {}",
-                    lineno + 1,
-                    e.msg,
-                    e.offset + 1
-                ))
-            }),
-        };
-        out.push(item);
-    }
+    parse_ndjson_chunks(data, usize::MAX, |part| {
+        out.extend(part);
+        true
+    });
     Ok(out)
 }
 
@@ -470,7 +459,7 @@ pub fn parse_ndjson_chunks<'a>(
     if first_byte(data) == Some(b'[') {
         return None;
     }
-    let mut part = Vec::with_capacity(chunk);
+    let mut part = Vec::with_capacity(chunk.min(data.len() / 96 + 1));
     for (lineno, line) in data.split(|&b| b == b'\n').enumerate() {
         if first_byte(line).is_none() {
             continue;
