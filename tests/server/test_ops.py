@@ -268,13 +268,13 @@ async def test_readyz_notices_a_stuck_worker(
     h = await make_worker_harness(heartbeat_interval=0.5)
     worker = worker_of(h)
     unblock = asyncio.Event()
-    real_process = worker.process
+    real_finish = worker._finish  # commits one batch (fetching goes on meanwhile)
 
-    async def stuck(deliveries: Any) -> None:
+    async def stuck(batch: Any) -> None:
         await unblock.wait()
-        await real_process(deliveries)
+        await real_finish(batch)
 
-    monkeypatch.setattr(worker, "process", stuck)
+    monkeypatch.setattr(worker, "_finish", stuck)
     publish = asyncio.create_task(
         h.bus.publish_durable(
             f"attacker.observation.{SHELL}",
