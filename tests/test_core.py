@@ -502,11 +502,17 @@ def test_pipelined_ndjson_equals_single_threaded() -> None:
         if i % 997 == 0:
             lines.append(b'{"broken json')
             continue
-        prim = rnd.choice(["motor.input_modality", "motor.digraph_simhash", "toolchain.c2.beacon_interval_ms"])
-        value: Any = rnd.choice(["typed", "pasted"]) if prim == "motor.input_modality" else rnd.randrange(5)
+        prim = rnd.choice(
+            ["motor.input_modality", "motor.digraph_simhash", "toolchain.c2.beacon_interval_ms"]
+        )
+        value: Any = (
+            rnd.choice(["typed", "pasted"]) if prim == "motor.input_modality" else rnd.randrange(5)
+        )
         if prim == "motor.digraph_simhash":
             value = f"{value:016x}"
-        lines.append(orjson.dumps(obs(f"id-{rnd.randrange(300)}", prim, value, float(rnd.randrange(5000)))))
+        lines.append(
+            orjson.dumps(obs(f"id-{rnd.randrange(300)}", prim, value, float(rnd.randrange(5000))))
+        )
     data = b"\n".join(lines)
     assert len(data) > 64 * 1024  # large enough for the pipeline
     one, two = Engine(), Engine()

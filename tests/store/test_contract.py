@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -278,7 +279,7 @@ async def test_insert_observations_columns_roundtrip(store: Store) -> None:
         assert await tx.insert_observations([row]) == [0]
     (got,) = await store.pending_observations(after_seq=0, limit=10)
     assert got.seq is not None
-    assert got == type(row)(**{**row.__dict__, "seq": got.seq})
+    assert got == dataclasses.replace(row, seq=got.seq)
     assert json.loads(got.value_json) == ["curve25519", {"k": [1, 2.5, None]}]
 
 

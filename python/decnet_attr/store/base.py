@@ -90,7 +90,7 @@ class AttackerSummary:
     observation_count: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ObservationRow:
     """One stored observation (reference §5.2 ``observations``)."""
 
@@ -111,7 +111,7 @@ class ObservationRow:
     seq: int | None = None  # assigned by the store (monotonic insertion order)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StateRow:
     """One ``attribution_state`` row plus what the engine needs to restart."""
 
@@ -130,7 +130,7 @@ class StateRow:
     previous_state: str | None = None  # the state before the last transition
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DeadLetter:
     topic: str
     reason: str

@@ -27,16 +27,17 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from decnet_attr import Engine, IngestResult
 from decnet_attr.bus import Bus, BusError, Delivery
-from decnet_attr.bus.helpers import publish_safely, run_control_listener, run_health_heartbeat
+from decnet_attr.bus.helpers import run_control_listener, run_health_heartbeat
 from decnet_attr.config import Settings
 from decnet_attr.logs import RepeatFilter
 from decnet_attr.registry import value_kind_for
@@ -152,6 +153,21 @@ class AttributionWorker:
         # attacker → identity as last seen committed (a hint: rows are
         # re-pointed if the store says otherwise)
         self._identity_cache: dict[str, str] = {}
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"
+        self._event_seq = 0
+
+    async def _publish(self, topic: str, payload: dict[str, Any], etype: str) -> bool:
+        """Publish after a commit; never raises. Event ids are this worker's
+        prefix plus a counter: unique, and much cheaper than a uuid4 each."""
+        self._event_seq += 1
+        try:
+            await self.bus.publish(
+                topic, payload, event_type=etype, event_id=f"{self._id_prefix}{self._event_seq:x}"
+            )
+        except Exception as exc:  # a publish must not fail the committed batch
+            log.warning("publish on %s failed: %s", topic, exc)
+            return False
+        return True
 
     # ---- lifecycle -----------------------------------------------------------------
     @property
@@ -263,7 +279,6 @@ class AttributionWorker:
         """Fetch and validate the next batch while the previous one is being
         committed (the store works on its own thread or server meanwhile);
         commits stay strictly one after the other, in arrival order."""
-        s = self.settings
         inflight: asyncio.Task[None] | None = None
         try:
             while not self._stop.is_set():
@@ -316,7 +331,7 @@ class AttributionWorker:
         for d in deliveries:
             await d.ack()
         for topic, payload, etype in published:
-            if await publish_safely(self.bus, topic, payload, etype):
+            if await self._publish(topic, payload, etype):
                 self.stats.published += 1
 
     async def _commit_resilient(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
@@ -480,12 +495,9 @@ class AttributionWorker:
                     )
                 )
                 self.stats.identities_formed += 1
-        rows = [
-            c.row
-            if c.row.identity_uuid == identity_of.get(c.row.attacker_uuid)
-            else replace(c.row, identity_uuid=identity_of.get(c.row.attacker_uuid))
-            for c in checked
-        ]
+        rows = [c.row for c in checked]
+        for r in rows:  # rows are ours (built by validate): set the identity in place
+            r.identity_uuid = identity_of.get(r.attacker_uuid)
         if already_stored:
             new_idx = list(range(len(rows)))
         else:
@@ -709,7 +721,7 @@ class AttributionWorker:
         async with self.store.transaction() as tx:
             events = await self._multi_actor(tx, sorted(candidates), now)
         for topic, payload, etype in events:
-            if await publish_safely(self.bus, topic, payload, etype):
+            if await self._publish(topic, payload, etype):
                 self.stats.published += 1
         return len(events)
 
@@ -809,7 +821,7 @@ class AttributionWorker:
                 self.engine.evict(touched)
                 raise
             for topic, payload, etype in events:
-                await publish_safely(self.bus, topic, payload, etype)
+                await self._publish(topic, payload, etype)
             total += len(rows)
             self.stats.pending_merged += len(rows)
             after = max((r.seq or 0) for r in rows)
