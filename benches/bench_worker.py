@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -35,6 +36,9 @@ from decnet_attr.store import Store, open_store
 from decnet_attr.topics import attacker_observation
 from decnet_attr.worker import AttributionWorker
 
+#: worker micro-batch fill delay for the runs (the setting's default: 0)
+BATCH_DELAY = float(os.environ.get("BENCH_BATCH_DELAY", "0"))
+
 
 def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any]]:
     out = observations(keys, n, seed=seed)
@@ -48,7 +52,9 @@ def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any
 
 @contextlib.asynccontextmanager
 async def embedded(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
-    settings = Settings(data_dir=tmp, batch_max=2000, batch_delay=0.002, heartbeat_interval=30)
+    settings = Settings(
+        data_dir=tmp, batch_max=2000, batch_delay=BATCH_DELAY, heartbeat_interval=30
+    )
     store = open_store(settings.store_url)
     await store.open()
     bus = get_bus("memory://", durable_queue_size=1_000_000)
@@ -74,7 +80,7 @@ async def scaled(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
             bus_url=nats.url,
             db_url=dsn,
             batch_max=2000,
-            batch_delay=0.002,
+            batch_delay=BATCH_DELAY,
             heartbeat_interval=30,
         )
         store = open_store(dsn)

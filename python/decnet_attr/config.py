@@ -84,7 +84,11 @@ class Settings:
     durable_name: str = "attribution"
     batch_max: int = field(default=2000, metadata={"help": "largest worker micro-batch"})
     batch_delay: float = field(
-        default=0.002, metadata={"help": "longest wait to fill a micro-batch (s)"}
+        default=0.0,
+        metadata={
+            "help": "extra wait to fill a micro-batch (s); batches also fill while the "
+            "previous one commits"
+        },
     )
     ack_wait: float = field(
         default=30.0, metadata={"help": "seconds before an unacked observation is redelivered"}

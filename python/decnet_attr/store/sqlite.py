@@ -15,6 +15,7 @@ SQL text (and so the prepared statement) does not depend on the list size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -454,8 +455,13 @@ class SqliteStore(Store):
 
     #: Page cache per connection, KiB.
     cache_kib = 64 * 1024
-    #: WAL pages between automatic checkpoints (SQLite's default is 1000).
-    wal_autocheckpoint_pages = 10000
+    #: WAL pages after which a committing writer checkpoints itself (a stall);
+    #: normally the background checkpointer keeps the WAL far below this.
+    wal_autocheckpoint_pages = 50000
+    #: Seconds between background PASSIVE checkpoints (0: none). They run on a
+    #: connection (and thread) of their own, so commits never wait for the
+    #: WAL to be copied back into the database file.
+    checkpoint_interval = 0.5
 
     def __init__(self, path: str | PathLike[str]) -> None:
         self.path = str(path)
@@ -465,6 +471,7 @@ class SqliteStore(Store):
         self._r: Any = None
         self._wlock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
+        self._checkpointer: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     @staticmethod
@@ -523,9 +530,37 @@ class SqliteStore(Store):
             if _is_db_error(exc):
                 raise _map_error(exc) from exc
             raise
+        if not self._memory and self.checkpoint_interval > 0:
+            self._checkpointer = asyncio.create_task(
+                self._checkpoint_loop(), name="sqlite-checkpointer"
+            )
         log.debug("sqlite store open at %s (sqlite %s)", self.path, sqlite3.sqlite_version)
 
+    async def _checkpoint_loop(self) -> None:
+        conn = None
+        try:
+            conn = await self._connect()
+            while True:
+                await asyncio.sleep(self.checkpoint_interval)
+                try:
+                    await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or locked: try again next time
+                    log.debug("background checkpoint skipped: %s", exc)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # never let the checkpointer take the store down
+            log.warning("background checkpointer stopped: %s", exc)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
         if self._background:  # rollbacks of cancelled BEGINs still queued
             await asyncio.gather(*self._background, return_exceptions=True)
         w, r = self._w, self._r
