@@ -143,9 +143,12 @@ def test_numeric_ewma_and_states() -> None:
 
 def test_numeric_zero_mean() -> None:
     assert agg([0, 0, 0], "numeric").state == "stable"
-    s = agg([-1, 1, 0, 0, 0], "numeric")
-    # EWMA is not exactly zero here; a true zero mean with noise is cv=1e9
-    assert s.state in {"stable", "conflicted"}
+    # a mean of exactly zero with noise is cv = 1e9 → conflicted (with
+    # alpha 1 the EWMA is the last value, so the mean is exactly 0.0)
+    s = aggregate_observations(
+        series(-1, 1, 0), value_kind="numeric", thresholds=Thresholds(ewma_alpha=1.0)
+    )
+    assert (s.state, s.confidence, s.current_value) == ("conflicted", 0.5, 0.0)
     s = agg([0.0, 0.0, 0.0], "numeric")
     assert s.confidence == 1.0
 

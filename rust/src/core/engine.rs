@@ -386,10 +386,6 @@ impl Engine {
         &self.th
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     /// Set the merger kind of a primitive for keys created from now on.
     pub fn set_kind(&mut self, primitive: &str, kind: Kind) {
         self.overrides.insert(primitive.to_owned(), kind);

@@ -203,10 +203,6 @@ impl Interner {
             .map(|c| &c.key)
     }
 
-    pub fn is_null_canon(&self, cid: Id) -> bool {
-        matches!(self.canon_key(cid), Some(Canon::Null))
-    }
-
     /// Live interned raw values.
     pub fn len(&self) -> usize {
         self.raw_map.len()

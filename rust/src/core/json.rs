@@ -555,10 +555,6 @@ impl<'a> ParsedWindow<'a> {
                 .collect(),
         }
     }
-
-    pub fn key(&self) -> (&str, &str) {
-        (&self.identity, &self.primitive)
-    }
 }
 
 pub fn parse_window(data: &[u8]) -> Result<ParsedWindow<'_>, String> {
@@ -588,8 +584,9 @@ pub fn parse_window(data: &[u8]) -> Result<ParsedWindow<'_>, String> {
     })
 }
 
-/// Parse a single JSON value.
-pub fn parse_value(data: &[u8]) -> Result<ValueIn<'_>, String> {
+/// Parse a single JSON value (tests).
+#[cfg(test)]
+fn parse_value(data: &[u8]) -> Result<ValueIn<'_>, String> {
     let mut de = serde_json::Deserializer::from_slice(data);
     let v = AnyIn::deserialize(&mut de).map_err(|e| e.to_string())?;
     de.end().map_err(|e| e.to_string())?;

@@ -586,13 +586,18 @@ mod tests {
         assert_eq!((o.state, o.confidence), (State::Stable, 1.0));
         let o = numeric(&t, 3, &[0.0, 0.0, 0.0]);
         assert_eq!(o.state, State::Stable);
+        // EWMA -0.28, dispersion far above it
         let o = numeric(&t, 3, &[-1.0, 1.0, 0.0]);
-        assert_eq!(
-            o.detail.cv,
-            Some(1e9)
-                .filter(|_| o.detail.ewma == Some(0.0))
-                .or(o.detail.cv)
-        );
+        assert_eq!((o.state, o.confidence), (State::Conflicted, 0.5));
+        assert!(o.detail.cv.is_some_and(|cv| cv > 1.0 && cv < 1e9));
+        // a mean of exactly zero with noise is cv = 1e9 (alpha 1: EWMA = last)
+        let last = Thresholds {
+            ewma_alpha: 1.0,
+            ..th()
+        };
+        let o = numeric(&last, 3, &[-1.0, 1.0, 0.0]);
+        assert_eq!((o.detail.ewma, o.detail.cv), (Some(0.0), Some(1e9)));
+        assert_eq!(o.state, State::Conflicted);
         let o = numeric(&t, 10, &[1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
         assert_eq!(o.state, State::Drifting);
         let o = numeric(&t, 5, &[1.0, 100.0, 1.0, 100.0, 1.0]);
