@@ -16,6 +16,8 @@ PACKAGES=(
   librust-hashbrown-dev
   librust-ahash-dev
   librust-parking-lot-dev
+  librust-rusqlite-dev
+  libsqlite3-dev
   librust-proptest+default-dev
   librust-criterion-dev
   nats-server

@@ -321,11 +321,19 @@ DROP INDEX IF EXISTS ix_observations_primitive_ts;
 DROP INDEX IF EXISTS ix_attribution_state_last_change
 """
 
+# v5: every state upsert paid for ``(identity_uuid, state)``, which the
+# primary key's ``identity_uuid`` prefix already serves (an identity has at
+# most one row per primitive, so the state filter reads a few dozen rows).
+_V5 = """
+DROP INDEX IF EXISTS ix_attribution_state_identity_state
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, _V1_SQLITE, _V1_POSTGRES),
     Migration(2, _V2_SQLITE, _V2_POSTGRES),
     Migration(3, _V3_SQLITE, _V3_POSTGRES),
     Migration(4, _V4, _V4),
+    Migration(5, _V5, _V5),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)
@@ -594,10 +602,9 @@ def list_order(sort: str, descending: bool, alias: str) -> str:
 
 def list_attackers_sql(sort: str, descending: bool, limit_param: str, offset_param: str) -> str:
     """The page, each attacker's observation count and its identity's per-state
-    counts, in one query (index-only lookups on
-    ``ix_observations_attacker_primitive_ts`` and
-    ``ix_attribution_state_identity_state`` for the page's rows only). The
-    total is a second, plain ``count(*)``."""
+    counts, in one query (lookups on ``ix_observations_attacker_primitive_ts``
+    and the state table's primary key, for the page's rows only). The total
+    is a second, plain ``count(*)``."""
     counts = ",\n".join(
         "    (SELECT count(*) FROM attribution_state s WHERE s.identity_uuid = p.identity_id "
         f"AND s.state = '{st}') AS c_{st}"

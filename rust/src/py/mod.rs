@@ -4,6 +4,7 @@
 mod convert;
 mod engine;
 mod errors;
+mod sqlite;
 mod types;
 
 use pyo3::prelude::*;
@@ -18,6 +19,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<types::PyRejected>()?;
     m.add_class::<types::PyIngestResult>()?;
     m.add_class::<engine::PyEngine>()?;
+    m.add_class::<sqlite::PySqlite>()?;
     m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
     m.add("DecnetAttrError", py.get_type::<errors::DecnetAttrError>())?;
     m.add(

@@ -1,0 +1,129 @@
+"""The Rust SQLite connection the store writes through (``_core.SqliteConnection``
+and its async facade ``NativeConnection``): values, errors as the ``sqlite3``
+module raises them, the GIL released while statements run, and closing."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from decnet_attr._core import SqliteConnection
+from decnet_attr.store.base import StoreError, StoreUnavailable
+from decnet_attr.store.sqlite import NativeConnection, _map_error
+
+
+def test_values_round_trip(tmp_path: Path) -> None:
+    c = SqliteConnection(str(tmp_path / "x.db"))
+    c.execute("CREATE TABLE t (a, b, c, d, e, f)")
+    c.executemany(
+        "INSERT INTO t VALUES (?, ?, ?, ?, ?, ?)",
+        [(None, 1, 2.5, "é\x00x", b"\x00\xff", True), [None, -(2**63), 1e308, "", b"", False]],
+    )
+    rows = c.execute("SELECT a, b, c, d, e, f, typeof(f) FROM t ORDER BY rowid")
+    assert rows == [
+        (None, 1, 2.5, "é\x00x", b"\x00\xff", 1, "integer"),
+        (None, -(2**63), 1e308, "", b"", 0, "integer"),
+    ]
+    # numbered parameters, as the store's upserts use them
+    assert c.execute("SELECT ?2, ?1, ?2", ("a", "b")) == [("b", "a", "b")]
+    assert c.execute("CREATE TABLE u (x)") == []
+    # the same file seen through Python's own driver
+    other = sqlite3.connect(tmp_path / "x.db")
+    assert other.execute("SELECT count(*) FROM t").fetchone() == (2,)
+    other.close()
+    c.close()
+
+
+def test_bad_parameters_are_typed_errors(tmp_path: Path) -> None:
+    c = SqliteConnection(str(tmp_path / "x.db"))
+    c.execute("CREATE TABLE t (a)")
+    with pytest.raises(OverflowError):
+        c.execute("INSERT INTO t VALUES (?)", (2**64,))
+    with pytest.raises(TypeError, match="parameter 1"):
+        c.execute("INSERT INTO t VALUES (?)", ([1],))
+    with pytest.raises(TypeError):
+        c.execute("INSERT INTO t VALUES (?)", {"a": 1})
+    with pytest.raises(sqlite3.ProgrammingError, match="bindings"):
+        c.executemany("INSERT INTO t VALUES (?)", [(1, 2)])
+    with pytest.raises(sqlite3.ProgrammingError, match="one statement"):
+        c.execute("SELECT 1; SELECT 2")
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        c.execute("SELECT * FROM missing")
+    # a failed executemany stops at the bad set; the earlier ones ran (as in
+    # sqlite3); the caller's transaction decides what survives
+    c.execute("CREATE TABLE u (a UNIQUE)")
+    c.execute("BEGIN")
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE") as info:
+        c.executemany("INSERT INTO u VALUES (?)", [(1,), (2,), (1,), (3,)])
+    assert info.value.sqlite_errorname == "SQLITE_CONSTRAINT"
+    assert info.value.sqlite_errorcode & 0xFF == sqlite3.SQLITE_CONSTRAINT
+    assert c.in_transaction
+    c.execute("ROLLBACK")
+    assert not c.in_transaction
+    assert c.execute("SELECT count(*) FROM u") == [(0,)]
+    assert isinstance(_map_error(info.value), StoreError)
+    c.close()
+
+
+def test_lock_timeout_maps_to_unavailable(tmp_path: Path) -> None:
+    path = str(tmp_path / "x.db")
+    a = SqliteConnection(path)
+    a.execute("PRAGMA journal_mode = WAL")
+    a.execute("CREATE TABLE t (a)")
+    b = SqliteConnection(path, 0.05)
+    a.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked") as info:
+        b.execute("BEGIN IMMEDIATE")
+    assert info.value.sqlite_errorname == "SQLITE_BUSY"
+    assert isinstance(_map_error(info.value), StoreUnavailable)
+    a.execute("COMMIT")
+    b.execute("BEGIN IMMEDIATE")
+    b.execute("COMMIT")
+    a.close()
+    b.close()
+
+
+def test_statements_run_without_the_gil(tmp_path: Path) -> None:
+    """While one thread runs a long statement, Python keeps running in
+    another (with the GIL held, the counter could not move)."""
+    c = SqliteConnection(str(tmp_path / "x.db"))
+    done = threading.Event()
+    result: list[object] = []
+
+    def heavy() -> None:
+        result.append(
+            c.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) "
+                "SELECT count(*) FROM n"
+            )
+        )
+        done.set()
+
+    t = threading.Thread(target=heavy)
+    spins = 0
+    t.start()
+    while not done.is_set():
+        spins += 1
+    t.join()
+    assert result == [[(3000001,)]]
+    assert spins > 10_000, spins
+    c.close()
+
+
+async def test_facade_orders_calls_and_closes(tmp_path: Path) -> None:
+    conn = await NativeConnection.connect(str(tmp_path / "x.db"), 5.0)
+    await conn.execute("CREATE TABLE t (a)")
+    await conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1000)])
+    assert await conn.execute_fetchall("SELECT count(*), sum(a) FROM t") == [(1000, 499500)]
+    await conn.close()
+    await conn.close()  # twice is harmless
+    with pytest.raises(ValueError, match="no active connection") as info:
+        await conn.execute("SELECT 1")
+    assert isinstance(_map_error(info.value), StoreUnavailable)
+    raw = SqliteConnection(str(tmp_path / "y.db"))
+    raw.close()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        raw.execute("SELECT 1")
