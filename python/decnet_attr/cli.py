@@ -135,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command in ("serve", "worker"):
+        from decnet_attr.runtime import tune_gc
+
+        tune_gc()
     if args.command == "replay":
         from decnet_attr.replay import replay_file
 

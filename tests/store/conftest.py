@@ -1,5 +1,6 @@
-"""Fixtures for the store contract tests: every test runs on SQLite and on a
-real PostgreSQL (a fresh database per test on one session-wide server)."""
+"""Fixtures for the store contract tests: every test runs on SQLite (through
+the Rust writer connection, and again through aiosqlite) and on a real
+PostgreSQL (a fresh database per test on one session-wide server)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from decnet_attr.store.postgres import PostgresStore
 from decnet_attr.store.sqlite import SqliteStore
 from tests.pgserver import PgServer, pg_server  # noqa: F401  (session fixture)
 
-BACKENDS = ["sqlite", "postgresql"]
+BACKENDS = ["sqlite", "sqlite-aiosqlite", "postgresql"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -29,7 +30,7 @@ async def store_url(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[str]:
     """A location (not yet migrated) for the backend under test."""
-    if backend == "sqlite":
+    if backend.startswith("sqlite"):
         yield f"sqlite://{tmp_path / 'attr.db'}"
         return
     srv: PgServer = request.getfixturevalue("pg_server")
@@ -40,9 +41,17 @@ async def store_url(
         await srv.drop_database(dsn)
 
 
+def _open_store(url: str, backend: str) -> Store:
+    st = open_store(url)
+    if backend == "sqlite-aiosqlite":
+        assert isinstance(st, SqliteStore)
+        st.native_writer = False
+    return st
+
+
 @pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    st = open_store(store_url)
+async def store(store_url: str, backend: str) -> AsyncIterator[Store]:
+    st = _open_store(store_url, backend)
     await st.open()
     try:
         yield st
@@ -52,13 +61,13 @@ async def store(store_url: str) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def open_another(
-    store_url: str,
+    store_url: str, backend: str
 ) -> AsyncIterator[Callable[[], Awaitable[Store]]]:
     """Open more stores on the same database (other 'processes')."""
     opened: list[Store] = []
 
     async def _open() -> Store:
-        st = open_store(store_url)
+        st = _open_store(store_url, backend)
         await st.open()
         opened.append(st)
         return st

@@ -127,3 +127,20 @@ async def test_facade_orders_calls_and_closes(tmp_path: Path) -> None:
     raw.close()
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
         raw.execute("SELECT 1")
+
+
+async def test_store_writes_a_file_through_the_native_connection(tmp_path: Path) -> None:
+    from decnet_attr.store.sqlite import SqliteStore
+
+    st = SqliteStore(tmp_path / "attr.db")
+    await st.open()
+    try:
+        assert isinstance(st._w, NativeConnection)
+    finally:
+        await st.close()
+    mem = SqliteStore(":memory:")  # one connection serves reads and writes: aiosqlite
+    await mem.open()
+    try:
+        assert not isinstance(mem._w, NativeConnection) and mem._r is mem._w
+    finally:
+        await mem.close()

@@ -152,6 +152,10 @@ class NativeConnection:
     async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         await self._run(self._conn.executemany, sql, params)
 
+    async def executemany_changes(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
+        """Rows changed by each parameter set."""
+        return await self._run(self._conn.executemany_changes, sql, params)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -362,30 +366,32 @@ class SqliteTx(Tx):
         conn = self._c()
         if not rows:
             return []
+        params = [
+            (
+                r.id,
+                r.identity_ref,
+                r.primitive,
+                r.value_json,
+                r.confidence,
+                r.window_start_ts,
+                r.window_end_ts,
+                r.source,
+                r.evidence_ref,
+                r.envelope_v,
+                r.ts,
+                r.attacker_uuid,
+                r.identity_uuid,
+                1 if r.merged else 0,
+            )
+            for r in rows
+        ]
+        if isinstance(conn, NativeConnection):
+            # one call: each row's own change count says whether it got in
+            changes = await conn.executemany_changes(_SQL_INSERT_OBS, params)
+            return [i for i, n in enumerate(changes) if n]
         before = await conn.execute_fetchall("SELECT coalesce(max(seq), 0) FROM observations")
         start = int(before[0][0])
-        await conn.executemany(
-            _SQL_INSERT_OBS,
-            [
-                (
-                    r.id,
-                    r.identity_ref,
-                    r.primitive,
-                    r.value_json,
-                    r.confidence,
-                    r.window_start_ts,
-                    r.window_end_ts,
-                    r.source,
-                    r.evidence_ref,
-                    r.envelope_v,
-                    r.ts,
-                    r.attacker_uuid,
-                    r.identity_uuid,
-                    1 if r.merged else 0,
-                )
-                for r in rows
-            ],
-        )
+        await conn.executemany(_SQL_INSERT_OBS, params)
         # AUTOINCREMENT: every new row has seq > the old max, and we hold the
         # write lock, so the rows past ``start`` are exactly this batch's.
         inserted = await conn.execute_fetchall(

@@ -277,9 +277,12 @@ class AttributionWorker:
 
     async def _drain(self, consumer: Any) -> None:
         """Fetch and validate the next batch while the previous one is being
-        committed (the store works on its own thread or server meanwhile);
-        commits stay strictly one after the other, in arrival order."""
+        committed (the store works on its own thread or server meanwhile),
+        and start the next transaction while the previous batch's events are
+        being acked and published. Commits stay strictly one after the
+        other, in arrival order, and so do the publications."""
         inflight: asyncio.Task[None] | None = None
+        committed: asyncio.Future[None] | None = None
         try:
             while not self._stop.is_set():
                 self.last_heartbeat = time.monotonic()
@@ -287,12 +290,13 @@ class AttributionWorker:
                 if not msgs:
                     if inflight is not None:
                         await inflight
-                        inflight = None
+                        inflight = committed = None
                     continue
                 batch = self._check(msgs)
-                if inflight is not None:
-                    await inflight
-                inflight = asyncio.create_task(self._finish(batch))
+                if committed is not None:
+                    await asyncio.shield(committed)
+                committed = asyncio.get_running_loop().create_future()
+                inflight = asyncio.create_task(self._finish(batch, committed, inflight))
         finally:
             if inflight is not None:
                 await asyncio.shield(inflight)
@@ -318,16 +322,38 @@ class AttributionWorker:
         """Validate, store and merge one micro-batch; ack after the commit."""
         await self._finish(self._check(deliveries))
 
-    async def _finish(self, batch: _Batch) -> None:
+    async def _finish(
+        self,
+        batch: _Batch,
+        committed: asyncio.Future[None] | None = None,
+        previous: asyncio.Task[None] | None = None,
+    ) -> None:
+        """Commit one batch, then ack and publish. ``committed`` is resolved as
+        soon as the transaction is over (committed or not), so the next batch
+        can start its own; ``previous`` (the task of the batch before) is
+        awaited before this one's acks and events go out, which keeps the
+        publications in commit order."""
         deliveries = batch.deliveries
         try:
             published = await self._commit_resilient(batch)
         except (StoreError, OSError) as exc:
             log.warning("batch of %d failed (%s); redelivering later", len(deliveries), exc)
+            if committed is not None and not committed.done():
+                committed.set_result(None)
+            if previous is not None:
+                await asyncio.shield(previous)
             for d in deliveries:
                 with contextlib.suppress(Exception):
                     await d.nak(delay=1.0)
             return
+        except BaseException:
+            if committed is not None and not committed.done():
+                committed.set_result(None)
+            raise
+        if committed is not None and not committed.done():
+            committed.set_result(None)
+        if previous is not None:
+            await asyncio.shield(previous)
         for d in deliveries:
             await d.ack()
         for topic, payload, etype in published:

@@ -315,6 +315,29 @@ impl PySqlite {
         self.with_conn(py, |c, k| run(c, k, sql, &sets, false).map(|_| ()))
     }
 
+    /// `executemany` for writes that also reports, per parameter set, how
+    /// many rows it changed (0 for an `INSERT … ON CONFLICT DO NOTHING` that
+    /// conflicted). The statement must not return rows.
+    fn executemany_changes(&self, py: Python<'_>, sql: &str, seq: &PyAny) -> PyResult<Vec<usize>> {
+        let mut sets = Vec::new();
+        for item in seq.iter()? {
+            sets.push(params_of(Some(item?))?);
+        }
+        if sets.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with_conn(py, |c, k| {
+            // checks the text for a second statement
+            run(c, k, sql, &[], false)?;
+            let mut stmt = c.prepare_cached(sql)?;
+            let mut out = Vec::with_capacity(sets.len());
+            for params in &sets {
+                out.push(stmt.execute(rusqlite::params_from_iter(params.iter()))?);
+            }
+            Ok(out)
+        })
+    }
+
     /// True while a transaction is open.
     #[getter]
     fn in_transaction(&self) -> bool {
