@@ -213,7 +213,9 @@ async def decnet_style(n: int, history: int) -> float:
                         for o in chunk
                     ]
                 )  # type: ignore[misc]
-            conn = store._w  # type: ignore[attr-defined]
+            # DECNET reaches SQLite through aiosqlite (under SQLAlchemy): a
+            # connection of that kind, on the same file and settings
+            conn = await store._connect()  # type: ignore[attr-defined]
             ident = {
                 a: (await store.get_attacker(f"dec-{a}")).identity_id  # type: ignore[union-attr]
                 for a in range(attackers)
@@ -257,7 +259,9 @@ async def decnet_style(n: int, history: int) -> float:
                     ),
                 )
                 await conn.execute("COMMIT")
-            return n / (time.perf_counter() - t0)
+            rate = n / (time.perf_counter() - t0)
+            await conn.close()
+            return rate
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
