@@ -270,9 +270,9 @@ async def test_readyz_notices_a_stuck_worker(
     unblock = asyncio.Event()
     real_finish = worker._finish  # commits one batch (fetching goes on meanwhile)
 
-    async def stuck(batch: Any) -> None:
+    async def stuck(batch: Any, *rest: Any) -> None:
         await unblock.wait()
-        await real_finish(batch)
+        await real_finish(batch, *rest)
 
     monkeypatch.setattr(worker, "_finish", stuck)
     publish = asyncio.create_task(
