@@ -28,6 +28,7 @@ import sqlite3
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from os import PathLike
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -127,8 +128,6 @@ class NativeConnection:
     task is cancelled may still run: a later ``ROLLBACK`` undoes it."""
 
     def __init__(self, conn: SqliteConnection) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._conn = conn
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._closed = False

@@ -334,26 +334,23 @@ class AttributionWorker:
         awaited before this one's acks and events go out, which keeps the
         publications in commit order."""
         deliveries = batch.deliveries
+        failure: Exception | None = None
+        published: list[tuple[str, dict[str, Any], str]] = []
         try:
             published = await self._commit_resilient(batch)
         except (StoreError, OSError) as exc:
-            log.warning("batch of %d failed (%s); redelivering later", len(deliveries), exc)
+            failure = exc
+        finally:
             if committed is not None and not committed.done():
                 committed.set_result(None)
-            if previous is not None:
-                await asyncio.shield(previous)
+        if previous is not None:
+            await asyncio.shield(previous)
+        if failure is not None:
+            log.warning("batch of %d failed (%s); redelivering later", len(deliveries), failure)
             for d in deliveries:
                 with contextlib.suppress(Exception):
                     await d.nak(delay=1.0)
             return
-        except BaseException:
-            if committed is not None and not committed.done():
-                committed.set_result(None)
-            raise
-        if committed is not None and not committed.done():
-            committed.set_result(None)
-        if previous is not None:
-            await asyncio.shield(previous)
         for d in deliveries:
             await d.ack()
         for topic, payload, etype in published:

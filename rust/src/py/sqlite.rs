@@ -209,14 +209,13 @@ fn has_tail(conn: &Connection, sql: &str) -> Result<bool, Failure> {
     Ok(rest.map(|r| !r.trim().is_empty()).unwrap_or(false))
 }
 
-/// Run one statement per parameter set; return the rows of the last one.
-fn run(
-    conn: &Connection,
+/// The prepared (cached) statement for `sql`, refused if the text holds a
+/// second statement; texts already checked are remembered in `checked`.
+fn prepare<'c>(
+    conn: &'c Connection,
     checked: &mut HashSet<String>,
     sql: &str,
-    sets: &[Vec<Value>],
-    want_rows: bool,
-) -> Result<Vec<Vec<Value>>, Failure> {
+) -> Result<rusqlite::CachedStatement<'c>, Failure> {
     if !checked.contains(sql) {
         if has_tail(conn, sql)? {
             return Err(Failure::Sqlite(rusqlite::Error::MultipleStatement));
@@ -225,7 +224,18 @@ fn run(
             checked.insert(sql.to_owned());
         }
     }
-    let mut stmt = conn.prepare_cached(sql)?;
+    Ok(conn.prepare_cached(sql)?)
+}
+
+/// Run one statement per parameter set; return the rows of the last one.
+fn run(
+    conn: &Connection,
+    checked: &mut HashSet<String>,
+    sql: &str,
+    sets: &[Vec<Value>],
+    want_rows: bool,
+) -> Result<Vec<Vec<Value>>, Failure> {
+    let mut stmt = prepare(conn, checked, sql)?;
     let columns = stmt.column_count();
     let mut out = Vec::new();
     let last = sets.len().saturating_sub(1);
@@ -327,9 +337,7 @@ impl PySqlite {
             return Ok(Vec::new());
         }
         self.with_conn(py, |c, k| {
-            // checks the text for a second statement
-            run(c, k, sql, &[], false)?;
-            let mut stmt = c.prepare_cached(sql)?;
+            let mut stmt = prepare(c, k, sql)?;
             let mut out = Vec::with_capacity(sets.len());
             for params in &sets {
                 out.push(stmt.execute(rusqlite::params_from_iter(params.iter()))?);
