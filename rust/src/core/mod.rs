@@ -9,6 +9,7 @@ pub mod json;
 pub mod merge;
 pub mod registry;
 pub mod slots;
+pub mod validate;
 pub mod value;
 
 #[cfg(test)]

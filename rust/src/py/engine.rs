@@ -15,7 +15,8 @@ use super::convert::{
 };
 use super::errors::{DecnetAttrError, InvalidJSONError};
 use super::types::{PyIngestResult, PyRejected, PyState, PyThresholds};
-use crate::core::engine::{aggregate, Engine, Explanation, ItemError, Limits, StateOut};
+use super::validate::{identity_map, PyValidated};
+use crate::core::engine::{aggregate, Engine, Explanation, ItemError, Limits, Obs, StateOut};
 use crate::core::json::{parse_batch, parse_ndjson_chunks, parse_window};
 use crate::core::merge::{Kind, Rule, Thresholds};
 
@@ -236,6 +237,39 @@ impl PyEngine {
             Ok(r) => self.result(py, r),
             Err(e) => Err(InvalidJSONError::new_err(e)),
         }
+    }
+
+    /// Merge the accepted items of a `ValidatedBatch` (all, or the
+    /// positions in `select`) under the identities in `identity_of`
+    /// (attacker → identity). An item whose attacker has no identity there
+    /// is an error record (index = its position in the selection).
+    #[args(batch, identity_of = "None", select = "None")]
+    fn ingest_validated(
+        &self,
+        py: Python<'_>,
+        batch: PyRef<'_, PyValidated>,
+        identity_of: Option<&PyDict>,
+        select: Option<Vec<usize>>,
+    ) -> PyResult<Py<PyIngestResult>> {
+        let ids = identity_map(identity_of)?;
+        let chosen = batch.selected(select)?;
+        let res = py.allow_threads(|| {
+            let mut eng = self.inner.lock();
+            eng.ingest(chosen.iter().enumerate().map(|(k, v)| {
+                let item = match ids.get(&v.attacker_uuid) {
+                    Some(ident) => Ok(Obs {
+                        identity: ident,
+                        primitive: &v.primitive,
+                        value: v.value.as_ref(),
+                        ts: v.ts,
+                        kind: None,
+                    }),
+                    None => Err(format!("no identity for attacker {:?}", v.attacker_uuid)),
+                };
+                (k, item)
+            }))
+        });
+        self.result(py, res)
     }
 
     /// The current state of a key, or None.

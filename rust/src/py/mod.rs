@@ -6,6 +6,7 @@ mod engine;
 mod errors;
 mod sqlite;
 mod types;
+mod validate;
 
 use pyo3::prelude::*;
 
@@ -21,6 +22,14 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<sqlite::PySqlite>()?;
     m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
+    m.add_class::<validate::PyValidated>()?;
+    m.add_function(wrap_pyfunction!(validate::validate_observations, m)?)?;
+    m.add_function(wrap_pyfunction!(validate::rejection_codes, m)?)?;
+    m.add_function(wrap_pyfunction!(validate::normalise_ip, m)?)?;
+    m.add(
+        "TooManyItemsError",
+        py.get_type::<validate::TooManyItemsError>(),
+    )?;
     m.add("DecnetAttrError", py.get_type::<errors::DecnetAttrError>())?;
     m.add(
         "InvalidJSONError",

@@ -1,0 +1,325 @@
+//! `validate_observations` and `ValidatedBatch`: the one validator, and the
+//! batch it returns, for Python. Python holds the batch as one object and
+//! asks it for what each step needs (the bus payloads, the rows to store,
+//! the engine's input); nothing is converted per observation in Python.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use super::errors::{DecnetAttrError, InvalidJSONError};
+use crate::core::validate::{self, Envelope, Options, Rejection, Valid, Validated};
+
+/// Accepted observations of one batch plus the refused ones.
+#[pyclass(name = "ValidatedBatch", module = "decnet_attr._core")]
+#[derive(Clone)]
+pub struct PyValidated {
+    pub valid: Arc<Vec<Valid>>,
+    pub rejected: Arc<Vec<Rejection>>,
+    pub items: usize,
+    pub duplicates: usize,
+}
+
+/// `{attacker_uuid: identity_uuid}` from a Python mapping.
+pub fn identity_map(obj: Option<&PyDict>) -> PyResult<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    if let Some(d) = obj {
+        for (k, v) in d.iter() {
+            out.insert(k.extract::<String>()?, v.extract::<String>()?);
+        }
+    }
+    Ok(out)
+}
+
+impl PyValidated {
+    /// The selected accepted items (positions into the accepted list; all
+    /// when `select` is None).
+    pub fn selected(&self, select: Option<Vec<usize>>) -> PyResult<Vec<&Valid>> {
+        match select {
+            None => Ok(self.valid.iter().collect()),
+            Some(sel) => sel
+                .into_iter()
+                .map(|i| {
+                    self.valid.get(i).ok_or_else(|| {
+                        pyo3::exceptions::PyIndexError::new_err(format!(
+                            "no accepted item at position {i}"
+                        ))
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyValidated {
+    fn __len__(&self) -> usize {
+        self.valid.len()
+    }
+
+    /// Items in the input (accepted + refused).
+    #[getter]
+    fn items(&self) -> usize {
+        self.items
+    }
+
+    /// Items refused because their id came earlier in the same batch.
+    #[getter]
+    fn duplicates(&self) -> usize {
+        self.duplicates
+    }
+
+    /// Ids of the accepted items, in order.
+    #[getter]
+    fn ids(&self) -> Vec<String> {
+        self.valid.iter().map(|v| v.id.clone()).collect()
+    }
+
+    /// Index in the input of each accepted item.
+    #[getter]
+    fn indexes(&self) -> Vec<usize> {
+        self.valid.iter().map(|v| v.index).collect()
+    }
+
+    /// Refused items: `(index, code, message)`, by index.
+    #[getter]
+    fn rejected(&self) -> Vec<(usize, &'static str, String)> {
+        self.rejected
+            .iter()
+            .map(|r| (r.index, r.reason.code(), r.message.clone()))
+            .collect()
+    }
+
+    /// Newest `ts` of the accepted items (None when there are none).
+    fn max_ts(&self) -> Option<f64> {
+        self.valid.iter().map(|v| v.ts).reduce(f64::max)
+    }
+
+    /// The batch's attackers, first-seen order: `(uuid, ip or None,
+    /// newest ts)`; the ip is the first one the batch gives for it.
+    #[args(select = "None")]
+    fn attackers(&self, select: Option<Vec<usize>>) -> PyResult<Vec<(String, Option<String>, f64)>> {
+        let mut pos: HashMap<&str, usize> = HashMap::new();
+        let mut out: Vec<(String, Option<String>, f64)> = Vec::new();
+        for v in self.selected(select)? {
+            match pos.get(v.attacker_uuid.as_str()) {
+                Some(&i) => {
+                    let e = &mut out[i];
+                    if e.1.is_none() {
+                        e.1.clone_from(&v.attacker_ip);
+                    }
+                    e.2 = e.2.max(v.ts);
+                }
+                None => {
+                    pos.insert(&v.attacker_uuid, out.len());
+                    out.push((v.attacker_uuid.clone(), v.attacker_ip.clone(), v.ts));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The accepted items as NDJSON of DECNET's observation payload.
+    #[args(select = "None")]
+    fn ndjson<'py>(&self, py: Python<'py>, select: Option<Vec<usize>>) -> PyResult<&'py PyBytes> {
+        let sel = self.selected(select)?;
+        let mut out = String::with_capacity(sel.len() * 256);
+        for v in sel {
+            v.write_payload(&mut out);
+            out.push('\n');
+        }
+        Ok(PyBytes::new(py, out.as_bytes()))
+    }
+
+    /// One accepted item's payload as JSON text.
+    fn payload_json(&self, position: usize) -> PyResult<String> {
+        let v = self.selected(Some(vec![position]))?[0];
+        let mut out = String::new();
+        v.write_payload(&mut out);
+        Ok(out)
+    }
+
+    /// `(primitive, id)` of one accepted item.
+    fn describe(&self, position: usize) -> PyResult<(String, String)> {
+        let v = self.selected(Some(vec![position]))?[0];
+        Ok((v.primitive.clone(), v.id.clone()))
+    }
+
+    /// Rows for the observations table, in the store's column order: id,
+    /// identity_ref, primitive, value, confidence, window_start_ts,
+    /// window_end_ts, source, evidence_ref, envelope_v, ts, attacker_uuid,
+    /// identity_uuid, merged.
+    #[args(identity_of = "None", select = "None", merged = "true")]
+    fn rows<'py>(
+        &self,
+        py: Python<'py>,
+        identity_of: Option<&PyDict>,
+        select: Option<Vec<usize>>,
+        merged: bool,
+    ) -> PyResult<&'py PyList> {
+        let ids = identity_map(identity_of)?;
+        let out = PyList::empty(py);
+        for v in self.selected(select)? {
+            let (ws, we) = match v.window {
+                Some((s, e)) => (Some(s), Some(e)),
+                None => (None, None),
+            };
+            let row = PyTuple::new(
+                py,
+                [
+                    v.id.as_str().into_py(py),
+                    v.identity_ref.as_deref().into_py(py),
+                    v.primitive.as_str().into_py(py),
+                    v.value_json.as_str().into_py(py),
+                    v.confidence.into_py(py),
+                    ws.into_py(py),
+                    we.into_py(py),
+                    v.source.as_deref().into_py(py),
+                    v.evidence_ref.as_str().into_py(py),
+                    1i64.into_py(py),
+                    v.ts.into_py(py),
+                    v.attacker_uuid.as_str().into_py(py),
+                    ids.get(&v.attacker_uuid).map(String::as_str).into_py(py),
+                    i64::from(merged).into_py(py),
+                ],
+            );
+            out.append(row)?;
+        }
+        Ok(out)
+    }
+
+    /// `(identity, primitive)` keys of the selected items, first-seen order
+    /// (items whose attacker has no identity in `identity_of` are skipped).
+    #[args(select = "None")]
+    fn keys(
+        &self,
+        identity_of: Option<&PyDict>,
+        select: Option<Vec<usize>>,
+    ) -> PyResult<Vec<(String, String)>> {
+        let ids = identity_map(identity_of)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for v in self.selected(select)? {
+            if let Some(ident) = ids.get(&v.attacker_uuid) {
+                let k = (ident.clone(), v.primitive.clone());
+                if seen.insert(k.clone()) {
+                    out.push(k);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A batch of the selected accepted items only (positions).
+    fn take(&self, select: Vec<usize>) -> PyResult<PyValidated> {
+        let valid: Vec<Valid> = self.selected(Some(select))?.into_iter().cloned().collect();
+        Ok(PyValidated {
+            items: valid.len(),
+            valid: Arc::new(valid),
+            rejected: Arc::new(Vec::new()),
+            duplicates: 0,
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ValidatedBatch(accepted={}, rejected={})",
+            self.valid.len(),
+            self.rejected.len()
+        )
+    }
+}
+
+fn into_py(v: Validated) -> PyValidated {
+    PyValidated {
+        valid: Arc::new(v.valid),
+        rejected: Arc::new(v.rejected),
+        items: v.items,
+        duplicates: v.duplicates,
+    }
+}
+
+/// Validate a body (JSON array, one object, or NDJSON) of observations.
+/// `envelopes`: per item `(topic primitive or None, event id or None)`.
+/// Raises `InvalidJSONError` for a body that is unusable as a whole.
+#[pyfunction(
+    data,
+    "*",
+    envelopes = "None",
+    max_value_bytes = "8192",
+    ts_min = "None",
+    ts_max = "None",
+    id_prefix = "None",
+    evidence_prefix = "\"obs:\"",
+    default_source = "None",
+    fill_defaults = "false",
+    max_items = "None"
+)]
+#[allow(clippy::too_many_arguments)]
+pub fn validate_observations(
+    py: Python<'_>,
+    data: &[u8],
+    envelopes: Option<Vec<(Option<String>, Option<String>)>>,
+    max_value_bytes: usize,
+    ts_min: Option<f64>,
+    ts_max: Option<f64>,
+    id_prefix: Option<String>,
+    evidence_prefix: &str,
+    default_source: Option<String>,
+    fill_defaults: bool,
+    max_items: Option<usize>,
+) -> PyResult<PyValidated> {
+    let opts = Options {
+        max_value_bytes,
+        ts_min: ts_min.unwrap_or(f64::NEG_INFINITY),
+        ts_max: ts_max.unwrap_or(f64::INFINITY),
+        id_prefix,
+        evidence_prefix: evidence_prefix.to_owned(),
+        default_source,
+        fill_defaults,
+    };
+    let envs: Option<Vec<Envelope>> = envelopes.map(|e| {
+        e.into_iter()
+            .map(|(primitive, event_id)| Envelope {
+                primitive,
+                event_id,
+            })
+            .collect()
+    });
+    let res = py.allow_threads(|| {
+        let items = validate::split_items(data).map_err(|e| (false, e))?;
+        if let Some(max) = max_items {
+            if items.len() > max {
+                return Err((true, format!("{} items, above the limit of {max}", items.len())));
+            }
+        }
+        Ok(validate::validate(items, envs.as_deref(), &opts))
+    });
+    match res {
+        Ok(v) => Ok(into_py(v)),
+        Err((false, e)) => Err(InvalidJSONError::new_err(e)),
+        Err((true, e)) => Err(TooManyItemsError::new_err(e)),
+    }
+}
+
+pyo3::create_exception!(
+    _core,
+    TooManyItemsError,
+    DecnetAttrError,
+    "A batch with more items than allowed."
+);
+
+/// Every reason code the validator can give, in a stable order.
+#[pyfunction]
+pub fn rejection_codes() -> Vec<&'static str> {
+    validate::Reason::ALL.iter().map(|r| r.code()).collect()
+}
+
+/// An IP address as stored (IPv4-mapped IPv6 as IPv4, zone id dropped), or
+/// None when `text` is not an address.
+#[pyfunction]
+pub fn normalise_ip(text: &str) -> Option<String> {
+    validate::normalise_ip(text)
+}
