@@ -1,6 +1,7 @@
 """Type stubs for the Rust extension ``decnet_attr._core``."""
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Literal, final
 
 ValueKind = Literal["categorical", "numeric", "hash"]
@@ -154,7 +155,81 @@ class Engine:
     def import_windows(self, windows: Iterable[str | bytes]) -> list[RejectedItem]: ...
     def explain(self, identity_uuid: str, primitive: str) -> dict[str, Any] | None: ...
     def stats(self) -> dict[str, Any]: ...
+    def ingest_validated(
+        self,
+        batch: ValidatedBatch,
+        identity_of: Mapping[str, str] | None = None,
+        select: Sequence[int] | None = None,
+    ) -> IngestResult: ...
 
+class TooManyItemsError(DecnetAttrError): ...
+
+ObservationRowTuple = tuple[
+    str,
+    str | None,
+    str,
+    str,
+    float | None,
+    float | None,
+    float | None,
+    str | None,
+    str,
+    int,
+    float,
+    str,
+    str | None,
+    int,
+]
+
+@final
+class ValidatedBatch:
+    def __len__(self) -> int: ...
+    @property
+    def items(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def ids(self) -> list[str]: ...
+    @property
+    def indexes(self) -> list[int]: ...
+    @property
+    def rejected(self) -> list[tuple[int, str, str]]: ...
+    def max_ts(self) -> float | None: ...
+    def attackers(
+        self, select: Sequence[int] | None = None
+    ) -> list[tuple[str, str | None, float]]: ...
+    def ndjson(self, select: Sequence[int] | None = None) -> bytes: ...
+    def payload_json(self, position: int) -> str: ...
+    def describe(self, position: int) -> tuple[str, str]: ...
+    def rows(
+        self,
+        identity_of: Mapping[str, str] | None = None,
+        select: Sequence[int] | None = None,
+        merged: bool = True,
+    ) -> list[ObservationRowTuple]: ...
+    def keys(
+        self, identity_of: Mapping[str, str] | None = None, select: Sequence[int] | None = None
+    ) -> list[tuple[str, str]]: ...
+    def take(self, select: Sequence[int]) -> ValidatedBatch: ...
+
+def validate_observations(
+    data: bytes,
+    *,
+    envelopes: Sequence[tuple[str | None, str | None]] | None = None,
+    max_value_bytes: int = 8192,
+    ts_min: float | None = None,
+    ts_max: float | None = None,
+    id_prefix: str | None = None,
+    evidence_prefix: str = "obs:",
+    default_source: str | None = None,
+    fill_defaults: bool = False,
+    max_items: int | None = None,
+) -> ValidatedBatch: ...
+def rejection_codes() -> list[str]: ...
+def normalise_ip(text: str) -> str | None: ...
+def observation_lines(
+    data: str, attackers: AbstractSet[str] | Mapping[str, Any]
+) -> list[tuple[str, str, str, str]]: ...
 def aggregate_observations(
     observations: Iterable[Mapping[str, Any]],
     *,

@@ -78,6 +78,19 @@ class Settings:
     )
     max_batch_items: int = 10_000
     max_value_bytes: int = 8192
+    ts_min: float = field(
+        default=0.0, metadata={"help": "oldest accepted observation ts (epoch seconds)"}
+    )
+    ts_max_ahead: float = field(
+        default=0.0,
+        metadata={"help": "how far (s) an observation ts may lie in the future; 0: no limit"},
+    )
+    ingest_queue_max: int = field(
+        default=50_000,
+        metadata={
+            "help": "observations accepted but not yet committed before ingest answers 503"
+        },
+    )
     # --- worker -----------------------------------------------------------
     worker: bool = field(default=True, metadata={"help": "run the attribution worker inside serve"})
     worker_name: str = "attribution"

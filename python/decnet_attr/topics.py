@@ -53,6 +53,7 @@ __all__ = [
     "EVENT_TYPE_FINGERPRINT_ROTATED",
     "EVENT_TYPE_HEALTH",
     "EVENT_TYPE_MULTI_ACTOR_SUSPECTED",
+    "EVENT_TYPE_OBSERVATION_BATCH",
     "EVENT_TYPE_PROFILE_UPDATED",
     "EVENT_TYPE_STATE_CHANGED",
     "IDENTITY_CAMPAIGN_ASSIGNED",
@@ -63,6 +64,7 @@ __all__ = [
     "IDENTITY_ROOT",
     "IDENTITY_UNMERGED",
     "MAX_TOPIC_BYTES",
+    "OBSERVATION_BATCH",
     "OBSERVATION_PATTERN",
     "ROOTS",
     "SYSTEM_ATTRIBUTION_CONTROL",
@@ -136,6 +138,13 @@ ROOTS: tuple[str, ...] = (
 ATTACKER_OBSERVATION_PREFIX = "attacker.observation"
 #: The pattern the attribution worker and the SSE relay subscribe to.
 OBSERVATION_PATTERN = "attacker.observation.>"
+#: Observations handed over as one unit (an HTTP body, validated): the
+#: payload is ``{"ndjson": <one DECNET observation payload per line>,
+#: "count": n}``. A single leaf, so it can never be a primitive's topic
+#: (primitives are dotted); inside OBSERVATION_PATTERN, so the worker's one
+#: durable consumer and the NATS stream carry it.
+OBSERVATION_BATCH = "attacker.observation.batch"
+EVENT_TYPE_OBSERVATION_BATCH = "observation.batch"
 ATTACKER_FINGERPRINT_ROTATED = "attacker.fingerprint_rotated"
 ATTACKER_FINGERPRINTED = "attacker.fingerprinted"
 ATTACKER_OBSERVED = "attacker.observed"

@@ -153,7 +153,7 @@ async def test_bad_events_are_dead_lettered_and_the_worker_lives(
     p = "motor.input_modality"
     good = mk_obs(A, p, "typed", 1.0)
     bad_payloads: list[tuple[str, Any, str]] = [
-        (attacker_observation(p), "not a dict", "payload must be an object"),
+        (attacker_observation(p), "not a dict", "not_object: item must be a JSON object"),
         (
             attacker_observation(p),
             {**good, "id": "b1", "ts": "yesterday"},
@@ -179,9 +179,9 @@ async def test_bad_events_are_dead_lettered_and_the_worker_lives(
         (
             attacker_observation("toolchain.c2.beacon_interval_ms"),
             {**good, "id": "b7", "primitive": "toolchain.c2.beacon_interval_ms", "value": "fast"},
-            "not a finite number",
+            "value_not_numeric: toolchain.c2.beacon_interval_ms is numeric but the value",
         ),
-        (attacker_observation(p), {**good, "id": "b8", "confidence": 7}, "confidence"),
+        (attacker_observation(p), {**good, "id": "b8", "confidence": 7}, "bad_confidence"),
         (
             attacker_observation(p),
             {k: v for k, v in good.items() if k != "value"} | {"id": "b9"},

@@ -111,6 +111,31 @@ class ObservationRow:
     seq: int | None = None  # assigned by the store (monotonic insertion order)
 
 
+#: One observations-table row, in ``OBS_INSERT_COLS`` order (what
+#: ``ValidatedBatch.rows()`` builds in Rust).
+ObsParams = tuple[Any, ...]
+
+
+def obs_params(r: ObservationRow) -> ObsParams:
+    """An :class:`ObservationRow` as an insert tuple (``schema.OBS_INSERT_COLS`` order)."""
+    return (
+        r.id,
+        r.identity_ref,
+        r.primitive,
+        r.value_json,
+        r.confidence,
+        r.window_start_ts,
+        r.window_end_ts,
+        r.source,
+        r.evidence_ref,
+        r.envelope_v,
+        r.ts,
+        r.attacker_uuid,
+        r.identity_uuid,
+        1 if r.merged else 0,
+    )
+
+
 @dataclass(slots=True)
 class StateRow:
     """One ``attribution_state`` row plus what the engine needs to restart."""
@@ -198,12 +223,17 @@ class Tx(ABC):
         Identity uuids are 32 lowercase hex chars.
         """
 
-    @abstractmethod
     async def insert_observations(self, rows: Sequence[ObservationRow]) -> list[int]:
         """Insert observations; duplicates (same ``id``, or same
         ``(evidence_ref, primitive)``) are skipped. Returns the indexes into
         ``rows`` that were inserted, in order. Sequence numbers are assigned
         in ``rows`` order."""
+        return await self.insert_observation_rows([obs_params(r) for r in rows])
+
+    @abstractmethod
+    async def insert_observation_rows(self, rows: Sequence[ObsParams]) -> list[int]:
+        """:meth:`insert_observations` for rows already in the table's column
+        order (``schema.OBS_INSERT_COLS``; ``ValidatedBatch.rows()``)."""
 
     @abstractmethod
     async def load_states(self, keys: Sequence[Key], *, lock: bool = False) -> dict[Key, StateRow]:

@@ -350,26 +350,27 @@ class PostgresTx(Tx):
         return mapping, formed
 
     @_guard
-    async def insert_observations(self, rows: Sequence[ObservationRow]) -> list[int]:
+    async def insert_observation_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[int]:
         conn = self._c()
         if not rows:
             return []
+        cols = list(zip(*rows))
         inserted = await conn.fetch(
             _SQL_INSERT_OBS,
-            [r.id for r in rows],
-            [r.identity_ref for r in rows],
-            [r.primitive for r in rows],
-            [r.value_json for r in rows],
-            [_f(r.confidence) for r in rows],
-            [_f(r.window_start_ts) for r in rows],
-            [_f(r.window_end_ts) for r in rows],
-            [r.source for r in rows],
-            [r.evidence_ref for r in rows],
-            [int(r.envelope_v) for r in rows],
-            [float(r.ts) for r in rows],
-            [r.attacker_uuid for r in rows],
-            [r.identity_uuid for r in rows],
-            [bool(r.merged) for r in rows],
+            list(cols[0]),
+            list(cols[1]),
+            list(cols[2]),
+            list(cols[3]),
+            [_f(v) for v in cols[4]],
+            [_f(v) for v in cols[5]],
+            [_f(v) for v in cols[6]],
+            list(cols[7]),
+            list(cols[8]),
+            [int(v) for v in cols[9]],
+            [float(v) for v in cols[10]],
+            list(cols[11]),
+            list(cols[12]),
+            [bool(v) for v in cols[13]],
         )
         return match_inserted(rows, inserted)
 

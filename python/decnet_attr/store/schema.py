@@ -568,8 +568,9 @@ def merge_attacker_items(
     return [(m[0], m[1], float(m[2]), float(m[3])) for m in (merged[k] for k in sorted(merged))]
 
 
-def match_inserted(rows: Sequence[ObservationRow], inserted: Sequence[Sequence[Any]]) -> list[int]:
-    """Indexes into ``rows`` of the rows the database reports as inserted.
+def match_inserted(rows: Sequence[tuple[Any, ...]], inserted: Sequence[Sequence[Any]]) -> list[int]:
+    """Indexes into ``rows`` (insert tuples) of the rows the database reports
+    as inserted.
 
     ``inserted`` holds ``(id, evidence_ref, primitive)`` of the new rows. Within
     a batch the first of several identical rows is the one that got in (the
@@ -577,7 +578,7 @@ def match_inserted(rows: Sequence[ObservationRow], inserted: Sequence[Sequence[A
     """
     first: dict[tuple[str, str, str], int] = {}
     for i, r in enumerate(rows):
-        first.setdefault((r.id, r.evidence_ref, r.primitive), i)
+        first.setdefault((r[0], r[8], r[2]), i)
     out: list[int] = []
     for ins in inserted:
         idx = first.get((ins[0], ins[1], ins[2]))

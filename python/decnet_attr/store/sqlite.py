@@ -361,36 +361,17 @@ class SqliteTx(Tx):
         return mapping, formed
 
     @_guard
-    async def insert_observations(self, rows: Sequence[ObservationRow]) -> list[int]:
+    async def insert_observation_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[int]:
         conn = self._c()
         if not rows:
             return []
-        params = [
-            (
-                r.id,
-                r.identity_ref,
-                r.primitive,
-                r.value_json,
-                r.confidence,
-                r.window_start_ts,
-                r.window_end_ts,
-                r.source,
-                r.evidence_ref,
-                r.envelope_v,
-                r.ts,
-                r.attacker_uuid,
-                r.identity_uuid,
-                1 if r.merged else 0,
-            )
-            for r in rows
-        ]
         if isinstance(conn, NativeConnection):
             # one call: each row's own change count says whether it got in
-            changes = await conn.executemany_changes(_SQL_INSERT_OBS, params)
+            changes = await conn.executemany_changes(_SQL_INSERT_OBS, rows)
             return [i for i, n in enumerate(changes) if n]
         before = await conn.execute_fetchall("SELECT coalesce(max(seq), 0) FROM observations")
         start = int(before[0][0])
-        await conn.executemany(_SQL_INSERT_OBS, params)
+        await conn.executemany(_SQL_INSERT_OBS, rows)
         # AUTOINCREMENT: every new row has seq > the old max, and we hold the
         # write lock, so the rows past ``start`` are exactly this batch's.
         inserted = await conn.execute_fetchall(

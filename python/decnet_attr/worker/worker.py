@@ -3,7 +3,10 @@
 Consumes ``attacker.observation.>`` from the bus's durable stream in
 micro-batches and, per batch:
 
-1. validates every event (bad ones become dead letters with a reason);
+1. validates every event in one Rust pass (:mod:`decnet_attr.observations`,
+   the validator HTTP ingest uses too); bad ones become dead letters with
+   their reason code. A delivery is either one DECNET observation event or
+   a batch handed over by the API (``attacker.observation.batch``);
 2. in ONE store transaction: registers unknown attackers, creates stub
    identities atomically, inserts the observations (idempotent by id and by
    ``(evidence_ref, primitive)``), brings the engine's windows for the
@@ -37,11 +40,21 @@ import orjson
 
 from decnet_attr import Engine, IngestResult
 from decnet_attr.bus import Bus, BusError, Delivery
+from decnet_attr.bus.base import UNDECODABLE
 from decnet_attr.bus.helpers import run_control_listener, run_health_heartbeat
 from decnet_attr.config import Settings
 from decnet_attr.logs import RepeatFilter
+from decnet_attr.observations import ValidatedBatch, validate
 from decnet_attr.registry import value_kind_for
-from decnet_attr.store.base import DeadLetter, StateRow, Store, StoreError, StoreUnavailable, Tx
+from decnet_attr.store.base import (
+    DeadLetter,
+    ObservationRow,
+    StateRow,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    Tx,
+)
 from decnet_attr.topics import (
     ATTACKER_OBSERVED,
     ATTRIBUTION_PROFILE_MULTI_ACTOR_SUSPECTED,
@@ -51,9 +64,10 @@ from decnet_attr.topics import (
     EVENT_TYPE_PROFILE_UPDATED,
     EVENT_TYPE_STATE_CHANGED,
     IDENTITY_FORMED,
+    OBSERVATION_BATCH,
     OBSERVATION_PATTERN,
+    primitive_from_topic,
 )
-from decnet_attr.worker.validate import CheckedObservation, Rejected, check_observation
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatFilter(10.0))
@@ -126,8 +140,18 @@ def _printable(text: str) -> str:
 @dataclass
 class _Batch:
     deliveries: list[Delivery]
-    checked: list[tuple[int, CheckedObservation]]
+    valid: ValidatedBatch | None  # the accepted observations
     dead: list[DeadLetter]
+
+
+def _dead(topic: str, reason: str, payload: str, event_id: str, now: float) -> DeadLetter:
+    return DeadLetter(
+        topic=_printable(topic),
+        reason=_printable(reason),
+        payload_json=_printable(payload),
+        event_id=_printable(event_id[:200]),
+        received_at=now,
+    )
 
 
 class AttributionWorker:
@@ -383,74 +407,113 @@ class AttributionWorker:
             await asyncio.sleep(0.05 * attempt)
 
     async def _split(self, batch: _Batch, exc: StoreError) -> list[tuple[str, dict[str, Any], str]]:
-        items = batch.checked
-        if len(items) <= 1:
+        valid = batch.valid
+        n = len(valid) if valid is not None else 0
+        if valid is None or n <= 1:
             dead = list(batch.dead)
             now = time.time()
-            for _i, c in items:
+            for pos in range(n):
+                assert valid is not None
+                primitive, oid = valid.describe(pos)
                 self.stats.rejected += 1
-                log.warning("observation %s refused by the store: %s", c.row.id[:128], exc)
+                log.warning("observation %s refused by the store: %s", oid[:128], exc)
                 dead.append(
-                    DeadLetter(
-                        topic=_printable(f"attacker.observation.{c.row.primitive}"),
-                        reason=f"store refused it: {str(exc)[:500]}",
-                        payload_json=_printable(c.row.value_json),
-                        event_id=_printable(c.row.id),
-                        received_at=now,
+                    _dead(
+                        f"attacker.observation.{primitive}",
+                        f"store_refused: {str(exc)[:500]}",
+                        valid.payload_json(pos),
+                        oid,
+                        now,
                     )
                 )
-            return await self._commit(_Batch(batch.deliveries, [], dead))
-        mid = len(items) // 2
-        first = await self._commit_resilient(_Batch(batch.deliveries, items[:mid], batch.dead))
-        second = await self._commit_resilient(_Batch(batch.deliveries, items[mid:], []))
+            return await self._commit(_Batch(batch.deliveries, None, dead))
+        mid = n // 2
+        first = await self._commit_resilient(
+            _Batch(batch.deliveries, valid.take(list(range(mid))), batch.dead)
+        )
+        second = await self._commit_resilient(
+            _Batch(batch.deliveries, valid.take(list(range(mid, n))), [])
+        )
         return first + second
 
     def _check(self, deliveries: list[Delivery]) -> _Batch:
-        s = self.settings
-        checked: list[tuple[int, CheckedObservation]] = []
-        dead: list[DeadLetter] = []
-        seen: set[str] = set()
+        """Validate a fetch in one pass: DECNET events are re-encoded one line
+        each (their topic gives the primitive, their id the fallback id), the
+        API's batches go in as they are."""
+        lines: list[bytes] = []
+        envelopes: list[tuple[str | None, str | None]] = []
+        origin: list[tuple[int, str, str]] = []  # (delivery, topic, event id) per line
+        refused: list[tuple[int, DeadLetter]] = []  # kept in delivery order
         now = time.time()
-        for i, d in enumerate(deliveries):
+        for pos, d in enumerate(deliveries):
             ev = d.event
-            self.stats.received += 1
             if d.redelivered:
                 self.stats.redelivered += 1
-            try:
-                attacker = ev.payload.get("attacker_uuid") if isinstance(ev.payload, dict) else None
-                c = check_observation(
-                    ev.topic,
-                    ev.payload,
-                    ev.id,
-                    max_value_bytes=s.max_value_bytes,
-                    accept_unknown=False,
-                    identity_uuid=self._identity_cache.get(attacker)
-                    if isinstance(attacker, str)
-                    else None,
-                )
-            except Rejected as exc:
-                self.stats.rejected += 1
-                log.warning("rejected observation event %s on %s: %s", ev.id, ev.topic[:200], exc)
-                try:
-                    body = orjson.dumps(ev.payload).decode()
-                except (TypeError, orjson.JSONEncodeError):
-                    body = repr(ev.payload)
-                dead.append(
-                    DeadLetter(
-                        topic=_printable(ev.topic),
-                        reason=_printable(str(exc)),
-                        payload_json=_printable(body),
-                        event_id=_printable(str(ev.id)[:200]),
-                        received_at=now,
+            payload = ev.payload
+            if ev.topic == OBSERVATION_BATCH:
+                text = payload.get("ndjson") if isinstance(payload, dict) else None
+                if not isinstance(text, str):
+                    reason = "batch without ndjson"
+                    refused.append(
+                        (pos, self._refuse(ev.topic, ev.id, "not_object", reason, payload, now))
                     )
+                    continue
+                part = [ln for ln in text.encode().split(b"\n") if ln]
+                lines.extend(part)
+                envelopes.extend([(None, None)] * len(part))
+                origin.extend([(pos, ev.topic, ev.id)] * len(part))
+                continue
+            primitive = primitive_from_topic(ev.topic)
+            if primitive is None:
+                reason = f"topic {ev.topic[:200]!r} is not attacker.observation.<primitive>"
+                refused.append(
+                    (pos, self._refuse(ev.topic, ev.id, "bad_primitive", reason, payload, now))
                 )
                 continue
-            if c.row.id in seen:
+            if isinstance(payload, dict) and UNDECODABLE in payload:
+                reason = f"undecodable message: {payload.get('error', '?')}"
+                refused.append(
+                    (pos, self._refuse(ev.topic, ev.id, "invalid_json", reason, payload, now))
+                )
+                continue
+            try:
+                lines.append(orjson.dumps(payload))
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                refused.append(
+                    (pos, self._refuse(ev.topic, ev.id, "invalid_json", str(exc), payload, now))
+                )
+                continue
+            envelopes.append((primitive, str(ev.id)))
+            origin.append((pos, ev.topic, str(ev.id)))
+        self.stats.received += len(lines) + len(refused)
+        if not lines:
+            return _Batch(deliveries, None, [d for _, d in refused])
+        valid = validate(b"\n".join(lines), self.settings, envelopes=envelopes)
+        for index, code, reason in valid.rejected:
+            if code == "duplicate":
                 self.stats.duplicates += 1
                 continue
-            seen.add(c.row.id)
-            checked.append((i, c))
-        return _Batch(deliveries=deliveries, checked=checked, dead=dead)
+            pos, topic, eid = origin[index]
+            line = lines[index].decode("utf-8", "replace")
+            refused.append((pos, self._refuse(topic, eid, code, reason, line, now)))
+        refused.sort(key=lambda r: r[0])
+        return _Batch(deliveries, valid, [d for _, d in refused])
+
+    def _refuse(
+        self, topic: str, event_id: str, code: str, reason: str, payload: Any, now: float
+    ) -> DeadLetter:
+        self.stats.rejected += 1
+        log.warning(
+            "rejected observation event %s on %s: %s: %s", event_id, topic[:200], code, reason
+        )
+        if isinstance(payload, str):
+            body = payload
+        else:
+            try:
+                body = orjson.dumps(payload).decode()
+            except (TypeError, orjson.JSONEncodeError):
+                body = repr(payload)
+        return _dead(topic, f"{code}: {reason}", body, str(event_id), now)
 
     async def _commit(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
         t0 = time.perf_counter()
@@ -461,7 +524,7 @@ class AttributionWorker:
             async with self.store.transaction() as tx:
                 if batch.dead:
                     await tx.insert_dead_letters(batch.dead)
-                events = await self._merge_in_tx(tx, [c for _, c in batch.checked], now, touched)
+                events = await self._merge_in_tx(tx, batch.valid, now, touched)
         except BaseException:
             # the engine may hold merges the store never committed, and the
             # counters counted an attempt that did not happen
@@ -474,15 +537,15 @@ class AttributionWorker:
         self.stats.batch_size.observe(len(batch.deliveries))
         self.stats.merge_seconds.observe(time.perf_counter() - t0)
         self.stats.last_batch_at = now
-        if batch.checked:
-            newest = max(c.row.ts for _, c in batch.checked)
+        newest = batch.valid.max_ts() if batch.valid is not None else None
+        if newest is not None:
             self.stats.lag_seconds = max(0.0, now - newest)
         return events
 
     async def _merge_in_tx(
         self,
         tx: Tx,
-        checked: list[CheckedObservation],
+        valid: ValidatedBatch | None,
         now: float,
         touched: list[Key],
         *,
@@ -493,15 +556,12 @@ class AttributionWorker:
         to publish after the commit. ``touched`` is filled with the engine
         keys as soon as they may have changed (for eviction on failure);
         ``identities`` (if given) with attacker → identity."""
-        if not checked:
+        if valid is None or not len(valid):
             return []
         events: list[tuple[str, dict[str, Any], str]] = []
-        attackers: dict[str, tuple[str | None, float]] = {}
-        for c in checked:
-            ip, seen = attackers.get(c.row.attacker_uuid, (None, c.row.ts))
-            attackers[c.row.attacker_uuid] = (ip or c.attacker_ip, max(seen, c.row.ts))
-        await tx.ensure_attackers([(a, ip, ts) for a, (ip, ts) in attackers.items()])
-        identity_of, formed = await tx.ensure_identities(list(attackers), now)
+        attackers = valid.attackers()
+        await tx.ensure_attackers(attackers)
+        identity_of, formed = await tx.ensure_identities([a for a, _ip, _ts in attackers], now)
         if len(self._identity_cache) > 200_000:
             self._identity_cache.clear()
         self._identity_cache.update(identity_of)
@@ -518,42 +578,27 @@ class AttributionWorker:
                     )
                 )
                 self.stats.identities_formed += 1
-        rows = [c.row for c in checked]
-        for r in rows:  # rows are ours (built by validate): set the identity in place
-            r.identity_uuid = identity_of.get(r.attacker_uuid)
         if already_stored:
-            new_idx = list(range(len(rows)))
+            new_pos = list(range(len(valid)))
         else:
-            new_idx = await tx.insert_observations(rows)
-            self.stats.duplicates += len(rows) - len(new_idx)
-        new_rows = [rows[i] for i in new_idx if rows[i].identity_uuid]
-        if not new_rows:
+            new_pos = await tx.insert_observation_rows(valid.rows(identity_of))
+            self.stats.duplicates += len(valid) - len(new_pos)
+        if not new_pos:
             return events
-        for r in new_rows:
-            ident = r.identity_uuid or ""
-            self._note_attacker(ident, r.attacker_uuid)
-        keys = list(dict.fromkeys((r.identity_uuid or "", r.primitive) for r in new_rows))
+        for a, _ip, _ts in valid.attackers(new_pos):
+            owner = identity_of.get(a)
+            if owner is not None:
+                self._note_attacker(owner, a)
+        keys = valid.keys(identity_of, new_pos)
         prior = await self._load_windows(tx, keys, touched)
-        values = {rows[i].id: checked[i].value for i in new_idx}
-        result = self.engine.ingest(
-            [
-                {
-                    "identity_uuid": r.identity_uuid,
-                    "primitive": r.primitive,
-                    "value": values[r.id],
-                    "ts": r.ts,
-                    "confidence": r.confidence,
-                }
-                for r in new_rows
-            ]
-        )
+        result = self.engine.ingest_validated(valid, identity_of, new_pos)
         if result.errors:
-            # validate.py mirrors the engine's checks, so this is a defect; the
-            # rollback keeps the store consistent and the batch is retried.
+            # the validator accepts only what the engine merges, so this is a
+            # defect; the rollback keeps the store consistent
             raise StoreError(
                 f"engine rejected {len(result.errors)} checked observations: {result.errors[0].reason}"
             )
-        self.stats.merged += len(new_rows)
+        self.stats.merged += len(new_pos)
         events.extend(await self._write_states(tx, result, prior, now))
         return events
 
@@ -819,17 +864,14 @@ class AttributionWorker:
             rows = await self.store.pending_observations(after_seq=after, limit=limit)
             if not rows:
                 return total
-            checked = [
-                CheckedObservation(row=r, value=orjson.loads(r.value_json), attacker_ip=None)
-                for r in rows
-            ]
+            valid = self._revalidate(rows)
             touched: list[Key] = []
             identity_of: dict[str, str] = {}
             now = time.time()
             try:
                 async with self.store.transaction() as tx:
                     events = await self._merge_in_tx(
-                        tx, checked, now, touched, already_stored=True, identities=identity_of
+                        tx, valid, now, touched, already_stored=True, identities=identity_of
                     )
                     seqs = [r.seq for r in rows if r.seq is not None]
                     await tx.mark_merged(
@@ -849,3 +891,24 @@ class AttributionWorker:
             self.stats.pending_merged += len(rows)
             after = max((r.seq or 0) for r in rows)
             log.info("merged %d stored-but-unmerged observations", total)
+
+    def _revalidate(self, rows: list[ObservationRow]) -> ValidatedBatch:
+        """Stored rows back through the validator (the engine's input)."""
+        lines = [
+            orjson.dumps(
+                {
+                    "attacker_uuid": r.attacker_uuid,
+                    "primitive": r.primitive,
+                    "value": orjson.Fragment(r.value_json),
+                    "ts": r.ts,
+                    "id": r.id,
+                    "evidence_ref": r.evidence_ref,
+                }
+            )
+            for r in rows
+        ]
+        valid = validate(b"\n".join(lines), self.settings)
+        if valid.rejected:
+            index, code, reason = valid.rejected[0]
+            raise StoreError(f"stored observation {rows[index].id} is invalid: {code}: {reason}")
+        return valid

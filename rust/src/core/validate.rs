@@ -398,7 +398,7 @@ fn check_one(
     };
     let raw_value = match obj.get("value") {
         Some(v) => v,
-        None => return fail(Reason::MissingValue, "value is required"),
+        None => return fail(Reason::MissingValue, "missing field value"),
     };
     let value = value_of(raw_value)?;
     let vjson = value_json(&value);
@@ -415,7 +415,10 @@ fn check_one(
     if kind == Kind::Numeric && value.as_ref().to_float().is_none() {
         return fail(
             Reason::ValueNotNumeric,
-            format!("{primitive} is numeric: value must be a finite number"),
+            format!(
+                "{primitive} is numeric but the value {} is not a finite number",
+                short(&vjson, 80)
+            ),
         );
     }
     let ts = match finite(obj.get("ts")) {

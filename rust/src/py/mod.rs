@@ -26,6 +26,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate::validate_observations, m)?)?;
     m.add_function(wrap_pyfunction!(validate::rejection_codes, m)?)?;
     m.add_function(wrap_pyfunction!(validate::normalise_ip, m)?)?;
+    m.add_function(wrap_pyfunction!(validate::observation_lines, m)?)?;
     m.add(
         "TooManyItemsError",
         py.get_type::<validate::TooManyItemsError>(),

@@ -323,3 +323,43 @@ pub fn rejection_codes() -> Vec<&'static str> {
 pub fn normalise_ip(text: &str) -> Option<String> {
     validate::normalise_ip(text)
 }
+
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    attacker_uuid: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    primitive: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+}
+
+/// The lines of a batch's NDJSON whose attacker is in `attackers`:
+/// `(attacker_uuid, primitive, id, line)` (for the SSE relay, which shows
+/// observations live on attacker pages). Lines that do not parse are
+/// skipped: the batch was validated before it was published.
+#[pyfunction]
+pub fn observation_lines(
+    data: &str,
+    attackers: &PyAny,
+) -> PyResult<Vec<(String, String, String, String)>> {
+    let mut out = Vec::new();
+    for line in data.split('\n') {
+        if line.is_empty() {
+            continue;
+        }
+        let head: Head<'_> = match serde_json::from_str(line) {
+            Ok(h) => h,
+            Err(_) => continue,
+        };
+        if attackers.contains(head.attacker_uuid.as_ref())? {
+            out.push((
+                head.attacker_uuid.into_owned(),
+                head.primitive.into_owned(),
+                head.id.into_owned(),
+                line.to_owned(),
+            ));
+        }
+    }
+    Ok(out)
+}
