@@ -87,9 +87,7 @@ class Settings:
     )
     ingest_queue_max: int = field(
         default=50_000,
-        metadata={
-            "help": "observations accepted but not yet committed before ingest answers 503"
-        },
+        metadata={"help": "observations accepted but not yet committed before ingest answers 503"},
     )
     # --- worker -----------------------------------------------------------
     worker: bool = field(default=True, metadata={"help": "run the attribution worker inside serve"})

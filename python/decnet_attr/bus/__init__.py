@@ -22,6 +22,7 @@ from decnet_attr.bus.base import (
     Subscription,
 )
 from decnet_attr.bus.helpers import (
+    batch_observations,
     make_thread_safe_publisher,
     publish_safely,
     run_control_listener,
@@ -40,6 +41,7 @@ __all__ = [
     "Event",
     "InProcessBus",
     "Subscription",
+    "batch_observations",
     "get_bus",
     "make_thread_safe_publisher",
     "publish_safely",

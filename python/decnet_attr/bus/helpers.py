@@ -18,10 +18,21 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from decnet_attr.bus.base import Bus, RateLimitedLog
-from decnet_attr.topics import EVENT_TYPE_HEALTH, WORKER_CONTROL_STOP, system_control, system_health
+import orjson
+
+from decnet_attr._core import observation_lines
+from decnet_attr.bus.base import Bus, Event, RateLimitedLog
+from decnet_attr.topics import (
+    EVENT_TYPE_HEALTH,
+    OBSERVATION_BATCH,
+    WORKER_CONTROL_STOP,
+    attacker_observation,
+    system_control,
+    system_health,
+)
 
 __all__ = [
+    "batch_observations",
     "make_thread_safe_publisher",
     "publish_safely",
     "run_control_listener",
@@ -156,3 +167,37 @@ async def run_control_listener(bus: Bus | None, worker: str, stop: asyncio.Event
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+def batch_observations(event: Event, attackers: Mapping[str, Any] | None = None) -> list[Event]:
+    """The observations inside an ``attacker.observation.batch`` event, as
+    the one-per-observation events DECNET publishes (topic
+    ``attacker.observation.<primitive>``, the observation's id, the batch's
+    ts). With ``attackers``, only the observations of those attackers (the
+    filtering runs in Rust, so a relay pays nothing for the others).
+    Anything else: ``[]``."""
+    if event.topic != OBSERVATION_BATCH or not isinstance(event.payload, dict):
+        return []
+    text = event.payload.get("ndjson")
+    if not isinstance(text, str):
+        return []
+    if attackers is None:
+        picked = [
+            (p.get("primitive", ""), p.get("id", ""), p)
+            for p in (orjson.loads(line) for line in text.splitlines() if line)
+        ]
+    else:
+        picked = [
+            (primitive, oid, orjson.loads(line))
+            for _a, primitive, oid, line in observation_lines(text, attackers)
+        ]
+    return [
+        Event(
+            topic=attacker_observation(primitive),
+            payload=payload,
+            type=primitive,
+            id=oid,
+            ts=event.ts,
+        )
+        for primitive, oid, payload in picked
+    ]

@@ -149,8 +149,10 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
             raise bad_request(rejected[0]["reason"])
     if batch.items == 0:
         raise bad_request("empty batch: no observations in the request body")
-    if mimetype in NDJSON_TYPES and len(rejected) == batch.items and all(
-        r["code"] == "invalid_json" for r in rejected
+    if (
+        mimetype in NDJSON_TYPES
+        and len(rejected) == batch.items
+        and all(r["code"] == "invalid_json" for r in rejected)
     ):
         raise bad_request(f"invalid NDJSON: no line is JSON (line 1: {rejected[0]['reason']})")
     _count(counters, "observations_rejected_total", len(rejected))

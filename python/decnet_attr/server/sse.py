@@ -60,6 +60,7 @@ from aiohttp.http import HttpVersion11
 
 from decnet_attr import topics
 from decnet_attr.bus.base import Bus, Event, QueueSubscription, RateLimitedLog, Subscription
+from decnet_attr.bus.helpers import batch_observations
 from decnet_attr.config import Settings
 from decnet_attr.store.base import AttackerRow, StateRow, Store, StoreError
 
@@ -883,7 +884,12 @@ class SseHub:
         self._events_in += 1
         topic = event.topic
         payload = event.payload
-        if topic.startswith("attacker."):
+        if topic == topics.OBSERVATION_BATCH:
+            # the API's batches: one frame per observation of a watched attacker
+            if self._by_attacker:
+                for ev in batch_observations(event, self._by_attacker):
+                    self._dispatch(ev)
+        elif topic.startswith("attacker."):
             attacker = payload.get("attacker_uuid")
             channel = self._by_attacker.get(attacker) if isinstance(attacker, str) else None
             if channel is None:
