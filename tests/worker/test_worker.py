@@ -434,3 +434,38 @@ async def test_recompute_after_a_threshold_change(
     assert ex is not None and ex["rule"] == "no_clear_majority"
     assert ex["thresholds"]["majority"] == 5
     assert Thresholds(majority=5).majority == 5
+
+
+async def test_a_batch_with_bad_items_applies_all_the_others(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    """An API batch where one item in ten nests deeper than the engine takes:
+    the validator refuses exactly those (dead letters with their code), the
+    others merge in the same commit — no bisection, no redelivery."""
+    import orjson
+
+    from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH
+
+    p = "environmental.shell_type"
+    items = [mk_obs(f"att-{i % 7}", p, "bash", 1_700_000_000.0 + i) for i in range(100)]
+    for i in range(0, 100, 10):
+        items[i]["value"] = orjson.loads("[" * 40 + "1" + "]" * 40)
+    text = "".join(orjson.dumps(o).decode() + "\n" for o in items)
+    await bus.publish_durable(
+        OBSERVATION_BATCH,
+        {"ndjson": text, "count": len(items)},
+        event_type=EVENT_TYPE_OBSERVATION_BATCH,
+        event_id="batch-1",
+    )
+    assert worker.stats.merged == 90
+    assert worker.stats.rejected == 10
+    assert worker.stats.batch_failures == 0
+    letters = await _dead_letters(store)
+    assert len(letters) == 10
+    assert all(r.startswith("value_too_deep: ") for _t, r in letters)
+    good = [o for i, o in enumerate(items) if i % 10]
+    got = await stored_states(store, sorted({o["attacker_uuid"] for o in good}))
+    want = oracle_states(good)
+    assert set(got) == set(want)
+    for key, st in want.items():
+        assert oracle.same(got[key], st), key
