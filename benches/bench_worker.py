@@ -42,13 +42,17 @@ from decnet_attr.worker import AttributionWorker
 BATCH_DELAY = float(os.environ.get("BENCH_BATCH_DELAY", "0"))
 
 
+#: recent enough to be accepted (the validator refuses ts more than a day ahead)
+T0 = time.time() - 86_400.0
+
+
 def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any]]:
     out = observations(keys, n, seed=seed)
     for i, o in enumerate(out):
         o["attacker_uuid"] = o.pop("identity_uuid")
         o["id"] = f"b{seed}-{i}"
         o["evidence_ref"] = f"bench:{seed}:{i}"
-        o["ts"] = 1.8e9 + i * 1e-3  # unique, increasing
+        o["ts"] = T0 + i * 1e-3  # unique, increasing, in the accepted range
     return out
 
 

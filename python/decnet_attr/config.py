@@ -82,7 +82,7 @@ class Settings:
         default=0.0, metadata={"help": "oldest accepted observation ts (epoch seconds)"}
     )
     ts_max_ahead: float = field(
-        default=0.0,
+        default=86_400.0,
         metadata={"help": "how far (s) an observation ts may lie in the future; 0: no limit"},
     )
     ingest_queue_max: int = field(

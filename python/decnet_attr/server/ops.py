@@ -309,6 +309,8 @@ API_HELP: dict[str, str] = {
     "observations_accepted_total": "Observations accepted by POST /api/v1/observations.",
     "observations_rejected_total": "Observations refused by POST /api/v1/observations.",
     "ingest_unavailable_total": "Ingest requests answered 503 (bus unavailable).",
+    "ingest_backpressure_total": "Ingest requests answered 503 because the pipeline is behind.",
+    "ingest_inflight": "Observations handed to the bus and not yet acknowledged durable.",
     "http_5xx_total": "Responses with a 5xx status.",
 }
 
@@ -386,7 +388,10 @@ class AppCollector(Collector):
             if v is None:
                 continue
             doc = API_HELP.get(key, f"API counter {key}.")
-            yield CounterMetricFamily(f"{PREFIX}_api_{_base(key)}", doc, value=v)
+            if key.endswith("_total"):
+                yield CounterMetricFamily(f"{PREFIX}_api_{_base(key)}", doc, value=v)
+            else:  # a level, not a count
+                yield GaugeMetricFamily(f"{PREFIX}_api_{key}", doc, value=v)
 
     def _http(self) -> Iterator[Metric]:
         family = CounterMetricFamily(

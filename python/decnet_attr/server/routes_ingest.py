@@ -59,6 +59,10 @@ EXTRA_CONTENT_TYPES[ROUTE_NAME] = NDJSON_TYPES
 #: max_payload is 1 MiB, and the text is escaped once more in the envelope).
 BATCH_CHUNK_BYTES = 384 * 1024
 
+#: Counter (in the app's counters) of observations handed to the bus and not
+#: yet acknowledged durable, across requests.
+INFLIGHT = "ingest_inflight"
+
 
 def rejection(index: int, code: str, reason: str) -> dict[str, Any]:
     return {"index": index, "code": code, "reason": reason}
@@ -159,7 +163,21 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     if not len(batch):
         raise unprocessable(rejected)
 
-    accepted_ids, failure = await _publish(request, batch, rejected)
+    # back-pressure: a bound on what this process holds accepted-but-not-
+    # yet-durable, instead of queueing without limit while the worker lags
+    inflight = counters.get(INFLIGHT, 0)
+    if inflight and inflight + len(batch) > settings.ingest_queue_max:
+        _count(counters, "ingest_backpressure_total", 1)
+        raise service_unavailable(
+            f"ingest is behind: {inflight} observations are waiting to be stored",
+            retry_after=1.0,
+            extra={"accepted": 0, "ids": []},
+        )
+    counters[INFLIGHT] = inflight + len(batch)
+    try:
+        accepted_ids, failure = await _publish(request, batch, rejected)
+    finally:
+        counters[INFLIGHT] -= len(batch)
     _count(counters, "observations_accepted_total", len(accepted_ids))
     if failure is not None:
         _count(counters, "ingest_unavailable_total", 1)

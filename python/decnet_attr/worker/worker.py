@@ -142,6 +142,7 @@ class _Batch:
     deliveries: list[Delivery]
     valid: ValidatedBatch | None  # the accepted observations
     dead: list[DeadLetter]
+    size: int = 0  # observations received (accepted, refused and duplicates)
 
 
 def _dead(topic: str, reason: str, payload: str, event_id: str, now: float) -> DeadLetter:
@@ -485,9 +486,10 @@ class AttributionWorker:
                 continue
             envelopes.append((primitive, str(ev.id)))
             origin.append((pos, ev.topic, str(ev.id)))
-        self.stats.received += len(lines) + len(refused)
+        size = len(lines) + len(refused)
+        self.stats.received += size
         if not lines:
-            return _Batch(deliveries, None, [d for _, d in refused])
+            return _Batch(deliveries, None, [d for _, d in refused], size)
         valid = validate(b"\n".join(lines), self.settings, envelopes=envelopes)
         for index, code, reason in valid.rejected:
             if code == "duplicate":
@@ -497,7 +499,7 @@ class AttributionWorker:
             line = lines[index].decode("utf-8", "replace")
             refused.append((pos, self._refuse(topic, eid, code, reason, line, now)))
         refused.sort(key=lambda r: r[0])
-        return _Batch(deliveries, valid, [d for _, d in refused])
+        return _Batch(deliveries, valid, [d for _, d in refused], size)
 
     def _refuse(
         self, topic: str, event_id: str, code: str, reason: str, payload: Any, now: float
@@ -534,7 +536,8 @@ class AttributionWorker:
             raise
         self.stats.dead_lettered += len(batch.dead)
         self.stats.batches += 1
-        self.stats.batch_size.observe(len(batch.deliveries))
+        if batch.size:
+            self.stats.batch_size.observe(batch.size)
         self.stats.merge_seconds.observe(time.perf_counter() - t0)
         self.stats.last_batch_at = now
         newest = batch.valid.max_ts() if batch.valid is not None else None
