@@ -566,8 +566,7 @@ class SseHub:
             "attacker_uuid", ""
         )
         user = principal.user_uuid
-        active = self._by_user.get(user)
-        if active is not None and len(active) >= self._cap:
+        if not self._has_slot(user):
             self._rejected_cap += 1
             raise _json_error(
                 web.HTTPTooManyRequests,
@@ -632,6 +631,20 @@ class SseHub:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await resp.write_eof()
         return resp
+
+    def _has_slot(self, user: str) -> bool:
+        """True when *user* may open another stream. Streams whose connection
+        is already closing (a page reload: the client dropped the old stream
+        just before asking for the new one) are closed now instead of at the
+        next housekeeping tick, so they do not count."""
+        active = self._by_user.get(user)
+        if active is None or len(active) < self._cap:
+            return True
+        for s in list(active):
+            t = s.transport
+            if t is not None and t.is_closing():
+                self._close(s, "disconnected")
+        return len(self._by_user.get(user) or ()) < self._cap
 
     async def _opening(self, stream: _Stream, request: web.Request) -> bytes:
         """Register *stream* and build the first bytes of the response:
