@@ -7,7 +7,6 @@ import ipaddress
 import logging
 import re
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -24,6 +23,7 @@ from decnet_attr.server.errors import (
     read_json_object,
     unprocessable,
 )
+from decnet_attr.server.wire import iso_utc
 from decnet_attr.store import (
     STATES,
     AttackerRow,
@@ -61,17 +61,6 @@ LIST_SORT_BY: dict[str, str | None] = {
 }
 #: Filter values DECNET's client may send for "no filter".
 _NO_FILTER = frozenset({"", "null", "NULL", "undefined"})
-
-
-def iso_utc(ts: float | None) -> str | None:
-    """Epoch seconds as an ISO-8601 UTC string (``…Z``), None for None."""
-    if ts is None:
-        return None
-    return (
-        datetime.fromtimestamp(ts, timezone.utc)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z")
-    )
 
 
 def shard_parts(refs: list[str]) -> tuple[list[str], list[str]]:

@@ -303,6 +303,12 @@ class Store(ABC):
         attackers' observations, sorted; attackers with none are left out."""
 
     @abstractmethod
+    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently updated identities, newest first:
+        ``{uuid, campaign_id, merged_into_uuid, first_seen_at, last_seen_at,
+        created_at, updated_at, confidence, observation_count}`` (epoch times)."""
+
+    @abstractmethod
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
         """Attacker uuids pointing at this identity (sorted)."""
 

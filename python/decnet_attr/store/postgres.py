@@ -49,12 +49,14 @@ from decnet_attr.store.schema import (
     attacker_from_row,
     dedupe_states,
     evidence_from_rows,
+    identities_from_rows,
     list_attackers_sql,
     list_filters,
     match_inserted,
     merge_attacker_items,
     migrate_postgres,
     observation_from_row,
+    recent_identities_sql,
     state_from_row,
     summaries_from_rows,
     ticket_from_row,
@@ -688,6 +690,12 @@ class PostgresStore(Store):
         async with self._conn() as conn:
             rows = await conn.fetch(EVIDENCE_SQL.format(ids=ids), *attacker_uuids)
         return evidence_from_rows(rows)
+
+    @_guard
+    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(recent_identities_sql(_param(1)), int(limit))
+        return identities_from_rows(rows)
 
     @_guard
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:

@@ -683,6 +683,31 @@ EVIDENCE_SQL = (
 )
 
 
+#: The identity columns :meth:`Store.recent_identities` returns, in this order.
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "uuid",
+    "campaign_id",
+    "merged_into_uuid",
+    "first_seen_at",
+    "last_seen_at",
+    "created_at",
+    "updated_at",
+    "confidence",
+    "observation_count",
+)
+
+
+def recent_identities_sql(limit_param: str) -> str:
+    return (
+        f"SELECT {', '.join(IDENTITY_FIELDS)} FROM attacker_identities "
+        f"ORDER BY updated_at DESC, uuid DESC LIMIT {limit_param}"
+    )
+
+
+def identities_from_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    return [dict(zip(IDENTITY_FIELDS, r)) for r in rows]
+
+
 def evidence_from_rows(rows: Sequence[Sequence[Any]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for uuid, ref in rows:

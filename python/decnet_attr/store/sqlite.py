@@ -64,12 +64,14 @@ from decnet_attr.store.schema import (
     attacker_from_row,
     dedupe_states,
     evidence_from_rows,
+    identities_from_rows,
     list_attackers_sql,
     list_filters,
     match_inserted,
     merge_attacker_items,
     migrate_sqlite,
     observation_from_row,
+    recent_identities_sql,
     state_from_row,
     summaries_from_rows,
     ticket_from_row,
@@ -796,6 +798,11 @@ class SqliteStore(Store):
             EVIDENCE_SQL.format(ids=ids), list(attacker_uuids)
         )
         return evidence_from_rows(rows)
+
+    @_guard
+    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._reader().execute_fetchall(recent_identities_sql(_param(1)), (limit,))
+        return identities_from_rows(rows)
 
     @_guard
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
