@@ -200,6 +200,10 @@ def create_app(
 
     setup_ops(app)
     # ---- end ops ----------------------------------------------------------------------------
+    if settings.cors_origins:  # last: it covers every route registered above
+        from decnet_attr.server.cors import setup_cors
+
+        setup_cors(app, settings.cors_origins)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
