@@ -274,6 +274,11 @@ async def test_cors_for_the_listed_origins_only(make_harness: HarnessFactory) ->
     assert stream.status == 200
     assert stream.headers["Access-Control-Allow-Origin"] == UI
     stream.close()
+    # errors too: the UI's 401 interceptor must see the status, not a network error
+    resp = await h.client.get("/api/v1/attackers", headers={"Origin": UI})
+    assert resp.status == 401 and resp.headers["Access-Control-Allow-Origin"] == UI
+    resp = await h.client.get("/api/v1/attackers/nobody", headers={**bearer(token), "Origin": UI})
+    assert resp.status == 404 and resp.headers["Access-Control-Allow-Origin"] == UI
     # another origin gets nothing
     other = "http://evil.example"
     resp = await h.client.get("/api/v1/attackers", headers={**bearer(token), "Origin": other})
