@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "DECNET_ATTR_"
+#: A browser origin: scheme, host and optional port, nothing else.
+_ORIGIN_RE = re.compile(r"^https?://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,13 @@ class Settings:
     ticket_rate: int = field(default=30, metadata={"help": "SSE tickets per minute per user"})
     ticket_ttl: float = 60.0
     max_tickets_per_user: int = 10
+    cors_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "comma-separated origins allowed to call the API from a browser "
+            "(CORS; default: none), e.g. http://localhost:5173"
+        },
+    )
     trust_forwarded_for: bool = field(
         default=False, metadata={"help": "use X-Forwarded-For for rate limits (behind a proxy)"}
     )
@@ -139,6 +149,12 @@ class Settings:
                 raise ConfigError(f"{name} must be >= 1")
         if self.thresholds:
             self.threshold_overrides()  # validates
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN_RE.match(origin):
+                raise ConfigError(
+                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port], "
+                    "no path, or *)"
+                )
 
     # --- derived ------------------------------------------------------------
     @property
@@ -219,6 +235,8 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
             return _bool(raw)
         if typ == "Path":
             return Path(raw)
+        if typ.startswith("tuple"):
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
         return raw
     except ValueError as exc:
         raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None

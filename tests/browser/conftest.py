@@ -96,6 +96,8 @@ class ServeProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     admin_password: str | None = None
+    #: extra ``DECNET_ATTR_*`` settings for the process
+    env: dict[str, str] = field(default_factory=dict)
     _lines: list[str] = field(default_factory=list)
     _password_seen: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
@@ -122,7 +124,7 @@ class ServeProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                env=clean_env(DECNET_ATTR_LOG_LEVEL="INFO"),
+                env=clean_env(DECNET_ATTR_LOG_LEVEL="INFO", **self.env),
             )
         self._reader = threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True)
         self._reader.start()

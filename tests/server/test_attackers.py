@@ -310,34 +310,58 @@ async def test_list_attackers(harness: Harness) -> None:
     resp = await harness.client.get("/api/v1/attackers", headers=bearer(token))
     assert resp.status == 200
     body = await resp.json()
+    assert list(body) == ["total", "limit", "offset", "data"]
     assert body["total"] == 3 and body["limit"] == 50 and body["offset"] == 0
-    assert [i["uuid"] for i in body["items"]] == ["att-b", "att-c", "att-a"]
-    items = {i["uuid"]: i for i in body["items"]}
+    assert [i["uuid"] for i in body["data"]] == ["att-b", "att-c", "att-a"]
+    items = {i["uuid"]: i for i in body["data"]}
     zero = {"unknown": 0, "stable": 0, "drifting": 0, "conflicted": 0, "multi_actor": 0}
     assert items["att-a"] == {
         "uuid": "att-a",
         "ip": "192.0.2.30",
+        "first_seen": "1970-01-01T00:01:40.000000Z",
+        "last_seen": "1970-01-01T00:01:40.000000Z",
+        "event_count": 0,
+        "service_count": 0,
+        "decky_count": 0,
+        "services": [],
+        "deckies": [],
+        "traversal_path": None,
+        "is_traversal": False,
+        "bounty_count": 0,
+        "credential_count": 0,
+        "fingerprints": [],
+        "commands": [],
+        "country_code": None,
+        "country_source": None,
+        "asn": None,
+        "as_name": None,
+        "asn_source": None,
+        "updated_at": "1970-01-01T00:01:40.000000Z",
         "identity_id": items["att-a"]["identity_id"],
-        "first_seen": 100.0,
-        "last_seen": 100.0,
+        "observation_count": 0,
         "state_counts": zero | {"multi_actor": 2, "stable": 1},
         "multi_actor": True,
-        "observation_count": 0,
+        "rotation_count": 0,
+        "last_rotation_at": None,
     }
     assert items["att-b"]["identity_id"] is None
     assert items["att-b"]["state_counts"] == zero
     assert items["att-b"]["multi_actor"] is False
-    assert items["att-c"]["observation_count"] == 2
+    assert items["att-c"]["ip"] == ""  # registered without an ip: DECNET's type is a string
+    assert items["att-c"]["observation_count"] == items["att-c"]["event_count"] == 2
     assert items["att-c"]["state_counts"] == zero | {"drifting": 1}
 
     async def order(**params: Any) -> list[str]:
         r = await harness.client.get("/api/v1/attackers", params=params, headers=bearer(token))
         assert r.status == 200, await r.text()
-        return [i["uuid"] for i in (await r.json())["items"]]
+        return [i["uuid"] for i in (await r.json())["data"]]
 
-    assert await order(order="asc") == ["att-a", "att-c", "att-b"]
-    assert await order(sort="first_seen", order="asc") == ["att-a", "att-c", "att-b"]
-    assert await order(sort="ip", order="asc") == ["att-b", "att-a", "att-c"]  # null ip last
+    assert await order(sort_by="recent") == ["att-b", "att-c", "att-a"]
+    assert await order(sort_by="traversals") == ["att-b", "att-c", "att-a"]
+    assert await order(sort_by="active") == ["att-c", "att-b", "att-a"]  # ties: last seen
+    assert await order(sort_by="last_seen", order="asc") == ["att-a", "att-c", "att-b"]
+    assert await order(sort_by="first_seen", order="asc") == ["att-a", "att-c", "att-b"]
+    assert await order(sort_by="ip", order="asc") == ["att-b", "att-a", "att-c"]  # null ip last
     assert await order(limit=1, offset=1) == ["att-c"]
     assert await order(limit=2, offset=5) == []
     r = await harness.client.get(
@@ -350,12 +374,18 @@ async def test_list_attackers(harness: Harness) -> None:
 @pytest.mark.parametrize(
     ("params", "detail"),
     [
-        ({"limit": "0"}, "limit must be between 1 and 500, got 0"),
-        ({"limit": "501"}, "limit must be between 1 and 500, got 501"),
+        ({"limit": "0"}, "limit must be between 1 and 1000, got 0"),
+        ({"limit": "1001"}, "limit must be between 1 and 1000, got 1001"),
         ({"limit": "ten"}, "limit must be an integer, got 'ten'"),
-        ({"offset": "-1"}, "offset must be between 0 and 10000000, got -1"),
-        ({"sort": "uuid"}, "sort must be one of last_seen, first_seen, ip, got 'uuid'"),
+        ({"offset": "-1"}, "offset must be between 0 and 2147483647, got -1"),
+        (
+            {"sort_by": "uuid"},
+            "sort_by must be one of recent, active, traversals, last_seen, first_seen, ip, "
+            "got 'uuid'",
+        ),
         ({"order": "up"}, "order must be asc or desc, got 'up'"),
+        ({"search": "x" * 257}, "search must be at most 256 characters"),
+        ({"service": "x" * 257}, "service must be at most 256 characters"),
     ],
 )
 async def test_list_attackers_bad_params(
@@ -388,16 +418,47 @@ async def test_attacker_detail(harness: Harness) -> None:
     resp = await harness.client.get("/api/v1/attackers/att-1", headers=bearer(token))
     assert resp.status == 200
     body = await resp.json()
+    iso = "1970-01-01T00:00:50.000000Z"
     assert body == {
         "uuid": "att-1",
         "ip": "192.0.2.1",
+        "first_seen": iso,
+        "last_seen": iso,
+        "event_count": 3,
+        "service_count": 0,
+        "decky_count": 0,
+        "services": [],
+        "deckies": [],
+        "traversal_path": None,
+        "is_traversal": False,
+        "bounty_count": 0,
+        "credential_count": 0,
+        "fingerprints": [],
+        "commands": [],
+        "country_code": None,
+        "country_source": None,
+        "asn": None,
+        "as_name": None,
+        "asn_source": None,
+        "updated_at": iso,
         "identity_id": ident,
-        "first_seen": 50.0,
-        "last_seen": 50.0,
+        "observation_count": 3,
+        "state_counts": {
+            "unknown": 0,
+            "stable": 0,
+            "drifting": 0,
+            "conflicted": 0,
+            "multi_actor": 2,
+        },
+        "multi_actor": True,
         "rotation_count": 0,
         "last_rotation_at": None,
+        "ptr_record": None,
+        "behavior": None,
+        "service_activity": {"interacted": [], "scanned": []},
+        "ip_leaks": [],
+        "ip_leaks_total": 0,
         "identity_uuid": ident,
-        "multi_actor": True,
         "observations": [
             {
                 "primitive": "environmental.shell_type",

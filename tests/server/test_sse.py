@@ -412,7 +412,9 @@ async def test_identity_formed_after_connect(env: SseEnv) -> None:
     got = parse(await r.event())
     assert got["event"] == "attribution.state_changed"
     assert got["data"]["payload"] == changed
-    assert got["id"] == env.eid(1)  # the first one was never framed
+    # the first one was never framed (seq 1 went to identity.formed, framed for the
+    # identity stream)
+    assert got["id"] == env.eid(2)
 
     # a merge re-points the attacker to the surviving identity
     survivor = "e" * 32
@@ -484,3 +486,27 @@ async def test_head_answers_headers_only(env: SseEnv) -> None:
     assert resp.headers["Content-Type"] == "text/event-stream"
     assert await resp.read() == b""
     assert env.hub.stats()["streams_open"] == 0
+
+
+async def test_closed_stream_frees_its_slot_at_once(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """A page reload: the client closes a stream and opens the next one at once.
+    The closing connection must not count against the cap (the housekeeping
+    tick that notices closed transports runs only every second here)."""
+    env = await make_env(aiohttp_client, tmp_path, sse_max_per_user=3, sse_keepalive=15.0)
+    await seed_attacker(env.store, A)
+    streams = [await env.open(A) for _ in range(3)]
+    assert [r.status for r in streams] == [200, 200, 200]
+    for r in streams:
+        await Reader(r).frames(1)
+    assert (await env.open(A)).status == 429
+    for round_ in range(3):  # reload after reload
+        streams[0].close()
+        again = await env.open(A)
+        assert again.status == 200, (round_, await again.text())
+        streams = [*streams[1:], again]
+        await Reader(again).frames(1)
+    assert env.hub.stats()["streams_open"] == 3
+    for r in streams:
+        r.close()

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -604,6 +605,61 @@ async def test_list_attackers_counts_and_paging(store: Store) -> None:
 
 async def test_list_attackers_empty(store: Store) -> None:
     assert await store.list_attackers(limit=10, offset=0) == ([], 0)
+    assert await store.attacker_evidence([]) == {}
+    assert await store.attacker_evidence(["nobody"]) == {}
+
+
+async def test_list_attackers_filters_and_evidence(store: Store) -> None:
+    """DECNET's list query: ``search`` (ip or uuid substring, LIKE wildcards taken
+    literally), ``service`` (a shard of that service), ``uuid``, and the
+    ``events`` sort; ``attacker_evidence`` gives each attacker's shard refs."""
+    async with store.transaction() as tx:
+        await tx.ensure_attackers(
+            [
+                ("Att-one", "10.0.0.1", 10.0),
+                ("att-two", "10.0.1.2", 20.0),
+                ("att-three", "2001:db8::1", 30.0),
+                ("att_four", None, 40.0),
+            ]
+        )
+        await tx.insert_observations(
+            [
+                obs("o1", "Att-one", evidence="shard:decky-1/ssh/a.jsonl#s1"),
+                obs("o2", "Att-one", "motor.x", evidence="shard:decky-1/ssh/a.jsonl#s1"),
+                obs("o3", "Att-one", evidence="shard:decky-2/telnet/b.jsonl#s2"),
+                obs("o4", "att-two", evidence="shard:decky-1/ssh_x/c.jsonl#s3"),
+                obs("o5", "att-two", evidence="not-a-shard"),
+                obs("o6", "att-three", evidence="shard:decky-9/http/d.jsonl#s4"),
+            ]
+        )
+
+    async def uuids(**kw: Any) -> tuple[list[str], int]:
+        page, total = await store.list_attackers(limit=10, offset=0, **kw)
+        return [s.attacker.uuid for s in page], total
+
+    assert await uuids(search="10.0.") == (["att-two", "Att-one"], 2)
+    assert await uuids(search="DB8") == (["att-three"], 1)  # case-insensitive
+    assert await uuids(search="att-o") == (["Att-one"], 1)  # the uuid, case-insensitive
+    assert await uuids(search="_") == (["att_four"], 1)  # a literal underscore
+    assert await uuids(search="%") == ([], 0)
+    assert await uuids(service="ssh") == (["Att-one"], 1)  # not ssh_x
+    assert await uuids(service="ssh_x") == (["att-two"], 1)
+    assert await uuids(service="ssh%") == ([], 0)
+    assert await uuids(service="telnet", search="10.0.0") == (["Att-one"], 1)
+    assert await uuids(service="telnet", search="10.0.1") == ([], 0)
+    assert await uuids(uuid="att-two") == (["att-two"], 1)
+    assert await uuids(uuid="att") == ([], 0)
+    assert await uuids(sort="events") == (["Att-one", "att-two", "att-three", "att_four"], 4)
+    assert await uuids(sort="events", descending=False) == (
+        ["att_four", "att-three", "att-two", "Att-one"],
+        4,
+    )
+    page, total = await store.list_attackers(limit=1, offset=1, sort="events", service="ssh")
+    assert (page, total) == ([], 1)
+    assert await store.attacker_evidence(["Att-one", "att-two", "att_four", "ghost"]) == {
+        "Att-one": ["shard:decky-1/ssh/a.jsonl#s1", "shard:decky-2/telnet/b.jsonl#s2"],
+        "att-two": ["shard:decky-1/ssh_x/c.jsonl#s3"],
+    }
 
 
 # ---- dead letters -------------------------------------------------------------------------

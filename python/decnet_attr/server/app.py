@@ -177,6 +177,9 @@ def create_app(
             still_valid=principal_still_valid,
         )
         app.router.add_get("/api/v1/attackers/{uuid}/events", hub.handle, name="attacker_events")
+        app.router.add_get(
+            "/api/v1/identities/events", hub.handle_identities, name="identity_events"
+        )
         sse_key = getattr(sse, "SSE_HUB", None)
         if isinstance(sse_key, web.AppKey):  # the relay's own typed key, same object
             app[sse_key] = hub
@@ -197,6 +200,10 @@ def create_app(
 
     setup_ops(app)
     # ---- end ops ----------------------------------------------------------------------------
+    if settings.cors_origins:  # last: it covers every route registered above
+        from decnet_attr.server.cors import setup_cors
+
+        setup_cors(app, settings.cors_origins)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -23,14 +23,17 @@ from decnet_attr.server.errors import (
     read_json_object,
     unprocessable,
 )
+from decnet_attr.server.wire import iso_utc
 from decnet_attr.store import (
     STATES,
     AttackerRow,
+    AttackerSummary,
     AttributionView,
     StateRow,
     StoreError,
     StoreUnavailable,
 )
+from decnet_attr.store.schema import SHARD_REF_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,74 @@ ATTACKER_UUID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 #: Longest attacker uuid looked up (the worker accepts up to 128 characters).
 MAX_ATTACKER_UUID = 128
 LIST_LIMIT_DEFAULT = 50
-LIST_LIMIT_MAX = 500
-LIST_OFFSET_MAX = 10_000_000
-LIST_SORTS = ("last_seen", "first_seen", "ip")
+LIST_LIMIT_MAX = 1000
+LIST_OFFSET_MAX = 2_147_483_647
+#: Longest ``search`` / ``service`` filter accepted.
+LIST_FILTER_MAX = 256
+#: ``sort_by`` values: DECNET's three (``recent``: last seen first; ``active``: most
+#: observations first; ``traversals``: DECNET puts traversing attackers first, and
+#: we know of none, so it is ``recent``) and our own (which honour ``order``).
+LIST_SORT_BY: dict[str, str | None] = {
+    "recent": None,
+    "active": "events",
+    "traversals": None,
+    "last_seen": "last_seen",
+    "first_seen": "first_seen",
+    "ip": "ip",
+}
+#: Filter values DECNET's client may send for "no filter".
+_NO_FILTER = frozenset({"", "null", "NULL", "undefined"})
+
+
+def shard_parts(refs: list[str]) -> tuple[list[str], list[str]]:
+    """``(services, deckies)`` named by shard evidence references
+    (``shard:<decky>/<service>/<file>#<session>``), each sorted and distinct."""
+    services: set[str] = set()
+    deckies: set[str] = set()
+    for ref in refs:
+        parts = ref[len(SHARD_REF_PREFIX) :].split("/", 2)
+        if ref.startswith(SHARD_REF_PREFIX) and len(parts) == 3 and parts[0] and parts[1]:
+            deckies.add(parts[0])
+            services.add(parts[1])
+    return sorted(services), sorted(deckies)
+
+
+def attacker_entry(s: AttackerSummary, refs: list[str]) -> dict[str, Any]:
+    """One attacker in DECNET's ``AttackerEntry`` shape (times as ISO-8601 UTC;
+    what we do not track present with its empty value) plus ours: the
+    identity, its per-state counts and the multi-actor flag."""
+    a = s.attacker
+    services, deckies = shard_parts(refs)
+    return {
+        "uuid": a.uuid,
+        "ip": a.ip or "",
+        "first_seen": iso_utc(a.first_seen),
+        "last_seen": iso_utc(a.last_seen),
+        "event_count": s.observation_count,
+        "service_count": len(services),
+        "decky_count": len(deckies),
+        "services": services,
+        "deckies": deckies,
+        "traversal_path": None,
+        "is_traversal": False,
+        "bounty_count": 0,
+        "credential_count": 0,
+        "fingerprints": [],
+        "commands": [],
+        "country_code": None,
+        "country_source": None,
+        "asn": None,
+        "as_name": None,
+        "asn_source": None,
+        "updated_at": iso_utc(a.last_seen),
+        # ours
+        "identity_id": a.identity_id,
+        "observation_count": s.observation_count,
+        "state_counts": {st: int(s.state_counts.get(st, 0)) for st in STATES},
+        "multi_actor": s.multi_actor,
+        "rotation_count": a.rotation_count,
+        "last_rotation_at": iso_utc(a.last_rotation_at),
+    }
 
 
 def attribution_row(row: AttributionView | StateRow) -> dict[str, Any]:
@@ -69,16 +137,6 @@ def attacker_body(a: AttackerRow) -> dict[str, Any]:
         "rotation_count": a.rotation_count,
         "last_rotation_at": a.last_rotation_at,
     }
-
-
-async def _attacker_or_404(request: web.Request) -> AttackerRow:
-    uuid = request.match_info["uuid"]
-    if not uuid or len(uuid) > MAX_ATTACKER_UUID:
-        raise not_found(ATTACKER_NOT_FOUND_DETAIL)
-    attacker = await request.app[STORE].get_attacker(uuid)
-    if attacker is None:
-        raise not_found(ATTACKER_NOT_FOUND_DETAIL)
-    return attacker
 
 
 @routes.get("/api/v1/attackers/{uuid}/attribution", name="attacker_attribution")
@@ -114,38 +172,46 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return value
 
 
+def _filter_param(request: web.Request, name: str) -> str | None:
+    raw = request.query.get(name)
+    if raw is None or raw in _NO_FILTER:
+        return None
+    if len(raw) > LIST_FILTER_MAX:
+        raise bad_request(f"{name} must be at most {LIST_FILTER_MAX} characters")
+    return raw
+
+
 @routes.get("/api/v1/attackers", name="attackers_list")
 @require(*READ_ROLES)
 async def list_attackers(request: web.Request, principal: Principal) -> web.StreamResponse:
-    """A page of attackers with their identity's per-state counts."""
+    """DECNET's page shape ``{total, limit, offset, data: [AttackerEntry…]}``.
+    Query: ``limit``, ``offset``, ``sort_by`` (:data:`LIST_SORT_BY`), ``order``
+    (``asc``/``desc``, for our own sorts), ``search``, ``service``."""
     limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
     offset = _int_param(request, "offset", 0, 0, LIST_OFFSET_MAX)
-    sort = request.query.get("sort") or "last_seen"
-    if sort not in LIST_SORTS:
-        raise bad_request(f"sort must be one of {', '.join(LIST_SORTS)}, got {sort[:40]!r}")
+    sort_by = request.query.get("sort_by") or "recent"
+    if sort_by not in LIST_SORT_BY:
+        raise bad_request(f"sort_by must be one of {', '.join(LIST_SORT_BY)}, got {sort_by[:40]!r}")
+    sort = LIST_SORT_BY[sort_by]
     order = (request.query.get("order") or "desc").lower()
     if order not in ("asc", "desc"):
         raise bad_request(f"order must be asc or desc, got {order[:40]!r}")
-    items, total = await request.app[STORE].list_attackers(
-        limit=limit, offset=offset, sort=sort, descending=order == "desc"
+    descending = order == "desc" if sort is not None else True
+    store = request.app[STORE]
+    items, total = await store.list_attackers(
+        limit=limit,
+        offset=offset,
+        sort=sort or "last_seen",
+        descending=descending,
+        search=_filter_param(request, "search"),
+        service=_filter_param(request, "service"),
     )
+    evidence = await store.attacker_evidence([s.attacker.uuid for s in items]) if items else {}
     body = {
-        "items": [
-            {
-                "uuid": s.attacker.uuid,
-                "ip": s.attacker.ip,
-                "identity_id": s.attacker.identity_id,
-                "first_seen": s.attacker.first_seen,
-                "last_seen": s.attacker.last_seen,
-                "state_counts": {st: int(s.state_counts.get(st, 0)) for st in STATES},
-                "multi_actor": s.multi_actor,
-                "observation_count": s.observation_count,
-            }
-            for s in items
-        ],
         "total": total,
         "limit": limit,
         "offset": offset,
+        "data": [attacker_entry(s, evidence.get(s.attacker.uuid, [])) for s in items],
     }
     return json_response(body)
 
@@ -153,20 +219,32 @@ async def list_attackers(request: web.Request, principal: Principal) -> web.Stre
 @routes.get("/api/v1/attackers/{uuid}", name="attacker_detail")
 @require(*READ_ROLES)
 async def attacker_detail(request: web.Request, principal: Principal) -> web.StreamResponse:
-    """The attacker, its latest observation per primitive and its attribution."""
+    """DECNET's ``AttackerData``: the list entry plus the fields of the page
+    (``observations``: the latest per primitive, epoch ``ts``) and ours
+    (``identity_uuid``, ``attribution`` rows as the attribution endpoint gives
+    them)."""
     store = request.app[STORE]
-    attacker = await _attacker_or_404(request)
-    observations = await store.latest_observations(attacker.uuid)
-    found = await store.attacker_attribution(attacker.uuid)
-    rows = found.rows if found is not None else []
-    multi = sum(1 for r in rows if r.state == "multi_actor") >= 2
-    body = attacker_body(attacker)
+    uuid = request.match_info["uuid"]
+    found = None
+    if uuid and len(uuid) <= MAX_ATTACKER_UUID:
+        found, _ = await store.list_attackers(limit=1, offset=0, uuid=uuid)
+    if not found:
+        raise not_found(ATTACKER_NOT_FOUND_DETAIL)
+    summary = found[0]
+    observations = await store.latest_observations(uuid)
+    attribution = await store.attacker_attribution(uuid)
+    evidence = await store.attacker_evidence([uuid])
+    body = attacker_entry(summary, evidence.get(uuid, []))
     body.update(
         {
-            "identity_uuid": attacker.identity_id,
-            "multi_actor": multi,
+            "ptr_record": None,
+            "behavior": None,
+            "service_activity": {"interacted": body["services"], "scanned": []},
+            "ip_leaks": [],
+            "ip_leaks_total": 0,
             "observations": observations,
-            "attribution": [attribution_row(r) for r in rows],
+            "identity_uuid": summary.attacker.identity_id,
+            "attribution": [attribution_row(r) for r in attribution.rows] if attribution else [],
         }
     )
     return json_response(body)

@@ -62,6 +62,7 @@ from decnet_attr import topics
 from decnet_attr.bus.base import Bus, Event, QueueSubscription, RateLimitedLog, Subscription
 from decnet_attr.bus.helpers import batch_observations
 from decnet_attr.config import Settings
+from decnet_attr.server.wire import iso_utc
 from decnet_attr.store.base import AttackerRow, StateRow, Store, StoreError
 
 __all__ = [
@@ -109,6 +110,11 @@ MAX_IDLE_CHANNELS: Final = 4096
 SNAPSHOT_CONCURRENCY: Final = 32
 #: Event-name cache bound (names are derived from topics).
 _NAME_CACHE_MAX: Final = 1024
+#: Identities in the identity stream's snapshot (DECNET's page size).
+IDENTITY_SNAPSHOT_LIMIT: Final = 50
+#: Identity fields sent as ISO-8601 UTC strings.
+IDENTITY_TIME_FIELDS: Final = ("first_seen_at", "last_seen_at", "created_at", "updated_at")
+_IDENTITY_DOT: Final = topics.IDENTITY_ROOT + "."
 
 
 class PrincipalLike(Protocol):
@@ -255,6 +261,7 @@ class _Stream:
         "exp",
         "exp_timer",
         "hub",
+        "identities",
         "last_gap",
         "last_write",
         "principal",
@@ -267,9 +274,13 @@ class _Stream:
         "writer",
     )
 
-    def __init__(self, hub: SseHub, attacker_uuid: str, principal: PrincipalLike) -> None:
+    def __init__(
+        self, hub: SseHub, attacker_uuid: str, principal: PrincipalLike, *, identities: bool = False
+    ) -> None:
         self.hub = hub
+        #: "" for an identity stream (``identities``: True)
         self.attacker_uuid = attacker_uuid
+        self.identities = identities
         self.principal = principal
         self.user = principal.user_uuid
         self.exp = principal.exp
@@ -419,6 +430,9 @@ class SseHub:
         self._by_attacker: dict[str, _Channel] = {}
         self._by_identity: dict[str, set[str]] = {}
         self._by_user: dict[str, dict[_Stream, None]] = {}
+        #: The identity stream's channel: every ``identity.*`` event, for every stream
+        #: of ``/identities/events`` (never idle-evicted).
+        self._identities = _Channel("", 0, self._resume_len)
         self._idle: dict[str, float] = {}  # attacker uuid -> loop time its last stream left
         self._dirty: list[_Stream] = []  # streams with frames to write at the end of a batch
         self._names: dict[str, bytes] = {}
@@ -555,6 +569,20 @@ class SseHub:
     # -- request handling --------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The ``GET /api/v1/attackers/{uuid}/events`` handler."""
+        attacker_uuid = request.match_info.get("uuid") or request.match_info.get(
+            "attacker_uuid", ""
+        )
+        return await self._handle(request, attacker_uuid)
+
+    async def handle_identities(self, request: web.Request) -> web.StreamResponse:
+        """The ``GET /api/v1/identities/events`` handler: DECNET's identity stream.
+        A ``snapshot`` (``{"identities": [...]}``, the most recently updated
+        identities) then every ``identity.*`` event, named by its topic without
+        the ``identity.`` root (``formed``, ``merged``, …). Same authentication,
+        per-user cap, resume and keepalives as the attacker streams."""
+        return await self._handle(request, None)
+
+    async def _handle(self, request: web.Request, attacker_uuid: str | None) -> web.StreamResponse:
         if not self._running:
             raise _json_error(web.HTTPServiceUnavailable, "Event stream unavailable")
         principal = await self._authenticate(request)
@@ -563,22 +591,18 @@ class SseHub:
         exp = principal.exp
         if exp is not None and exp <= time.time():
             raise _json_error(web.HTTPUnauthorized, "Token expired")
-        attacker_uuid = request.match_info.get("uuid") or request.match_info.get(
-            "attacker_uuid", ""
-        )
         user = principal.user_uuid
-        active = self._by_user.get(user)
-        if active is not None and len(active) >= self._cap:
+        if not self._has_slot(user):
             self._rejected_cap += 1
             raise _json_error(
                 web.HTTPTooManyRequests,
                 f"SSE connection limit ({self._cap}) reached",
                 headers={"Retry-After": self._retry_after},
             )
-        if not attacker_uuid or len(attacker_uuid) > MAX_UUID_LEN:
+        if attacker_uuid is not None and (not attacker_uuid or len(attacker_uuid) > MAX_UUID_LEN):
             raise _json_error(web.HTTPNotFound, "Attacker not found")
 
-        stream = _Stream(self, attacker_uuid, principal)
+        stream = _Stream(self, attacker_uuid or "", principal, identities=attacker_uuid is None)
         if exp is not None:
             stream.exp_timer = asyncio.get_running_loop().call_later(
                 max(exp - time.time(), 0.0), self._close, stream, "expired"
@@ -615,7 +639,7 @@ class SseHub:
             if resp is None or not resp.prepared:
                 raise
             if not isinstance(exc, ConnectionError):
-                logger.exception("SSE stream for attacker %s failed", attacker_uuid)
+                logger.exception("SSE stream for attacker %r failed", attacker_uuid)
                 t = request.transport
                 if t is not None and not t.is_closing():
                     err = b'event: error\ndata: {"message":"Stream interrupted"}\n\n'
@@ -634,6 +658,20 @@ class SseHub:
             await resp.write_eof()
         return resp
 
+    def _has_slot(self, user: str) -> bool:
+        """True when *user* may open another stream. Streams whose connection
+        is already closing (a page reload: the client dropped the old stream
+        just before asking for the new one) are closed now instead of at the
+        next housekeeping tick, so they do not count."""
+        active = self._by_user.get(user)
+        if active is None or len(active) < self._cap:
+            return True
+        for s in list(active):
+            t = s.transport
+            if t is not None and t.is_closing():
+                self._close(s, "disconnected")
+        return len(self._by_user.get(user) or ()) < self._cap
+
     async def _opening(self, stream: _Stream, request: web.Request) -> bytes:
         """Register *stream* and build the first bytes of the response:
         preamble, then the replayed frames or (``stale`` +) a snapshot.
@@ -649,12 +687,14 @@ class SseHub:
         channel = stream.channel
         assert channel is not None
         try:
-            row = await self._store.get_attacker(stream.attacker_uuid)
-            if row is None:
-                self._close(stream, "not found")
-                raise _json_error(web.HTTPNotFound, "Attacker not found")
-            if channel.identity is None and row.identity_id:
-                self._set_identity(channel, row.identity_id)
+            row = None
+            if not stream.identities:
+                row = await self._store.get_attacker(stream.attacker_uuid)
+                if row is None:
+                    self._close(stream, "not found")
+                    raise _json_error(web.HTTPNotFound, "Attacker not found")
+                if channel.identity is None and row.identity_id:
+                    self._set_identity(channel, row.identity_id)
             parts = [self._preamble]
             if replay is not None:
                 self._resumes += 1
@@ -741,9 +781,22 @@ class SseHub:
 
     async def _snapshot(self, channel: _Channel, seq: int, row: AttackerRow | None) -> bytes:
         """``event: snapshot`` with the latest observation per primitive and the
-        identity's attribution rows (one REST call fewer for the client)."""
+        identity's attribution rows (one REST call fewer for the client); for
+        the identity stream, the most recently updated identities."""
         sem = self._snap_sem
         assert sem is not None
+        if channel is self._identities:
+            async with sem:
+                identities = await self._store.recent_identities(IDENTITY_SNAPSHOT_LIMIT)
+            self._snapshots += 1
+            for ident in identities:
+                for key in IDENTITY_TIME_FIELDS:
+                    ident[key] = iso_utc(ident[key])
+            return b"event: snapshot\nid: %b-%d\ndata: %b\n\n" % (
+                self._epoch_b,
+                seq,
+                orjson.dumps({"identities": identities}),
+            )
         store = self._store
         uuid = channel.uuid
         async with sem:
@@ -785,11 +838,11 @@ class SseHub:
         """Put *stream* into its attacker's channel. Returns the frames to
         replay (None: send a snapshot) and whether the cursor was evicted."""
         uuid = stream.attacker_uuid
-        channel = self._by_attacker.get(uuid)
+        channel = self._identities if stream.identities else self._by_attacker.get(uuid)
         if channel is None:
             channel = _Channel(uuid, self._seq, self._resume_len)
             self._by_attacker[uuid] = channel
-        else:
+        elif not stream.identities:
             self._idle.pop(uuid, None)
         channel.streams.add(stream)
         stream.channel = channel
@@ -820,7 +873,7 @@ class SseHub:
         channel = stream.channel
         if channel is not None:
             channel.streams.discard(stream)
-            if not channel.streams:
+            if not channel.streams and channel is not self._identities:
                 if self._running and reason != "not found":
                     self._idle[channel.uuid] = self._now
                 else:
@@ -864,14 +917,17 @@ class SseHub:
         self._by_identity.setdefault(identity, set()).add(channel.uuid)
 
     # -- routing -----------------------------------------------------------------------------
-    def _frame(self, event: Event) -> _Frame:
+    def _frame(self, event: Event, name: bytes | None = None) -> _Frame:
+        """The frame of a live event; ``name``: its ``event:`` name (default:
+        the attacker stream's name for the topic)."""
         topic = event.topic
-        name = self._names.get(topic)
         if name is None:
-            name = topics.sse_event_name(topic).encode()
-            if len(self._names) >= _NAME_CACHE_MAX:
-                self._names.clear()
-            self._names[topic] = name
+            name = self._names.get(topic)
+            if name is None:
+                name = topics.sse_event_name(topic).encode()
+                if len(self._names) >= _NAME_CACHE_MAX:
+                    self._names.clear()
+                self._names[topic] = name
         data = orjson.dumps(
             {"topic": topic, "type": event.type, "ts": event.ts, "payload": event.payload}
         )
@@ -899,8 +955,12 @@ class SseHub:
             channel.push(frame)
         elif topic.startswith("attribution."):
             self._dispatch_attribution(event, payload)
-        elif topic.startswith("identity."):
+        elif topic.startswith(_IDENTITY_DOT):
             self._dispatch_identity(topic, payload)
+            # the identity stream: named by the topic without its root (DECNET's names)
+            frame = self._frame(event, topic[len(_IDENTITY_DOT) :].encode())
+            self._events_routed += 1
+            self._identities.push(frame)
         elif topic == SYSTEM_AUTH_REVOKED:
             self._revoke(payload)
 
@@ -966,7 +1026,7 @@ class SseHub:
         open stream gets ``event: stale`` + a fresh snapshot."""
         self._seq += 1
         barrier = self._seq
-        for channel in self._by_attacker.values():
+        for channel in (*self._by_attacker.values(), self._identities):
             channel.frames.clear()
             channel.covered_from = barrier
         streams = list(self._streams)

@@ -310,10 +310,33 @@ class Store(ABC):
 
     @abstractmethod
     async def list_attackers(
-        self, *, limit: int, offset: int, sort: str = "last_seen", descending: bool = True
+        self,
+        *,
+        limit: int,
+        offset: int,
+        sort: str = "last_seen",
+        descending: bool = True,
+        uuid: str | None = None,
+        search: str | None = None,
+        service: str | None = None,
     ) -> tuple[list[AttackerSummary], int]:
-        """A page of attackers and the total count. ``sort``:
-        ``last_seen`` | ``first_seen`` | ``ip``."""
+        """A page of attackers and the total count of those matching. ``sort``:
+        ``last_seen`` | ``first_seen`` | ``ip`` | ``events`` (observation count).
+        Filters: ``uuid`` (exactly that attacker), ``search`` (case-insensitive
+        substring of the ip or uuid), ``service`` (attackers with an observation
+        whose evidence reference is a shard of that service,
+        ``shard:<decky>/<service>/…``)."""
+
+    @abstractmethod
+    async def attacker_evidence(self, attacker_uuids: Sequence[str]) -> dict[str, list[str]]:
+        """The distinct shard evidence references (``shard:…``) of these
+        attackers' observations, sorted; attackers with none are left out."""
+
+    @abstractmethod
+    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently updated identities, newest first:
+        ``{uuid, campaign_id, merged_into_uuid, first_seen_at, last_seen_at,
+        created_at, updated_at, confidence, observation_count}`` (epoch times)."""
 
     @abstractmethod
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:

@@ -39,6 +39,7 @@ from decnet_attr.store.base import (
 )
 from decnet_attr.store.schema import (
     ATTACKER_COLS,
+    EVIDENCE_SQL,
     OBS_INSERT_COLS,
     OBS_SELECT_COLS,
     STATE_COLS,
@@ -47,11 +48,15 @@ from decnet_attr.store.schema import (
     attacker_attribution_from_rows,
     attacker_from_row,
     dedupe_states,
+    evidence_from_rows,
+    identities_from_rows,
     list_attackers_sql,
+    list_filters,
     match_inserted,
     merge_attacker_items,
     migrate_postgres,
     observation_from_row,
+    recent_identities_sql,
     state_from_row,
     summaries_from_rows,
     ticket_from_row,
@@ -115,6 +120,11 @@ def _map_error(exc: BaseException) -> StoreError:
         if "closed" in text or "closing" in text or "not connected" in text:
             return StoreUnavailable(f"postgresql unavailable: {exc}")
     return StoreError(f"postgresql error: {exc!r}")
+
+
+def _param(i: int) -> str:
+    """The ``i``-th (1-based) query parameter placeholder."""
+    return f"${i}"
 
 
 def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -655,13 +665,38 @@ class PostgresStore(Store):
 
     @_guard
     async def list_attackers(
-        self, *, limit: int, offset: int, sort: str = "last_seen", descending: bool = True
+        self,
+        *,
+        limit: int,
+        offset: int,
+        sort: str = "last_seen",
+        descending: bool = True,
+        uuid: str | None = None,
+        search: str | None = None,
+        service: str | None = None,
     ) -> tuple[list[AttackerSummary], int]:
-        sql = list_attackers_sql(sort, descending, "$1", "$2")
+        where, params = list_filters(_param, uuid=uuid, search=search, service=service)
+        n = len(params)
+        sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))
         async with self._conn() as conn:
-            rows = await conn.fetch(sql, int(limit), int(offset))
-            total = int(await conn.fetchval("SELECT count(*) FROM attackers"))
+            rows = await conn.fetch(sql, *params, int(limit), int(offset))
+            total = int(await conn.fetchval(f"SELECT count(*) FROM attackers a {where}", *params))
         return summaries_from_rows(rows), total
+
+    @_guard
+    async def attacker_evidence(self, attacker_uuids: Sequence[str]) -> dict[str, list[str]]:
+        if not attacker_uuids:
+            return {}
+        ids = ", ".join(_param(i) for i in range(1, len(attacker_uuids) + 1))
+        async with self._conn() as conn:
+            rows = await conn.fetch(EVIDENCE_SQL.format(ids=ids), *attacker_uuids)
+        return evidence_from_rows(rows)
+
+    @_guard
+    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(recent_identities_sql(_param(1)), int(limit))
+        return identities_from_rows(rows)
 
     @_guard
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
@@ -860,7 +895,7 @@ class PostgresStore(Store):
 
     @_guard
     async def update_user(self, uuid: str, **fields: Any) -> None:
-        sets, params = user_update_sets(fields, lambda i: f"${i}", bools_as_int=False)
+        sets, params = user_update_sets(fields, _param, bools_as_int=False)
         params.append(uuid)
         async with self._conn() as conn:
             await conn.execute(f"UPDATE users SET {sets} WHERE uuid = ${len(params)}", *params)

@@ -589,23 +589,70 @@ def match_inserted(rows: Sequence[tuple[Any, ...]], inserted: Sequence[Sequence[
 
 
 _LIST_SORTS = {"last_seen": "last_seen", "first_seen": "first_seen", "ip": "ip"}
+#: The observation count of attacker ``p`` (the list's ``observation_count``).
+_EVENT_COUNT = "(SELECT count(*) FROM observations o WHERE o.attacker_uuid = {a}.uuid)"
+#: The list sorts: the attackers-table columns plus ``events`` (most observations first).
+LIST_SORTS: tuple[str, ...] = (*_LIST_SORTS, "events")
+
+#: Evidence references of sensor shards: ``shard:<decky>/<service>/<file>#<session>``.
+SHARD_REF_PREFIX = "shard:"
+
+
+def like_pattern(text: str) -> str:
+    """``text`` with the LIKE wildcards escaped (use with ``ESCAPE '\\'``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def list_order(sort: str, descending: bool, alias: str) -> str:
-    """``ORDER BY`` of :meth:`Store.list_attackers` (NULL ips last, uuid tie-break)."""
-    if sort not in _LIST_SORTS:
-        raise ValueError(f"unknown sort {sort!r}; expected one of {sorted(_LIST_SORTS)}")
-    col = f"{alias}.{_LIST_SORTS[sort]}"
+    """``ORDER BY`` of :meth:`Store.list_attackers` (NULL ips last, uuid tie-break;
+    ``events``: most observations first, then the latest seen)."""
     d = "DESC" if descending else "ASC"
+    if sort == "events":
+        return f"{_EVENT_COUNT.format(a=alias)} {d}, {alias}.last_seen {d}, {alias}.uuid {d}"
+    if sort not in _LIST_SORTS:
+        raise ValueError(f"unknown sort {sort!r}; expected one of {sorted(LIST_SORTS)}")
+    col = f"{alias}.{_LIST_SORTS[sort]}"
     nulls_last = f"({col} IS NULL) ASC, " if sort == "ip" else ""
     return f"{nulls_last}{col} {d}, {alias}.uuid {d}"
 
 
-def list_attackers_sql(sort: str, descending: bool, limit_param: str, offset_param: str) -> str:
+def list_filters(
+    param: Callable[[int], str],
+    *,
+    uuid: str | None = None,
+    search: str | None = None,
+    service: str | None = None,
+) -> tuple[str, list[Any]]:
+    """``WHERE`` clause (or "") and its parameters for :meth:`Store.list_attackers`:
+    an exact attacker uuid; ``search``, a case-insensitive substring of the ip or
+    the uuid; ``service``, attackers with an observation from a shard of that
+    service. Parameters are numbered from 1."""
+    conds: list[str] = []
+    params: list[Any] = []
+    if uuid is not None:
+        params.append(uuid)
+        conds.append(f"a.uuid = {param(len(params))}")
+    if search:
+        params.append(f"%{like_pattern(search.lower())}%")
+        n = param(len(params))
+        conds.append(f"(lower(a.ip) LIKE {n} ESCAPE '\\' OR lower(a.uuid) LIKE {n} ESCAPE '\\')")
+    if service:
+        params.append(f"{SHARD_REF_PREFIX}%/{like_pattern(service)}/%")
+        conds.append(
+            "EXISTS (SELECT 1 FROM observations o WHERE o.attacker_uuid = a.uuid "
+            f"AND o.evidence_ref LIKE {param(len(params))} ESCAPE '\\')"
+        )
+    return (f"WHERE {' AND '.join(conds)}" if conds else ""), params
+
+
+def list_attackers_sql(
+    sort: str, descending: bool, where: str, limit_param: str, offset_param: str
+) -> str:
     """The page, each attacker's observation count and its identity's per-state
     counts, in one query (lookups on ``ix_observations_attacker_primitive_ts``
-    and the state table's primary key, for the page's rows only). The total
-    is a second, plain ``count(*)``."""
+    and the state table's primary key, for the page's rows only). ``where``
+    comes from :func:`list_filters`. The total is a second, plain ``count(*)``
+    with the same ``where``."""
     counts = ",\n".join(
         "    (SELECT count(*) FROM attribution_state s WHERE s.identity_uuid = p.identity_id "
         f"AND s.state = '{st}') AS c_{st}"
@@ -616,16 +663,57 @@ WITH page AS (
     SELECT a.uuid, a.ip, a.identity_id, a.first_seen, a.last_seen, a.rotation_count,
            a.last_rotation_at
     FROM attackers a
+    {where}
     ORDER BY {list_order(sort, descending, "a")}
     LIMIT {limit_param} OFFSET {offset_param}
 )
 SELECT p.uuid, p.ip, p.identity_id, p.first_seen, p.last_seen, p.rotation_count,
        p.last_rotation_at,
-    (SELECT count(*) FROM observations o WHERE o.attacker_uuid = p.uuid) AS n_obs,
+    {_EVENT_COUNT.format(a="p")} AS n_obs,
 {counts}
 FROM page p
 ORDER BY {list_order(sort, descending, "p")}
 """
+
+
+#: Distinct shard references of some attackers' observations (``{ids}``: placeholders).
+EVIDENCE_SQL = (
+    "SELECT DISTINCT attacker_uuid, evidence_ref FROM observations "
+    "WHERE attacker_uuid IN ({ids}) AND evidence_ref LIKE '" + SHARD_REF_PREFIX + "%' "
+    "ORDER BY attacker_uuid, evidence_ref"
+)
+
+
+#: The identity columns :meth:`Store.recent_identities` returns, in this order.
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "uuid",
+    "campaign_id",
+    "merged_into_uuid",
+    "first_seen_at",
+    "last_seen_at",
+    "created_at",
+    "updated_at",
+    "confidence",
+    "observation_count",
+)
+
+
+def recent_identities_sql(limit_param: str) -> str:
+    return (
+        f"SELECT {', '.join(IDENTITY_FIELDS)} FROM attacker_identities "
+        f"ORDER BY updated_at DESC, uuid DESC LIMIT {limit_param}"
+    )
+
+
+def identities_from_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    return [dict(zip(IDENTITY_FIELDS, r)) for r in rows]
+
+
+def evidence_from_rows(rows: Sequence[Sequence[Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for uuid, ref in rows:
+        out.setdefault(uuid, []).append(ref)
+    return out
 
 
 def summaries_from_rows(rows: Sequence[Sequence[Any]]) -> list[AttackerSummary]:

@@ -54,6 +54,7 @@ from decnet_attr.store.base import (
 )
 from decnet_attr.store.schema import (
     ATTACKER_COLS,
+    EVIDENCE_SQL,
     OBS_INSERT_COLS,
     OBS_SELECT_COLS,
     STATE_COLS,
@@ -62,11 +63,15 @@ from decnet_attr.store.schema import (
     attacker_attribution_from_rows,
     attacker_from_row,
     dedupe_states,
+    evidence_from_rows,
+    identities_from_rows,
     list_attackers_sql,
+    list_filters,
     match_inserted,
     merge_attacker_items,
     migrate_sqlite,
     observation_from_row,
+    recent_identities_sql,
     state_from_row,
     summaries_from_rows,
     ticket_from_row,
@@ -176,6 +181,11 @@ def _closed_connection(exc: BaseException) -> bool:
 
 def _is_db_error(exc: BaseException) -> bool:
     return isinstance(exc, (sqlite3.Error, OSError)) or _closed_connection(exc)
+
+
+def _param(i: int) -> str:
+    """The ``i``-th (1-based) query parameter placeholder."""
+    return f"?{i}"
 
 
 def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -741,14 +751,39 @@ class SqliteStore(Store):
 
     @_guard
     async def list_attackers(
-        self, *, limit: int, offset: int, sort: str = "last_seen", descending: bool = True
+        self,
+        *,
+        limit: int,
+        offset: int,
+        sort: str = "last_seen",
+        descending: bool = True,
+        uuid: str | None = None,
+        search: str | None = None,
+        service: str | None = None,
     ) -> tuple[list[AttackerSummary], int]:
-        sql = list_attackers_sql(sort, descending, "?", "?")
+        where, params = list_filters(_param, uuid=uuid, search=search, service=service)
+        n = len(params)
+        sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))
         conn = self._reader()
-        rows = await conn.execute_fetchall(sql, (int(limit), int(offset)))
-        cnt = await conn.execute_fetchall("SELECT count(*) FROM attackers")
+        rows = await conn.execute_fetchall(sql, (*params, int(limit), int(offset)))
+        cnt = await conn.execute_fetchall(f"SELECT count(*) FROM attackers a {where}", params)
         total = int(cnt[0][0])
         return summaries_from_rows(rows), total
+
+    @_guard
+    async def attacker_evidence(self, attacker_uuids: Sequence[str]) -> dict[str, list[str]]:
+        if not attacker_uuids:
+            return {}
+        ids = ", ".join(_param(i) for i in range(1, len(attacker_uuids) + 1))
+        rows = await self._reader().execute_fetchall(
+            EVIDENCE_SQL.format(ids=ids), list(attacker_uuids)
+        )
+        return evidence_from_rows(rows)
+
+    @_guard
+    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self._reader().execute_fetchall(recent_identities_sql(_param(1)), (limit,))
+        return identities_from_rows(rows)
 
     @_guard
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:

@@ -104,8 +104,13 @@ function isNum(v) {
   return typeof v === "number" && Number.isFinite(v);
 }
 
+// A time as a Date: epoch seconds (attribution rows, observations) or an
+// ISO-8601 string (attackers, as DECNET's list and detail give them).
 function asDate(ts) {
-  return isNum(ts) ? new Date(ts * 1000) : null;
+  if (isNum(ts)) return new Date(ts * 1000);
+  if (typeof ts !== "string" || !ts) return null;
+  const d = new Date(ts);
+  return Number.isNaN(d.getTime()) ? null : d;
 }
 
 function absTime(ts) {
@@ -119,8 +124,9 @@ function isoTime(ts) {
 }
 
 function relTime(ts) {
-  if (!isNum(ts)) return "—";
-  const diff = ts - Date.now() / 1000; // negative: in the past
+  const d = asDate(ts);
+  if (!d) return "—";
+  const diff = (d.getTime() - Date.now()) / 1000; // negative: in the past
   const abs = Math.abs(diff);
   const units = [
     [60, "second", 1],
@@ -625,7 +631,7 @@ function listView() {
     const q = new URLSearchParams({
       limit: String(PAGE_SIZE),
       offset: String(listState.offset),
-      sort: "last_seen",
+      sort_by: "last_seen",
       order: listState.order,
     });
     let data;
@@ -653,7 +659,7 @@ function listView() {
     tableWrap.hidden = false;
     pager.hidden = false;
     const rows = [];
-    for (const item of Array.isArray(data.items) ? data.items : []) rows.push(attackerRow(item));
+    for (const item of Array.isArray(data.data) ? data.data : []) rows.push(attackerRow(item));
     if (!rows.length) {
       rows.push(h("tr", null, h("td", { colspan: "6", class: "empty" }, "No attackers yet.")));
     }
