@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
-from decnet_attr._core import SqliteConnection
+from decnet_attr._core import Dedupe, SqliteConnection
 from decnet_attr.store.base import (
     AttackerAttribution,
     AttackerRow,
@@ -67,7 +67,6 @@ from decnet_attr.store.schema import (
     identities_from_rows,
     list_attackers_sql,
     list_filters,
-    match_inserted,
     merge_attacker_items,
     migrate_sqlite,
     observation_from_row,
@@ -293,9 +292,10 @@ _SQL_ATTACKER_ATTRIBUTION = (
 class SqliteTx(Tx):
     """Writes of one batch on the writer connection, inside ``BEGIN IMMEDIATE``."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, dedupe: Dedupe) -> None:
         self._conn = conn
         self._open = True
+        self._dedupe = dedupe
 
     def _c(self) -> Any:
         if not self._open:
@@ -375,20 +375,14 @@ class SqliteTx(Tx):
         conn = self._c()
         if not rows:
             return []
-        if isinstance(conn, NativeConnection):
-            # one call: each row's own change count says whether it got in
-            changes = await conn.executemany_changes(_SQL_INSERT_OBS, rows)
-            return [i for i, n in enumerate(changes) if n]
-        before = await conn.execute_fetchall("SELECT coalesce(max(seq), 0) FROM observations")
-        start = int(before[0][0])
-        await conn.executemany(_SQL_INSERT_OBS, rows)
-        # AUTOINCREMENT: every new row has seq > the old max, and we hold the
-        # write lock, so the rows past ``start`` are exactly this batch's.
-        inserted = await conn.execute_fetchall(
-            "SELECT id, evidence_ref, primitive FROM observations WHERE seq > ? ORDER BY seq",
-            (start,),
-        )
-        return match_inserted(rows, inserted)
+        # exactly once: admitted in memory (taken back if the transaction
+        # rolls back), then appended; no unique index to maintain on disk
+        new = self._dedupe.admit_rows(rows)
+        if new:
+            await conn.executemany(
+                _SQL_INSERT_OBS, rows if len(new) == len(rows) else [rows[i] for i in new]
+            )
+        return new
 
     @_guard
     async def load_states(self, keys: Sequence[Key], *, lock: bool = False) -> dict[Key, StateRow]:
@@ -509,6 +503,9 @@ class SqliteStore(Store):
     #: Writer connection of a database file: the Rust one (False: aiosqlite,
     #: kept for side-by-side measurements).
     native_writer = True
+    #: Exactly-once horizon: the newest observations whose ids and
+    #: (evidence_ref, primitive) pairs are remembered (about 100 bytes each).
+    dedupe_window = 2_000_000
 
     def __init__(self, path: str | PathLike[str]) -> None:
         self.path = str(path)
@@ -519,6 +516,7 @@ class SqliteStore(Store):
         self._wlock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
         self._checkpointer: asyncio.Task[None] | None = None
+        self.dedupe = Dedupe(self.dedupe_window)
 
     # ---- lifecycle -------------------------------------------------------------------------
     @staticmethod
@@ -576,6 +574,7 @@ class SqliteStore(Store):
             self._w = await self._connect(native=self.native_writer and not self._memory)
             await migrate_sqlite(self._w)
             self._r = self._w if self._memory else await self._connect()
+            await self._load_dedupe()
         except Exception as exc:
             await self.close()
             if _is_db_error(exc):
@@ -586,6 +585,16 @@ class SqliteStore(Store):
                 self._checkpoint_loop(), name="sqlite-checkpointer"
             )
         log.debug("sqlite store open at %s (sqlite %s)", self.path, sqlite3.sqlite_version)
+
+    async def _load_dedupe(self) -> None:
+        """Remember the newest stored observations (the dedupe horizon)."""
+        self.dedupe.clear()
+        rows = await self._reader().execute_fetchall(
+            "SELECT id, evidence_ref, primitive FROM (SELECT seq, id, evidence_ref, primitive "
+            "FROM observations ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (self.dedupe.capacity,),
+        )
+        self.dedupe.load([(r[0], r[1], r[2]) for r in rows])
 
     async def _checkpoint_loop(self) -> None:
         conn = None
@@ -660,21 +669,24 @@ class SqliteStore(Store):
                 if isinstance(exc, Exception) and _is_db_error(exc):
                     raise _map_error(exc) from exc
                 raise
-            tx = SqliteTx(conn)
+            tx = SqliteTx(conn, self.dedupe)
             try:
                 yield tx
             except BaseException:
                 tx._open = False
+                self.dedupe.rollback()
                 await self._rollback(conn)
                 raise
             tx._open = False
             try:
                 await conn.execute("COMMIT")
             except BaseException as exc:
+                self.dedupe.rollback()
                 await self._rollback(conn)
                 if isinstance(exc, Exception) and _is_db_error(exc):
                     raise _map_error(exc) from exc
                 raise
+            self.dedupe.commit()
         finally:
             if release:
                 self._wlock.release()
@@ -833,13 +845,11 @@ class SqliteStore(Store):
     @_guard
     async def latest_observations(self, attacker_uuid: str) -> list[dict[str, Any]]:
         rows = await self._reader().execute_fetchall(
-            "SELECT o.primitive, o.value, o.confidence, o.ts, o.source FROM observations o "
-            "WHERE o.seq IN ("
-            "  SELECT (SELECT i.seq FROM observations i "
-            "          WHERE i.attacker_uuid = ?1 AND i.primitive = p.primitive "
-            "          ORDER BY i.ts DESC, i.seq DESC LIMIT 1) "
-            "  FROM (SELECT DISTINCT primitive FROM observations WHERE attacker_uuid = ?1) p) "
-            "ORDER BY o.primitive",
+            "SELECT primitive, value, confidence, ts, source FROM ("
+            "  SELECT primitive, value, confidence, ts, source, row_number() OVER ("
+            "    PARTITION BY primitive ORDER BY ts DESC, seq DESC) AS rn "
+            "  FROM observations WHERE attacker_uuid = ?) "
+            "WHERE rn = 1 ORDER BY primitive",
             (attacker_uuid,),
         )
         return [

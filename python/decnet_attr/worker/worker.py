@@ -317,14 +317,35 @@ class AttributionWorker:
                         await inflight
                         inflight = committed = None
                     continue
-                batch = self._check(msgs)
-                if committed is not None:
-                    await asyncio.shield(committed)
-                committed = asyncio.get_running_loop().create_future()
-                inflight = asyncio.create_task(self._finish(batch, committed, inflight))
+                for group in self._groups(msgs):
+                    batch = self._check(group)
+                    if committed is not None:
+                        await asyncio.shield(committed)
+                    committed = asyncio.get_running_loop().create_future()
+                    inflight = asyncio.create_task(self._finish(batch, committed, inflight))
         finally:
             if inflight is not None:
                 await asyncio.shield(inflight)
+
+    def _groups(self, msgs: list[Delivery]) -> list[list[Delivery]]:
+        """Deliveries cut into micro-batches of at most ``batch_max``
+        observations (an API batch counts for its items; one delivery is
+        never split)."""
+        limit = self.settings.batch_max
+        groups: list[list[Delivery]] = [[]]
+        size = 0
+        for d in msgs:
+            ev = d.event
+            n = 1
+            if ev.topic == OBSERVATION_BATCH and isinstance(ev.payload, dict):
+                count = ev.payload.get("count")
+                n = count if isinstance(count, int) and count > 0 else 1
+            if groups[-1] and size + n > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(d)
+            size += n
+        return groups
 
     async def _fill(self, consumer: Any) -> list[Delivery]:
         s = self.settings

@@ -2,6 +2,7 @@
 //! then the pure core.
 
 mod convert;
+mod dedupe;
 mod engine;
 mod errors;
 mod sqlite;
@@ -23,6 +24,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<sqlite::PySqlite>()?;
     m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
     m.add_class::<validate::PyValidated>()?;
+    m.add_class::<dedupe::PyDedupe>()?;
     m.add_function(wrap_pyfunction!(validate::validate_observations, m)?)?;
     m.add_function(wrap_pyfunction!(validate::rejection_codes, m)?)?;
     m.add_function(wrap_pyfunction!(validate::normalise_ip, m)?)?;

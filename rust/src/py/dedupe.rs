@@ -1,0 +1,73 @@
+//! `Dedupe` for Python: the SQLite store's exactly-once admission.
+
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::core::dedupe::Dedupe;
+
+/// In-memory exactly-once admission by id and by (evidence_ref, primitive)
+/// for the last `capacity` observations (see the store's docs).
+#[pyclass(name = "Dedupe", module = "decnet_attr._core")]
+pub struct PyDedupe {
+    inner: Mutex<Dedupe>,
+}
+
+fn text(t: &PyTuple, i: usize) -> PyResult<&str> {
+    t.get_item(i)?.extract()
+}
+
+#[pymethods]
+impl PyDedupe {
+    #[new]
+    fn new(capacity: usize) -> Self {
+        PyDedupe {
+            inner: Mutex::new(Dedupe::new(capacity)),
+        }
+    }
+
+    /// Admit observation rows (store column order: id at 0, primitive at
+    /// 2, evidence_ref at 8) into the open transaction; returns the
+    /// positions of the new ones.
+    fn admit_rows(&self, rows: Vec<&PyTuple>) -> PyResult<Vec<usize>> {
+        let mut d = self.inner.lock();
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            if d.admit(text(r, 0)?, text(r, 8)?, text(r, 2)?) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remember `(id, evidence_ref, primitive)` triples as committed
+    /// (oldest first), e.g. the newest stored rows at start-up.
+    fn load(&self, keys: Vec<(&str, &str, &str)>) {
+        let mut d = self.inner.lock();
+        for (id, ev, prim) in keys {
+            d.admit(id, ev, prim);
+        }
+        d.commit();
+    }
+
+    fn commit(&self) {
+        self.inner.lock().commit();
+    }
+
+    fn rollback(&self) {
+        self.inner.lock().rollback();
+    }
+
+    fn clear(&self) {
+        self.inner.lock().clear();
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.inner.lock().capacity()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.lock().len()
+    }
+}
