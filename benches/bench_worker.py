@@ -40,6 +40,8 @@ from decnet_attr.worker import AttributionWorker
 
 #: worker micro-batch fill delay for the runs (the setting's default: 0)
 BATCH_DELAY = float(os.environ.get("BENCH_BATCH_DELAY", "0"))
+#: worker micro-batch bound for the runs (the setting's default unless overridden)
+BATCH_MAX = int(os.environ.get("BENCH_BATCH_MAX", "0")) or Settings().batch_max
 
 
 #: recent enough to be accepted (the validator refuses ts more than a day ahead)
@@ -59,7 +61,7 @@ def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any
 @contextlib.asynccontextmanager
 async def embedded(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
     settings = Settings(
-        data_dir=tmp, batch_max=2000, batch_delay=BATCH_DELAY, heartbeat_interval=30
+        data_dir=tmp, batch_max=BATCH_MAX, batch_delay=BATCH_DELAY, heartbeat_interval=30
     )
     store = open_store(settings.store_url)
     await store.open()

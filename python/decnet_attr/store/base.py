@@ -13,10 +13,13 @@ back exactly as written.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from decnet_attr._core import ValidatedBatch
 
 Key = tuple[str, str]  # (identity_uuid, primitive)
 
@@ -229,6 +232,13 @@ class Tx(ABC):
         ``rows`` that were inserted, in order. Sequence numbers are assigned
         in ``rows`` order."""
         return await self.insert_observation_rows([obs_params(r) for r in rows])
+
+    async def insert_validated(
+        self, batch: ValidatedBatch, identity_of: Mapping[str, str]
+    ) -> list[int]:
+        """Insert the accepted items of a validated batch under their
+        identities; returns the positions (in the batch) that were new."""
+        return await self.insert_observation_rows(batch.rows(identity_of))
 
     @abstractmethod
     async def insert_observation_rows(self, rows: Sequence[ObsParams]) -> list[int]:

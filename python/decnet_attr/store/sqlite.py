@@ -27,7 +27,7 @@ import logging
 import sqlite3
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from os import PathLike
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
-from decnet_attr._core import Dedupe, SqliteConnection
+from decnet_attr._core import Dedupe, SqliteConnection, ValidatedBatch
 from decnet_attr.store.base import (
     AttackerAttribution,
     AttackerRow,
@@ -158,6 +158,15 @@ class NativeConnection:
     async def executemany_changes(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
         """Rows changed by each parameter set."""
         return await self._run(self._conn.executemany_changes, sql, params)
+
+    async def insert_validated(
+        self,
+        sql: str,
+        batch: ValidatedBatch,
+        identity_of: Mapping[str, str],
+        select: Sequence[int],
+    ) -> int:
+        return await self._run(self._conn.insert_validated, sql, batch, identity_of, select)
 
     async def close(self) -> None:
         if self._closed:
@@ -382,6 +391,19 @@ class SqliteTx(Tx):
             await conn.executemany(
                 _SQL_INSERT_OBS, rows if len(new) == len(rows) else [rows[i] for i in new]
             )
+        return new
+
+    @_guard
+    async def insert_validated(
+        self, batch: ValidatedBatch, identity_of: Mapping[str, str]
+    ) -> list[int]:
+        conn = self._c()
+        new = self._dedupe.admit_batch(batch)
+        if new:
+            if isinstance(conn, NativeConnection):
+                await conn.insert_validated(_SQL_INSERT_OBS, batch, identity_of, new)
+            else:
+                await conn.executemany(_SQL_INSERT_OBS, batch.rows(identity_of, new))
         return new
 
     @_guard

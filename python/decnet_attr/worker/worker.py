@@ -605,7 +605,7 @@ class AttributionWorker:
         if already_stored:
             new_pos = list(range(len(valid)))
         else:
-            new_pos = await tx.insert_observation_rows(valid.rows(identity_of))
+            new_pos = await tx.insert_validated(valid, identity_of)
             self.stats.duplicates += len(valid) - len(new_pos)
         if not new_pos:
             return events

@@ -4,6 +4,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use super::validate::PyValidated;
 use crate::core::dedupe::Dedupe;
 
 /// In-memory exactly-once admission by id and by (evidence_ref, primitive)
@@ -38,6 +39,19 @@ impl PyDedupe {
             }
         }
         Ok(out)
+    }
+
+    /// Admit the accepted items of a `ValidatedBatch` into the open
+    /// transaction; returns the positions of the new ones.
+    fn admit_batch(&self, batch: PyRef<'_, PyValidated>) -> Vec<usize> {
+        let mut d = self.inner.lock();
+        batch
+            .valid
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| d.admit(&v.id, &v.evidence_ref, &v.primitive))
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// Remember `(id, evidence_ref, primitive)` triples as committed

@@ -22,6 +22,8 @@ use pyo3::types::{PyBool, PyBytes, PyFloat, PyList, PyLong, PyString, PyTuple};
 use rusqlite::types::Value;
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
+use super::validate::{identity_map, PyValidated};
+
 /// Statements kept prepared per connection (the store uses a few dozen).
 const STATEMENT_CACHE: usize = 128;
 
@@ -343,6 +345,65 @@ impl PySqlite {
                 out.push(stmt.execute(rusqlite::params_from_iter(params.iter()))?);
             }
             Ok(out)
+        })
+    }
+
+    /// Insert the selected accepted items of a `ValidatedBatch` with `sql`
+    /// (14 parameters in the observations table's column order, see
+    /// `ValidatedBatch.rows`), binding straight from the batch: no Python
+    /// object per row. `identity_of` maps attacker → identity.
+    #[args(sql, batch, identity_of = "None", select = "None", merged = "true")]
+    fn insert_validated(
+        &self,
+        py: Python<'_>,
+        sql: &str,
+        batch: PyRef<'_, PyValidated>,
+        identity_of: Option<&pyo3::types::PyDict>,
+        select: Option<Vec<usize>>,
+        merged: bool,
+    ) -> PyResult<usize> {
+        let ids = identity_map(identity_of)?;
+        let valid = batch.valid.clone();
+        let chosen: Vec<usize> = match select {
+            Some(sel) => {
+                if let Some(bad) = sel.iter().find(|&&i| i >= valid.len()) {
+                    return Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                        "no accepted item at position {bad}"
+                    )));
+                }
+                sel
+            }
+            None => (0..valid.len()).collect(),
+        };
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        self.with_conn(py, move |c, k| {
+            let mut stmt = prepare(c, k, sql)?;
+            for &i in &chosen {
+                let v = &valid[i];
+                let (ws, we) = match v.window {
+                    Some((s, e)) => (Some(s), Some(e)),
+                    None => (None, None),
+                };
+                stmt.execute(rusqlite::params![
+                    v.id,
+                    v.identity_ref,
+                    v.primitive,
+                    v.value_json,
+                    v.confidence,
+                    ws,
+                    we,
+                    v.source,
+                    v.evidence_ref,
+                    1i64,
+                    v.ts,
+                    v.attacker_uuid,
+                    ids.get(&v.attacker_uuid),
+                    i64::from(merged),
+                ])?;
+            }
+            Ok(chosen.len())
         })
     }
 
