@@ -41,7 +41,9 @@ class Settings:
     port: int = field(default=8080, metadata={"help": "HTTP port"})
     bus_url: str = field(
         default="memory://",
-        metadata={"help": "memory://, nats://host:port or unix:///run/decnet/bus.sock (DECNET's bus)"},
+        metadata={
+            "help": "memory://, nats://host:port or unix:///run/decnet/bus.sock (DECNET's bus)"
+        },
     )
     db_url: str = field(
         default="", metadata={"help": "postgresql://… (default: SQLite file in the data directory)"}

@@ -76,4 +76,6 @@ def get_bus(url: str, **kw: Any) -> Bus:
 
         return UnixBus(socket_path_from_url(text), **kw)
     scheme = text.split("://", 1)[0] if "://" in text else text
-    raise ValueError(f"unsupported bus url scheme: {scheme!r} (expected memory://, nats:// or unix://)")
+    raise ValueError(
+        f"unsupported bus url scheme: {scheme!r} (expected memory://, nats:// or unix://)"
+    )

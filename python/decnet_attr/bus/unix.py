@@ -523,6 +523,11 @@ class _Connection(asyncio.Protocol):
             self.lost.set_result(None)
         self.bus._on_lost(self, exc)
 
+    @property
+    def usable(self) -> bool:
+        t = self.transport
+        return t is not None and not t.is_closing()
+
     def write(self, data: bytes) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
@@ -714,12 +719,7 @@ class UnixBus(Bus):
     @property
     def connected(self) -> bool:
         conn = self._conn
-        return (
-            not self._closed
-            and conn is not None
-            and conn.transport is not None
-            and not conn.transport.is_closing()
-        )
+        return not self._closed and conn is not None and conn.usable
 
     @property
     def closed(self) -> bool:
@@ -772,7 +772,7 @@ class UnixBus(Bus):
     def _on_writable(self, conn: _Connection) -> None:
         """Send queued PUBs while the socket takes them."""
         outbox = self._outbox
-        if not outbox or conn is not self._conn:
+        if not outbox or conn is not self._conn or not conn.usable:
             return
         batch: list[bytes] = []
         size = 0
@@ -786,7 +786,7 @@ class UnixBus(Bus):
 
     def _send_pub(self, frame: bytes) -> None:
         conn = self._conn
-        if conn is not None and not conn.paused and not self._outbox:
+        if conn is not None and conn.usable and not conn.paused and not self._outbox:
             conn.write(frame)
             return
         outbox = self._outbox
@@ -986,7 +986,7 @@ class UnixBus(Bus):
                     raise BusUnavailable(f"DECNET bus at {self.path}: no round trip in {timeout}s")
                 if probe is None or probe.lost.done():
                     try:
-                        _t, probe = await asyncio.wait_for(
+                        _t, fresh = await asyncio.wait_for(
                             loop.create_unix_connection(lambda: _Connection(self), str(self.path)),
                             remaining,
                         )
@@ -994,7 +994,8 @@ class UnixBus(Bus):
                         probe = None
                         await asyncio.sleep(min(0.05, max(remaining, 0)))
                         continue
-                    probe.write(encode_frame(HELLO, self.client_name + "-sync"))
+                    fresh.write(encode_frame(HELLO, self.client_name + "-sync"))
+                    probe = fresh
                 probe.write(encode_frame(PUB, topic, b'{"payload":{}}'))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(fut), min(0.02, remaining))
