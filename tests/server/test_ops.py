@@ -22,7 +22,6 @@ from decnet_attr.server import ops
 from decnet_attr.server.app import BUS, SSE_HUB, WORKER, create_app
 from decnet_attr.worker import AttributionWorker
 from tests.natsserver import NatsServer, requires_nats
-from tests.unixbroker import RawClient, UnixBroker, frame, short_socket_dir
 from tests.server.conftest import (
     ClientFactory,
     Harness,
@@ -31,6 +30,7 @@ from tests.server.conftest import (
     fast_passwords,
     make_settings,
 )
+from tests.unixbroker import RawClient, UnixBroker, frame, short_socket_dir
 
 SHELL = "environmental.shell_type"
 MODALITY = "motor.input_modality"
