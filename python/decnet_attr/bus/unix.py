@@ -600,7 +600,6 @@ class UnixBus(Bus):
         self._started = False
         self._closed = False
         self._lock: asyncio.Lock | None = None
-        self._up: asyncio.Event | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         #: pattern -> local users (subscriptions, durable groups, flush probes)
         self._patterns: dict[str, int] = {}
@@ -640,7 +639,6 @@ class UnixBus(Bus):
             return
         if self._lock is None:
             self._lock = asyncio.Lock()
-            self._up = asyncio.Event()
         async with self._lock:
             if self._started:
                 return
@@ -679,8 +677,6 @@ class UnixBus(Bus):
         parts.extend(encode_frame(SUB, p) for p in self._patterns)
         conn.write(b"".join(parts))
         self._conn = conn
-        assert self._up is not None
-        self._up.set()
         self._on_writable(conn)
 
     def _drop_connection(self) -> None:
@@ -730,8 +726,6 @@ class UnixBus(Bus):
         if conn is not self._conn:
             return
         self._conn = None
-        if self._up is not None:
-            self._up.clear()
         if self._closed:
             return
         self._disconnects += 1
@@ -752,7 +746,7 @@ class UnixBus(Bus):
             attempts += 1
             try:
                 await self._open(max(self._connect_timeout, 0.5))
-            except (OSError, asyncio.TimeoutError) as exc:
+            except Exception as exc:  # OSError, timeout: keep trying whatever it was
                 _rl.warning(
                     "unix-reconnect",
                     "DECNET bus at %s still unreachable after %d attempt(s): %s",
