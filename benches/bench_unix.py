@@ -12,11 +12,11 @@ import time
 from typing import Any
 
 import orjson
+from tests.unixbroker import RawClient, UnixBroker, short_socket_dir
 
 from benches.conftest import record
 from decnet_attr.bus.base import Event
 from decnet_attr.bus.unix import Frame, FrameDecoder, UnixBus, encode_frame
-from tests.unixbroker import RawClient, UnixBroker, short_socket_dir
 
 FRAMES = 2000
 
