@@ -824,7 +824,7 @@ class UnixBus(Bus):
         try:
             data = orjson.loads(frame.body) if frame.body else {}
             event = Event.from_dict(topic, data)
-        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+        except Exception as exc:  # bad JSON, not an envelope: whatever it is, skip it
             self._note_bad("malformed", f"EVT on {topic[:200]!r}: {exc}")
             return
         if topic.startswith(SYNC_PREFIX):
