@@ -599,3 +599,30 @@ async def test_serve_on_decnets_unix_bus(tmp_path: Path, aiohttp_client: ClientF
             await decnet.close()
             await client.close()
     shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def test_api_only_process_on_the_unix_bus_refuses_ingest_with_503(
+    tmp_path: Path, aiohttp_client: ClientFactory
+) -> None:
+    """Without a worker in the process, DECNET's broker cannot promise that an
+    observation reaches one: 503, never a 202 that could be a lie."""
+    sock_dir = short_socket_dir()
+    async with UnixBroker(sock_dir / "bus.sock") as broker:
+        settings = make_settings(tmp_path / "data", worker=False, bus_url=f"unix://{broker.path}")
+        app = create_app(settings, worker=False, passwords=fast_passwords())
+        client = await aiohttp_client(app)
+        h = Harness(app=app, client=client, settings=settings)
+        try:
+            await wait_ready(client, 200, timeout=5.0)
+            token = await h.token("probe-unix-api", "sensor")
+            resp = await client.post(
+                INGEST,
+                data=orjson.dumps([obs(0)]),
+                headers={**bearer(token), "Content-Type": "application/json"},
+            )
+            assert resp.status == 503, await resp.text()
+            assert "no durable consumer" in (await resp.json())["detail"]
+            assert (await scrape(client)).get("decnet_attr_api_ingest_unavailable_total") == 1
+        finally:
+            await client.close()
+    shutil.rmtree(sock_dir, ignore_errors=True)
