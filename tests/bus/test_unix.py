@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from decnet_attr.bus import BusPayloadTooLarge, BusUnavailable, get_bus
 from decnet_attr.bus.unix import (
@@ -506,3 +508,46 @@ async def test_envelope_fields_as_decnet_sends_them(
     ev = await asyncio.wait_for(sub.__anext__(), 5)
     assert (ev.v, ev.type, ev.payload) == (1, "bus.health", {"pid": 1, "uptime_sec": 2.5})
     assert orjson.loads(ev.to_json())["topic"] == "system.bus.health"
+
+
+# ---- decoder properties --------------------------------------------------------------------
+_verbs = st.sampled_from(["HELLO", "PUB", "SUB", "UNSUB", "EVT", "BYE"])
+_args = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=40)
+_frames = st.lists(st.tuples(_verbs, _args, st.binary(max_size=300)), max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=_frames, cuts=st.lists(st.integers(min_value=1, max_value=64), max_size=50))
+def test_decoder_gets_every_frame_back_whatever_the_chunking(
+    frames: list[tuple[str, str, bytes]], cuts: list[int]
+) -> None:
+    stream = b"".join(encode_frame(v, a, b) for v, a, b in frames)
+    dec = FrameDecoder()
+    got: list[Frame | BadFrame] = []
+    pos = 0
+    for cut in cuts:
+        got += dec.feed(stream[pos : pos + cut])
+        pos += cut
+    got += dec.feed(stream[pos:])
+    assert all(isinstance(f, Frame) for f in got)
+    assert [(f.verb, f.args, f.body) for f in got if isinstance(f, Frame)] == frames
+    assert dec.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk=st.binary(max_size=2000), frames=_frames)
+def test_decoder_on_junk_buffers_boundedly_or_gives_up_cleanly(
+    junk: bytes, frames: list[tuple[str, str, bytes]]
+) -> None:
+    """Whatever bytes arrive, feed() either returns (buffering at most one
+    header and one body; oversized bodies are skipped, not buffered) or raises
+    StreamDesynchronised (the connection is then rebuilt); no other exception
+    ever escapes."""
+    dec = FrameDecoder()
+    stream = junk + b"".join(encode_frame(v, a, b) for v, a, b in frames)
+    try:
+        for i in range(0, len(stream), 97):
+            dec.feed(stream[i : i + 97])
+            assert dec.buffered <= MAX_HEADER_BYTES + 4 + MAX_BODY_BYTES
+    except StreamDesynchronised:
+        pass
