@@ -117,3 +117,61 @@ def test_events_through_the_broker(benchmark: Any) -> None:
     benchmark.pedantic(lambda: rates.append(asyncio.run(_through_broker(n))), rounds=3)
     benchmark.extra_info["events_per_s"] = max(rates)
     record(benchmark, "unix:// events through a test broker", n)
+
+
+async def _worker_through_broker(n: int) -> float:
+    from benches.bench_worker import as_events
+    from decnet_attr.config import Settings
+    from decnet_attr.store import open_store
+    from decnet_attr.topics import attacker_observation
+    from decnet_attr.worker import AttributionWorker
+
+    d = short_socket_dir()
+    try:
+        async with UnixBroker(d / "bus.sock") as broker:
+            settings = Settings(data_dir=d, bus_url=f"unix://{broker.path}", heartbeat_interval=30)
+            store = open_store(settings.store_url)
+            await store.open()
+            bus = UnixBus(broker.path, durable_queue_size=1_000_000)
+            await bus.connect()
+            worker = AttributionWorker(settings, bus, store)
+            await worker.start()
+            await bus.flush()
+            pub = await RawClient.open(broker.path)
+            events = as_events(n, seed=23)
+            frames = [
+                encode_frame(
+                    "PUB",
+                    attacker_observation(o["primitive"]),
+                    orjson.dumps({"type": o["primitive"], "payload": o}),
+                )
+                for o in events
+            ]
+            t0 = time.perf_counter()
+            for i in range(0, n, 200):  # below the broker's 1,024-frame queue
+                pub.writer.write(b"".join(frames[i : i + 200]))
+                await pub.writer.drain()
+                while bus.stats()["received"] < i:
+                    await asyncio.sleep(0)
+            deadline = time.monotonic() + 300
+            while worker.stats.merged < n and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            rate = n / (time.perf_counter() - t0)
+            assert worker.stats.merged == n and bus.stats()["dropped"] == 0, worker.health()
+            await worker.stop()
+            await pub.close()
+            await bus.close()
+            await store.close()
+            return rate
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_worker_fed_through_the_broker(benchmark: Any) -> None:
+    """Publisher -> test broker -> UnixBus -> worker (SQLite), 20k observations
+    over 100k keys; broker, worker and publisher share one loop."""
+    n = 20_000
+    rates: list[float] = []
+    benchmark.pedantic(lambda: rates.append(asyncio.run(_worker_through_broker(n))), rounds=2)
+    benchmark.extra_info["obs_per_s"] = max(rates)
+    record(benchmark, "unix:// worker (SQLite) fed through a test broker", n)
