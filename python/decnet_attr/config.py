@@ -42,7 +42,12 @@ class Settings:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen address"})
     port: int = field(default=8080, metadata={"help": "HTTP port"})
-    bus_url: str = field(default="memory://", metadata={"help": "memory:// or nats://host:port"})
+    bus_url: str = field(
+        default="memory://",
+        metadata={
+            "help": "memory://, nats://host:port or unix:///run/decnet/bus.sock (DECNET's bus)"
+        },
+    )
     db_url: str = field(
         default="", metadata={"help": "postgresql://… (default: SQLite file in the data directory)"}
     )
@@ -130,8 +135,10 @@ class Settings:
             raise ConfigError(f"port must be 1..65535, got {self.port}")
         if self.log_format not in {"text", "json"}:
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
-        if not (self.bus_url.startswith(("memory://", "nats://", "tls://"))):
-            raise ConfigError(f"bus_url must be memory:// or nats://…, got {self.bus_url!r}")
+        if not (self.bus_url.startswith(("memory://", "nats://", "tls://", "unix://"))):
+            raise ConfigError(
+                f"bus_url must be memory://, nats://… or unix://…, got {self.bus_url!r}"
+            )
         if self.db_url and not self.db_url.startswith(
             ("postgresql://", "postgres://", "sqlite://")
         ):

@@ -924,6 +924,7 @@ async def test_healthz(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> Non
     assert await resp.json() == {
         "status": "ok",
         "checks": {"store": True, "bus": True, "worker": None},
+        "bus": {"transport": "memory", "reconnects": 0, "dropped": 0},
     }
 
     async def down() -> bool:
@@ -935,6 +936,7 @@ async def test_healthz(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> Non
     assert await resp.json() == {
         "status": "unready",
         "checks": {"store": False, "bus": True, "worker": None},
+        "bus": {"transport": "memory", "reconnects": 0, "dropped": 0},
     }
     resp = await harness.client.get("/healthz")  # liveness does not depend on the store
     assert (resp.status, await resp.json()) == (200, {"status": "ok"})

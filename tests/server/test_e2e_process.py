@@ -169,6 +169,7 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str, log_path: Path)
                     assert body == {
                         "status": "ok",
                         "checks": {"store": True, "bus": True, "worker": True},
+                        "bus": {"transport": "memory", "reconnects": 0, "dropped": 0},
                     }
                     return
         await asyncio.sleep(0.1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from decnet_attr.bus import Bus, InProcessBus
 from decnet_attr.server import ops
-from decnet_attr.server.app import SSE_HUB, WORKER, create_app
+from decnet_attr.server.app import BUS, SSE_HUB, WORKER, create_app
 from decnet_attr.worker import AttributionWorker
 from tests.natsserver import NatsServer, requires_nats
 from tests.server.conftest import (
@@ -29,6 +30,7 @@ from tests.server.conftest import (
     fast_passwords,
     make_settings,
 )
+from tests.unixbroker import RawClient, UnixBroker, frame, short_socket_dir
 
 SHELL = "environmental.shell_type"
 MODALITY = "motor.input_modality"
@@ -66,8 +68,13 @@ async def scrape(client: TestClient[Any, Any]) -> Scrape:
 
 
 async def ready(client: TestClient[Any, Any]) -> tuple[int, Any]:
+    """(status, body without its ``bus`` counters, which are checked here)."""
     resp = await client.get("/readyz")
-    return resp.status, await resp.json()
+    body = await resp.json()
+    counters = body.pop("bus")
+    assert set(counters) == {"transport", "reconnects", "dropped"}, counters
+    assert all(isinstance(counters[k], int) for k in ("reconnects", "dropped"))
+    return resp.status, body
 
 
 async def wait_ready(
@@ -534,3 +541,89 @@ async def test_readyz_and_metrics_follow_a_real_nats_server(
                 await asyncio.sleep(0.1)
         finally:
             await client.close()
+
+
+# ---- DECNET's Unix-socket bus -----------------------------------------------------------------
+async def test_serve_on_decnets_unix_bus(tmp_path: Path, aiohttp_client: ClientFactory) -> None:
+    """``serve`` with its worker on a DECNET-style broker: HTTP ingest is
+    merged and reaches DECNET's subscribers, a broker restart shows in
+    /readyz and /metrics, a malformed frame is counted."""
+    sock_dir = short_socket_dir()
+    async with UnixBroker(sock_dir / "bus.sock") as broker:
+        settings = make_settings(tmp_path / "data", worker=True, bus_url=f"unix://{broker.path}")
+        app = create_app(settings, worker=True, passwords=fast_passwords())
+        client = await aiohttp_client(app)
+        h = Harness(app=app, client=client, settings=settings)
+        decnet = await RawClient.open(broker.path, "decnet-sse")
+        try:
+            await wait_ready(client, 200, timeout=5.0)
+            body = await (await client.get("/readyz")).json()
+            assert body["bus"] == {"transport": "unix", "reconnects": 0, "dropped": 0}
+            token = await h.token("probe-unix", "sensor")
+            await decnet.sub("attacker.observation.>", "attribution.>")
+            await broker.wait_for_patterns("attacker.observation.>", "attribution.>")
+
+            await ingest(h, token, [obs(0)])  # 202: the in-process worker committed it
+            topics: list[str] = []
+            while "attribution.profile.state_changed" not in topics:
+                topic, envelope = await decnet.next_event(timeout=5.0)
+                topics.append(topic)
+                if topic.startswith("attacker.observation."):
+                    assert envelope["payload"]["id"] == "ops-0"
+            assert topics[0] == f"attacker.observation.{SHELL}"
+
+            broker.inject(frame("EVT", "attacker.observed", b"{oops"))
+            broker.inject(b"EVT x\n" + (2 * 1024 * 1024).to_bytes(4, "big") + b"0" * 2**21)
+            deadline = time.monotonic() + 5.0
+            while app[BUS].stats()["oversized"] < 1:
+                assert time.monotonic() < deadline, app[BUS].stats()
+                await asyncio.sleep(0.02)
+            await broker.stop()
+            _, body = await wait_ready(client, 503, timeout=5.0)
+            assert body["checks"]["bus"] is False and body["checks"]["store"] is True
+            await broker.start()
+            _, body = await wait_ready(client, 200, timeout=10.0)
+            s = await scrape(client)
+            assert s.get("decnet_attr_bus_connected") == 1
+            assert s.get("decnet_attr_bus_reconnects_total") == 1
+            assert s.get("decnet_attr_bus_malformed_total") == 1
+            assert s.get("decnet_attr_bus_oversized_total") == 1
+            assert s.get("decnet_attr_bus_outbox_pending") == 0
+            assert s.types["decnet_attr_bus_outbox_pending"] == "gauge"
+            resp = await client.get("/readyz")
+            assert (await resp.json())["bus"] == {
+                "transport": "unix",
+                "reconnects": 1,
+                "dropped": 0,
+            }
+        finally:
+            await decnet.close()
+            await client.close()
+    shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def test_api_only_process_on_the_unix_bus_refuses_ingest_with_503(
+    tmp_path: Path, aiohttp_client: ClientFactory
+) -> None:
+    """Without a worker in the process, DECNET's broker cannot promise that an
+    observation reaches one: 503, never a 202 that could be a lie."""
+    sock_dir = short_socket_dir()
+    async with UnixBroker(sock_dir / "bus.sock") as broker:
+        settings = make_settings(tmp_path / "data", worker=False, bus_url=f"unix://{broker.path}")
+        app = create_app(settings, worker=False, passwords=fast_passwords())
+        client = await aiohttp_client(app)
+        h = Harness(app=app, client=client, settings=settings)
+        try:
+            await wait_ready(client, 200, timeout=5.0)
+            token = await h.token("probe-unix-api", "sensor")
+            resp = await client.post(
+                INGEST,
+                data=orjson.dumps([obs(0)]),
+                headers={**bearer(token), "Content-Type": "application/json"},
+            )
+            assert resp.status == 503, await resp.text()
+            assert "no durable consumer" in (await resp.json())["detail"]
+            assert (await scrape(client)).get("decnet_attr_api_ingest_unavailable_total") == 1
+        finally:
+            await client.close()
+    shutil.rmtree(sock_dir, ignore_errors=True)

@@ -1,7 +1,9 @@
-"""Event bus: in-process (``memory://``) or NATS/JetStream (``nats://``).
+"""Event bus: in-process (``memory://``), NATS/JetStream (``nats://``) or
+DECNET's own Unix-socket broker (``unix://``).
 
 >>> bus = get_bus("memory://")
 >>> bus = get_bus("nats://127.0.0.1:4222,nats://10.0.0.2:4222", name="worker-1")
+>>> bus = get_bus("unix:///run/decnet/bus.sock")
 
 Configuration is passed in; nothing here reads the environment.
 """
@@ -57,6 +59,8 @@ def get_bus(url: str, **kw: Any) -> Bus:
       constructor arguments, e.g. ``queue_size``);
     - ``nats://host:port[,nats://host2:port]`` (``tls://`` also accepted) ->
       :class:`~decnet_attr.bus.nats.NatsBus` (*kw*: its keyword arguments);
+    - ``unix:///path/to/bus.sock`` (``unix://`` alone: DECNET's default socket) ->
+      :class:`~decnet_attr.bus.unix.UnixBus` (*kw*: its keyword arguments);
     - anything else: :class:`ValueError`.
     """
     if not isinstance(url, str):
@@ -69,5 +73,11 @@ def get_bus(url: str, **kw: Any) -> Bus:
         from decnet_attr.bus.nats import NatsBus
 
         return NatsBus(text, **kw)
+    if lowered.startswith("unix://"):
+        from decnet_attr.bus.unix import UnixBus, socket_path_from_url
+
+        return UnixBus(socket_path_from_url(text), **kw)
     scheme = text.split("://", 1)[0] if "://" in text else text
-    raise ValueError(f"unsupported bus url scheme: {scheme!r} (expected memory:// or nats://)")
+    raise ValueError(
+        f"unsupported bus url scheme: {scheme!r} (expected memory://, nats:// or unix://)"
+    )

@@ -11,8 +11,11 @@
     running with a fresh heartbeat (monotonic now - ``last_heartbeat`` <
     ``3 * max(1, heartbeat_interval)``). Otherwise ``503``. The body is always
     ``{"status": "ok" | "unready", "checks": {"store": bool, "bus": bool,
-    "worker": bool | null}}``, where ``worker`` is null when no worker runs in
-    this process.
+    "worker": bool | null}, "bus": {"transport": str, "reconnects": int,
+    "dropped": int}}``, where ``worker`` is null when no worker runs in this
+    process and ``bus`` holds the transport's counters (reconnections since
+    start, events dropped by a full queue): they do not decide readiness, they
+    say why events may be missing.
 ``GET /metrics``
     The Prometheus text format (``text/plain; version=0.0.4``) of a
     per-application :class:`~prometheus_client.CollectorRegistry`. One
@@ -22,7 +25,7 @@
     standard ``process_*`` metrics come from :class:`ProcessCollector`.
 
 None of the three asks for authentication. ``/healthz`` and ``/readyz`` show
-only booleans. ``/metrics`` shows counters and gauges. It has no user,
+only booleans and the bus counters. ``/metrics`` shows counters and gauges. It has no user,
 attacker or token data, and request counts are labelled by route template
 (``/api/v1/attackers/{uuid}/attribution``), never by raw path. Prometheus can
 scrape it on the listen address. If the API is reachable from untrusted
@@ -185,10 +188,27 @@ async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, bool | None] = {"store": store_ok, "bus": bus_ok, "worker": worker_ok}
     _note_readiness(state, ok, checks)
     return json_response(
-        {"status": "ok" if ok else "unready", "checks": checks},
+        {"status": "ok" if ok else "unready", "checks": checks, "bus": _bus_counters(app)},
         status=200 if ok else 503,
         headers={"Cache-Control": "no-store"},
     )
+
+
+#: ``bus.stats()`` keys shown by ``/readyz`` (every bus has them).
+READY_BUS_COUNTERS = ("reconnects", "dropped")
+
+
+def _bus_counters(app: web.Application) -> dict[str, Any]:
+    bus = app[BUS]
+    out: dict[str, Any] = {"transport": str(bus.name)}
+    try:
+        stats = bus.stats()
+    except Exception as exc:  # readiness must answer whatever the bus does
+        _noisy.warning("readiness: bus.stats() failed: %s", exc)
+        stats = {}
+    for key in READY_BUS_COUNTERS:
+        out[key] = int(stats.get(key, 0))
+    return out
 
 
 async def _store_ok(app: web.Application, state: OpsState) -> bool:
@@ -279,12 +299,19 @@ WORKER_COUNTERS: dict[str, tuple[str, str]] = {
     "attackers_observed": ("worker_attackers_observed", "attacker.observed events registered."),
 }
 
-BUS_GAUGES = frozenset({"subscriptions", "durable_pending", "durable_consumers"})
+BUS_GAUGES = frozenset({"subscriptions", "durable_pending", "durable_consumers", "outbox_pending"})
 BUS_HELP: dict[str, str] = {
     "published": "Events published on the bus by this process.",
     "delivered": "Events delivered to this process's subscribers.",
-    "dropped": "Events dropped because a subscriber queue was full.",
+    "dropped": "Events dropped because a queue (subscriber, durable group, outbox) was full.",
     "reconnects": "Reconnections of the bus transport.",
+    "disconnects": "Losses of the bus connection.",
+    "received": "Events received from the broker (unix://).",
+    "malformed": "Malformed frames or events from the broker, skipped (unix://).",
+    "oversized": "Oversized frames from the broker, skipped (unix://).",
+    "outbox_pending": "Events waiting to be sent to the broker (unix://).",
+    "outbox_dropped": "Events dropped because the outbox to the broker was full (unix://).",
+    "durable_dropped": "Events dropped because a durable queue was full.",
     "subscriptions": "Open bus subscriptions.",
     "durable_pending": "Durable deliveries not acknowledged yet.",
 }
