@@ -72,7 +72,14 @@ from decnet_attr.bus.base import (
     RateLimitedLog,
     Subscription,
 )
-from decnet_attr.topics import matches, validate_pattern, validate_segment, validate_topic
+from decnet_attr.bus.helpers import batch_observations
+from decnet_attr.topics import (
+    OBSERVATION_BATCH,
+    matches,
+    validate_pattern,
+    validate_segment,
+    validate_topic,
+)
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -1043,7 +1050,13 @@ class UnixBus(Bus):
                 fut = loop.create_future()
                 futures.append(fut)
             group.push(event, fut)
-        self._send_pub(frame)
+        if topic == OBSERVATION_BATCH:
+            # DECNET's subscribers know one event per observation: the
+            # broker gets those, this process's groups the batch
+            for one in batch_observations(event):
+                self._send_pub(self._encode_pub(one))
+        else:
+            self._send_pub(frame)
         self._published += 1
         self._durable_published += 1
         self._dispatch(event, skip_groups=True)
