@@ -119,6 +119,13 @@ class Settings:
     ack_wait: float = field(
         default=30.0, metadata={"help": "seconds before an unacked observation is redelivered"}
     )
+    window_checkpoint: float = field(
+        default=5.0,
+        metadata={
+            "help": "embedded store: seconds a changed key's retained window may wait before "
+            "it is written (observations since are replayed on load)"
+        },
+    )
     heartbeat_interval: float = 10.0
     multi_actor_tick: float = field(
         default=60.0, metadata={"help": "safety-net multi-actor scan period (s)"}

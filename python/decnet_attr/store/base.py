@@ -156,6 +156,9 @@ class StateRow:
     version: int = 0  # incremented on every write of the row
     updated_at: float = 0.0
     previous_state: str | None = None  # the state before the last transition
+    # None: ``window_json`` is complete. A seq: the window covers the key's
+    # observations up to that seq (later ones are replayed on load).
+    window_seq: int | None = None
 
 
 @dataclass(slots=True)
@@ -255,6 +258,26 @@ class Tx(ABC):
     async def upsert_states(self, rows: Sequence[StateRow]) -> None:
         """Insert or replace these rows (``version`` is written as given)."""
 
+    async def upsert_state_values(self, rows: Sequence[StateRow]) -> None:
+        """:meth:`upsert_states` without the windows: a new row gets no window
+        (``window_seq`` 0: replay its whole series), an existing row keeps
+        the window it has. Only stores with ``lazy_windows``."""
+        raise NotImplementedError
+
+    async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:
+        """Write ``(identity, primitive, window_json)`` as covering the keys'
+        observations up to ``seq``. Only stores with ``lazy_windows``."""
+        raise NotImplementedError
+
+    async def max_observation_seq(self) -> int:
+        """The newest observation seq (0 when there is none)."""
+        raise NotImplementedError
+
+    async def series_after(self, identity_uuid: str, primitive: str, seq: int) -> list[Any]:
+        """``(value_json, ts)`` of the key's merged observations with a larger
+        seq, in seq order (what a stored window does not cover yet)."""
+        raise NotImplementedError
+
     @abstractmethod
     async def multi_actor_primitives(self, identity_uuids: Sequence[str]) -> dict[str, list[str]]:
         """For each identity, its primitives currently in ``multi_actor``
@@ -284,6 +307,9 @@ class Tx(ABC):
 class Store(ABC):
     dialect: str  # "sqlite" or "postgresql"
     url: str
+    #: The store writes retained windows lazily (:meth:`Tx.save_windows`,
+    #: replay on load) — the embedded single-writer store.
+    lazy_windows: bool = False
 
     # ---- lifecycle -------------------------------------------------------
     @abstractmethod

@@ -374,6 +374,19 @@ _V6_POSTGRES = """
 SELECT 1
 """
 
+# v7: where a state row's retained window stands. NULL: the window is
+# complete (written with the row). A number: the window covers the key's
+# observations up to that seq, and later ones are replayed from the
+# observations table when the key is loaded — the embedded store writes
+# windows in the background (coalesced) instead of with every batch.
+_V7_SQLITE = """
+ALTER TABLE attribution_state ADD COLUMN window_seq INTEGER NULL
+"""
+
+_V7_POSTGRES = """
+ALTER TABLE attribution_state ADD COLUMN window_seq BIGINT NULL
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, _V1_SQLITE, _V1_POSTGRES),
     Migration(2, _V2_SQLITE, _V2_POSTGRES),
@@ -381,6 +394,7 @@ MIGRATIONS: list[Migration] = [
     Migration(4, _V4, _V4),
     Migration(5, _V5, _V5),
     Migration(6, _V6_SQLITE, _V6_POSTGRES),
+    Migration(7, _V7_SQLITE, _V7_POSTGRES),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)
@@ -538,6 +552,7 @@ def state_from_row(r: Sequence[Any]) -> StateRow:
         version=r[10],
         updated_at=r[11],
         previous_state=r[12],
+        window_seq=r[13] if len(r) > 13 else None,
     )
 
 

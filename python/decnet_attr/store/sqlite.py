@@ -272,13 +272,37 @@ ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
     "window" = excluded."window",
     version = excluded.version,
     updated_at = excluded.updated_at,
+    previous_state = excluded.previous_state,
+    window_seq = NULL
+"""
+
+# the same without the window: a new row gets none (window_seq 0: its whole
+# series is replayed on load), an existing row keeps the one it has
+_SQL_UPSERT_STATE_VALUES = f"""
+INSERT INTO attribution_state ({STATE_COLS}, window_seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0)
+ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
+    current_value = excluded.current_value,
+    state = excluded.state,
+    confidence = excluded.confidence,
+    observation_count = excluded.observation_count,
+    last_change_ts = excluded.last_change_ts,
+    last_observation_ts = excluded.last_observation_ts,
+    kind = excluded.kind,
+    version = excluded.version,
+    updated_at = excluded.updated_at,
     previous_state = excluded.previous_state
 """
+
+_SQL_SAVE_WINDOW = (
+    'UPDATE attribution_state SET "window" = ?, window_seq = ? '
+    "WHERE identity_uuid = ? AND primitive = ?"
+)
 
 _SQL_LOAD_STATES = (
     "SELECT "
     + ", ".join(f"s.{c.strip()}" for c in STATE_COLS.split(","))
-    + " FROM json_each(?) k JOIN attribution_state s"
+    + ", s.window_seq FROM json_each(?) k JOIN attribution_state s"
     " ON s.identity_uuid = json_extract(k.value, '$[0]')"
     " AND s.primitive = json_extract(k.value, '$[1]')"
 )
@@ -426,6 +450,54 @@ class SqliteTx(Tx):
         )
 
     @_guard
+    async def upsert_state_values(self, rows: Sequence[StateRow]) -> None:
+        conn = self._c()
+        if not rows:
+            return
+        now = time.time()
+        await conn.executemany(
+            _SQL_UPSERT_STATE_VALUES,
+            [
+                (
+                    r.identity_uuid,
+                    r.primitive,
+                    r.current_value_json,
+                    r.state,
+                    r.confidence,
+                    r.observation_count,
+                    r.last_change_ts,
+                    r.last_observation_ts,
+                    r.kind,
+                    r.version,
+                    r.updated_at or now,
+                    r.previous_state,
+                )
+                for r in dedupe_states(rows)
+            ],
+        )
+
+    @_guard
+    async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:
+        conn = self._c()
+        if windows:
+            await conn.executemany(_SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows])
+
+    @_guard
+    async def max_observation_seq(self) -> int:
+        rows = await self._c().execute_fetchall("SELECT coalesce(max(seq), 0) FROM observations")
+        return int(rows[0][0])
+
+    @_guard
+    async def series_after(self, identity_uuid: str, primitive: str, seq: int) -> list[Any]:
+        return list(
+            await self._c().execute_fetchall(
+                "SELECT value, ts FROM observations WHERE identity_uuid = ? AND seq > ? "
+                "AND primitive = ? AND merged = 1 ORDER BY seq",
+                (identity_uuid, int(seq), primitive),
+            )
+        )
+
+    @_guard
     async def multi_actor_primitives(self, identity_uuids: Sequence[str]) -> dict[str, list[str]]:
         conn = self._c()
         if not identity_uuids:
@@ -525,6 +597,7 @@ class SqliteStore(Store):
     #: Writer connection of a database file: the Rust one (False: aiosqlite,
     #: kept for side-by-side measurements).
     native_writer = True
+    lazy_windows = True
     #: Exactly-once horizon: the newest observations whose ids and
     #: (evidence_ref, primitive) pairs are remembered (about 100 bytes each).
     dedupe_window = 2_000_000
@@ -844,7 +917,8 @@ class SqliteStore(Store):
     @_guard
     async def get_state(self, identity_uuid: str, primitive: str) -> StateRow | None:
         rows = await self._reader().execute_fetchall(
-            f"SELECT {STATE_COLS} FROM attribution_state WHERE identity_uuid = ? AND primitive = ?",
+            f"SELECT {STATE_COLS}, window_seq FROM attribution_state "
+            "WHERE identity_uuid = ? AND primitive = ?",
             (identity_uuid, primitive),
         )
         return state_from_row(rows[0]) if rows else None

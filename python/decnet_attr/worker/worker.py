@@ -74,6 +74,9 @@ log.addFilter(RepeatFilter(10.0))
 
 Key = tuple[str, str]
 
+#: Most retained windows one batch's transaction writes (lazy windows).
+CHECKPOINT_KEYS = 5000
+
 
 class Histogram:
     """Cumulative-bucket histogram (Prometheus style)."""
@@ -110,6 +113,7 @@ class WorkerStats:
     identities_formed: int = 0
     attackers_observed: int = 0
     pending_merged: int = 0
+    windows_saved: int = 0
     lag_seconds: float = 0.0
     last_batch_at: float = 0.0
     batch_size: Histogram = field(
@@ -124,6 +128,7 @@ class WorkerStats:
 
 # counted inside a transaction attempt; rolled back with it
 _ATTEMPT_COUNTERS = (
+    "windows_saved",
     "merged",
     "duplicates",
     "identities_formed",
@@ -179,6 +184,11 @@ class AttributionWorker:
         # re-pointed if the store says otherwise)
         self._identity_cache: dict[str, str] = {}
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
+        # Retained windows written lazily (single-writer store): key → when
+        # it first changed since its window was last written, oldest first.
+        self.lazy = store.lazy_windows and not self.shared
+        self._dirty: dict[Key, float] = {}
+        self._saving: list[tuple[Key, float]] = []
         self._event_seq = 0
 
     async def _publish(self, topic: str, payload: dict[str, Any], etype: str) -> bool:
@@ -247,6 +257,10 @@ class AttributionWorker:
                 await t
         self._tasks = []
         self._running = False
+        try:
+            await self.checkpoint_all()
+        except (StoreError, OSError) as exc:  # replayed from the observations at the next start
+            log.warning("could not write the pending windows at stop: %s", exc)
         log.info("attribution worker stopped")
 
     async def wait_stopped(self) -> None:
@@ -543,6 +557,7 @@ class AttributionWorker:
         now = time.time()
         touched: list[Key] = []
         counted = {f: getattr(self.stats, f) for f in _ATTEMPT_COUNTERS}
+        self._saving = []
         try:
             async with self.store.transaction() as tx:
                 if batch.dead:
@@ -551,6 +566,7 @@ class AttributionWorker:
         except BaseException:
             # the engine may hold merges the store never committed, and the
             # counters counted an attempt that did not happen
+            self._restore_dirty()
             self.engine.evict(touched)
             for f, v in counted.items():
                 setattr(self.stats, f, v)
@@ -602,6 +618,11 @@ class AttributionWorker:
                     )
                 )
                 self.stats.identities_formed += 1
+        # the engine holds the batch's keys before their new observations are
+        # stored: a key loaded from a lazily written window replays the
+        # stored observations its window does not cover, and this batch's
+        # must not be among them
+        prior = await self._load_windows(tx, valid.keys(identity_of), touched)
         if already_stored:
             new_pos = list(range(len(valid)))
         else:
@@ -613,8 +634,6 @@ class AttributionWorker:
             owner = identity_of.get(a)
             if owner is not None:
                 self._note_attacker(owner, a)
-        keys = valid.keys(identity_of, new_pos)
-        prior = await self._load_windows(tx, keys, touched)
         result = self.engine.ingest_validated(valid, identity_of, new_pos)
         if result.errors:
             # the validator accepts only what the engine merges, so this is a
@@ -624,7 +643,49 @@ class AttributionWorker:
             )
         self.stats.merged += len(new_pos)
         events.extend(await self._write_states(tx, result, prior, now))
+        if self.lazy and self._dirty:
+            await self._checkpoint(tx, now)
         return events
+
+    async def _checkpoint(self, tx: Tx, now: float, *, everything: bool = False) -> None:
+        """Write the retained windows of keys changed at least
+        ``window_checkpoint`` seconds ago (at most ``CHECKPOINT_KEYS`` per
+        batch; all of them with ``everything``), inside the batch's
+        transaction: a key merged many times in between is written once."""
+        horizon = now - self.settings.window_checkpoint
+        keys: list[Key] = []
+        for k, since in self._dirty.items():
+            if not everything and (since > horizon or len(keys) >= CHECKPOINT_KEYS):
+                break
+            keys.append(k)
+        if not keys:
+            return
+        windows = self.engine.export_windows(keys)
+        seq = await tx.max_observation_seq()
+        await tx.save_windows(
+            [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
+        )
+        for k in keys:
+            self._saving.append((k, self._dirty.pop(k)))
+        self.stats.windows_saved += len(keys)
+
+    async def checkpoint_all(self) -> None:
+        """Write every pending window now (a graceful stop; tests)."""
+        if not (self.lazy and self._dirty):
+            return
+        self._saving = []
+        try:
+            async with self.store.transaction() as tx:
+                await self._checkpoint(tx, time.time(), everything=True)
+        except BaseException:
+            self._restore_dirty()
+            raise
+
+    def _restore_dirty(self) -> None:
+        """Windows of a transaction that did not commit are still pending."""
+        for k, since in self._saving:
+            self._dirty.setdefault(k, since)
+        self._saving = []
 
     async def _load_windows(
         self, tx: Tx, keys: list[Key], touched: list[Key]
@@ -641,21 +702,40 @@ class AttributionWorker:
             self.engine.evict(refresh)
         windows: list[str] = []
         rebuild: list[Key] = []
+        replay: dict[Key, int] = {}
         for k in refresh:
             row = prior.get(k)
             if row is None:
                 continue
+            if row.window_seq is not None:
+                replay[k] = row.window_seq  # the window stops there (0: none yet)
             if row.window_json:
                 windows.append(row.window_json)
-            else:
+            elif row.window_seq is None:
                 rebuild.append(k)
         if windows:
             for err in self.engine.import_windows(windows):
                 # a window from other thresholds: rebuild the key from its series
                 doc = orjson.loads(windows[err.index])
-                rebuild.append((doc["identity_uuid"], doc["primitive"]))
+                key = (doc["identity_uuid"], doc["primitive"])
+                replay.pop(key, None)
+                rebuild.append(key)
         for ident, prim in rebuild:
             await self._rebuild_key(ident, prim)
+        for (ident, prim), after in replay.items():
+            series = await tx.series_after(ident, prim, after)
+            if series:
+                self.engine.ingest(
+                    [
+                        {
+                            "identity_uuid": ident,
+                            "primitive": prim,
+                            "value": orjson.loads(value),
+                            "ts": ts,
+                        }
+                        for value, ts in series
+                    ]
+                )
         return prior
 
     async def _rebuild_key(self, identity: str, primitive: str) -> None:
@@ -680,7 +760,12 @@ class AttributionWorker:
         events: list[tuple[str, dict[str, Any], str]] = []
         changes = result.rows()  # plain tuples, value JSON made in Rust
         keys = [(c[0], c[1]) for c in changes]
-        windows = self.engine.export_windows(keys)
+        if self.lazy:
+            windows: list[str | None] = [None] * len(keys)
+            for k in keys:
+                self._dirty.setdefault(k, now)
+        else:
+            windows = self.engine.export_windows(keys)
         rows: list[StateRow] = []
         multi_touch: set[str] = set()
         attackers: dict[str, list[str]] = {}
@@ -744,7 +829,10 @@ class AttributionWorker:
                 )
             else:
                 events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
-        await tx.upsert_states(rows)
+        if self.lazy:
+            await tx.upsert_state_values(rows)
+        else:
+            await tx.upsert_states(rows)
         if multi_touch:
             events.extend(await self._multi_actor(tx, sorted(multi_touch), now))
         return events
