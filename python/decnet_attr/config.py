@@ -55,9 +55,20 @@ class Settings:
     jwt_issuer: str = "decnet"
     jwt_audience: str = "decnet-dashboard"
     login_rate: int = field(
-        default=10, metadata={"help": "logins per login_window per IP and per username"}
+        default=10,
+        metadata={
+            "help": "failed logins per login_window per address, and per username "
+            "(the latter only for addresses that failed too)"
+        },
     )
     login_window: float = 300.0
+    login_backoff_base: float = field(
+        default=1.0,
+        metadata={"help": "first back-off (s) of an address x username after 3 failures; doubles"},
+    )
+    login_backoff_max: float = field(
+        default=900.0, metadata={"help": "longest back-off (s) of an address x username"}
+    )
     ticket_rate: int = field(default=30, metadata={"help": "SSE tickets per minute per user"})
     ticket_ttl: float = 60.0
     max_tickets_per_user: int = 10

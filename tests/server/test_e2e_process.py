@@ -214,7 +214,7 @@ async def _scenario(
             assert r.status == 403
         async with http.post(
             f"{base}/api/v1/auth/change-password",
-            json={"old_password": admin_password, "new_password": "the admin's new pw"},
+            json={"old_password": admin_password, "new_password": "The admin's new pw 9"},
             headers=auth(admin["access_token"]),
         ) as r:
             assert r.status == 200

@@ -16,7 +16,7 @@ from decnet_attr.server.users_cli import users_command
 from decnet_attr.store import UserRow, open_store
 from tests.server.conftest import HarnessFactory, bearer
 
-GOOD = "a long enough password"
+GOOD = "A long enough passw0rd"
 
 
 class FakeStdin(io.StringIO):
@@ -73,12 +73,24 @@ def test_add_list_passwd_disable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert lines[1].split()[4].startswith(time.strftime("%Y-", time.gmtime()))
 
     before = users_in(d)["alice"]
-    code, out, _ = run(d, ["passwd", "alice"], "another good password\n", monkeypatch)
+    code, out, _ = run(d, ["passwd", "alice"], "Another g00d password\n", monkeypatch)
     assert code == 0
-    assert out == "password of alice changed; their existing tokens are revoked\n"
+    assert out == (
+        "password of alice changed (to be changed at the next login); "
+        "their existing tokens are revoked\n"
+    )
     after = users_in(d)["alice"]
     assert after.password_hash != before.password_hash
     assert after.tokens_valid_from is not None and abs(after.tokens_valid_from - time.time()) < 10
+    # an operator-set password is temporary (security review item 9) ...
+    assert after.must_change_password is True
+    # ... unless the operator says otherwise
+    code, out, _ = run(
+        d, ["passwd", "alice", "--no-must-change"], "Yet another g00d one\n", monkeypatch
+    )
+    assert code == 0
+    assert out == "password of alice changed; their existing tokens are revoked\n"
+    assert users_in(d)["alice"].must_change_password is False
 
     code, out, _ = run(d, ["disable", "probe-1"])
     assert code == 0
@@ -93,7 +105,7 @@ def test_add_list_passwd_disable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ("argv", "stdin", "message"),
     [
         (["add", "bob"], "short\n", "password must be at least 12 characters"),
-        (["add", "bob"], "x" * 73 + "\n", "password must be at most 72 characters"),
+        (["add", "bob"], "x" * 73 + "\n", "password must be at most 72 bytes (UTF-8)"),
         (["add", "bob"], "", "no password on stdin"),
         (["add", "bad name"], GOOD + "\n", "the username must be 1-64 characters"),
         (["passwd", "nobody"], GOOD + "\n", "no such user: nobody"),

@@ -159,6 +159,22 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+# ---- response headers ----------------------------------------------------------------------
+#: What every response says in ``Server:`` (no product versions to fingerprint).
+SERVER_HEADER = "decnet-attr"
+#: Path prefix of the API: its answers (tokens, attacker data, errors) are
+#: never stored by a browser or a proxy cache.
+API_PREFIX = "/api/"
+
+
+async def security_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: ``Server: decnet-attr`` everywhere and
+    ``Cache-Control: no-store`` on API answers that set no policy of their own."""
+    response.headers["Server"] = SERVER_HEADER
+    if request.path.startswith(API_PREFIX):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
 # ---- middlewares ---------------------------------------------------------------------------
 _DROP_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 
