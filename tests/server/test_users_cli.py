@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from decnet_attr.cli import build_parser, main
-from decnet_attr.config import Settings
+from decnet_attr.config import ConfigError, Settings
 from decnet_attr.server.users_cli import users_command
 from decnet_attr.store import UserRow, open_store
 from tests.server.conftest import HarnessFactory, bearer
@@ -176,3 +176,13 @@ async def test_cli_users_can_log_in_and_disable_cuts_them_off(
     assert resp.status == 401
     resp = await h.client.post("/api/v1/auth/login", json={"username": "alice", "password": GOOD})
     assert resp.status == 401
+
+
+def test_an_open_data_directory_is_refused(tmp_path: Path) -> None:
+    """Security review item 8: a data directory others can read is not used."""
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o755)
+    with pytest.raises(ConfigError, match="chmod 700"):
+        run(d, ["list"])
+    assert not (d / "attr.db").exists()

@@ -17,7 +17,7 @@ from typing import TextIO
 from aiohttp import web
 
 from decnet_attr.bus import BusError
-from decnet_attr.config import Settings
+from decnet_attr.config import ConfigError, Settings
 from decnet_attr.server.app import AUTH, STORE, WORKER, create_app
 from decnet_attr.store import StoreError, UserRow
 
@@ -31,8 +31,10 @@ INITIAL_ADMIN = "admin"
 
 
 def ensure_data_dir(path: Path) -> None:
-    """Create the data directory (mode 0700); warn when an existing one is
-    accessible by group or others."""
+    """Create the data directory (mode 0700). An existing one that group or
+    others can access is refused (:class:`ConfigError`): it holds the JWT
+    secret and the database, and a shared directory (``/tmp``) must not be
+    made private behind the operator's back."""
     p = Path(path)
     if not p.exists():
         p.mkdir(parents=True, mode=0o700)
@@ -40,10 +42,9 @@ def ensure_data_dir(path: Path) -> None:
         return
     mode = stat.S_IMODE(p.stat().st_mode)
     if mode & 0o077:
-        log.warning(
-            "data directory %s is accessible by group/others (mode %o); consider chmod 700",
-            p,
-            mode,
+        raise ConfigError(
+            f"the data directory {p} is accessible by group/others (mode {mode:o}); "
+            f"run: chmod 700 {p}"
         )
 
 

@@ -23,6 +23,7 @@ from typing import TextIO
 from decnet_attr.audit import audit
 from decnet_attr.config import Settings
 from decnet_attr.server.auth import ROLES, Passwords, password_problem
+from decnet_attr.server.main import ensure_data_dir
 from decnet_attr.store import Store, StoreError, UserRow, open_store
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def users_command(
     e = err if err is not None else sys.stderr
     try:
         if not settings.db_url:
-            Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            ensure_data_dir(Path(settings.data_dir))
         asyncio.run(_run(args, settings, o))
     except UsageError as exc:
         e.write(f"decnet-attr users: {exc}\n")

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiosqlite
 
 from decnet_attr._core import SqliteConnection
+from decnet_attr.store.files import private_db_files
 from decnet_attr.store.base import (
     AttackerAttribution,
     AttackerRow,
@@ -582,6 +583,8 @@ class SqliteStore(Store):
                 + ".".join(map(str, MIN_SQLITE_VERSION))
             )
         try:
+            if not self._memory:
+                private_db_files(self.path)
             self._w = await self._connect(native=self.native_writer and not self._memory)
             await migrate_sqlite(self._w)
             self._r = self._w if self._memory else await self._connect()
