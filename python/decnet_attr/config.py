@@ -43,6 +43,24 @@ class Settings:
     db_url: str = field(
         default="", metadata={"help": "postgresql://… (default: SQLite file in the data directory)"}
     )
+    # --- connections ------------------------------------------------------
+    max_connections: int = field(
+        default=4096,
+        metadata={"help": "open HTTP connections at most (kept below the file limit)"},
+    )
+    max_connections_per_ip: int = field(
+        default=64, metadata={"help": "open HTTP connections at most from one address"}
+    )
+    http_header_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a new connection has to send a request head"}
+    )
+    http_keepalive_timeout: float = field(
+        default=30.0, metadata={"help": "seconds an idle keep-alive connection stays open"}
+    )
+    dead_peer_timeout: float = field(
+        default=30.0,
+        metadata={"help": "seconds before a vanished peer's connection is dropped (TCP)"},
+    )
     # --- auth -------------------------------------------------------------
     jwt_secret: str = field(
         default="",
@@ -83,6 +101,10 @@ class Settings:
         default=512, metadata={"help": "events kept per attacker for Last-Event-ID resume"}
     )
     sse_retry_ms: int = 3000
+    sse_write_timeout: float = field(
+        default=30.0,
+        metadata={"help": "seconds a stream may wait for its client to read before it closes"},
+    )
     # --- ingest -----------------------------------------------------------
     max_body_bytes: int = field(
         default=8 * 1024 * 1024, metadata={"help": "largest POST /observations body"}
@@ -134,9 +156,20 @@ class Settings:
             "sse_queue_size",
             "max_batch_items",
             "login_rate",
+            "max_connections",
+            "max_connections_per_ip",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        for name in (
+            "http_header_timeout",
+            "http_keepalive_timeout",
+            "dead_peer_timeout",
+            "sse_write_timeout",
+            "login_window",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
         if self.thresholds:
             self.threshold_overrides()  # validates
 

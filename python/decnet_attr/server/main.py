@@ -19,6 +19,7 @@ from aiohttp import web
 from decnet_attr.bus import BusError
 from decnet_attr.config import ConfigError, Settings
 from decnet_attr.server.app import AUTH, STORE, WORKER, create_app
+from decnet_attr.server.connections import GuardedSite, make_runner
 from decnet_attr.store import StoreError, UserRow
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ async def run_server(settings: Settings, stop: asyncio.Event | None = None) -> i
     """Run until ``stop`` is set (or SIGTERM/SIGINT); 0 on a clean shutdown."""
     ensure_data_dir(settings.data_dir)
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = make_runner(app, settings, shutdown_timeout=SHUTDOWN_TIMEOUT)
     stop_event = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -125,7 +126,7 @@ async def run_server(settings: Settings, stop: asyncio.Event | None = None) -> i
         except (BusError, StoreError, OSError) as exc:
             log.error("cannot start: %s", exc)
             return 1
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = GuardedSite(runner, settings.host, settings.port)
         try:
             await site.start()
         except OSError as exc:
