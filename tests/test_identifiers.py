@@ -23,15 +23,15 @@ def test_one_host_is_one_address(raw: str, canonical: str) -> None:
     assert normalise_ip(raw) == canonical
 
 
-@pytest.mark.parametrize("raw", ["", "999.1.1.1", "example.com", "1.2.3.4%eth0", 12, None, "1" * 65])
+@pytest.mark.parametrize(
+    "raw", ["", "999.1.1.1", "example.com", "1.2.3.4%eth0", 12, None, "1" * 65]
+)
 def test_not_addresses(raw: object) -> None:
     with pytest.raises(ValueError):
         normalise_ip(raw)
 
 
-@pytest.mark.parametrize(
-    "value", ["att-1", "0b5e7a52-0000-4000-8000-00000000000a", "A" * 64, "x"]
-)
+@pytest.mark.parametrize("value", ["att-1", "0b5e7a52-0000-4000-8000-00000000000a", "A" * 64, "x"])
 def test_attacker_uuids_accepted(value: str) -> None:
     assert is_attacker_uuid(value)
 

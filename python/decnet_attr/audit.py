@@ -10,9 +10,11 @@ field. With ``--log-format json`` the same fields are also separate keys
 :class:`decnet_attr.logs.RepeatFilter`, which collapses floods of identical
 messages, never touches this logger: ten logins in a second are ten lines.
 
-Events: ``login`` (ok / failed / throttled), ``logout``, ``password_change``
-(ok / failed), ``token_revoked``, ``ticket_refused``, ``user_added``,
-``user_disabled``, ``user_password_set`` and ``role_change``.
+Events: ``login`` (ok / failed / throttled), ``logout`` (the token is
+revoked), ``password_change`` (ok / failed / throttled; every older token is
+cut off), ``ticket_refused`` (an SSE ticket that did not authenticate), and
+from the ``users`` command ``user_added``, ``user_disabled`` and
+``user_password_set`` (address ``local-cli``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def audit(
     parts.append(f"address={_value(address)}")
     parts.extend(f"{k}={_value(v)}" for k, v in fields.items())
     level = logging.INFO if outcome == "ok" else logging.WARNING
-    extra = {"event": event, "outcome": outcome, "user": user, "address": address}
+    extra: dict[str, object] = {
+        "event": event,
+        "outcome": outcome,
+        "user": user,
+        "address": address,
+    }
     extra.update({f"audit_{k}": v for k, v in fields.items()})
     _log.log(level, "%s", " ".join(parts), extra=extra)

@@ -31,9 +31,7 @@ __all__ = [
 ATTACKER_UUID_MAX: Final = 64
 ATTACKER_UUID_RE: Final = re.compile(rf"^[A-Za-z0-9-]{{1,{ATTACKER_UUID_MAX}}}$")
 #: The message of a uuid that breaks the rule.
-ATTACKER_UUID_PROBLEM: Final = (
-    f"uuid must be 1-{ATTACKER_UUID_MAX} characters of [A-Za-z0-9-]"
-)
+ATTACKER_UUID_PROBLEM: Final = f"uuid must be 1-{ATTACKER_UUID_MAX} characters of [A-Za-z0-9-]"
 #: Longest address text looked at (an IPv6 address with a zone id fits).
 IP_TEXT_MAX: Final = 64
 

@@ -40,9 +40,7 @@ NEVER_COLLAPSED = ("decnet_attr.audit",)
 
 #: Query parameters whose values are credentials.
 SECRET_PARAMS = ("ticket", "token", "access_token", "jwt", "password", "secret", "api_key")
-_SECRET_QUERY = re.compile(
-    r"(?i)([?&;](?:" + "|".join(SECRET_PARAMS) + r")=)[^&;\s\"'#]*"
-)
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:" + "|".join(SECRET_PARAMS) + r")=)[^&;\s\"'#]*")
 #: A JWT (three base64url parts, the first an encoded JSON object) wherever it appears.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")

@@ -8,7 +8,6 @@ access log. Every test holds a bounded number of sockets for a bounded time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import resource
 import socket
@@ -114,6 +113,7 @@ async def test_slow_and_silent_clients_cannot_starve_the_server(serve: Start) ->
     guard = live.site.guard
     assert guard.stats()["connections_open"] == 16
     assert guard.stats()["connections_refused"] == 24
+
     # the refused ones got a canned 503 and were closed at once
     async def first_bytes(reader: asyncio.StreamReader) -> bytes | None:
         try:
@@ -159,6 +159,9 @@ async def test_total_cap(serve: Start) -> None:
         w.close()
     await asyncio.sleep(0.1)
     assert (await get(live.port, "/healthz", source="127.0.0.3"))[0] == 200
+    _status, raw, _ = await get(live.port, "/metrics", source="127.0.0.3")
+    assert b"decnet_attr_http_connections_refused_total 1.0" in raw
+    assert b"decnet_attr_http_connections_max 5.0" in raw
 
 
 async def test_idle_keep_alive_connections_are_closed(serve: Start) -> None:
@@ -262,7 +265,7 @@ async def test_client_gone_mid_body_is_not_a_500(
     live = await serve()
     with caplog.at_level(logging.INFO):
         for _ in range(5):
-            reader, writer = await connect(live.port)
+            _reader, writer = await connect(live.port)
             writer.write(
                 b"POST /api/v1/auth/login HTTP/1.1\r\nHost: t\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"

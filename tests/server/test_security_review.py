@@ -163,18 +163,22 @@ async def test_failed_logins_password_changes_and_logouts_are_audited(
 
     records = [json.loads(ln) for ln in buf.getvalue().splitlines()]
     audit = [r for r in records if r["logger"] == "decnet_attr.audit"]
-    failed = [(r["user"], r["address"]) for r in audit if r["event"] == "login" and r["outcome"] == "failed"]
+    failed = [
+        (r["user"], r["address"])
+        for r in audit
+        if r["event"] == "login" and r["outcome"] == "failed"
+    ]
     assert failed == [("ann", "192.0.2.50"), ("nobody", "192.0.2.51")]
     changes = [r["user"] for r in audit if r["event"] == "password_change"]
     assert changes == ["ann", "ben", "cat"]
     assert [r["user"] for r in audit if r["event"] == "logout"] == ["ann", "ben", "cat"]
 
 
-async def test_refused_tickets_are_audited(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+async def test_refused_tickets_are_audited(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="decnet_attr.audit"):
-        resp = await harness.client.get(
-            "/api/v1/attackers/a1/events", params={"ticket": "A" * 43}
-        )
+        resp = await harness.client.get("/api/v1/attackers/a1/events", params={"ticket": "A" * 43})
     assert resp.status == 401
     lines = [r.getMessage() for r in caplog.records if r.name == "decnet_attr.audit"]
     assert len(lines) == 1 and lines[0].startswith("audit ticket_refused outcome=refused")
@@ -184,10 +188,15 @@ def test_a_forged_username_cannot_forge_an_audit_line(caplog: pytest.LogCaptureF
     from decnet_attr.audit import audit
 
     with caplog.at_level(logging.INFO, logger="decnet_attr.audit"):
-        audit("login", "failed", user="x outcome=ok\naudit login outcome=ok user=admin", address="1.2.3.4")
+        audit(
+            "login",
+            "failed",
+            user="x outcome=ok\naudit login outcome=ok user=admin",
+            address="1.2.3.4",
+        )
     (line,) = [r.getMessage() for r in caplog.records]
     assert "\n" not in line
-    assert line.startswith("audit login outcome=failed user=\"x outcome=ok\\naudit")
+    assert line.startswith('audit login outcome=failed user="x outcome=ok\\naudit')
 
 
 # ---- item 9: password policy -----------------------------------------------------------------
@@ -236,7 +245,7 @@ def test_every_log_line_is_redacted(monkeypatch: pytest.MonkeyPatch, root_loggin
     configure_logging("text", "INFO")
     token = jwt.encode({"uuid": "u"}, "k" * 32, algorithm="HS256")
     logging.getLogger("decnet_attr.test").warning(
-        "stream %s failed", f"/api/v1/attackers/a/events?ticket=SeCrEtTiCkEt123456&x=1"
+        "stream %s failed", "/api/v1/attackers/a/events?ticket=SeCrEtTiCkEt123456&x=1"
     )
     logging.getLogger("aiohttp.access").info('1.2.3.4 "GET /x?token=%s HTTP/1.1" 200', token)
     logging.getLogger("other").info("header Authorization: Bearer %s", token)

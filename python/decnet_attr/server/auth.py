@@ -443,13 +443,10 @@ class Authenticator:
             raise self._fail()
         if not isinstance(claims.get("uuid"), str) or not claims["uuid"]:
             raise self._fail()
-        iat = claims.get("iat")
-        exp = claims.get("exp")
-        for value in (iat, exp):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise self._fail()
-            if not math.isfinite(value):
-                raise self._fail()
+        iat = _finite(claims.get("iat"))
+        exp = _finite(claims.get("exp"))
+        if iat is None or exp is None:
+            raise self._fail()
         # Written so that NaN fails too; a longer-lived token is refused even
         # when signed with the real secret.
         if not exp - iat <= self.max_token_lifetime + LIFETIME_LEEWAY:
@@ -717,6 +714,13 @@ class Authenticator:
             via_ticket=True,
             iat=row.token_iat,
         )
+
+
+def _finite(value: object) -> float | None:
+    """A JSON number claim as a finite float, else None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _bad_old_password() -> web.HTTPException:

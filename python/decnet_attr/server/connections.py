@@ -4,8 +4,9 @@ exhaust it.
 aiohttp's own server has no cap on connections and no deadline for a request
 head; the process's file limit is then the only bound, and once it is hit
 ``accept()`` fails in a tight loop (one ERROR line per attempt) and even
-``/healthz`` stops answering. :func:`start_server` adds, in front of aiohttp's
-protocol (one thin wrapper per connection; nothing is parsed twice):
+``/healthz`` stops answering. :func:`make_runner` and :class:`GuardedSite`
+(what ``serve`` uses) add, in front of aiohttp's protocol (one thin wrapper
+per connection; nothing is parsed twice):
 
 - **caps**: at most ``max_connections`` open connections in total and
   ``max_connections_per_ip`` from one address. A connection over a cap gets a
@@ -287,7 +288,7 @@ class _GuardedProtocol(asyncio.Protocol):
         if inner is None:
             return
         self._guard.release(self._address)
-        inner.connection_lost(exc)
+        inner.connection_lost(exc)  # type: ignore[arg-type]  # asyncio passes Exception | None
 
 
 # ---- logging ---------------------------------------------------------------------------------
@@ -397,8 +398,9 @@ class GuardedSite(web.BaseSite):
     @property
     def port(self) -> int:
         """The bound port (the real one when 0 was asked for)."""
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
+        sockets = getattr(self._server, "sockets", None)
+        if sockets:
+            return int(sockets[0].getsockname()[1])
         return self._port
 
     async def start(self) -> None:

@@ -153,9 +153,7 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> Non
                 must_change_password=must_change,
             )
             then = " (to be changed at the next login)" if must_change else ""
-            out.write(
-                f"password of {args.name} changed{then}; their existing tokens are revoked\n"
-            )
+            out.write(f"password of {args.name} changed{then}; their existing tokens are revoked\n")
         elif cmd == "disable":
             user = await _user(store, args.name)
             await store.update_user(user.uuid, disabled=True, tokens_valid_from=now)

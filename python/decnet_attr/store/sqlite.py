@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiosqlite
 
 from decnet_attr._core import SqliteConnection
-from decnet_attr.store.files import private_db_files
 from decnet_attr.store.base import (
     AttackerAttribution,
     AttackerRow,
@@ -53,6 +52,7 @@ from decnet_attr.store.base import (
     UserRow,
     truncate_payload,
 )
+from decnet_attr.store.files import private_db_files
 from decnet_attr.store.schema import (
     ATTACKER_COLS,
     OBS_INSERT_COLS,
