@@ -296,3 +296,14 @@ async def test_access_log_redacts_tickets_and_tokens(
     assert all("ticket=[redacted]" in line for line in lines), lines
     assert not any(ticket in line or jwt_like in line or "eyJ" in line for line in lines)
     assert "last_event_id=3" in lines[0]
+
+
+def test_behind_a_proxy_only_the_total_cap_applies(tmp_path: Path) -> None:
+    from decnet_attr.server.connections import ConnectionGuard
+
+    direct = ConnectionGuard.from_settings(make_settings(tmp_path, max_connections=500), 1 << 16)
+    assert (direct.max_connections, direct.max_per_ip) == (500, 64)
+    proxied = ConnectionGuard.from_settings(
+        make_settings(tmp_path, max_connections=500, trust_forwarded_for=True), 1 << 16
+    )
+    assert (proxied.max_connections, proxied.max_per_ip) == (500, 500)

@@ -337,3 +337,13 @@ async def test_tokens_living_longer_than_the_maximum_are_refused(
     assert resp.status == 401
     ok = harness.forge(user)  # one hour: within the 4-hour maximum
     assert (await harness.client.get("/api/v1/auth/me", headers=bearer(ok))).status == 200
+
+
+async def test_rate_limit_keys_use_the_same_address_normal_form(
+    make_harness: HarnessFactory,
+) -> None:
+    h = await make_harness(login_rate=2, login_window=300.0, trust_forwarded_for=True)
+    assert await login(h, "x", "wrong password!", "198.51.100.66") == 401
+    assert await login(h, "y", "wrong password!", "::ffff:198.51.100.66") == 401
+    # the same host under its mapped spelling: its allowance is used up
+    assert await login(h, "z", "wrong password!", "198.51.100.66") == 429

@@ -153,9 +153,12 @@ class ConnectionGuard:
 
     @classmethod
     def from_settings(cls, settings: Settings, nofile: int) -> ConnectionGuard:
+        """The guard for ``settings``. Behind a proxy (``trust_forwarded_for``)
+        every connection comes from the proxy, so only the total cap applies."""
+        total = effective_max_connections(settings.max_connections, nofile)
         return cls(
-            max_connections=effective_max_connections(settings.max_connections, nofile),
-            max_per_ip=settings.max_connections_per_ip,
+            max_connections=total,
+            max_per_ip=total if settings.trust_forwarded_for else settings.max_connections_per_ip,
             header_timeout=settings.http_header_timeout,
             dead_peer_timeout=settings.dead_peer_timeout,
         )

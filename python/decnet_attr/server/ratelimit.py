@@ -13,13 +13,14 @@ forgotten (their windows restart; that favours the client, never blocks it).
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from decnet_attr.identifiers import normalise_ip
 
 __all__ = ["LoginThrottle", "SlidingWindowLimiter", "client_ip"]
 
@@ -240,8 +241,14 @@ def client_ip(request: web.Request, *, trust_forwarded_for: bool) -> str:
                 if not candidate:
                     continue
                 try:
-                    return str(ipaddress.ip_address(candidate))
+                    return normalise_ip(candidate)
                 except ValueError:
                     break
             break
-    return request.remote or "unknown"
+    remote = request.remote
+    if not remote:
+        return "unknown"
+    try:
+        return normalise_ip(remote)
+    except ValueError:
+        return remote
