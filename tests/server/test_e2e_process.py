@@ -187,7 +187,11 @@ async def _scenario(
     code, out, err = await cli(
         data_dir, "add", "analyst", "--role", "viewer", stdin="viewer pw 12345\n"
     )
-    assert (code, err) == (0, ""), err
+    assert code == 0, err
+    # the only thing on stderr is the audit line (security review item 3)
+    assert [ln.split(": ", 1)[1] for ln in err.splitlines()] == [
+        "audit user_added outcome=ok user=analyst address=local-cli role=viewer"
+    ], err
     code, _out, err = await cli(
         data_dir, "add", "probe", "--role", "sensor", stdin="sensor pw 12345\n"
     )
