@@ -5,9 +5,15 @@ stream sockets carry TCP keepalive / ``TCP_USER_TIMEOUT``."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from decnet_attr import topics
 from tests.server.sse_helpers import AiohttpClient, RawClient, make_env, seed_attacker
@@ -58,3 +64,27 @@ async def test_a_client_that_stops_reading_frees_its_slot_at_the_write_deadline(
     assert env.hub.stats()["closed_slow"] == 1
     assert stream.user not in env.hub._by_user  # the cap slot is free
     stuck.close()
+
+
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs unshare and ip (util-linux, iproute2)",
+)
+def test_a_vanished_client_frees_its_stream_slot(tmp_path: Path) -> None:
+    """The client disappears without a FIN (the loopback of a private network
+    namespace goes down): TCP_USER_TIMEOUT makes the kernel give up on the
+    unacknowledged keepalives, and the slot is free within
+    ``dead_peer_timeout`` (3 s here) plus a keepalive period, not after
+    TCP's many-minute retransmission limit."""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "tests.server.vanished_peer", str(tmp_path / "d")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["streams_open"] == 0, result
+    assert result["freed_after"] < 6.0, result
