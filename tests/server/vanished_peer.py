@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,13 @@ ATTACKER = "0b5e7a52-0000-4000-8000-0000000000e1"
 BOUND = 20.0
 
 
+async def loopback(state: str) -> None:
+    proc = await asyncio.create_subprocess_exec("ip", "link", "set", "lo", state)
+    assert await proc.wait() == 0, f"ip link set lo {state} failed"
+
+
 async def main(data_dir: Path) -> dict[str, float | int | str]:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    await loopback("up")
     settings = make_settings(data_dir, dead_peer_timeout=3.0, sse_keepalive=0.5)
     app = create_app(settings, worker=False, passwords=fast_passwords())
     runner = make_runner(app, settings)
@@ -46,7 +50,7 @@ async def main(data_dir: Path) -> dict[str, float | int | str]:
         await client.read_head()
         while hub.stats()["streams_open"] != 1:
             await asyncio.sleep(0.01)
-        subprocess.run(["ip", "link", "set", "lo", "down"], check=True)
+        await loopback("down")
         t0 = time.monotonic()
         while hub.stats()["streams_open"] and time.monotonic() - t0 < BOUND:
             await asyncio.sleep(0.05)
