@@ -144,6 +144,9 @@ PURGE_INTERVAL = 600.0
 _CACHE_MAX = 10_000
 #: Seconds a token's ``exp - iat`` may exceed ``jwt_exp_minutes`` (rounding).
 LIFETIME_LEEWAY = 1.0
+#: Seconds of clock leeway when checking ``iat``/``exp`` (sub-second ``iat``,
+#: clocks of several API processes).
+CLOCK_LEEWAY = 1.0
 #: Verified tokens remembered by :meth:`Authenticator.decode`.
 DECODED_CACHE_SIZE = 4096
 
@@ -435,6 +438,8 @@ class Authenticator:
                 audience=self.settings.jwt_audience,
                 issuer=self.settings.jwt_issuer,
                 options={"require": list(_REQUIRED_CLAIMS)},
+                # sub-second iat: older PyJWT compares it with whole seconds
+                leeway=CLOCK_LEEWAY,
             )
         except jwt.PyJWTError as exc:
             log.debug("token rejected: %s", exc)
