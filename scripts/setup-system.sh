@@ -6,6 +6,7 @@
 #    cargo builds from /usr/share/cargo/registry (see cargo-config.sh).
 #  - nats-server and postgresql: the integration tests start real servers.
 #  - chromium + chromium-driver: the browser end-to-end tests.
+#  - iproute2: the vanished-client SSE test takes a private loopback down.
 set -euo pipefail
 
 PACKAGES=(
@@ -25,6 +26,7 @@ PACKAGES=(
   postgresql-common
   chromium
   chromium-driver
+  iproute2
 )
 
 missing=()

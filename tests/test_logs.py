@@ -176,14 +176,14 @@ def test_repeats_within_the_interval_are_suppressed_then_counted(
     assert got.messages == ["dropped frame for sub-1"]
     clock.now += 10  # 15 s after the first
     log.warning("dropped frame for %s", "sub-9")
-    assert got.messages[-1] == "dropped frame for sub-9 (repeated 5 more times)"
+    assert got.messages[-1] == "dropped frame for sub-9 (5 similar suppressed)"
     clock.now += 1
     log.warning("dropped frame for %s", "sub-10")  # new window
     clock.now += 10
     log.warning("dropped frame for %s", "sub-11")
     assert got.messages[1:] == [
-        "dropped frame for sub-9 (repeated 5 more times)",
-        "dropped frame for sub-11 (repeated 1 more times)",
+        "dropped frame for sub-9 (5 similar suppressed)",
+        "dropped frame for sub-11 (1 similar suppressed)",
     ]
 
 
@@ -199,7 +199,7 @@ def test_distinct_templates_loggers_and_errors_pass(
     assert got.messages == ["a", "b", "boom", "boom"]
     clock.now += 10.0  # exactly the interval: allowed again
     log.info("a")
-    assert got.messages[-1] == "a (repeated 1 more times)"
+    assert got.messages[-1] == "a (1 similar suppressed)"
 
 
 def test_repeat_filter_without_suppression_leaves_the_record_alone(clock: Clock) -> None:
@@ -221,7 +221,7 @@ def test_configure_logging_collapses_floods(
     log.warning("queue full")
     assert [r["msg"] for r in json_lines(stderr.getvalue())] == [
         "queue full",
-        "queue full (repeated 99 more times)",
+        "queue full (99 similar suppressed)",
     ]
 
 

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     ul = usub.add_parser("list", help="list users")
     up = usub.add_parser("passwd", help="set a user's password (read from stdin)")
     up.add_argument("name")
+    up.add_argument(
+        "--no-must-change",
+        action="store_true",
+        help="do not make the user change this password at the next login",
+    )
     ud = usub.add_parser("disable", help="disable a user and revoke their tokens")
     ud.add_argument("name")
     for sp in (ua, ul, up, ud):

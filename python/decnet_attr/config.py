@@ -51,6 +51,24 @@ class Settings:
     db_url: str = field(
         default="", metadata={"help": "postgresql://… (default: SQLite file in the data directory)"}
     )
+    # --- connections ------------------------------------------------------
+    max_connections: int = field(
+        default=4096,
+        metadata={"help": "open HTTP connections at most (kept below the file limit)"},
+    )
+    max_connections_per_ip: int = field(
+        default=64, metadata={"help": "open HTTP connections at most from one address"}
+    )
+    http_header_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a new connection has to send a request head"}
+    )
+    http_keepalive_timeout: float = field(
+        default=30.0, metadata={"help": "seconds an idle keep-alive connection stays open"}
+    )
+    dead_peer_timeout: float = field(
+        default=30.0,
+        metadata={"help": "seconds before a vanished peer's connection is dropped (TCP)"},
+    )
     # --- auth -------------------------------------------------------------
     jwt_secret: str = field(
         default="",
@@ -63,9 +81,20 @@ class Settings:
     jwt_issuer: str = "decnet"
     jwt_audience: str = "decnet-dashboard"
     login_rate: int = field(
-        default=10, metadata={"help": "logins per login_window per IP and per username"}
+        default=10,
+        metadata={
+            "help": "failed logins per login_window per address, and per username "
+            "(the latter only for addresses that failed too)"
+        },
     )
     login_window: float = 300.0
+    login_backoff_base: float = field(
+        default=1.0,
+        metadata={"help": "first back-off (s) of an address x username after 3 failures; doubles"},
+    )
+    login_backoff_max: float = field(
+        default=900.0, metadata={"help": "longest back-off (s) of an address x username"}
+    )
     ticket_rate: int = field(default=30, metadata={"help": "SSE tickets per minute per user"})
     ticket_ttl: float = 60.0
     max_tickets_per_user: int = 10
@@ -87,6 +116,10 @@ class Settings:
         default=512, metadata={"help": "events kept per attacker for Last-Event-ID resume"}
     )
     sse_retry_ms: int = 3000
+    sse_write_timeout: float = field(
+        default=30.0,
+        metadata={"help": "seconds a stream may wait for its client to read before it closes"},
+    )
     # --- ingest -----------------------------------------------------------
     max_body_bytes: int = field(
         default=8 * 1024 * 1024, metadata={"help": "largest POST /observations body"}
@@ -158,9 +191,20 @@ class Settings:
             "sse_queue_size",
             "max_batch_items",
             "login_rate",
+            "max_connections",
+            "max_connections_per_ip",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        for name in (
+            "http_header_timeout",
+            "http_keepalive_timeout",
+            "dead_peer_timeout",
+            "sse_write_timeout",
+            "login_window",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
         if self.thresholds:
             self.threshold_overrides()  # validates
         for origin in self.cors_origins:

@@ -1,11 +1,13 @@
 """Logging set-up for the CLI (library code only uses
-``logging.getLogger(__name__)``): plain text or one JSON object per line,
-and a filter that collapses floods of identical messages."""
+``logging.getLogger(__name__)``): plain text or one JSON object per line, a
+filter that collapses floods of identical messages (never the audit log) and
+one that takes credentials out of every line."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -33,9 +35,49 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+#: Loggers whose records are never collapsed (one line per security event).
+NEVER_COLLAPSED = ("decnet_attr.audit",)
+
+#: Query parameters whose values are credentials.
+SECRET_PARAMS = ("ticket", "token", "access_token", "jwt", "password", "secret", "api_key")
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:" + "|".join(SECRET_PARAMS) + r")=)[^&;\s\"'#]*")
+#: A JWT (three base64url parts, the first an encoded JSON object) wherever it appears.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials replaced: the values of secret query
+    parameters (``?ticket=…``, ``&token=…``), bearer tokens and anything
+    shaped like a JWT."""
+    if "=" in text:
+        text = _SECRET_QUERY.sub(r"\g<1>" + REDACTED, text)
+    if "eyJ" in text:
+        text = _JWT.sub(REDACTED, text)
+    if "earer" in text or "EARER" in text:
+        text = _BEARER.sub(r"\g<1>" + REDACTED, text)
+    return text
+
+
+class RedactFilter(logging.Filter):
+    """Rewrites a record whose message holds a credential (see :func:`redact`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format: leave it to the formatter to report
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 class RepeatFilter(logging.Filter):
     """Lets the first occurrence of a (logger, template) through, then at most
-    one per ``interval`` seconds, reporting how many were suppressed."""
+    one per ``interval`` seconds, saying how many similar ones were suppressed.
+    Records of :data:`NEVER_COLLAPSED` loggers always pass."""
 
     def __init__(self, interval: float = 10.0) -> None:
         super().__init__()
@@ -44,7 +86,7 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
+        if record.levelno >= logging.ERROR or record.name in NEVER_COLLAPSED:
             return True
         key = (record.name, str(record.msg))
         now = time.monotonic()
@@ -57,7 +99,7 @@ class RepeatFilter(logging.Filter):
             if len(self._seen) > 10_000:
                 self._seen.clear()
         if suppressed:
-            record.msg = f"{record.msg} (repeated {suppressed} more times)"
+            record.msg = f"{record.msg} ({suppressed} similar suppressed)"
         return True
 
 
@@ -68,6 +110,7 @@ def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RepeatFilter())
+    handler.addFilter(RedactFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -36,7 +36,7 @@ pytestmark = [requires_chromium, pytest.mark.timeout(60)]
 
 SHELL = "environmental.shell_type"
 STYLE = "cognitive.exploration_style"
-NEW_ADMIN_PASSWORD = "a much better admin password"
+NEW_ADMIN_PASSWORD = "A much better admin passw0rd"
 SENSOR_PASSWORD = "sensor password 1234"
 #: How fast a badge must follow an ingest (the 202 means: committed).
 BADGE_DEADLINE = 1.0

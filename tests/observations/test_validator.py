@@ -34,6 +34,7 @@ FIELDS = {
     "v",
 }
 ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+ATTACKER_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 MAX_VALUE = 8192
 TS_MIN = 0.0
 
@@ -74,7 +75,7 @@ def expected(item: Any) -> str | None:
     if set(item) - FIELDS:
         return "unknown_field"
     a = item.get("attacker_uuid")
-    if not (isinstance(a, str) and ID_RE.match(a)):
+    if not (isinstance(a, str) and ATTACKER_RE.fullmatch(a)):
         return "bad_attacker_uuid"
     p = item.get("primitive")
     if not (isinstance(p, str) and 0 < len(p) <= 200):
@@ -124,7 +125,8 @@ def expected(item: Any) -> str | None:
         if not isinstance(ip, str) or len(ip) > 64:
             return "bad_attacker_ip"
         try:
-            ipaddress.ip_address(ip.strip().split("%")[0])
+            text = ip.strip()
+            ipaddress.ip_address(text.split("%")[0] if ":" in text else text)
         except ValueError:
             return "bad_attacker_ip"
     for name in ("source", "evidence_ref", "identity_ref"):
@@ -175,7 +177,7 @@ ips = st.one_of(
 )
 items = st.fixed_dictionaries(
     {
-        "attacker_uuid": ids,
+        "attacker_uuid": st.one_of(ids, st.from_regex(ATTACKER_RE, fullmatch=True)),
         "primitive": st.one_of(st.sampled_from(PRIMS), st.just("no.such.prim"), st.none()),
         "ts": numbers,
     },

@@ -189,7 +189,7 @@ async def test_attribution_shares_the_identity_of_linked_attackers(harness: Harn
 
 # ---- POST /attackers -------------------------------------------------------------------------
 async def test_register_attacker(harness: Harness) -> None:
-    token = await harness.token("sam", "sensor")
+    token = await harness.token("root", "admin")
     resp = await harness.client.post(
         "/api/v1/attackers", json={"ip": "2001:DB8::1", "uuid": "att-42"}, headers=bearer(token)
     )
@@ -228,7 +228,7 @@ async def test_register_attacker_generates_a_uuid(harness: Harness) -> None:
 
 
 async def test_register_attacker_conflicts(harness: Harness) -> None:
-    token = await harness.token("sam", "sensor")
+    token = await harness.token("root", "admin")
     first = await harness.client.post(
         "/api/v1/attackers", json={"ip": "192.0.2.1", "uuid": "att-1"}, headers=bearer(token)
     )

@@ -285,7 +285,7 @@ async def test_token_older_than_tokens_valid_from(harness: Harness) -> None:
     current = await harness.login("alice")
     resp = await harness.client.post(
         "/api/v1/auth/change-password",
-        json={"old_password": PASSWORD, "new_password": "a brand new password"},
+        json={"old_password": PASSWORD, "new_password": "A brand-new passw0rd"},
         headers=bearer(current),
     )
     assert resp.status == 200
@@ -301,21 +301,50 @@ async def test_token_older_than_tokens_valid_from(harness: Harness) -> None:
     assert stored is not None and stored.tokens_valid_from is not None
     assert abs(stored.tokens_valid_from - time.time()) < 5
     # the new password works, the old one does not
-    assert await harness.login("alice", "a brand new password")
+    assert await harness.login("alice", "A brand-new passw0rd")
     resp = await harness.client.post(
         "/api/v1/auth/login", json={"username": "alice", "password": PASSWORD}
     )
     assert resp.status == 401
 
 
-async def test_tokens_valid_from_is_floored_to_whole_seconds(harness: Harness) -> None:
+async def test_a_token_of_the_same_second_does_not_survive_a_password_change(
+    harness: Harness,
+) -> None:
+    """Security review item 4: ``iat`` was whole seconds and compared with
+    ``floor(tokens_valid_from)``, so a token issued in the same second as a
+    password change (but before it) lived on."""
     user = await harness.add_user("alice", "viewer")
     now = int(time.time())
-    await harness.store.update_user(user.uuid, tokens_valid_from=now + 0.9)
-    same_second = harness.forge(user, iat=now)
+    await harness.store.update_user(user.uuid, tokens_valid_from=now + 0.5)
+    same_second_before = harness.forge(user, iat=now)
+    same_second_after = harness.forge(user, iat=now + 0.75)
     earlier = harness.forge(user, iat=now - 1)
-    assert (await harness.client.get(ATTRIBUTION, headers=bearer(same_second))).status == 404
+    await _expect_401(await harness.client.get(ATTRIBUTION, headers=bearer(same_second_before)))
     await _expect_401(await harness.client.get(ATTRIBUTION, headers=bearer(earlier)))
+    assert (await harness.client.get(ATTRIBUTION, headers=bearer(same_second_after))).status == 404
+
+
+async def test_issued_tokens_carry_a_sub_second_iat(harness: Harness) -> None:
+    """A second login just before a password change is cut off by it, and the
+    token the change returns works, whatever the clock's second boundaries."""
+    user = await harness.add_user("alice", "viewer")
+    other_session = await harness.login("alice")
+    claims = jwt.decode(other_session, options={"verify_signature": False})
+    assert isinstance(claims["iat"], float)
+    current = await harness.login("alice")
+    resp = await harness.client.post(
+        "/api/v1/auth/change-password",
+        json={"old_password": PASSWORD, "new_password": "A brand-new passw0rd"},
+        headers=bearer(current),
+    )
+    assert resp.status == 200
+    fresh = (await resp.json())["access_token"]
+    await _expect_401(await harness.client.get(ATTRIBUTION, headers=bearer(other_session)))
+    assert (await harness.client.get(ATTRIBUTION, headers=bearer(fresh))).status == 404
+    stored = await harness.store.get_user(user.uuid)
+    assert stored is not None and stored.tokens_valid_from is not None
+    assert jwt.decode(fresh, options={"verify_signature": False})["iat"] >= stored.tokens_valid_from
 
 
 async def test_disabled_user_token_stops_working(harness: Harness) -> None:
@@ -352,7 +381,7 @@ async def test_must_change_password_flow(harness: Harness) -> None:
     assert me_body["must_change_password"] is True
     resp = await harness.client.post(
         "/api/v1/auth/change-password",
-        json={"old_password": PASSWORD, "new_password": "a much better password"},
+        json={"old_password": PASSWORD, "new_password": "Much better passw0rd!"},
         headers=bearer(token),
     )
     assert resp.status == 200
@@ -374,7 +403,7 @@ async def test_must_change_user_can_log_out(harness: Harness) -> None:
     ("body", "status", "detail"),
     [
         (
-            {"old_password": "wrong password!", "new_password": "a brand new password"},
+            {"old_password": "wrong password!", "new_password": "A brand-new passw0rd"},
             400,
             "Old password is incorrect",
         ),
@@ -386,7 +415,7 @@ async def test_must_change_user_can_log_out(harness: Harness) -> None:
         (
             {"old_password": PASSWORD, "new_password": "x" * 73},
             422,
-            "new_password: password must be at most 72 characters",
+            "new_password: password must be at most 72 bytes (UTF-8)",
         ),
         (
             {"old_password": PASSWORD, "new_password": PASSWORD},
@@ -411,7 +440,7 @@ async def test_change_password_validation(
 
 async def test_change_password_is_rate_limited(harness: Harness) -> None:
     token = await harness.token("alice", "viewer")
-    bad = {"old_password": "wrong password!", "new_password": "a brand new password"}
+    bad = {"old_password": "wrong password!", "new_password": "A brand-new passw0rd"}
     for _ in range(5):
         resp = await harness.client.post(
             "/api/v1/auth/change-password", json=bad, headers=bearer(token)
@@ -512,20 +541,19 @@ async def test_login_rate_limit_per_username(make_harness: HarnessFactory) -> No
             headers={"X-Forwarded-For": f"203.0.113.{i + 1}"},
         )
         assert resp.status == 401
-    # a fresh IP, but the username is exhausted (even with the right password)
+    # the username is hot: an address that failed before gets no further guess
     resp = await h.client.post(
         "/api/v1/auth/login",
-        json={"username": "Alice", "password": PASSWORD},
-        headers={"X-Forwarded-For": "203.0.113.50"},
+        json={"username": "Alice", "password": "another guess!"},
+        headers={"X-Forwarded-For": "203.0.113.1"},
     )
     assert resp.status == 429
     assert int(resp.headers["Retry-After"]) >= 1
-    # another username from yet another IP still works
-    await h.add_user("bob")
+    # a fresh address with the right password is not blocked (security review item 2)
     resp = await h.client.post(
         "/api/v1/auth/login",
-        json={"username": "bob", "password": PASSWORD},
-        headers={"X-Forwarded-For": "203.0.113.51"},
+        json={"username": "alice", "password": PASSWORD},
+        headers={"X-Forwarded-For": "203.0.113.50"},
     )
     assert resp.status == 200
 

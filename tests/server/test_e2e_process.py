@@ -188,7 +188,11 @@ async def _scenario(
     code, out, err = await cli(
         data_dir, "add", "analyst", "--role", "viewer", stdin="viewer pw 12345\n"
     )
-    assert (code, err) == (0, ""), err
+    assert code == 0, err
+    # the only thing on stderr is the audit line (security review item 3)
+    assert [ln.split(": ", 1)[1] for ln in err.splitlines()] == [
+        "audit user_added outcome=ok user=analyst address=local-cli role=viewer"
+    ], err
     code, _out, err = await cli(
         data_dir, "add", "probe", "--role", "sensor", stdin="sensor pw 12345\n"
     )
@@ -215,7 +219,7 @@ async def _scenario(
             assert r.status == 403
         async with http.post(
             f"{base}/api/v1/auth/change-password",
-            json={"old_password": admin_password, "new_password": "the admin's new pw"},
+            json={"old_password": admin_password, "new_password": "The admin's new pw 9"},
             headers=auth(admin["access_token"]),
         ) as r:
             assert r.status == 200

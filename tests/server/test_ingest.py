@@ -233,13 +233,13 @@ async def test_mixed_batch(
 BAD_ITEMS: list[tuple[dict[str, Any], str]] = [
     (
         obs(attacker_uuid=""),
-        "attacker_uuid must be 1-128 characters of [A-Za-z0-9_.:-]",
+        "attacker_uuid must be 1-64 characters of [A-Za-z0-9-]",
     ),
     (
-        obs(attacker_uuid="a" * 129),
-        "attacker_uuid must be 1-128 characters of [A-Za-z0-9_.:-]",
+        obs(attacker_uuid="a" * 65),
+        "attacker_uuid must be 1-64 characters of [A-Za-z0-9-]",
     ),
-    (obs(attacker_uuid=7), "attacker_uuid must be 1-128 characters of [A-Za-z0-9_.:-]"),
+    (obs(attacker_uuid=7), "attacker_uuid must be 1-64 characters of [A-Za-z0-9-]"),
     (obs(primitive=None), "primitive must be a non-empty dotted name"),
     (obs(primitive="environmental.*"), "unknown primitive 'environmental.*'"),
     (obs(primitive="environmental..shell_type"), "unknown primitive 'environmental..shell_type'"),

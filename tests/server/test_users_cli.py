@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from decnet_attr.cli import build_parser, main
-from decnet_attr.config import Settings
+from decnet_attr.config import ConfigError, Settings
 from decnet_attr.server.users_cli import users_command
 from decnet_attr.store import UserRow, open_store
 from tests.server.conftest import HarnessFactory, bearer
 
-GOOD = "a long enough password"
+GOOD = "A long enough passw0rd"
 
 
 class FakeStdin(io.StringIO):
@@ -73,12 +73,24 @@ def test_add_list_passwd_disable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert lines[1].split()[4].startswith(time.strftime("%Y-", time.gmtime()))
 
     before = users_in(d)["alice"]
-    code, out, _ = run(d, ["passwd", "alice"], "another good password\n", monkeypatch)
+    code, out, _ = run(d, ["passwd", "alice"], "Another g00d password\n", monkeypatch)
     assert code == 0
-    assert out == "password of alice changed; their existing tokens are revoked\n"
+    assert out == (
+        "password of alice changed (to be changed at the next login); "
+        "their existing tokens are revoked\n"
+    )
     after = users_in(d)["alice"]
     assert after.password_hash != before.password_hash
     assert after.tokens_valid_from is not None and abs(after.tokens_valid_from - time.time()) < 10
+    # an operator-set password is temporary (security review item 9) ...
+    assert after.must_change_password is True
+    # ... unless the operator says otherwise
+    code, out, _ = run(
+        d, ["passwd", "alice", "--no-must-change"], "Yet another g00d one\n", monkeypatch
+    )
+    assert code == 0
+    assert out == "password of alice changed; their existing tokens are revoked\n"
+    assert users_in(d)["alice"].must_change_password is False
 
     code, out, _ = run(d, ["disable", "probe-1"])
     assert code == 0
@@ -93,7 +105,7 @@ def test_add_list_passwd_disable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ("argv", "stdin", "message"),
     [
         (["add", "bob"], "short\n", "password must be at least 12 characters"),
-        (["add", "bob"], "x" * 73 + "\n", "password must be at most 72 characters"),
+        (["add", "bob"], "x" * 73 + "\n", "password must be at most 72 bytes (UTF-8)"),
         (["add", "bob"], "", "no password on stdin"),
         (["add", "bad name"], GOOD + "\n", "the username must be 1-64 characters"),
         (["passwd", "nobody"], GOOD + "\n", "no such user: nobody"),
@@ -164,3 +176,13 @@ async def test_cli_users_can_log_in_and_disable_cuts_them_off(
     assert resp.status == 401
     resp = await h.client.post("/api/v1/auth/login", json={"username": "alice", "password": GOOD})
     assert resp.status == 401
+
+
+def test_an_open_data_directory_is_refused(tmp_path: Path) -> None:
+    """Security review item 8: a data directory others can read is not used."""
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o755)
+    with pytest.raises(ConfigError, match="chmod 700"):
+        run(d, ["list"])
+    assert not (d / "attr.db").exists()

@@ -124,7 +124,11 @@ def create_app(
         load_jwt_secret,
         principal_still_valid,
     )
-    from decnet_attr.server.errors import content_type_middleware, make_error_middleware
+    from decnet_attr.server.errors import (
+        content_type_middleware,
+        make_error_middleware,
+        security_headers,
+    )
 
     secret = load_jwt_secret(settings)  # ConfigError before anything is opened
     own_store = store is None
@@ -148,6 +152,7 @@ def create_app(
         counters=counters,
         cache_ttl=auth_cache_ttl,
     )
+    app.on_response_prepare.append(security_headers)
     app[SETTINGS] = settings
     app[STORE] = the_store
     app[BUS] = the_bus

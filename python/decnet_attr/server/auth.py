@@ -4,9 +4,12 @@
 - HS256 access tokens (PyJWT) carrying ``uuid, jti, iat, exp, iss, aud,
   typ="access"``; decoding pins ``iss``/``aud``/``typ`` and requires every one
   of them.
-- Token resolution, in order: decode → the user exists and is not disabled →
-  the token has a ``jti`` → ``iat >= floor(tokens_valid_from)`` → the ``jti``
-  is not on the revocation denylist. Any failure: 401
+- Token resolution, in order: decode (which also refuses a token living
+  longer than ``jwt_exp_minutes``, whoever signed it) → the user exists and is
+  not disabled → the token has a ``jti`` → ``iat >= tokens_valid_from`` (to
+  the microsecond: ``iat`` is issued with sub-second precision, so a token
+  issued in the same second as a password change, but before it, is cut off)
+  → the ``jti`` is not on the revocation denylist. Any failure: 401
   ``{"detail": "Could not validate credentials"}`` + ``WWW-Authenticate: Bearer``.
 - Roles ``admin``, ``viewer``, ``sensor``; a user with
   ``must_change_password`` gets 403 everywhere except change-password,
@@ -48,6 +51,7 @@ from aiohttp import web
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from decnet_attr.audit import audit
 from decnet_attr.bus import Bus, publish_safely
 from decnet_attr.config import ConfigError, Settings
 from decnet_attr.server.app import AUTH
@@ -61,7 +65,8 @@ from decnet_attr.server.errors import (
     too_many_requests,
     unauthorized,
 )
-from decnet_attr.server.ratelimit import SlidingWindowLimiter
+from decnet_attr.server.password_policy import password_problem
+from decnet_attr.server.ratelimit import LoginThrottle, SlidingWindowLimiter, client_ip
 from decnet_attr.store import Store, StoreError, TicketRow, UserRow
 from decnet_attr.topics import system
 
@@ -119,13 +124,16 @@ WEAK_SECRETS: frozenset[str] = frozenset(
 )
 SECRET_FILE = "jwt.secret"
 
-PASSWORD_MIN_LENGTH = 12
-PASSWORD_MAX_LENGTH = 72  # as DECNET (bcrypt's limit there)
+#: Longest password accepted at login (characters, as DECNET); new passwords
+#: follow password_policy (at most 72 bytes).
+PASSWORD_MAX_LENGTH = 72
 USERNAME_MAX_LENGTH = 64
 MAX_TOKEN_LENGTH = 4096
 _TICKET_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "uuid", "jti", "typ"]
 
+#: Failed logins per address × username before the back-off starts.
+LOGIN_FREE_FAILURES = 3
 #: Change-password attempts per user per minute (DECNET: 5/minute).
 CHANGE_PASSWORD_RATE = 5
 CHANGE_PASSWORD_WINDOW = 60.0
@@ -134,6 +142,11 @@ TICKET_WINDOW = 60.0
 #: How often expired revoked-token and ticket rows are purged.
 PURGE_INTERVAL = 600.0
 _CACHE_MAX = 10_000
+#: Seconds a token's ``exp - iat`` may exceed ``jwt_exp_minutes`` (rounding).
+LIFETIME_LEEWAY = 1.0
+#: Seconds of clock leeway when checking ``iat``/``exp`` (sub-second ``iat``,
+#: clocks of several API processes).
+CLOCK_LEEWAY = 1.0
 #: Verified tokens remembered by :meth:`Authenticator.decode`.
 DECODED_CACHE_SIZE = 4096
 
@@ -206,17 +219,6 @@ def _create_secret_file(path: Path) -> None:
 def make_password_hasher() -> PasswordHasher:
     """argon2id with argon2-cffi's defaults (RFC 9106 low-memory profile)."""
     return PasswordHasher()
-
-
-def password_problem(password: object) -> str | None:
-    """Why ``password`` is not acceptable as a new password, or None."""
-    if not isinstance(password, str):
-        return "password must be a string"
-    if len(password) < PASSWORD_MIN_LENGTH:
-        return f"password must be at least {PASSWORD_MIN_LENGTH} characters"
-    if len(password) > PASSWORD_MAX_LENGTH:
-        return f"password must be at most {PASSWORD_MAX_LENGTH} characters"
-    return None
 
 
 class Passwords:
@@ -332,8 +334,13 @@ class Authenticator:
         self._users = _TTLCache()
         self._revoked = _TTLCache()
         self._decoded: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.login_ip_limiter = SlidingWindowLimiter(settings.login_rate, settings.login_window)
-        self.login_user_limiter = SlidingWindowLimiter(settings.login_rate, settings.login_window)
+        self.login_throttle = LoginThrottle(
+            settings.login_rate,
+            settings.login_window,
+            base=settings.login_backoff_base,
+            cap=settings.login_backoff_max,
+            free=LOGIN_FREE_FAILURES,
+        )
         self.ticket_limiter = SlidingWindowLimiter(max(1, settings.ticket_rate), TICKET_WINDOW)
         self.password_limiter = SlidingWindowLimiter(CHANGE_PASSWORD_RATE, CHANGE_PASSWORD_WINDOW)
         self._tasks: list[asyncio.Task[None]] = []
@@ -388,12 +395,12 @@ class Authenticator:
     # -- tokens ------------------------------------------------------------------------------
     def issue_token(self, user: UserRow, *, now: float | None = None) -> tuple[str, dict[str, Any]]:
         """A fresh access token for ``user`` and its claims."""
-        t = int(time.time() if now is None else now)
+        t = float(time.time() if now is None else now)
         claims: dict[str, Any] = {
             "uuid": user.uuid,
             "jti": uuid_mod.uuid4().hex,
             "iat": t,
-            "exp": t + int(self.settings.jwt_exp_minutes) * 60,
+            "exp": t + self.max_token_lifetime,
             "iss": self.settings.jwt_issuer,
             "aud": self.settings.jwt_audience,
             "typ": TOKEN_TYPE,
@@ -431,6 +438,8 @@ class Authenticator:
                 audience=self.settings.jwt_audience,
                 issuer=self.settings.jwt_issuer,
                 options={"require": list(_REQUIRED_CLAIMS)},
+                # sub-second iat: older PyJWT compares it with whole seconds
+                leeway=CLOCK_LEEWAY,
             )
         except jwt.PyJWTError as exc:
             log.debug("token rejected: %s", exc)
@@ -439,11 +448,14 @@ class Authenticator:
             raise self._fail()
         if not isinstance(claims.get("uuid"), str) or not claims["uuid"]:
             raise self._fail()
-        iat = claims.get("iat")
-        if not isinstance(iat, (int, float)) or isinstance(iat, bool):
+        iat = _finite(claims.get("iat"))
+        exp = _finite(claims.get("exp"))
+        if iat is None or exp is None:
             raise self._fail()
-        exp = claims.get("exp")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        # Written so that NaN fails too; a longer-lived token is refused even
+        # when signed with the real secret.
+        if not exp - iat <= self.max_token_lifetime + LIFETIME_LEEWAY:
+            log.debug("token rejected: lifetime %.0f s above the maximum", exp - iat)
             raise self._fail()
         return claims
 
@@ -479,12 +491,20 @@ class Authenticator:
         self._revoked.put(jti, True, time.monotonic() + 24 * 3600.0)
 
     # -- resolution --------------------------------------------------------------------------
+    @property
+    def max_token_lifetime(self) -> float:
+        """Seconds from ``iat`` to ``exp`` of every token issued, and the most
+        any token presented may have."""
+        return float(self.settings.jwt_exp_minutes) * 60.0
+
     @staticmethod
     def _stale(iat: float | None, user: UserRow) -> bool:
-        """``iat`` before the user's ``tokens_valid_from`` (floored to seconds)."""
+        """``iat`` before the user's ``tokens_valid_from``. Tokens carry a
+        sub-second ``iat``, so no same-second token survives a change; a
+        whole-second ``iat`` from the same second counts as before it."""
         if user.tokens_valid_from is None:
             return False
-        return iat is None or iat < math.floor(user.tokens_valid_from)
+        return iat is None or not iat >= user.tokens_valid_from
 
     async def resolve_token(self, token: str) -> tuple[Principal, UserRow]:
         """Reference §6.1 token resolution; 401 on any failure."""
@@ -550,20 +570,34 @@ class Authenticator:
         return True
 
     # -- login -------------------------------------------------------------------------------
-    def check_login_rate(self, ip: str, username: str) -> None:
-        """Login limits per IP and per username (429 + Retry-After)."""
-        user_key = username.strip().lower()[: USERNAME_MAX_LENGTH * 2]
-        wait = max(
-            self.login_ip_limiter.retry_after(ip), self.login_user_limiter.retry_after(user_key)
-        )
-        if wait > 0:
-            raise self.rate_limited("Too many login attempts; try again later", wait)
-        self.login_ip_limiter.record(ip)
-        self.login_user_limiter.record(user_key)
-
-    async def login(self, username: str, password: str) -> tuple[str, UserRow]:
+    async def login(
+        self, username: str, password: str, *, address: str = "unknown"
+    ) -> tuple[str, UserRow]:
         """Verify credentials; the token and the user, or 401 (never saying
-        whether the user exists)."""
+        whether the user exists), or 429 from the failed-login throttle
+        (:class:`~decnet_attr.server.ratelimit.LoginThrottle`), checked before
+        the password. Every outcome is audited."""
+        user_key = username.strip().lower()[: USERNAME_MAX_LENGTH * 2]
+        throttle = self.login_throttle
+        wait = throttle.retry_after(address, user_key)
+        if wait > 0:
+            audit("login", "throttled", user=username, address=address, retry_after=round(wait))
+            raise self.rate_limited("Too many login attempts; try again later", wait)
+        throttle.begin(address)
+        ok: bool | None = None
+        try:
+            token, user = await self._check_login(username, password)
+            ok = True
+        except web.HTTPUnauthorized:
+            ok = False
+            audit("login", "failed", user=username, address=address)
+            raise
+        finally:
+            throttle.end(address, user_key, ok=ok)
+        audit("login", "ok", user=user.username, address=address, role=user.role)
+        return token, user
+
+    async def _check_login(self, username: str, password: str) -> tuple[str, UserRow]:
         user = await self.store.get_user_by_name(username)
         if user is None:
             await self.passwords.burn(password)
@@ -687,6 +721,13 @@ class Authenticator:
         )
 
 
+def _finite(value: object) -> float | None:
+    """A JSON number claim as a finite float, else None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def _bad_old_password() -> web.HTTPException:
     return bad_request("Old password is incorrect")
 
@@ -743,7 +784,12 @@ async def authenticate_stream(request: web.Request) -> Principal:
         return await auth.authenticate(request, STREAM_ROLES)
     ticket = request.query.get("ticket")
     if ticket:
-        return await auth.redeem_ticket(ticket, STREAM_ROLES)
+        try:
+            return await auth.redeem_ticket(ticket, STREAM_ROLES)
+        except web.HTTPException as exc:
+            address = client_ip(request, trust_forwarded_for=auth.settings.trust_forwarded_for)
+            audit("ticket_refused", "refused", user=None, address=address, status=exc.status)
+            raise
     raise auth._fail()
 
 

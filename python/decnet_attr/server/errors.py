@@ -17,10 +17,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 
+from decnet_attr.bus.base import RateLimitedLog
 from decnet_attr.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
+_rl = RateLimitedLog(log, interval=10.0)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -159,6 +162,22 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+# ---- response headers ----------------------------------------------------------------------
+#: What every response says in ``Server:`` (no product versions to fingerprint).
+SERVER_HEADER = "decnet-attr"
+#: Path prefix of the API: its answers (tokens, attacker data, errors) are
+#: never stored by a browser or a proxy cache.
+API_PREFIX = "/api/"
+
+
+async def security_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: ``Server: decnet-attr`` everywhere and
+    ``Cache-Control: no-store`` on API answers that set no policy of their own."""
+    response.headers["Server"] = SERVER_HEADER
+    if request.path.startswith(API_PREFIX):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
 # ---- middlewares ---------------------------------------------------------------------------
 _DROP_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 
@@ -196,6 +215,17 @@ def make_error_middleware(counters: dict[str, int]) -> Any:
             if exc.status >= 500:
                 counters["http_5xx_total"] = counters.get("http_5xx_total", 0) + 1
             return _as_json(exc)
+        except (ConnectionError, PayloadEncodingError) as exc:
+            # The client went away (or broke its body) mid-request: its fault,
+            # nobody is left to read an answer, and it is not worth a traceback.
+            _rl.warning(
+                "client-gone",
+                "%s %s: incomplete request from a client: %s",
+                request.method,
+                request.path,
+                type(exc).__name__,
+            )
+            return json_response({"detail": "Incomplete request"}, status=400)
         except StoreUnavailable as exc:
             counters["http_5xx_total"] = counters.get("http_5xx_total", 0) + 1
             log.warning("store unavailable during %s %s: %s", request.method, request.path, exc)

@@ -17,8 +17,9 @@ from typing import TextIO
 from aiohttp import web
 
 from decnet_attr.bus import BusError
-from decnet_attr.config import Settings
+from decnet_attr.config import ConfigError, Settings
 from decnet_attr.server.app import AUTH, STORE, WORKER, create_app
+from decnet_attr.server.connections import GuardedSite, make_runner
 from decnet_attr.store import StoreError, UserRow
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,10 @@ INITIAL_ADMIN = "admin"
 
 
 def ensure_data_dir(path: Path) -> None:
-    """Create the data directory (mode 0700); warn when an existing one is
-    accessible by group or others."""
+    """Create the data directory (mode 0700). An existing one that group or
+    others can access is refused (:class:`ConfigError`): it holds the JWT
+    secret and the database, and a shared directory (``/tmp``) must not be
+    made private behind the operator's back."""
     p = Path(path)
     if not p.exists():
         p.mkdir(parents=True, mode=0o700)
@@ -40,10 +43,9 @@ def ensure_data_dir(path: Path) -> None:
         return
     mode = stat.S_IMODE(p.stat().st_mode)
     if mode & 0o077:
-        log.warning(
-            "data directory %s is accessible by group/others (mode %o); consider chmod 700",
-            p,
-            mode,
+        raise ConfigError(
+            f"the data directory {p} is accessible by group/others (mode {mode:o}); "
+            f"run: chmod 700 {p}"
         )
 
 
@@ -97,7 +99,7 @@ async def run_server(settings: Settings, stop: asyncio.Event | None = None) -> i
     """Run until ``stop`` is set (or SIGTERM/SIGINT); 0 on a clean shutdown."""
     ensure_data_dir(settings.data_dir)
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = make_runner(app, settings, shutdown_timeout=SHUTDOWN_TIMEOUT)
     stop_event = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -124,7 +126,7 @@ async def run_server(settings: Settings, stop: asyncio.Event | None = None) -> i
         except (BusError, StoreError, OSError) as exc:
             log.error("cannot start: %s", exc)
             return 1
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = GuardedSite(runner, settings.host, settings.port)
         try:
             await site.start()
         except OSError as exc:

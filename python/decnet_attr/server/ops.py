@@ -384,6 +384,7 @@ class AppCollector(Collector):
             self._worker,
             self._sse,
             self._store,
+            self._connections,
         )
         for section in sections:
             try:
@@ -523,6 +524,34 @@ class AppCollector(Collector):
             else:
                 yield CounterMetricFamily(f"{PREFIX}_sse_{_base(name)}", doc, value=v)
         yield closed
+
+    def _connections(self) -> Iterator[Metric]:
+        from decnet_attr.server.connections import CONNECTIONS
+
+        guard = self.app.get(CONNECTIONS)
+        if guard is None:  # not served by make_runner (tests, embedding)
+            return
+        stats = guard.stats()
+        yield GaugeMetricFamily(
+            f"{PREFIX}_http_connections_open",
+            "Open HTTP connections.",
+            value=float(stats["connections_open"]),
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_http_connections_max",
+            "The cap on open HTTP connections.",
+            value=float(stats["connections_max"]),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_http_connections_refused",
+            "Connections refused over the total or per-address cap.",
+            value=float(stats["connections_refused"]),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_http_connections_header_timeouts",
+            "Connections closed for not sending a request head in time.",
+            value=float(stats["connections_header_timeouts"]),
+        )
 
     def _store(self) -> Iterator[Metric]:
         count = self.state.dead_letters

@@ -3,15 +3,14 @@ endpoint (reference §6.5, byte-compatible)."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from decnet_attr.identifiers import ATTACKER_UUID_PROBLEM, is_attacker_uuid, normalise_ip
 from decnet_attr.server.app import STORE
 from decnet_attr.server.auth import READ_ROLES, REGISTER_ROLES, Principal, require
 from decnet_attr.server.errors import (
@@ -39,8 +38,6 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
-#: Attacker uuids accepted at registration.
-ATTACKER_UUID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 #: Longest attacker uuid looked up (the worker accepts up to 128 characters).
 MAX_ATTACKER_UUID = 128
 LIST_LIMIT_DEFAULT = 50
@@ -250,29 +247,30 @@ async def attacker_detail(request: web.Request, principal: Principal) -> web.Str
     return json_response(body)
 
 
-def normalise_ip(value: Any) -> str:
-    """A valid IPv4/IPv6 address in canonical text form, or ValueError."""
-    if not isinstance(value, str) or not value or len(value) > 64:
-        raise ValueError("ip must be an IPv4 or IPv6 address")
-    try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        raise ValueError(f"ip is not a valid IP address: {value[:64]!r}") from None
+#: What a caller that cannot read attackers (a sensor) learns from registering
+#: one: the uuid to send its observations under, nothing of the attribution.
+SENSOR_REGISTRATION_FIELDS = ("uuid", "ip")
+#: The 409 detail such a caller gets (it names neither the uuid nor the ip).
+SENSOR_CONFLICT_DETAIL = "the uuid or the ip is already registered with another attacker"
 
 
 @routes.post("/api/v1/attackers", name="attackers_register")
 @require(*REGISTER_ROLES)
 async def register_attacker(request: web.Request, principal: Principal) -> web.StreamResponse:
     """``{ip, uuid?}``: idempotent by ip; 201 when created, 200 when it existed,
-    409 when the uuid belongs to another ip."""
+    409 when the uuid belongs to another ip.
+
+    A caller without read access (a sensor) gets only ``{uuid, ip}`` back and
+    a 409 that names nothing: registering is not a way to read attackers."""
+    reader = principal.role in READ_ROLES
     body = await read_json_object(request)
     try:
         ip = normalise_ip(body.get("ip"))
     except ValueError as exc:
         raise unprocessable(str(exc)) from None
     uuid = body.get("uuid")
-    if uuid is not None and (not isinstance(uuid, str) or not ATTACKER_UUID_RE.match(uuid)):
-        raise unprocessable("uuid must be 1-64 characters of [A-Za-z0-9-]")
+    if uuid is not None and not is_attacker_uuid(uuid):
+        raise unprocessable(ATTACKER_UUID_PROBLEM)
     unknown = sorted(set(body) - {"ip", "uuid"})
     if unknown:
         raise unprocessable(f"unknown field(s): {', '.join(k[:40] for k in unknown[:5])}")
@@ -285,10 +283,21 @@ async def register_attacker(request: web.Request, principal: Principal) -> web.S
         # The uuid exists with another ip (or lost a race to a concurrent insert).
         existing = await store.get_attacker(uuid) if uuid is not None else None
         if existing is not None and existing.ip != ip:
-            raise conflict(f"attacker {uuid} is already registered with another ip") from None
+            raise conflict(
+                f"attacker {uuid} is already registered with another ip"
+                if reader
+                else SENSOR_CONFLICT_DETAIL
+            ) from None
         raise
     if uuid is not None and row.uuid != uuid:
-        raise conflict(f"ip {ip} is already registered as attacker {row.uuid}")
+        raise conflict(
+            f"ip {ip} is already registered as attacker {row.uuid}"
+            if reader
+            else SENSOR_CONFLICT_DETAIL
+        )
     if created:
         log.info("attacker %s registered for %s by %s", row.uuid, ip, principal.username)
-    return json_response(attacker_body(row), status=201 if created else 200)
+    out = attacker_body(row)
+    if not reader:
+        out = {k: out[k] for k in SENSOR_REGISTRATION_FIELDS}
+    return json_response(out, status=201 if created else 200)

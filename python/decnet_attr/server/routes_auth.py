@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from decnet_attr.audit import audit
 from decnet_attr.server.app import AUTH, SETTINGS
 from decnet_attr.server.auth import (
     PASSWORD_MAX_LENGTH,
@@ -42,6 +43,10 @@ def _str_field(body: dict[str, Any], name: str, max_length: int) -> str:
     return value
 
 
+def _address(request: web.Request) -> str:
+    return client_ip(request, trust_forwarded_for=request.app[SETTINGS].trust_forwarded_for)
+
+
 def _token_body(token: str, must_change: bool) -> dict[str, Any]:
     return {"access_token": token, "token_type": "bearer", "must_change_password": must_change}
 
@@ -53,10 +58,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     username = _str_field(body, "username", USERNAME_MAX_LENGTH * 2)
     password = _str_field(body, "password", PASSWORD_MAX_LENGTH)
-    ip = client_ip(request, trust_forwarded_for=request.app[SETTINGS].trust_forwarded_for)
-    auth.check_login_rate(ip, username)
-    token, user = await auth.login(username, password)
-    log.info("login: %s (%s) from %s", user.username, user.role, ip)
+    token, user = await auth.login(username, password, address=_address(request))
     return json_response(_token_body(token, user.must_change_password))
 
 
@@ -65,7 +67,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def logout(request: web.Request, principal: Principal) -> web.StreamResponse:
     """Denylist this token until it expires; open streams using it close."""
     await request.app[AUTH].revoke(principal)
-    log.info("logout: %s", principal.username)
+    audit("logout", "ok", user=principal.username, address=_address(request))
     return json_response({"message": "Logged out"})
 
 
@@ -75,21 +77,27 @@ async def change_password(request: web.Request, principal: Principal) -> web.Str
     """``{old_password, new_password}`` → a fresh token; every older token of
     the user stops working."""
     auth = request.app[AUTH]
+    address = _address(request)
     wait = auth.password_limiter.retry_after(principal.user_uuid)
     if wait > 0:
+        audit("password_change", "throttled", user=principal.username, address=address)
         raise auth.rate_limited("Too many password change attempts; try again later", wait)
     auth.password_limiter.record(principal.user_uuid)
     body = await read_json_object(request)
     old = _str_field(body, "old_password", PASSWORD_MAX_LENGTH)
     new = body.get("new_password")
-    problem = password_problem(new)
+    if new == old:
+        raise unprocessable("new_password: must differ from the old password")
+    problem = password_problem(new, username=principal.username)
     if problem is not None:
         raise unprocessable(f"new_password: {problem}")
     assert isinstance(new, str)
-    if new == old:
-        raise unprocessable("new_password: must differ from the old password")
-    token, user = await auth.change_password(principal, old, new)
-    log.info("password changed: %s", user.username)
+    try:
+        token, user = await auth.change_password(principal, old, new)
+    except web.HTTPBadRequest:
+        audit("password_change", "failed", user=principal.username, address=address)
+        raise
+    audit("password_change", "ok", user=user.username, address=address)
     return json_response(_token_body(token, user.must_change_password))
 
 

@@ -62,6 +62,7 @@ from decnet_attr import topics
 from decnet_attr.bus.base import Bus, Event, QueueSubscription, RateLimitedLog, Subscription
 from decnet_attr.bus.helpers import batch_observations
 from decnet_attr.config import Settings
+from decnet_attr.server.connections import tune_socket
 from decnet_attr.server.wire import iso_utc
 from decnet_attr.store.base import AttackerRow, StateRow, Store, StoreError
 
@@ -633,6 +634,7 @@ class SseHub:
                 return resp
             stream.writer = writer
             stream.transport = transport
+            tune_socket(transport, self._settings.dead_peer_timeout)  # vanished peers
             stream.last_write = asyncio.get_running_loop().time()
             await self._serve(stream)
         except Exception as exc:
@@ -775,7 +777,12 @@ class SseHub:
         if writer is not None and t.get_write_buffer_size() >= WRITE_HIGH_WATER:
             stream.draining = True
             try:
-                await writer.drain()
+                # the write deadline: a client that stops reading (or vanished)
+                # gives its slot back instead of holding it until TCP gives up
+                await asyncio.wait_for(writer.drain(), self._settings.sse_write_timeout)
+            except asyncio.TimeoutError:
+                self._close(stream, "slow")
+                raise ConnectionResetError("client stopped reading") from None
             finally:
                 stream.draining = False
 

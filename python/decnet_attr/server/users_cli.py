@@ -20,14 +20,18 @@ import uuid as uuid_mod
 from pathlib import Path
 from typing import TextIO
 
+from decnet_attr.audit import audit
 from decnet_attr.config import Settings
 from decnet_attr.server.auth import ROLES, Passwords, password_problem
+from decnet_attr.server.main import ensure_data_dir
 from decnet_attr.store import Store, StoreError, UserRow, open_store
 
 log = logging.getLogger(__name__)
 
 __all__ = ["UsageError", "read_password", "users_command"]
 
+#: The ``address`` of audit events from this command.
+CLI_ADDRESS = "local-cli"
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
@@ -36,7 +40,11 @@ class UsageError(Exception):
 
 
 def read_password(
-    stdin: TextIO | None = None, *, prompt: str = "Password: ", confirm: bool = True
+    stdin: TextIO | None = None,
+    *,
+    prompt: str = "Password: ",
+    confirm: bool = True,
+    username: str | None = None,
 ) -> str:
     """One password from stdin (a line) or, on a terminal, from getpass."""
     src = stdin if stdin is not None else sys.stdin
@@ -50,7 +58,7 @@ def read_password(
         if not line:
             raise UsageError("no password on stdin")
         password = line.rstrip("\r\n")
-    problem = password_problem(password)
+    problem = password_problem(password, username=username)
     if problem is not None:
         raise UsageError(problem)
     return password
@@ -84,7 +92,7 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> Non
     if cmd in ("add", "passwd"):
         if not USERNAME_RE.match(args.name):
             raise UsageError("the username must be 1-64 characters of [A-Za-z0-9_.@-]")
-        password = read_password(prompt=f"Password for {args.name}: ")
+        password = read_password(prompt=f"Password for {args.name}: ", username=args.name)
     store = await _open(settings)
     try:
         passwords = Passwords()
@@ -109,6 +117,7 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> Non
                 await store.create_user(user)
             except StoreError as exc:
                 raise UsageError(str(exc)) from None
+            audit("user_added", "ok", user=args.name, address=CLI_ADDRESS, role=role)
             out.write(f"added user {args.name} ({role})\n")
         elif cmd == "list":
             users = await store.list_users()
@@ -127,16 +136,28 @@ async def _run(args: argparse.Namespace, settings: Settings, out: TextIO) -> Non
         elif cmd == "passwd":
             assert password is not None
             user = await _user(store, args.name)
+            # An operator-set password is a temporary one: its owner must
+            # choose their own at the next login unless told otherwise.
+            must_change = not getattr(args, "no_must_change", False)
             await store.update_user(
                 user.uuid,
                 password_hash=await passwords.hash(password),
-                must_change_password=False,
+                must_change_password=must_change,
                 tokens_valid_from=now,
             )
-            out.write(f"password of {args.name} changed; their existing tokens are revoked\n")
+            audit(
+                "user_password_set",
+                "ok",
+                user=args.name,
+                address=CLI_ADDRESS,
+                must_change_password=must_change,
+            )
+            then = " (to be changed at the next login)" if must_change else ""
+            out.write(f"password of {args.name} changed{then}; their existing tokens are revoked\n")
         elif cmd == "disable":
             user = await _user(store, args.name)
             await store.update_user(user.uuid, disabled=True, tokens_valid_from=now)
+            audit("user_disabled", "ok", user=args.name, address=CLI_ADDRESS)
             out.write(f"user {args.name} disabled; their existing tokens are revoked\n")
         else:  # pragma: no cover - argparse restricts the choices
             raise UsageError(f"unknown users command {cmd!r}")
@@ -156,7 +177,7 @@ def users_command(
     e = err if err is not None else sys.stderr
     try:
         if not settings.db_url:
-            Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            ensure_data_dir(Path(settings.data_dir))
         asyncio.run(_run(args, settings, o))
     except UsageError as exc:
         e.write(f"decnet-attr users: {exc}\n")

@@ -52,6 +52,7 @@ from decnet_attr.store.base import (
     UserRow,
     truncate_payload,
 )
+from decnet_attr.store.files import private_db_files
 from decnet_attr.store.schema import (
     ATTACKER_COLS,
     EVIDENCE_SQL,
@@ -666,6 +667,8 @@ class SqliteStore(Store):
                 + ".".join(map(str, MIN_SQLITE_VERSION))
             )
         try:
+            if not self._memory:
+                private_db_files(self.path)
             self._w = await self._connect(native=self.native_writer and not self._memory)
             await migrate_sqlite(self._w)
             self._r = self._w if self._memory else await self._connect()

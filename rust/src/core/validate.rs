@@ -12,7 +12,7 @@
 //! | field | rule | code |
 //! |---|---|---|
 //! | item | a JSON object with only the known fields | `invalid_json`, `not_object`, `unknown_field` |
-//! | `attacker_uuid` | 1–128 characters of `[A-Za-z0-9_.:-]` | `bad_attacker_uuid` |
+//! | `attacker_uuid` | 1–64 characters of `[A-Za-z0-9-]` | `bad_attacker_uuid` |
 //! | `primitive` | a registered primitive; equal to the topic's, when there is a topic | `bad_primitive`, `unknown_primitive`, `topic_mismatch` |
 //! | `value` | present; compact JSON ≤ `max_value_bytes`; nesting ≤ 32; a finite number (or numeric string, bool, null) for numeric primitives | `missing_value`, `value_too_large`, `value_too_deep`, `value_not_numeric` |
 //! | `ts` | a finite number inside the accepted range | `bad_ts`, `ts_out_of_range` |
@@ -38,6 +38,10 @@ use super::registry::Registry;
 use super::value::{write_float, write_json_str};
 
 pub const MAX_ID: usize = 128;
+/// Attacker uuids: 1–64 characters of `[A-Za-z0-9-]` (a UUID in any usual
+/// spelling; nothing a log line, URL path or HTML page would interpret).
+pub const MAX_ATTACKER_UUID: usize = 64;
+pub const ATTACKER_UUID_ALPHABET: &str = "[A-Za-z0-9-]";
 pub const MAX_TEXT: usize = 512;
 pub const MAX_IDENTITY_REF: usize = 128;
 pub const MAX_IP: usize = 64;
@@ -235,6 +239,13 @@ fn is_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
+/// The one attacker-uuid rule (registration and ingest).
+pub fn is_attacker_uuid(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ATTACKER_UUID
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 fn finite(v: Option<&J>) -> Option<f64> {
     match v {
         Some(J::Number(n)) => n.as_f64().filter(|f| f.is_finite()),
@@ -265,7 +276,12 @@ fn opt_text<'a>(
 /// `s` as one stored IP address: IPv4-mapped IPv6 as IPv4, no zone id.
 pub fn normalise_ip(s: &str) -> Option<String> {
     let s = s.trim();
-    let bare = s.split('%').next().unwrap_or(s);
+    // a zone id names the sensor's interface, not the attacker (IPv6 only)
+    let bare = if s.contains(':') {
+        s.split('%').next().unwrap_or(s)
+    } else {
+        s
+    };
     let ip: IpAddr = bare.parse().ok()?;
     Some(match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -356,11 +372,14 @@ fn check_one(
         );
     }
     let attacker = match obj.get("attacker_uuid") {
-        Some(J::String(s)) if is_id(s) => s.clone(),
+        Some(J::String(s)) if is_attacker_uuid(s) => s.clone(),
         _ => {
             return fail(
                 Reason::BadAttackerUuid,
-                format!("attacker_uuid must be 1-{MAX_ID} characters of {ID_ALPHABET}"),
+                format!(
+                    "attacker_uuid must be 1-{MAX_ATTACKER_UUID} characters of \
+                     {ATTACKER_UUID_ALPHABET}"
+                ),
             )
         }
     };

@@ -363,3 +363,9 @@ pub fn observation_lines(
     }
     Ok(out)
 }
+
+/// The one attacker-uuid rule: 1–64 characters of `[A-Za-z0-9-]`.
+#[pyfunction]
+pub fn is_attacker_uuid(text: &str) -> bool {
+    validate::is_attacker_uuid(text)
+}
