@@ -35,7 +35,7 @@ pytestmark = [requires_chromium, pytest.mark.timeout(60)]
 
 PAGE = Path(__file__).with_name("decnet_flow.html")
 SHELL = "environmental.shell_type"
-NEW_ADMIN_PASSWORD = "a much better admin password"
+NEW_ADMIN_PASSWORD = "A much better admin passw0rd"
 SENSOR_PASSWORD = "sensor password 1234"
 
 

@@ -504,6 +504,12 @@ async def test_a_crash_after_lazy_windows_replays_what_they_do_not_cover(
     assert att is not None and att.identity_id
     stale = await store.get_state(att.identity_id, "motor.input_modality")
     assert stale is not None and 0 < (stale.window_seq or 0) < len(obs)
+    # explain reads the stale window plus the observations past it
+    ex = await explain_state(store, settings, A, "motor.input_modality")
+    assert ex is not None
+    modality = oracle_states(obs)[("", "motor.input_modality")]
+    assert ex["state"]["observation_count"] == modality.observation_count
+    assert ex["state"]["state"] == modality.state
     w2 = AttributionWorker(settings, bus, store)
     await w2.start()
     await publish_all(bus, [mk_obs(A, "motor.input_modality", "a", 100.0)])

@@ -423,6 +423,11 @@ class Store(ABC):
         primitive: ``{primitive, value, confidence, ts, source}`` (``value``
         decoded). Ties on ts go to the higher seq (deterministic)."""
 
+    async def series_after(self, identity_uuid: str, primitive: str, seq: int) -> list[Any]:
+        """:meth:`Tx.series_after` outside a transaction (stores with
+        ``lazy_windows``)."""
+        raise NotImplementedError
+
     @abstractmethod
     async def recent_values(
         self, identity_uuid: str, primitive: str, limit: int

@@ -300,6 +300,11 @@ _SQL_SAVE_WINDOW = (
     "WHERE identity_uuid = ? AND primitive = ?"
 )
 
+_SQL_SERIES_AFTER = (
+    "SELECT value, ts FROM observations WHERE identity_uuid = ? AND seq > ? "
+    "AND primitive = ? AND merged = 1 ORDER BY seq"
+)
+
 _SQL_LOAD_STATES = (
     "SELECT "
     + ", ".join(f"s.{c.strip()}" for c in STATE_COLS.split(","))
@@ -492,9 +497,7 @@ class SqliteTx(Tx):
     async def series_after(self, identity_uuid: str, primitive: str, seq: int) -> list[Any]:
         return list(
             await self._c().execute_fetchall(
-                "SELECT value, ts FROM observations WHERE identity_uuid = ? AND seq > ? "
-                "AND primitive = ? AND merged = 1 ORDER BY seq",
-                (identity_uuid, int(seq), primitive),
+                _SQL_SERIES_AFTER, (identity_uuid, int(seq), primitive)
             )
         )
 
@@ -961,6 +964,14 @@ class SqliteStore(Store):
             }
             for r in rows
         ]
+
+    @_guard
+    async def series_after(self, identity_uuid: str, primitive: str, seq: int) -> list[Any]:
+        return list(
+            await self._reader().execute_fetchall(
+                _SQL_SERIES_AFTER, (identity_uuid, int(seq), primitive)
+            )
+        )
 
     @_guard
     async def recent_values(

@@ -132,6 +132,22 @@ async def recompute_command(settings: Settings, *, dry_run: bool = False) -> int
     return 0
 
 
+def feed_series(engine: Engine, identity: str, primitive: str, series: list[Any]) -> None:
+    """Merge stored ``(value_json, ts)`` rows of one key, in stored order."""
+    if series:
+        engine.ingest(
+            [
+                {
+                    "identity_uuid": identity,
+                    "primitive": primitive,
+                    "value": orjson.loads(value),
+                    "ts": ts,
+                }
+                for value, ts in series
+            ]
+        )
+
+
 async def explain_state(
     store: Store, settings: Settings, attacker_uuid: str, primitive: str
 ) -> dict[str, Any] | None:
@@ -148,7 +164,16 @@ async def explain_state(
         errors = engine.import_windows([row.window_json])
         if errors:
             engine.clear()
-    if not len(engine):
+    if row.window_seq is not None and (len(engine) or not row.window_json):
+        # a lazily written window (or none yet): the stored observations past it
+        after = row.window_seq if len(engine) else 0
+        feed_series(
+            engine,
+            row.identity_uuid,
+            primitive,
+            await store.series_after(row.identity_uuid, primitive, after),
+        )
+    elif not len(engine):
         series = await store.recent_values(row.identity_uuid, primitive, 10**9)
         engine.ingest(
             [

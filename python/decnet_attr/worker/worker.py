@@ -68,6 +68,7 @@ from decnet_attr.topics import (
     OBSERVATION_PATTERN,
     primitive_from_topic,
 )
+from decnet_attr.worker.recompute import feed_series
 
 log = logging.getLogger(__name__)
 log.addFilter(RepeatFilter(10.0))
@@ -723,19 +724,7 @@ class AttributionWorker:
         for ident, prim in rebuild:
             await self._rebuild_key(ident, prim)
         for (ident, prim), after in replay.items():
-            series = await tx.series_after(ident, prim, after)
-            if series:
-                self.engine.ingest(
-                    [
-                        {
-                            "identity_uuid": ident,
-                            "primitive": prim,
-                            "value": orjson.loads(value),
-                            "ts": ts,
-                        }
-                        for value, ts in series
-                    ]
-                )
+            feed_series(self.engine, ident, prim, await tx.series_after(ident, prim, after))
         return prior
 
     async def _rebuild_key(self, identity: str, primitive: str) -> None:
