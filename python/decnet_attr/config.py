@@ -159,6 +159,15 @@ class Settings:
             "it is written (observations since are replayed on load)"
         },
     )
+    retention: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds raw observations are kept (0: forever); states and windows stay"
+        },
+    )
+    retention_interval: float = field(
+        default=60.0, metadata={"help": "seconds between retention marks and prune passes"}
+    )
     heartbeat_interval: float = 10.0
     multi_actor_tick: float = field(
         default=60.0, metadata={"help": "safety-net multi-actor scan period (s)"}

@@ -452,6 +452,27 @@ class Store(ABC):
         """Recompute: replace the whole ``attribution_state`` table (one
         transaction) and clear the multi-actor dedupe."""
 
+    # ---- retention ---------------------------------------------------------
+    @abstractmethod
+    async def mark_observations(self, now: float) -> int:
+        """Note the newest observation seq at ``now`` (a retention mark);
+        returns it."""
+
+    @abstractmethod
+    async def retention_cut(self, before: float) -> int:
+        """The newest seq stored before ``before`` (by the marks; 0: none)."""
+
+    @abstractmethod
+    async def stale_window_keys(self, seq: int, limit: int) -> list[Key]:
+        """Keys whose stored window stops before ``seq`` (lazy windows):
+        pruning up to ``seq`` would take observations they still need."""
+
+    @abstractmethod
+    async def prune_observations(self, upto_seq: int, *, chunk: int = 50_000) -> int:
+        """Delete merged observations with ``seq <= upto_seq`` in chunks of
+        ``chunk`` rows (one transaction each) and marks older than the cut;
+        returns how many went."""
+
     @abstractmethod
     async def dead_letter_count(self) -> int: ...
 

@@ -845,6 +845,60 @@ class PostgresStore(Store):
             if rows:
                 await conn.execute(_SQL_INSERT_STATES, *_state_arrays(rows))
 
+    # ---- retention ---------------------------------------------------------------------------
+    @_guard
+    async def mark_observations(self, now: float) -> int:
+        async with self._conn() as conn:
+            return int(
+                await conn.fetchval(
+                    "INSERT INTO observation_marks (at, seq) "
+                    "SELECT $1, coalesce(max(seq), 0) FROM observations "
+                    "ON CONFLICT (at) DO UPDATE SET seq = EXCLUDED.seq RETURNING seq",
+                    now,
+                )
+            )
+
+    @_guard
+    async def retention_cut(self, before: float) -> int:
+        async with self._conn() as conn:
+            return int(
+                await conn.fetchval(
+                    "SELECT coalesce(max(seq), 0) FROM observation_marks WHERE at < $1", before
+                )
+            )
+
+    @_guard
+    async def stale_window_keys(self, seq: int, limit: int) -> list[Key]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT identity_uuid, primitive FROM attribution_state "
+                "WHERE window_seq IS NOT NULL AND window_seq < $1 LIMIT $2",
+                int(seq),
+                int(limit),
+            )
+        return [(r[0], r[1]) for r in rows]
+
+    @_guard
+    async def prune_observations(self, upto_seq: int, *, chunk: int = 50_000) -> int:
+        deleted = 0
+        async with self._conn() as conn:
+            low = int(await conn.fetchval("SELECT coalesce(min(seq), 0) FROM observations"))
+            while low and low <= upto_seq:
+                high = min(low + chunk - 1, upto_seq)
+                status = await conn.execute(
+                    "DELETE FROM observations WHERE seq BETWEEN $1 AND $2 AND merged",
+                    low,
+                    high,
+                )
+                deleted += int(status.split()[-1])
+                low = high + 1
+            await conn.execute(
+                "DELETE FROM observation_marks WHERE seq <= $1 AND at < "
+                "(SELECT max(at) FROM observation_marks WHERE seq <= $1)",
+                upto_seq,
+            )
+        return deleted
+
     @_guard
     async def dead_letter_count(self) -> int:
         async with self._conn() as conn:

@@ -387,6 +387,23 @@ _V7_POSTGRES = """
 ALTER TABLE attribution_state ADD COLUMN window_seq BIGINT NULL
 """
 
+# v8: retention marks. The worker notes now and then "at time T the newest
+# observation seq was S"; pruning a horizon deletes the seq range up to the
+# newest mark older than it (arrival order, in bulk), never row by row.
+_V8_SQLITE = """
+CREATE TABLE observation_marks (
+    at REAL PRIMARY KEY,
+    seq INTEGER NOT NULL
+)
+"""
+
+_V8_POSTGRES = """
+CREATE TABLE observation_marks (
+    at DOUBLE PRECISION PRIMARY KEY,
+    seq BIGINT NOT NULL
+)
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, _V1_SQLITE, _V1_POSTGRES),
     Migration(2, _V2_SQLITE, _V2_POSTGRES),
@@ -395,6 +412,7 @@ MIGRATIONS: list[Migration] = [
     Migration(5, _V5, _V5),
     Migration(6, _V6_SQLITE, _V6_POSTGRES),
     Migration(7, _V7_SQLITE, _V7_POSTGRES),
+    Migration(8, _V8_SQLITE, _V8_POSTGRES),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)

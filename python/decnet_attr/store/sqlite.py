@@ -1045,6 +1045,60 @@ class SqliteStore(Store):
                     _SQL_INSERT_STATE, [_state_params(r, now) for r in dedupe_states(rows)]
                 )
 
+    # ---- retention ---------------------------------------------------------------------------
+    @_guard
+    async def mark_observations(self, now: float) -> int:
+        async with self._write() as conn:
+            rows = await conn.execute_fetchall("SELECT coalesce(max(seq), 0) FROM observations")
+            seq = int(rows[0][0])
+            await conn.execute(
+                "INSERT INTO observation_marks (at, seq) VALUES (?, ?) "
+                "ON CONFLICT (at) DO UPDATE SET seq = excluded.seq",
+                (now, seq),
+            )
+        return seq
+
+    @_guard
+    async def retention_cut(self, before: float) -> int:
+        rows = await self._reader().execute_fetchall(
+            "SELECT coalesce(max(seq), 0) FROM observation_marks WHERE at < ?", (before,)
+        )
+        return int(rows[0][0])
+
+    @_guard
+    async def stale_window_keys(self, seq: int, limit: int) -> list[Key]:
+        rows = await self._reader().execute_fetchall(
+            "SELECT identity_uuid, primitive FROM attribution_state "
+            "WHERE window_seq IS NOT NULL AND window_seq < ? LIMIT ?",
+            (int(seq), int(limit)),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    @_guard
+    async def prune_observations(self, upto_seq: int, *, chunk: int = 50_000) -> int:
+        rows = await self._reader().execute_fetchall(
+            "SELECT coalesce(min(seq), 0) FROM observations"
+        )
+        low = int(rows[0][0])
+        deleted = 0
+        while low and low <= upto_seq:  # rowid ranges: pages freed in bulk
+            high = min(low + chunk - 1, upto_seq)
+            async with self._write() as conn:
+                await conn.execute(
+                    "DELETE FROM observations WHERE seq BETWEEN ? AND ? AND merged = 1",
+                    (low, high),
+                )
+                n = await conn.execute_fetchall("SELECT changes()")
+            deleted += int(n[0][0])
+            low = high + 1
+        async with self._write() as conn:
+            await conn.execute(
+                "DELETE FROM observation_marks WHERE seq <= ? AND at < "
+                "(SELECT max(at) FROM observation_marks WHERE seq <= ?)",
+                (upto_seq, upto_seq),
+            )
+        return deleted
+
     @_guard
     async def dead_letter_count(self) -> int:
         rows = await self._reader().execute_fetchall("SELECT count(*) FROM dead_letters")

@@ -115,6 +115,7 @@ class WorkerStats:
     attackers_observed: int = 0
     pending_merged: int = 0
     windows_saved: int = 0
+    pruned: int = 0
     lag_seconds: float = 0.0
     last_batch_at: float = 0.0
     batch_size: Histogram = field(
@@ -189,7 +190,6 @@ class AttributionWorker:
         # it first changed since its window was last written, oldest first.
         self.lazy = store.lazy_windows and not self.shared
         self._dirty: dict[Key, float] = {}
-        self._saving: list[tuple[Key, float]] = []
         self._event_seq = 0
 
     async def _publish(self, topic: str, payload: dict[str, Any], etype: str) -> bool:
@@ -229,6 +229,7 @@ class AttributionWorker:
             asyncio.create_task(self._consume_loop(first), name="attribution-consumer"),
             asyncio.create_task(self._observed_loop(), name="attribution-observed"),
             asyncio.create_task(self._tick_loop(), name="attribution-multi-actor-tick"),
+            asyncio.create_task(self._retention_loop(), name="attribution-retention"),
             asyncio.create_task(
                 run_health_heartbeat(
                     self.bus, s.worker_name, interval=s.heartbeat_interval, extra=self.health
@@ -558,7 +559,6 @@ class AttributionWorker:
         now = time.time()
         touched: list[Key] = []
         counted = {f: getattr(self.stats, f) for f in _ATTEMPT_COUNTERS}
-        self._saving = []
         try:
             async with self.store.transaction() as tx:
                 if batch.dead:
@@ -567,7 +567,6 @@ class AttributionWorker:
         except BaseException:
             # the engine may hold merges the store never committed, and the
             # counters counted an attempt that did not happen
-            self._restore_dirty()
             self.engine.evict(touched)
             for f, v in counted.items():
                 setattr(self.stats, f, v)
@@ -645,10 +644,12 @@ class AttributionWorker:
         self.stats.merged += len(new_pos)
         events.extend(await self._write_states(tx, result, prior, now))
         if self.lazy and self._dirty:
-            await self._checkpoint(tx, now)
+            await self._checkpoint(tx, now, touched)
         return events
 
-    async def _checkpoint(self, tx: Tx, now: float, *, everything: bool = False) -> None:
+    async def _checkpoint(
+        self, tx: Tx, now: float, touched: list[Key], *, everything: bool = False
+    ) -> None:
         """Write the retained windows of keys changed at least
         ``window_checkpoint`` seconds ago (at most ``CHECKPOINT_KEYS`` per
         batch; all of them with ``everything``), inside the batch's
@@ -666,27 +667,73 @@ class AttributionWorker:
         await tx.save_windows(
             [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
         )
+        # if the transaction does not commit, these keys are evicted with the
+        # batch's (touched): they reload from the store, window plus replay
+        touched.extend(keys)
         for k in keys:
-            self._saving.append((k, self._dirty.pop(k)))
+            del self._dirty[k]
         self.stats.windows_saved += len(keys)
 
     async def checkpoint_all(self) -> None:
-        """Write every pending window now (a graceful stop; tests)."""
+        """Write every pending window now (a graceful stop; before pruning)."""
         if not (self.lazy and self._dirty):
             return
-        self._saving = []
+        touched: list[Key] = []
         try:
             async with self.store.transaction() as tx:
-                await self._checkpoint(tx, time.time(), everything=True)
+                await self._checkpoint(tx, time.time(), touched, everything=True)
         except BaseException:
-            self._restore_dirty()
+            self.engine.evict(touched)
             raise
 
-    def _restore_dirty(self) -> None:
-        """Windows of a transaction that did not commit are still pending."""
-        for k, since in self._saving:
-            self._dirty.setdefault(k, since)
-        self._saving = []
+    # ---- retention -------------------------------------------------------------------
+    async def prune_once(self, now: float | None = None) -> int:
+        """Note a retention mark, then (with ``retention`` set) delete the
+        stored observations older than the horizon, in bulk. Lazily written
+        windows that do not cover the cut yet are brought up to date first,
+        so no key ever needs a pruned observation. Returns how many went."""
+        now = time.time() if now is None else now
+        await self.store.mark_observations(now)
+        if self.settings.retention <= 0:
+            return 0
+        cut = await self.store.retention_cut(now - self.settings.retention)
+        if cut <= 0:
+            return 0
+        if self.lazy:
+            await self.checkpoint_all()
+            while keys := await self.store.stale_window_keys(cut, CHECKPOINT_KEYS):
+                await self._save_current_windows(keys)
+        deleted = await self.store.prune_observations(cut)
+        self.stats.pruned += deleted
+        if deleted:
+            log.info("retention: pruned %d observations up to seq %d", deleted, cut)
+        return deleted
+
+    async def _save_current_windows(self, keys: list[Key]) -> None:
+        touched: list[Key] = []
+        try:
+            async with self.store.transaction() as tx:
+                await self._load_windows(tx, keys, touched)
+                windows = self.engine.export_windows(keys)
+                seq = await tx.max_observation_seq()
+                await tx.save_windows(
+                    [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
+                )
+        except BaseException:
+            self.engine.evict(touched)
+            raise
+        for k in keys:
+            self._dirty.pop(k, None)
+
+    async def _retention_loop(self) -> None:
+        while not self._stop.is_set():
+            await self._sleep(self.settings.retention_interval)
+            if self._stop.is_set():
+                return
+            try:
+                await self.prune_once()
+            except Exception as exc:  # pruning must never kill the worker
+                log.warning("retention pass failed: %s", exc)
 
     async def _load_windows(
         self, tx: Tx, keys: list[Key], touched: list[Key]
