@@ -9,7 +9,8 @@
   the engine merging into keys with that much history;
 - engine memory per key at 1M keys.
 
-Workload: DECNET-shaped session bursts (benches/workload.py). Each case
+Workload, warm engines and the timed call come from ``decnet_attr.benchkit``
+(the code ``decnet-attr bench`` measures with). Each case
 records ``obs_per_s`` in the benchmark's extra_info; the summary table is
 printed at the end of the run (benches/conftest.py).
 """
@@ -25,8 +26,8 @@ import pytest
 
 from benches import baseline
 from benches.conftest import record
-from benches.workload import EMITTED, batches, json_array, ndjson, observations
-from decnet_attr import Engine
+from decnet_attr import Engine, benchkit
+from decnet_attr.benchkit import EMITTED, batches, ingest_once, json_array, ndjson, observations
 
 KEYS = [10_000, 100_000, 1_000_000]
 SIZES = [1_000, 10_000]
@@ -35,18 +36,11 @@ _engines: dict[int, tuple[Engine, list[list[dict[str, Any]]]]] = {}
 
 
 def warm_engine(keys: int) -> tuple[Engine, list[list[dict[str, Any]]]]:
-    """An engine holding `keys` keys (every identity had a session), plus
-    fresh observations (later ts) for the measured batches."""
+    """benchkit's warm engine, one at a time (they are large)."""
     if keys not in _engines:
         _engines.clear()
         gc.collect()
-        eng = Engine()
-        idents = keys // len(EMITTED)
-        warm = observations(keys, idents * len(EMITTED) * 2, seed=11, sweep=True)
-        for b in batches(warm, 20_000):
-            eng.ingest(b)
-        fresh = observations(keys, 60_000, seed=12, ts0=2.0e9)
-        _engines[keys] = (eng, batches(fresh, 10_000))
+        _engines[keys] = benchkit.warm_engine(keys)
     return _engines[keys]
 
 
@@ -54,11 +48,11 @@ def warm_engine(keys: int) -> tuple[Engine, list[list[dict[str, Any]]]]:
 @pytest.mark.parametrize("keys", KEYS)
 def test_ingest_json(benchmark: Any, keys: int, size: int) -> None:
     eng, fresh = warm_engine(keys)
-    payloads = [json_array(b[i : i + size]) for b in fresh for i in range(0, len(b), size)]
+    payloads = benchkit.payloads(fresh, size)
     it = iter(range(10**9))
 
     def run() -> None:
-        eng.ingest_json(payloads[next(it) % len(payloads)])
+        ingest_once(eng, payloads[next(it) % len(payloads)])
 
     benchmark.pedantic(run, rounds=max(20, 60_000 // size), iterations=1, warmup_rounds=2)
     record(benchmark, f"ingest_json keys={keys:,} batch={size:,}", size)
@@ -70,11 +64,11 @@ def test_ingest_ndjson(benchmark: Any, keys: int, threads: int) -> None:
     """NDJSON (what sensors and DECNET exports send), batches of 10k; with
     threads=2 the parse runs on the second core while this one merges."""
     eng, fresh = warm_engine(keys)
-    payloads = [ndjson(b) for b in fresh]
+    payloads = benchkit.payloads(fresh, 10_000, ndjson)
     it = iter(range(10**9))
 
     def run() -> None:
-        eng.ingest_json(payloads[next(it) % len(payloads)], threads=threads)
+        ingest_once(eng, payloads[next(it) % len(payloads)], threads)
 
     benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=2)
     record(benchmark, f"ingest_json NDJSON keys={keys:,} batch=10,000 threads={threads}", 10_000)

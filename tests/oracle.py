@@ -4,6 +4,8 @@ difference: list and dict values are compared by canonical JSON (sorted
 keys, compact) instead of crashing.
 
 It is slow and obvious on purpose: it recomputes from the whole series.
+Every merger takes the thresholds (:class:`OThresholds`, DECNET's constants
+by default).
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ CONFLICT_CV = 1.0
 HASH_DRIFT_MAX = 2
 HASH_WINDOW = 86400.0
 MULTI_ACTOR_MAX_CONF = 0.6
+
+
+@dataclass(frozen=True)
+class OThresholds:
+    window_n: int = WINDOW_N
+    min_observations: int = MIN_OBS
+    majority: int = MAJORITY
+    alternation_min_len: int = ALTERNATION_MIN_LEN
+    ewma_alpha: float = EWMA_ALPHA
+    drift_mean_shift_pct: float = DRIFT_SHIFT
+    conflict_dispersion_pct: float = CONFLICT_CV
+    numeric_conflict_confidence: float = 0.5
+    hash_drift_max: int = HASH_DRIFT_MAX
+    hash_window_secs: float = HASH_WINDOW
+    multi_actor_max_confidence: float = MULTI_ACTOR_MAX_CONF
+
+
+DEFAULT = OThresholds()
 
 
 @dataclass(frozen=True)
@@ -76,9 +96,9 @@ def _most_common(values: list[Any]) -> tuple[Any, int]:
     raise AssertionError
 
 
-def is_alternation(values: list[Any]) -> bool:
-    r = values[-WINDOW_N:]
-    if len(r) < ALTERNATION_MIN_LEN:
+def is_alternation(values: list[Any], t: OThresholds = DEFAULT) -> bool:
+    r = values[-t.window_n :]
+    if len(r) < t.alternation_min_len:
         return False
     if len({_Key(v) for v in r}) != 2:
         return False
@@ -87,29 +107,33 @@ def is_alternation(values: list[Any]) -> bool:
     return flips >= 2 * max(repeats, 1)
 
 
-def categorical(obs: list[dict[str, Any]]) -> OState:
+def categorical(obs: list[dict[str, Any]], t: OThresholds = DEFAULT) -> OState:
     n = len(obs)
     last = obs[-1]
     last_ts = float(last["ts"])
-    if n < MIN_OBS:
+    if n < t.min_observations:
         return OState(last["value"], "unknown", 0.0, n, last_ts)
     values = [o["value"] for o in obs]
-    recent = values[-WINDOW_N:]
+    recent = values[-t.window_n :]
     top_value, top_count = _most_common(recent)
     confidence = top_count / len(recent)
-    clear = top_count >= min(MAJORITY, len(recent))
+    clear = top_count >= min(t.majority, len(recent))
     if not clear:
-        if is_alternation(values):
+        if is_alternation(values, t):
             return OState(
-                last["value"], "multi_actor", min(confidence, MULTI_ACTOR_MAX_CONF), n, last_ts
+                last["value"],
+                "multi_actor",
+                min(confidence, t.multi_actor_max_confidence),
+                n,
+                last_ts,
             )
         return OState(last["value"], "conflicted", confidence, n, last_ts)
-    older = values[-2 * WINDOW_N : -WINDOW_N]
+    older = values[-2 * t.window_n : -t.window_n]
     if not older:
         state = "stable"
     else:
         older_top, older_count = _most_common(older)
-        if older_count < min(MAJORITY, len(older)):
+        if older_count < min(t.majority, len(older)):
             state = "drifting"
         elif _Key(older_top) != _Key(top_value):
             state = "drifting"
@@ -118,22 +142,22 @@ def categorical(obs: list[dict[str, Any]]) -> OState:
     return OState(top_value, state, confidence, n, last_ts)
 
 
-def _ewma(vals: list[float]) -> float:
+def _ewma(vals: list[float], alpha: float = EWMA_ALPHA) -> float:
     s = vals[0]
     for v in vals[1:]:
-        s = EWMA_ALPHA * v + (1 - EWMA_ALPHA) * s
+        s = alpha * v + (1 - alpha) * s
     return s
 
 
-def numeric(obs: list[dict[str, Any]]) -> OState:
+def numeric(obs: list[dict[str, Any]], t: OThresholds = DEFAULT) -> OState:
     n = len(obs)
     last = obs[-1]
     last_ts = float(last["ts"])
-    if n < MIN_OBS:
+    if n < t.min_observations:
         return OState(_to_float(last["value"]), "unknown", 0.0, n, last_ts)
-    recent = [_to_float(o["value"]) for o in obs[-WINDOW_N:]]
-    older = [_to_float(o["value"]) for o in obs[-2 * WINDOW_N : -WINDOW_N]]
-    mean = _ewma(recent)
+    recent = [_to_float(o["value"]) for o in obs[-t.window_n :]]
+    older = [_to_float(o["value"]) for o in obs[-2 * t.window_n : -t.window_n]]
+    mean = _ewma(recent, t.ewma_alpha)
     total = 0.0
     for v in recent:  # left-to-right, like the spec's Σ
         total += (v - mean) ** 2
@@ -142,22 +166,22 @@ def numeric(obs: list[dict[str, Any]]) -> OState:
         cv = 0.0 if std == 0 else 1e9
     else:
         cv = std / abs(mean)
-    if cv > CONFLICT_CV:
-        return OState(mean, "conflicted", 0.5, n, last_ts)
+    if cv > t.conflict_dispersion_pct:
+        return OState(mean, "conflicted", t.numeric_conflict_confidence, n, last_ts)
     conf = max(0.0, 1.0 - min(cv, 1.0))
     if older:
-        older_mean = _ewma(older)
+        older_mean = _ewma(older, t.ewma_alpha)
         shift = abs(mean - older_mean) / (abs(older_mean) or 1.0)
-        if shift >= DRIFT_SHIFT:
+        if shift >= t.drift_mean_shift_pct:
             return OState(mean, "drifting", conf, n, last_ts)
     return OState(mean, "stable", conf, n, last_ts)
 
 
-def hash_merger(obs: list[dict[str, Any]]) -> OState:
+def hash_merger(obs: list[dict[str, Any]], t: OThresholds = DEFAULT) -> OState:
     n = len(obs)
     last = obs[-1]
     last_ts = float(last["ts"])
-    cutoff = last_ts - HASH_WINDOW
+    cutoff = last_ts - t.hash_window_secs
     distinct = {
         _Key(o["value"]) for o in obs if float(o["ts"]) >= cutoff and o["value"] is not None
     }
@@ -165,22 +189,24 @@ def hash_merger(obs: list[dict[str, Any]]) -> OState:
     conf = 1 / (1 + rotations)
     if rotations == 0:
         state = "stable"
-    elif rotations <= HASH_DRIFT_MAX:
+    elif rotations <= t.hash_drift_max:
         state = "drifting"
     else:
         state = "conflicted"
     return OState(last["value"], state, conf, n, last_ts)
 
 
-def aggregate(obs: list[dict[str, Any]], value_kind: str | None = None) -> OState:
+def aggregate(
+    obs: list[dict[str, Any]], value_kind: str | None = None, t: OThresholds = DEFAULT
+) -> OState:
     if not obs:
         return OState(None, "unknown", 0.0, 0, 0.0)
     if value_kind in (None, "categorical"):
-        return categorical(obs)
+        return categorical(obs, t)
     if value_kind == "numeric":
-        return numeric(obs)
+        return numeric(obs, t)
     if value_kind == "hash":
-        return hash_merger(obs)
+        return hash_merger(obs, t)
     raise ValueError(value_kind)
 
 

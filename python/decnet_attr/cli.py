@@ -3,7 +3,9 @@
 Sub-commands: ``serve`` (API + worker, the main job), ``worker`` (the
 attribution worker alone, for scale-out), ``users`` (manage accounts),
 ``replay`` (merge an NDJSON file of observations and print the states),
-``recompute`` (rebuild all state from stored observations), ``explain``.
+``recompute`` (rebuild all state from stored observations), ``explain``,
+``tune`` (calibrate the thresholds on labelled series) and ``bench`` (size
+a deployment on this machine).
 
 Every flag also has a ``DECNET_ATTR_*`` environment variable; flags win.
 """
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ex)
     ex.add_argument("attacker")
     ex.add_argument("primitive")
+
+    from decnet_attr.bench import add_parser as add_bench
+    from decnet_attr.tune.commands import add_parsers
+
+    add_parsers(sub, lambda sp: _common(sp, nested=True))
+    add_bench(sub, _common)
     return p
 
 
@@ -168,6 +176,25 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from decnet_attr.worker.recompute import explain_command
 
         return asyncio.run(explain_command(settings, args.attacker, args.primitive))
+    if args.command == "bench":
+        from decnet_attr.bench import bench_command
+
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ConfigError("--batch-sizes: positive integers, e.g. 100,500,2000")
+        return bench_command(
+            settings,
+            seconds=args.seconds,
+            target=args.target,
+            sizes=sizes,
+            keys=args.keys,
+            events=args.events,
+            fmt=args.format,
+        )
+    if args.command == "tune":
+        from decnet_attr.tune.commands import tune_command
+
+        return tune_command(args, settings)
     raise AssertionError(args.command)
 
 

@@ -614,23 +614,24 @@ impl Engine {
     fn outcome(&self, slot: u32) -> Outcome {
         let m = self.slots.meta(slot);
         let len = m.len as usize;
+        let th = if self.th.has_scoped() {
+            self.th.scoped(&self.prims.name(m.prim), m.kind).0
+        } else {
+            &self.th
+        };
         match m.kind {
             Kind::Categorical => {
                 let mut canon = [0 as Id; 128];
                 for (c, &id) in canon.iter_mut().zip(&self.slots.ids(slot)[..len]) {
                     *c = self.values.canon_of(id);
                 }
-                merge::categorical(&self.th, m.count, &canon[..len])
+                merge::categorical(th, m.count, &canon[..len])
             }
             Kind::Numeric => {
                 let nb = m.ext as usize * self.cap;
-                merge::numeric(&self.th, m.count, &self.nums[nb..nb + len])
+                merge::numeric(th, m.count, &self.nums[nb..nb + len])
             }
-            Kind::Hash => merge::hash(
-                &self.th,
-                self.wins[m.ext as usize].len(),
-                len.saturating_sub(1),
-            ),
+            Kind::Hash => merge::hash(th, self.wins[m.ext as usize].len(), len.saturating_sub(1)),
         }
     }
 

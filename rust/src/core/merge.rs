@@ -41,6 +41,55 @@ pub struct Thresholds {
     pub multi_actor_min_primitives: usize,
     /// `MULTI_ACTOR_TICK_SECS` (used by the worker's safety-net tick).
     pub multi_actor_tick_secs: f64,
+    /// Thresholds of their own for some primitives (checked first) and
+    /// value kinds; see [`Thresholds::scoped`].
+    pub per_primitive: Vec<Scoped>,
+    pub per_kind: Vec<Scoped>,
+}
+
+/// The merge-rule fields a primitive or a value kind may set for itself.
+/// The window size and the hash look-back shape what every key stores, and
+/// the multi-actor fields are per identity (or per worker), so those stay
+/// global.
+pub const SCOPED_FIELDS: [&str; 10] = [
+    "min_observations",
+    "majority",
+    "alternation_min_len",
+    "ewma_alpha",
+    "stable_dispersion_pct",
+    "drift_mean_shift_pct",
+    "conflict_dispersion_pct",
+    "numeric_conflict_confidence",
+    "hash_drift_max",
+    "multi_actor_max_confidence",
+];
+
+/// Thresholds for one primitive or value kind: the global ones with the
+/// `given` fields replaced (`thresholds` is the result, ready for the
+/// mergers).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scoped {
+    pub name: String,
+    pub given: Vec<&'static str>,
+    pub thresholds: Thresholds,
+}
+
+/// Which thresholds a key's merge used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Primitive,
+    Kind,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Primitive => "primitive",
+            Scope::Kind => "value_kind",
+        }
+    }
 }
 
 impl Default for Thresholds {
@@ -60,11 +109,30 @@ impl Default for Thresholds {
             multi_actor_max_confidence: 0.6,
             multi_actor_min_primitives: 2,
             multi_actor_tick_secs: 60.0,
+            per_primitive: Vec::new(),
+            per_kind: Vec::new(),
         }
     }
 }
 
 impl Thresholds {
+    /// The thresholds the mergers use for a key: the primitive's own if it
+    /// has them, else its value kind's, else these; with the override that
+    /// applied, if any.
+    pub fn scoped(&self, primitive: &str, kind: Kind) -> (&Thresholds, Scope, Option<&Scoped>) {
+        if let Some(s) = self.per_primitive.iter().find(|s| s.name == primitive) {
+            return (&s.thresholds, Scope::Primitive, Some(s));
+        }
+        if let Some(s) = self.per_kind.iter().find(|s| s.name == kind.as_str()) {
+            return (&s.thresholds, Scope::Kind, Some(s));
+        }
+        (self, Scope::Global, None)
+    }
+
+    pub fn has_scoped(&self) -> bool {
+        !(self.per_primitive.is_empty() && self.per_kind.is_empty())
+    }
+
     /// Observations retained per key: the recent window and the older one.
     pub fn retained(&self) -> usize {
         2 * self.window_n
@@ -108,6 +176,32 @@ impl Thresholds {
         finite_pos("multi_actor_tick_secs", self.multi_actor_tick_secs)?;
         if self.multi_actor_min_primitives < 1 {
             return Err("multi_actor_min_primitives must be >= 1".into());
+        }
+        for (what, list) in [
+            ("per_primitive", &self.per_primitive),
+            ("per_kind", &self.per_kind),
+        ] {
+            for s in list {
+                if let Some(f) = s.given.iter().find(|f| !SCOPED_FIELDS.contains(f)) {
+                    return Err(format!(
+                        "{what} {:?}: {f} is global only; a primitive or kind may set {}",
+                        s.name,
+                        SCOPED_FIELDS.join(", ")
+                    ));
+                }
+                if what == "per_kind" && Kind::parse(&s.name).is_none() {
+                    return Err(format!(
+                        "per_kind {:?}: not a value kind (categorical, numeric, hash)",
+                        s.name
+                    ));
+                }
+                if s.thresholds.has_scoped() {
+                    return Err(format!("{what} {:?}: overrides do not nest", s.name));
+                }
+                s.thresholds
+                    .validate()
+                    .map_err(|e| format!("{what} {:?}: {e}", s.name))?;
+            }
         }
         Ok(())
     }
@@ -424,8 +518,10 @@ pub fn numeric(th: &Thresholds, n: u64, vals: &[f64]) -> Outcome {
     let mean = ewma(th.ewma_alpha, recent);
     let mut sum = 0.0;
     for v in recent {
-        let d = v - mean;
-        sum += d * d;
+        // `(v - mean) ** 2` as Python computes it: libm's pow, which differs
+        // from `d * d` in the last bit for some values. The exponent is
+        // hidden from the optimiser, which would turn pow(d, 2) into d * d.
+        sum += (v - mean).powf(std::hint::black_box(2.0));
     }
     let var = sum / rlen as f64;
     let std = var.sqrt();

@@ -234,8 +234,7 @@ fn fail<T>(reason: Reason, msg: impl Into<String>) -> Res<T> {
 fn is_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
@@ -469,8 +468,7 @@ fn check_one(
     let id_msg = || format!("id must be 1-{MAX_ID} characters of {ID_ALPHABET}");
     let id = match obj.get("id") {
         Some(J::String(s)) if is_id(s) => s.clone(),
-        None | Some(J::Null) => match (env.and_then(|e| e.event_id.as_deref()), &opts.id_prefix)
-        {
+        None | Some(J::Null) => match (env.and_then(|e| e.event_id.as_deref()), &opts.id_prefix) {
             (Some(e), _) if is_id(e) => e.to_owned(),
             (_, Some(p)) => format!("{p}{index:08x}"),
             _ => return fail(Reason::BadId, id_msg()),
@@ -509,8 +507,13 @@ fn check_one(
     let evidence_ref = opt_text(obj, "evidence_ref", MAX_TEXT, Reason::BadEvidenceRef)?
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{}{id}", opts.evidence_prefix));
-    let identity_ref =
-        opt_text(obj, "identity_ref", MAX_IDENTITY_REF, Reason::BadIdentityRef)?.map(str::to_owned);
+    let identity_ref = opt_text(
+        obj,
+        "identity_ref",
+        MAX_IDENTITY_REF,
+        Reason::BadIdentityRef,
+    )?
+    .map(str::to_owned);
     match obj.get("v") {
         None => {}
         Some(J::Number(n)) if n.as_i64() == Some(1) => {}
@@ -732,9 +735,15 @@ mod tests {
 
     #[test]
     fn ip_addresses_are_normalised() {
-        assert_eq!(normalise_ip("::ffff:203.0.113.7").as_deref(), Some("203.0.113.7"));
+        assert_eq!(
+            normalise_ip("::ffff:203.0.113.7").as_deref(),
+            Some("203.0.113.7")
+        );
         assert_eq!(normalise_ip("fe80::1%eth0").as_deref(), Some("fe80::1"));
-        assert_eq!(normalise_ip("2001:DB8:0::7").as_deref(), Some("2001:db8::7"));
+        assert_eq!(
+            normalise_ip("2001:DB8:0::7").as_deref(),
+            Some("2001:db8::7")
+        );
         assert_eq!(normalise_ip("300.1.1.1"), None);
     }
 

@@ -14,7 +14,7 @@ use super::convert::{
     extract_item, extract_series_item, for_each_item, str_of, to_py, Arena, Item, Keys,
 };
 use super::errors::{DecnetAttrError, InvalidJSONError};
-use super::types::{PyIngestResult, PyRejected, PyState, PyThresholds};
+use super::types::{scoped_dict, PyIngestResult, PyRejected, PyState, PyThresholds};
 use super::validate::{identity_map, PyValidated};
 use crate::core::engine::{aggregate, Engine, Explanation, ItemError, Limits, Obs, StateOut};
 use crate::core::json::{parse_batch, parse_ndjson_chunks, parse_window};
@@ -371,8 +371,23 @@ impl PyEngine {
         primitive: &str,
     ) -> PyResult<Option<PyObject>> {
         let ex = self.inner.lock().explain(identity_uuid, primitive);
-        ex.map(|e| explanation(py, &self.thresholds, &e))
-            .transpose()
+        ex.map(|e| {
+            let (th, scope, over) = self.thresholds.scoped(primitive, e.kind);
+            let d = explanation(py, th, &e)?;
+            // which thresholds decided: global, the primitive's or the kind's
+            let d: &PyDict = d.as_ref(py).downcast()?;
+            d.set_item("thresholds_scope", scope.as_str())?;
+            let given = match over {
+                Some(s) => scoped_dict(py, std::slice::from_ref(s))?
+                    .get_item(&s.name)
+                    .map(|v| v.into_py(py))
+                    .unwrap_or_else(|| PyDict::new(py).into_py(py)),
+                None => PyDict::new(py).into_py(py),
+            };
+            d.set_item("thresholds_overrides", given)?;
+            Ok(d.into_py(py))
+        })
+        .transpose()
     }
 
     /// Counters and sizes.

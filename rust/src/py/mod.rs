@@ -29,7 +29,10 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate::rejection_codes, m)?)?;
     m.add_function(wrap_pyfunction!(validate::normalise_ip, m)?)?;
     m.add_function(wrap_pyfunction!(validate::is_attacker_uuid, m)?)?;
-    m.add("ATTACKER_UUID_MAX", crate::core::validate::MAX_ATTACKER_UUID)?;
+    m.add(
+        "ATTACKER_UUID_MAX",
+        crate::core::validate::MAX_ATTACKER_UUID,
+    )?;
     m.add_function(wrap_pyfunction!(validate::observation_lines, m)?)?;
     m.add(
         "TooManyItemsError",

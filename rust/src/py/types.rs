@@ -11,7 +11,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use super::convert::{extract_value, to_py, Arena};
 use super::errors::DecnetAttrError;
 use crate::core::engine::{Change, ItemError, StateOut};
-use crate::core::merge::{State, Thresholds};
+use crate::core::merge::{Scoped, State, Thresholds, SCOPED_FIELDS};
 
 /// Merger thresholds; the defaults are DECNET's constants.
 #[pyclass(name = "Thresholds", module = "decnet_attr._core")]
@@ -96,35 +96,86 @@ impl PyThresholds {
         self.inner.multi_actor_tick_secs
     }
 
+    /// Overrides per primitive: ``{primitive: {field: value}}``.
+    #[getter]
+    fn per_primitive<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
+        scoped_dict(py, &self.inner.per_primitive)
+    }
+    /// Overrides per value kind: ``{"numeric": {field: value}}``.
+    #[getter]
+    fn per_kind<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
+        scoped_dict(py, &self.inner.per_kind)
+    }
+
     #[new]
     #[args(kwargs = "**")]
     fn new(kwargs: Option<&PyDict>) -> PyResult<Self> {
         let mut t = Thresholds::default();
+        let mut scoped: Vec<(&str, &PyAny)> = Vec::new();
         if let Some(kw) = kwargs {
             for (k, v) in kw.iter() {
                 let key: &str = k.extract()?;
                 match key {
-                    "window_n" => t.window_n = v.extract()?,
-                    "min_observations" => t.min_observations = v.extract()?,
-                    "majority" => t.majority = v.extract()?,
-                    "alternation_min_len" => t.alternation_min_len = v.extract()?,
-                    "ewma_alpha" => t.ewma_alpha = v.extract()?,
-                    "stable_dispersion_pct" => t.stable_dispersion_pct = v.extract()?,
-                    "drift_mean_shift_pct" => t.drift_mean_shift_pct = v.extract()?,
-                    "conflict_dispersion_pct" => t.conflict_dispersion_pct = v.extract()?,
-                    "numeric_conflict_confidence" => t.numeric_conflict_confidence = v.extract()?,
-                    "hash_drift_max" => t.hash_drift_max = v.extract()?,
-                    "hash_window_secs" => t.hash_window_secs = v.extract()?,
-                    "multi_actor_max_confidence" => t.multi_actor_max_confidence = v.extract()?,
-                    "multi_actor_min_primitives" => t.multi_actor_min_primitives = v.extract()?,
-                    "multi_actor_tick_secs" => t.multi_actor_tick_secs = v.extract()?,
-                    other => {
-                        return Err(DecnetAttrError::new_err(format!(
-                            "unknown threshold {other:?}; known: {}",
-                            FIELDS.join(", ")
-                        )))
+                    "per_primitive" | "per_kind" => {
+                        if !v.is_none() {
+                            scoped.push((
+                                if key == "per_kind" {
+                                    "per_kind"
+                                } else {
+                                    "per_primitive"
+                                },
+                                v,
+                            ));
+                        }
                     }
+                    other => set_field(&mut t, other, v)?,
                 }
+            }
+        }
+        // overrides start from the final global values
+        for (which, v) in scoped {
+            let d: &PyDict = v.downcast().map_err(|_| {
+                DecnetAttrError::new_err(format!("{which} must be a dict of dicts"))
+            })?;
+            let mut list = Vec::new();
+            for (name, fields) in d.iter() {
+                let name: String = name.extract()?;
+                let fields: &PyDict = fields.downcast().map_err(|_| {
+                    DecnetAttrError::new_err(format!("{which} {name:?} must be a dict"))
+                })?;
+                let mut th = Thresholds {
+                    per_primitive: Vec::new(),
+                    per_kind: Vec::new(),
+                    ..t.clone()
+                };
+                let mut given = Vec::new();
+                for (f, val) in fields.iter() {
+                    let f: &str = f.extract()?;
+                    let Some(known) = SCOPED_FIELDS.iter().find(|k| **k == f) else {
+                        return Err(DecnetAttrError::new_err(format!(
+                            "{which} {name:?}: {f:?} cannot be set per {}; allowed: {}",
+                            if which == "per_kind" {
+                                "kind"
+                            } else {
+                                "primitive"
+                            },
+                            SCOPED_FIELDS.join(", ")
+                        )));
+                    };
+                    set_field(&mut th, f, val)?;
+                    given.push(*known);
+                }
+                list.push(Scoped {
+                    name,
+                    given,
+                    thresholds: th,
+                });
+            }
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            if which == "per_kind" {
+                t.per_kind = list;
+            } else {
+                t.per_primitive = list;
             }
         }
         t.validate().map_err(DecnetAttrError::new_err)?;
@@ -138,12 +189,19 @@ impl PyThresholds {
         for f in FIELDS {
             d.set_item(f, me.getattr(py, f)?)?;
         }
+        // only when set, so a plain configuration keeps its flat shape
+        if !self.inner.per_primitive.is_empty() {
+            d.set_item("per_primitive", self.per_primitive(py)?)?;
+        }
+        if !self.inner.per_kind.is_empty() {
+            d.set_item("per_kind", self.per_kind(py)?)?;
+        }
         Ok(d)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let d = self.to_dict(py)?;
-        let parts: Vec<String> = FIELDS
+        let mut parts: Vec<String> = FIELDS
             .iter()
             .map(|f| -> PyResult<String> {
                 let v = d
@@ -152,7 +210,12 @@ impl PyThresholds {
                     .transpose()?;
                 Ok(format!("{f}={}", v.unwrap_or_default()))
             })
-            .collect::<PyResult<_>>()?;
+            .collect::<PyResult<Vec<String>>>()?;
+        for key in ["per_primitive", "per_kind"] {
+            if let Some(v) = d.get_item(key) {
+                parts.push(format!("{key}={}", v.repr()?));
+            }
+        }
         Ok(format!("Thresholds({})", parts.join(", ")))
     }
 
@@ -181,6 +244,51 @@ impl PyThresholds {
     fn _from_dict(d: &PyDict) -> PyResult<Self> {
         PyThresholds::new(Some(d))
     }
+}
+
+fn set_field(t: &mut Thresholds, key: &str, v: &PyAny) -> PyResult<()> {
+    match key {
+        "window_n" => t.window_n = v.extract()?,
+        "min_observations" => t.min_observations = v.extract()?,
+        "majority" => t.majority = v.extract()?,
+        "alternation_min_len" => t.alternation_min_len = v.extract()?,
+        "ewma_alpha" => t.ewma_alpha = v.extract()?,
+        "stable_dispersion_pct" => t.stable_dispersion_pct = v.extract()?,
+        "drift_mean_shift_pct" => t.drift_mean_shift_pct = v.extract()?,
+        "conflict_dispersion_pct" => t.conflict_dispersion_pct = v.extract()?,
+        "numeric_conflict_confidence" => t.numeric_conflict_confidence = v.extract()?,
+        "hash_drift_max" => t.hash_drift_max = v.extract()?,
+        "hash_window_secs" => t.hash_window_secs = v.extract()?,
+        "multi_actor_max_confidence" => t.multi_actor_max_confidence = v.extract()?,
+        "multi_actor_min_primitives" => t.multi_actor_min_primitives = v.extract()?,
+        "multi_actor_tick_secs" => t.multi_actor_tick_secs = v.extract()?,
+        other => {
+            return Err(DecnetAttrError::new_err(format!(
+                "unknown threshold {other:?}; known: {}, per_primitive, per_kind",
+                FIELDS.join(", ")
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// The given fields of each override, as ``{name: {field: value}}``.
+pub fn scoped_dict<'py>(py: Python<'py>, list: &[Scoped]) -> PyResult<&'py PyDict> {
+    let d = PyDict::new(py);
+    for s in list {
+        let fields = PyDict::new(py);
+        let me = Py::new(
+            py,
+            PyThresholds {
+                inner: s.thresholds.clone(),
+            },
+        )?;
+        for f in &s.given {
+            fields.set_item(*f, me.getattr(py, *f)?)?;
+        }
+        d.set_item(&s.name, fields)?;
+    }
+    Ok(d)
 }
 
 /// The merged state of one (identity, primitive): frozen, compares by value.

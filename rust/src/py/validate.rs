@@ -100,7 +100,10 @@ impl PyValidated {
     /// The batch's attackers, first-seen order: `(uuid, ip or None,
     /// newest ts)`; the ip is the first one the batch gives for it.
     #[args(select = "None")]
-    fn attackers(&self, select: Option<Vec<usize>>) -> PyResult<Vec<(String, Option<String>, f64)>> {
+    fn attackers(
+        &self,
+        select: Option<Vec<usize>>,
+    ) -> PyResult<Vec<(String, Option<String>, f64)>> {
         let mut pos: HashMap<&str, usize> = HashMap::new();
         let mut out: Vec<(String, Option<String>, f64)> = Vec::new();
         for v in self.selected(select)? {
@@ -292,7 +295,10 @@ pub fn validate_observations(
         let items = validate::split_items(data).map_err(|e| (false, e))?;
         if let Some(max) = max_items {
             if items.len() > max {
-                return Err((true, format!("{} items, above the limit of {max}", items.len())));
+                return Err((
+                    true,
+                    format!("{} items, above the limit of {max}", items.len()),
+                ));
             }
         }
         Ok(validate::validate(items, envs.as_deref(), &opts))
