@@ -295,6 +295,13 @@ ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
     previous_state = excluded.previous_state
 """
 
+_SQL_UPDATE_STATE_VALUES = """
+UPDATE attribution_state SET current_value = ?, state = ?, confidence = ?,
+    observation_count = ?, last_change_ts = ?, last_observation_ts = ?, kind = ?,
+    version = ?, updated_at = ?, previous_state = ?
+WHERE identity_uuid = ? AND primitive = ?
+"""
+
 _SQL_SAVE_WINDOW = (
     'UPDATE attribution_state SET "window" = ?, window_seq = ? '
     "WHERE identity_uuid = ? AND primitive = ?"
@@ -461,26 +468,31 @@ class SqliteTx(Tx):
         if not rows:
             return
         now = time.time()
-        await conn.executemany(
-            _SQL_UPSERT_STATE_VALUES,
-            [
-                (
-                    r.identity_uuid,
-                    r.primitive,
-                    r.current_value_json,
-                    r.state,
-                    r.confidence,
-                    r.observation_count,
-                    r.last_change_ts,
-                    r.last_observation_ts,
-                    r.kind,
-                    r.version,
-                    r.updated_at or now,
-                    r.previous_state,
-                )
-                for r in dedupe_states(rows)
-            ],
-        )
+        new: list[tuple[Any, ...]] = []
+        old: list[tuple[Any, ...]] = []
+        for r in dedupe_states(rows):
+            values = (
+                r.current_value_json,
+                r.state,
+                r.confidence,
+                r.observation_count,
+                r.last_change_ts,
+                r.last_observation_ts,
+                r.kind,
+                r.version,
+                r.updated_at or now,
+                r.previous_state,
+            )
+            # a row written before (version > 1) is updated in place: one
+            # primary-key probe instead of an insert attempt and then an update
+            if r.version > 1:
+                old.append((*values, r.identity_uuid, r.primitive))
+            else:
+                new.append((r.identity_uuid, r.primitive, *values))
+        if old:
+            await conn.executemany(_SQL_UPDATE_STATE_VALUES, old)
+        if new:
+            await conn.executemany(_SQL_UPSERT_STATE_VALUES, new)
 
     @_guard
     async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:

@@ -77,6 +77,8 @@ Key = tuple[str, str]
 
 #: Most retained windows one batch's transaction writes (lazy windows).
 CHECKPOINT_KEYS = 5000
+#: Most state rows the worker remembers to skip reading them back (lazy mode).
+MAX_CACHED_ROWS = 1_000_000
 
 
 class Histogram:
@@ -190,6 +192,8 @@ class AttributionWorker:
         # it first changed since its window was last written, oldest first.
         self.lazy = store.lazy_windows and not self.shared
         self._dirty: dict[Key, float] = {}
+        # lazy mode: the state row last written per key the engine holds
+        self._rows: dict[Key, StateRow] = {}
         self._event_seq = 0
 
     async def _publish(self, topic: str, payload: dict[str, Any], etype: str) -> bool:
@@ -567,7 +571,7 @@ class AttributionWorker:
         except BaseException:
             # the engine may hold merges the store never committed, and the
             # counters counted an attempt that did not happen
-            self.engine.evict(touched)
+            self._evict(touched)
             for f, v in counted.items():
                 setattr(self.stats, f, v)
             raise
@@ -683,8 +687,15 @@ class AttributionWorker:
             async with self.store.transaction() as tx:
                 await self._checkpoint(tx, time.time(), touched, everything=True)
         except BaseException:
-            self.engine.evict(touched)
+            self._evict(touched)
             raise
+
+    def _evict(self, keys: list[Key]) -> None:
+        """Forget keys whose stored rows may differ from memory (a batch that
+        did not commit): they load from the store again."""
+        self.engine.evict(keys)
+        for k in keys:
+            self._rows.pop(k, None)
 
     # ---- retention -------------------------------------------------------------------
     async def prune_once(self, now: float | None = None) -> int:
@@ -720,7 +731,7 @@ class AttributionWorker:
                     [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
                 )
         except BaseException:
-            self.engine.evict(touched)
+            self._evict(touched)
             raise
         for k in keys:
             self._dirty.pop(k, None)
@@ -741,8 +752,15 @@ class AttributionWorker:
         """Prior state rows of the batch's keys; makes the engine hold exactly
         the stored windows for them (all of them on a shared store, only
         the missing ones otherwise)."""
-        prior = await tx.load_states(keys, lock=self.shared)
         touched.extend(keys)
+        if self.lazy:
+            # the single writer knows the rows it wrote: read only the others
+            rows = self._rows
+            prior = {k: rows[k] for k in keys if k in rows}
+            if len(prior) < len(keys):
+                prior.update(await tx.load_states([k for k in keys if k not in prior]))
+        else:
+            prior = await tx.load_states(keys, lock=self.shared)
         refresh = keys if self.shared else self.engine.missing(keys)
         if not refresh:
             return prior
@@ -867,6 +885,10 @@ class AttributionWorker:
                 events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
         if self.lazy:
             await tx.upsert_state_values(rows)
+            if len(self._rows) > MAX_CACHED_ROWS:
+                self._rows.clear()
+            for r in rows:  # dropped again with the batch's keys if it does not commit
+                self._rows[(r.identity_uuid, r.primitive)] = r
         else:
             await tx.upsert_states(rows)
         if multi_touch:
