@@ -29,7 +29,7 @@ import orjson
 import pytest
 from tests import oracle
 
-from benches.workload import observations
+from decnet_attr.benchkit import as_events
 from decnet_attr.bus import Bus, get_bus
 from decnet_attr.config import Settings
 from decnet_attr.registry import value_kind_for
@@ -46,20 +46,6 @@ from decnet_attr.worker import AttributionWorker
 BATCH_DELAY = float(os.environ.get("BENCH_BATCH_DELAY", "0"))
 #: worker micro-batch bound for the runs (the setting's default unless overridden)
 BATCH_MAX = int(os.environ.get("BENCH_BATCH_MAX", "0")) or Settings().batch_max
-
-
-#: recent enough to be accepted (the validator refuses ts more than a day ahead)
-T0 = time.time() - 86_400.0
-
-
-def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any]]:
-    out = observations(keys, n, seed=seed)
-    for i, o in enumerate(out):
-        o["attacker_uuid"] = o.pop("identity_uuid")
-        o["id"] = f"b{seed}-{i}"
-        o["evidence_ref"] = f"bench:{seed}:{i}"
-        o["ts"] = T0 + i * 1e-3  # unique, increasing, in the accepted range
-    return out
 
 
 @contextlib.asynccontextmanager

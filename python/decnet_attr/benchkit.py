@@ -183,11 +183,12 @@ def measure_engine_processes(keys: int, size: int, seconds: float, workers: int)
 def as_events(n: int, keys: int = 100_000, seed: int = 21) -> list[dict[str, Any]]:
     """Observations as sensors publish them (attacker, id, evidence_ref)."""
     out = observations(keys, n, seed=seed)
+    t0 = time.time() - 86_400.0  # recent: the validator refuses ts far ahead
     for i, o in enumerate(out):
         o["attacker_uuid"] = o.pop("identity_uuid")
         o["id"] = f"b{seed}-{i}"
         o["evidence_ref"] = f"bench:{seed}:{i}"
-        o["ts"] = 1.8e9 + i * 1e-3  # unique, increasing
+        o["ts"] = t0 + i * 1e-3  # unique, increasing
     return out
 
 
