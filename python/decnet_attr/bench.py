@@ -30,13 +30,13 @@ async def _reachable(settings: Settings) -> str | None:
     if not (settings.bus_url.startswith("nats://") and settings.shared_store):
         return "no nats:// bus and postgresql:// store configured"
     from decnet_attr.bus import get_bus
-    from decnet_attr.store import open_store
+    from decnet_attr.store import store_for
 
     try:
         bus = get_bus(settings.bus_url)
         await asyncio.wait_for(bus.connect(), 5)
         await bus.close()
-        store = open_store(settings.store_url)
+        store = store_for(settings)
         await asyncio.wait_for(store.open(), 5)
         await store.close()
     except Exception as exc:  # any failure to connect means: skip it

@@ -224,7 +224,7 @@ async def deployment(
     PostgreSQL."""
     from decnet_attr.bus import get_bus
     from decnet_attr.config import Settings
-    from decnet_attr.store import open_store
+    from decnet_attr.store import store_for
 
     settings = Settings(
         data_dir=tmp,
@@ -233,7 +233,7 @@ async def deployment(
         batch_max=batch_max,
         heartbeat_interval=30,
     )
-    store = open_store(settings.store_url)
+    store = store_for(settings)
     await store.open()
     bus = get_bus(settings.bus_url, **({} if bus_url else {"durable_queue_size": 1_000_000}))
     await bus.connect()

@@ -133,6 +133,13 @@ class Settings:
         default=86_400.0,
         metadata={"help": "how far (s) an observation ts may lie in the future; 0: no limit"},
     )
+    dedupe_window: int = field(
+        default=2_000_000,
+        metadata={
+            "help": "SQLite: newest observations remembered for exactly-once admission "
+            "(about 170 bytes each)"
+        },
+    )
     ingest_queue_max: int = field(
         default=50_000,
         metadata={"help": "observations accepted but not yet committed before ingest answers 503"},
@@ -200,6 +207,7 @@ class Settings:
             "sse_queue_size",
             "max_batch_items",
             "login_rate",
+            "dedupe_window",
             "max_connections",
             "max_connections_per_ip",
         ):

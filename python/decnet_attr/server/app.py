@@ -19,7 +19,7 @@ from aiohttp import web
 
 from decnet_attr.bus import Bus, get_bus
 from decnet_attr.config import Settings
-from decnet_attr.store import Store, open_store
+from decnet_attr.store import Store, store_for
 
 if TYPE_CHECKING:
     from decnet_attr.server.auth import Authenticator, Passwords
@@ -135,7 +135,7 @@ def create_app(
     own_bus = bus is None
     if own_store and not settings.db_url:
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    the_store = store if store is not None else open_store(settings.store_url)
+    the_store = store if store is not None else store_for(settings)
     the_bus = bus if bus is not None else get_bus(settings.bus_url, **settings.bus_options())
 
     counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)

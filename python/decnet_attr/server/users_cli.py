@@ -24,7 +24,7 @@ from decnet_attr.audit import audit
 from decnet_attr.config import Settings
 from decnet_attr.server.auth import ROLES, Passwords, password_problem
 from decnet_attr.server.main import ensure_data_dir
-from decnet_attr.store import Store, StoreError, UserRow, open_store
+from decnet_attr.store import Store, StoreError, UserRow, store_for
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 async def _open(settings: Settings) -> Store:
-    store = open_store(settings.store_url)
+    store = store_for(settings)
     await store.open()
     return store
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
 from decnet_attr.store.base import (
     DEAD_LETTER_MAX_BYTES,
@@ -36,7 +37,16 @@ log = logging.getLogger(__name__)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
-def open_store(url: str) -> Store:
+if TYPE_CHECKING:
+    from decnet_attr.config import Settings
+
+
+def store_for(settings: Settings) -> Store:
+    """The store ``settings`` describe (not opened yet)."""
+    return open_store(settings.store_url, dedupe_window=settings.dedupe_window)
+
+
+def open_store(url: str, *, dedupe_window: int | None = None) -> Store:
     """A store for ``url`` (not opened yet).
 
     - ``sqlite:///abs/path.db`` (also ``sqlite://relative.db``,
@@ -59,12 +69,12 @@ def open_store(url: str) -> Store:
             path = ":memory:"
         if "?" in path:
             raise ValueError(f"query parameters are not supported in sqlite urls: {url!r}")
-        return SqliteStore(path)
+        return SqliteStore(path, dedupe_window=dedupe_window)
     if _SCHEME.match(url):
         raise ValueError(f"unsupported store url {url!r} (use sqlite:///path or postgresql://…)")
     from decnet_attr.store.sqlite import SqliteStore
 
-    return SqliteStore(url)
+    return SqliteStore(url, dedupe_window=dedupe_window)
 
 
 __all__ = [
@@ -87,5 +97,6 @@ __all__ = [
     "Tx",
     "UserRow",
     "open_store",
+    "store_for",
     "truncate_payload",
 ]

@@ -615,11 +615,13 @@ class SqliteStore(Store):
     native_writer = True
     lazy_windows = True
     #: Exactly-once horizon: the newest observations whose ids and
-    #: (evidence_ref, primitive) pairs are remembered (about 100 bytes each).
+    #: (evidence_ref, primitive) pairs are remembered (about 170 bytes each).
     dedupe_window = 2_000_000
 
-    def __init__(self, path: str | PathLike[str]) -> None:
+    def __init__(self, path: str | PathLike[str], *, dedupe_window: int | None = None) -> None:
         self.path = str(path)
+        if dedupe_window is not None:
+            self.dedupe_window = dedupe_window
         self.url = f"sqlite://{self.path}" if self.path.startswith("/") else self.path
         self._memory = self.path == ":memory:" or self.path == ""
         self._w: Any = None

@@ -9,7 +9,7 @@ import signal
 
 from decnet_attr.bus import get_bus
 from decnet_attr.config import Settings
-from decnet_attr.store import open_store
+from decnet_attr.store import store_for
 from decnet_attr.worker.worker import AttributionWorker
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 async def run_worker(settings: Settings) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = open_store(settings.store_url)
+    store = store_for(settings)
     await store.open()
     bus = get_bus(settings.bus_url, **settings.bus_options())
     stop = asyncio.Event()

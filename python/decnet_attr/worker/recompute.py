@@ -19,7 +19,7 @@ from decnet_attr import Engine
 from decnet_attr.config import Settings
 from decnet_attr.progress import Progress
 from decnet_attr.registry import value_kind_for
-from decnet_attr.store import open_store
+from decnet_attr.store import store_for
 from decnet_attr.store.base import StateRow, Store
 
 Key = tuple[str, str]
@@ -109,7 +109,7 @@ async def recompute(
 def _open(settings: Settings) -> Store:
     if not settings.db_url:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return open_store(settings.store_url)
+    return store_for(settings)
 
 
 async def recompute_command(settings: Settings, *, dry_run: bool = False) -> int:
