@@ -338,7 +338,8 @@ DROP INDEX IF EXISTS ix_attribution_state_identity_state
 # exactly-once admission moves into the store's memory (``Dedupe``, rebuilt
 # from the newest rows at open). The table is rebuilt: SQLite cannot drop a
 # table constraint in place. PostgreSQL, the shared store that several
-# workers write, keeps its constraints (nothing to do there).
+# workers write, keeps its unique constraints and takes the same two
+# secondary indexes.
 _V6_SQLITE = """
 CREATE TABLE observations_v6 (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -371,7 +372,10 @@ CREATE INDEX ix_observations_unmerged ON observations(seq) WHERE merged = 0
 """
 
 _V6_POSTGRES = """
-SELECT 1
+DROP INDEX IF EXISTS ix_observations_attacker_primitive_ts;
+DROP INDEX IF EXISTS ix_observations_identity_primitive_ts;
+CREATE INDEX ix_observations_attacker_seq ON observations(attacker_uuid, seq);
+CREATE INDEX ix_observations_identity_seq ON observations(identity_uuid, seq)
 """
 
 # v7: where a state row's retained window stands. NULL: the window is
