@@ -144,7 +144,18 @@ class Settings:
         default=50_000,
         metadata={"help": "observations accepted but not yet committed before ingest answers 503"},
     )
+    partitions: int = field(
+        default=1,
+        metadata={
+            "help": "ingest partitions: the API splits bodies by attacker over this many "
+            "subjects (attacker.ingest.<k>), one owner worker each; 1: no split"
+        },
+    )
     # --- worker -----------------------------------------------------------
+    worker_partitions: str = field(
+        default="all",
+        metadata={"help": "ingest partitions this worker consumes: all, or e.g. 0,2"},
+    )
     worker: bool = field(default=True, metadata={"help": "run the attribution worker inside serve"})
     worker_name: str = "attribution"
     durable_name: str = "attribution"
@@ -208,6 +219,7 @@ class Settings:
             "max_batch_items",
             "login_rate",
             "dedupe_window",
+            "partitions",
             "max_connections",
             "max_connections_per_ip",
         ):
@@ -224,6 +236,27 @@ class Settings:
                 raise ConfigError(f"{name} must be > 0")
         if self.thresholds:
             self.threshold_overrides()  # validates
+        self.owned_partitions()  # validates
+
+    def owned_partitions(self) -> list[int]:
+        """The ingest partitions this worker consumes (none without partitions)."""
+        if self.partitions <= 1:
+            return []
+        text = self.worker_partitions.strip().lower()
+        if text in ("", "all"):
+            return list(range(self.partitions))
+        try:
+            owned = sorted({int(part) for part in text.split(",") if part.strip()})
+        except ValueError:
+            raise ConfigError(
+                f"worker_partitions must be all or a list like 0,2; got {self.worker_partitions!r}"
+            ) from None
+        if not owned or owned[0] < 0 or owned[-1] >= self.partitions:
+            raise ConfigError(
+                f"worker_partitions must name partitions 0..{self.partitions - 1}; "
+                f"got {self.worker_partitions!r}"
+            )
+        return owned
         for origin in self.cors_origins:
             if origin != "*" and not _ORIGIN_RE.match(origin):
                 raise ConfigError(

@@ -63,6 +63,8 @@ __all__ = [
     "IDENTITY_PATTERN",
     "IDENTITY_ROOT",
     "IDENTITY_UNMERGED",
+    "INGEST_PATTERN",
+    "INGEST_PREFIX",
     "MAX_TOPIC_BYTES",
     "OBSERVATION_BATCH",
     "OBSERVATION_PATTERN",
@@ -85,6 +87,8 @@ __all__ = [
     "campaign",
     "credential",
     "identity",
+    "ingest_partition",
+    "is_observation_batch",
     "is_pattern",
     "matches",
     "primitive_from_topic",
@@ -145,6 +149,24 @@ OBSERVATION_PATTERN = "attacker.observation.>"
 #: durable consumer and the NATS stream carry it.
 OBSERVATION_BATCH = "attacker.observation.batch"
 EVENT_TYPE_OBSERVATION_BATCH = "observation.batch"
+#: With ingest partitions (``DECNET_ATTR_PARTITIONS`` > 1) the API publishes
+#: a body's observations split by attacker on ``attacker.ingest.<k>``: a
+#: subject space of its own, so each partition's consumer overlaps neither
+#: the others nor the consumer of DECNET's per-observation events.
+INGEST_PREFIX = "attacker.ingest"
+INGEST_PATTERN = "attacker.ingest.>"
+
+
+def ingest_partition(k: int) -> str:
+    """The subject of ingest partition ``k``."""
+    return f"{INGEST_PREFIX}.{int(k)}"
+
+
+def is_observation_batch(topic: str) -> bool:
+    """True for the topics that carry API batches (one or partitioned)."""
+    return topic == OBSERVATION_BATCH or topic.startswith(INGEST_PREFIX + ".")
+
+
 ATTACKER_FINGERPRINT_ROTATED = "attacker.fingerprint_rotated"
 ATTACKER_FINGERPRINTED = "attacker.fingerprinted"
 ATTACKER_OBSERVED = "attacker.observed"

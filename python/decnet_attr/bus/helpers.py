@@ -24,9 +24,9 @@ from decnet_attr._core import observation_lines
 from decnet_attr.bus.base import Bus, Event, RateLimitedLog
 from decnet_attr.topics import (
     EVENT_TYPE_HEALTH,
-    OBSERVATION_BATCH,
     WORKER_CONTROL_STOP,
     attacker_observation,
+    is_observation_batch,
     system_control,
     system_health,
 )
@@ -176,7 +176,7 @@ def batch_observations(event: Event, attackers: Mapping[str, Any] | None = None)
     ts). With ``attackers``, only the observations of those attackers (the
     filtering runs in Rust, so a relay pays nothing for the others).
     Anything else: ``[]``."""
-    if event.topic != OBSERVATION_BATCH or not isinstance(event.payload, dict):
+    if not is_observation_batch(event.topic) or not isinstance(event.payload, dict):
         return []
     text = event.payload.get("ndjson")
     if not isinstance(text, str):

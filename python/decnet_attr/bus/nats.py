@@ -47,6 +47,7 @@ from decnet_attr.bus.base import (
     Subscription,
 )
 from decnet_attr.topics import (
+    INGEST_PATTERN,
     OBSERVATION_PATTERN,
     matches,
     validate_pattern,
@@ -396,7 +397,7 @@ class NatsBus(Bus):
         *,
         name: str = "decnet-attr",
         stream: str = "DECNET_OBSERVATIONS",
-        stream_subjects: tuple[str, ...] | list[str] = (OBSERVATION_PATTERN,),
+        stream_subjects: tuple[str, ...] | list[str] = (OBSERVATION_PATTERN, INGEST_PATTERN),
         queue_size: int = 1024,
         max_reconnect_attempts: int = -1,
         reconnect_time_wait: float = 2.0,

@@ -74,7 +74,7 @@ from decnet_attr.bus.base import (
 )
 from decnet_attr.bus.helpers import batch_observations
 from decnet_attr.topics import (
-    OBSERVATION_BATCH,
+    is_observation_batch,
     matches,
     validate_pattern,
     validate_segment,
@@ -1050,7 +1050,7 @@ class UnixBus(Bus):
                 fut = loop.create_future()
                 futures.append(fut)
             group.push(event, fut)
-        if topic == OBSERVATION_BATCH:
+        if is_observation_batch(topic):
             # DECNET's subscribers know one event per observation: the
             # broker gets those, this process's groups the batch
             for one in batch_observations(event):

@@ -5,7 +5,8 @@ Rust pass (:mod:`decnet_attr.observations`, the same validator the worker
 uses); the accepted items go to the bus as ONE unit on
 ``attacker.observation.batch`` (cut into a few messages only when the body
 is larger than :data:`BATCH_CHUNK_BYTES`), never one message per
-observation. The bus is the only path: the API never writes observations to
+observation; with ingest partitions, one unit per partition the body
+touches, on ``attacker.ingest.<k>``. The bus is the only path: the API never writes observations to
 the store, the worker does (and acks), so a 202 means *durably accepted*:
 for the in-process bus the worker has committed the batch, for NATS
 JetStream has stored the message.
@@ -29,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from decnet_attr.bus import BusError, BusPayloadTooLarge
+from decnet_attr.bus import Bus, BusError, BusPayloadTooLarge
 from decnet_attr.config import Settings
 from decnet_attr.observations import InvalidJSONError, TooManyItemsError, ValidatedBatch, validate
 from decnet_attr.server.app import BUS, COUNTERS, SETTINGS
@@ -44,7 +45,7 @@ from decnet_attr.server.errors import (
     unprocessable,
     unsupported_media_type,
 )
-from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH
+from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH, ingest_partition
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,29 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def _chunks(batch: ValidatedBatch) -> list[list[int]]:
-    """Positions of the accepted items, cut so that each part's NDJSON stays
-    under :data:`BATCH_CHUNK_BYTES` (sizes estimated from one encoding)."""
-    n = len(batch)
+def _chunks(batch: ValidatedBatch, positions: list[int]) -> list[list[int]]:
+    """``positions`` cut so that each part's NDJSON stays under
+    :data:`BATCH_CHUNK_BYTES` (sizes estimated from one encoding)."""
+    n = len(positions)
     if n == 0:
         return []
-    total = len(batch.ndjson())
+    total = len(batch.ndjson(positions))
     if total <= BATCH_CHUNK_BYTES:
-        return [list(range(n))]
+        return [positions]
     per = max(1, int(n * BATCH_CHUNK_BYTES / total))
-    return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+    return [positions[i : i + per] for i in range(0, n, per)]
+
+
+def _destinations(batch: ValidatedBatch, partitions: int) -> list[tuple[str, list[int]]]:
+    """Where the accepted items go: one batch topic, or with ingest
+    partitions each attacker's partition subject."""
+    if partitions <= 1:
+        return [(OBSERVATION_BATCH, list(range(len(batch))))]
+    return [
+        (ingest_partition(k), positions)
+        for k, positions in enumerate(batch.partition(partitions))
+        if positions
+    ]
 
 
 def batch_id(ids: list[str]) -> str:
@@ -208,19 +221,30 @@ def _count(counters: dict[str, int], name: str, n: int) -> None:
 async def _publish(
     request: web.Request, batch: ValidatedBatch, rejected: list[dict[str, Any]]
 ) -> tuple[list[str], str | None]:
-    """Hand the accepted items to the bus, one message per chunk (usually
-    one); stop at the first chunk the bus could not take. Returns the
-    accepted ids and the failure (None: all accepted)."""
-    bus = request.app[BUS]
+    return await hand_over(request.app[BUS], batch, request.app[SETTINGS].partitions, rejected)
+
+
+async def hand_over(
+    bus: Bus, batch: ValidatedBatch, partitions: int, rejected: list[dict[str, Any]]
+) -> tuple[list[str], str | None]:
+    """Hand the accepted items to the bus: one message per destination and
+    chunk (usually one); stop at the first the bus could not take. Items the
+    bus refuses as too large are added to ``rejected``. Returns the accepted
+    ids and the failure (None: all accepted)."""
     ids = batch.ids
     indexes = batch.indexes
     accepted: list[str] = []
-    for part in _chunks(batch):
+    parts = [
+        (topic, chunk)
+        for topic, positions in _destinations(batch, partitions)
+        for chunk in _chunks(batch, positions)
+    ]
+    for topic, part in parts:
         part_ids = [ids[p] for p in part]
         payload = {"ndjson": batch.ndjson(part).decode(), "count": len(part)}
         try:
             await bus.publish_durable(
-                OBSERVATION_BATCH,
+                topic,
                 payload,
                 event_type=EVENT_TYPE_OBSERVATION_BATCH,
                 event_id=batch_id(part_ids),

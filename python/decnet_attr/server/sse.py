@@ -83,6 +83,7 @@ SYSTEM_AUTH_REVOKED: Final = "system.auth.revoked"
 #: The relay's bus subscriptions (one set per process).
 PATTERNS: Final[tuple[str, ...]] = (
     topics.OBSERVATION_PATTERN,
+    topics.INGEST_PATTERN,
     topics.ATTACKER_FINGERPRINT_ROTATED,
     topics.ATTACKER_SCORED,
     topics.ATTRIBUTION_PATTERN,
@@ -947,7 +948,7 @@ class SseHub:
         self._events_in += 1
         topic = event.topic
         payload = event.payload
-        if topic == topics.OBSERVATION_BATCH:
+        if topics.is_observation_batch(topic):
             # the API's batches: one frame per observation of a watched attacker
             if self._by_attacker:
                 for ev in batch_observations(event, self._by_attacker):

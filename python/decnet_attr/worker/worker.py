@@ -64,8 +64,9 @@ from decnet_attr.topics import (
     EVENT_TYPE_PROFILE_UPDATED,
     EVENT_TYPE_STATE_CHANGED,
     IDENTITY_FORMED,
-    OBSERVATION_BATCH,
     OBSERVATION_PATTERN,
+    ingest_partition,
+    is_observation_batch,
     primitive_from_topic,
 )
 from decnet_attr.worker.recompute import feed_series
@@ -180,6 +181,7 @@ class AttributionWorker:
         self.shared = settings.shared_store
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._consumers: list[asyncio.Task[None]] = []
         self._consumer_done = asyncio.Event()
         self._running = False
         self.last_heartbeat = 0.0  # monotonic time of the last loop turn
@@ -226,11 +228,24 @@ class AttributionWorker:
         # join the durable group now, so that events published as soon as
         # start() returns are ours (the in-process bus only queues durable
         # events for groups that exist)
-        first: Any = None
-        with contextlib.suppress(BusError, RuntimeError):
-            first = self.bus.durable_consumer(OBSERVATION_PATTERN, durable=s.durable_name)
+        # DECNET's events (and unpartitioned API batches), then one consumer
+        # per owned ingest partition
+        sources = [(OBSERVATION_PATTERN, s.durable_name)] + [
+            (ingest_partition(k), f"{s.durable_name}-p{k}") for k in s.owned_partitions()
+        ]
+        consumers: list[asyncio.Task[None]] = []
+        for subject, durable in sources:
+            first: Any = None
+            with contextlib.suppress(BusError, RuntimeError):
+                first = self.bus.durable_consumer(subject, durable=durable)
+            consumers.append(
+                asyncio.create_task(
+                    self._consume_loop(subject, durable, first), name=f"attribution-{durable}"
+                )
+            )
+        self._consumers = consumers
         self._tasks = [
-            asyncio.create_task(self._consume_loop(first), name="attribution-consumer"),
+            *consumers,
             asyncio.create_task(self._observed_loop(), name="attribution-observed"),
             asyncio.create_task(self._tick_loop(), name="attribution-multi-actor-tick"),
             asyncio.create_task(self._retention_loop(), name="attribution-retention"),
@@ -252,16 +267,19 @@ class AttributionWorker:
         if not self._running:
             return
         self._stop.set()
-        consumer = self._tasks[0] if self._tasks else None
-        if consumer is not None:
+        if self._consumers:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(consumer), timeout)
+                await asyncio.wait_for(
+                    asyncio.shield(asyncio.gather(*self._consumers, return_exceptions=True)),
+                    timeout,
+                )
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
+        self._consumers = []
         self._running = False
         try:
             await self.checkpoint_all()
@@ -289,14 +307,12 @@ class AttributionWorker:
         }
 
     # ---- the consumer ------------------------------------------------------------------
-    async def _consume_loop(self, first: Any = None) -> None:
+    async def _consume_loop(self, subject: str, durable: str, first: Any = None) -> None:
         backoff = 0.2
         try:
             while not self._stop.is_set():
                 try:
-                    consumer = first or self.bus.durable_consumer(
-                        OBSERVATION_PATTERN, durable=self.settings.durable_name
-                    )
+                    consumer = first or self.bus.durable_consumer(subject, durable=durable)
                     first = None
                 except (BusError, RuntimeError) as exc:
                     log.warning("cannot open the observation stream (%s); retrying", exc)
@@ -314,7 +330,8 @@ class AttributionWorker:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
         finally:
-            self._consumer_done.set()
+            if subject == OBSERVATION_PATTERN:
+                self._consumer_done.set()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -357,7 +374,7 @@ class AttributionWorker:
         for d in msgs:
             ev = d.event
             n = 1
-            if ev.topic == OBSERVATION_BATCH and isinstance(ev.payload, dict):
+            if is_observation_batch(ev.topic) and isinstance(ev.payload, dict):
                 count = ev.payload.get("count")
                 n = count if isinstance(count, int) and count > 0 else 1
             if groups[-1] and size + n > limit:
@@ -492,7 +509,7 @@ class AttributionWorker:
             if d.redelivered:
                 self.stats.redelivered += 1
             payload = ev.payload
-            if ev.topic == OBSERVATION_BATCH:
+            if is_observation_batch(ev.topic):
                 text = payload.get("ndjson") if isinstance(payload, dict) else None
                 if not isinstance(text, str):
                     reason = "batch without ndjson"

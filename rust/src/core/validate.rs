@@ -238,6 +238,18 @@ fn is_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
+/// The ingest partition of an attacker: FNV-1a (64-bit) of its uuid, modulo
+/// `partitions`. Stable across processes and releases: every API process
+/// must send an attacker's observations to the same partition.
+pub fn partition_of(attacker_uuid: &str, partitions: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in attacker_uuid.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(partitions.max(1))) as u32
+}
+
 /// The one attacker-uuid rule (registration and ingest).
 pub fn is_attacker_uuid(s: &str) -> bool {
     !s.is_empty()
@@ -745,6 +757,19 @@ mod tests {
             Some("2001:db8::7")
         );
         assert_eq!(normalise_ip("300.1.1.1"), None);
+    }
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        assert_eq!(partition_of("a", 1), 0);
+        // pinned: a change here moves attackers between running workers
+        assert_eq!(partition_of("att-1", 4), partition_of("att-1", 4));
+        assert_eq!(partition_of("", 7), (0xcbf2_9ce4_8422_2325u64 % 7) as u32);
+        let mut seen = [0usize; 4];
+        for i in 0..4000 {
+            seen[partition_of(&format!("attacker-{i}"), 4) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
     }
 
     #[test]

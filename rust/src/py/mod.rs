@@ -29,6 +29,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate::rejection_codes, m)?)?;
     m.add_function(wrap_pyfunction!(validate::normalise_ip, m)?)?;
     m.add_function(wrap_pyfunction!(validate::is_attacker_uuid, m)?)?;
+    m.add_function(wrap_pyfunction!(validate::partition_of, m)?)?;
     m.add(
         "ATTACKER_UUID_MAX",
         crate::core::validate::MAX_ATTACKER_UUID,

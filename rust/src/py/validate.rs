@@ -215,6 +215,17 @@ impl PyValidated {
         Ok(out)
     }
 
+    /// Positions of the accepted items per ingest partition (`partitions`
+    /// lists; see `partition_of`).
+    fn partition(&self, partitions: u32) -> Vec<Vec<usize>> {
+        let n = partitions.max(1);
+        let mut out = vec![Vec::new(); n as usize];
+        for (i, v) in self.valid.iter().enumerate() {
+            out[validate::partition_of(&v.attacker_uuid, n) as usize].push(i);
+        }
+        out
+    }
+
     /// A batch of the selected accepted items only (positions).
     fn take(&self, select: Vec<usize>) -> PyResult<PyValidated> {
         let valid: Vec<Valid> = self.selected(Some(select))?.into_iter().cloned().collect();
@@ -374,4 +385,11 @@ pub fn observation_lines(
 #[pyfunction]
 pub fn is_attacker_uuid(text: &str) -> bool {
     validate::is_attacker_uuid(text)
+}
+
+/// The ingest partition of an attacker (FNV-1a of its uuid, modulo
+/// `partitions`).
+#[pyfunction]
+pub fn partition_of(attacker_uuid: &str, partitions: u32) -> u32 {
+    validate::partition_of(attacker_uuid, partitions)
 }
