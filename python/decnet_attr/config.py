@@ -237,6 +237,12 @@ class Settings:
         if self.thresholds:
             self.threshold_overrides()  # validates
         self.owned_partitions()  # validates
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN_RE.match(origin):
+                raise ConfigError(
+                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port], "
+                    "no path, or *)"
+                )
 
     def owned_partitions(self) -> list[int]:
         """The ingest partitions this worker consumes (none without partitions)."""
@@ -257,12 +263,6 @@ class Settings:
                 f"got {self.worker_partitions!r}"
             )
         return owned
-        for origin in self.cors_origins:
-            if origin != "*" and not _ORIGIN_RE.match(origin):
-                raise ConfigError(
-                    f"cors_origins: {origin!r} is not an origin (scheme://host[:port], "
-                    "no path, or *)"
-                )
 
     # --- derived ------------------------------------------------------------
     @property
