@@ -11,9 +11,11 @@ import re
 
 from decnet_attr.store.base import (
     DEAD_LETTER_MAX_BYTES,
+    MULTI_ACTOR_FLAG_MIN,
     STATES,
     USER_UPDATE_FIELDS,
     AttackerAttribution,
+    AttackerFilter,
     AttackerRow,
     AttackerSummary,
     AttributionView,
@@ -69,9 +71,11 @@ def open_store(url: str) -> Store:
 
 __all__ = [
     "DEAD_LETTER_MAX_BYTES",
+    "MULTI_ACTOR_FLAG_MIN",
     "STATES",
     "USER_UPDATE_FIELDS",
     "AttackerAttribution",
+    "AttackerFilter",
     "AttackerRow",
     "AttackerSummary",
     "AttributionView",

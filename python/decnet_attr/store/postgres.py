@@ -23,6 +23,7 @@ import asyncpg
 
 from decnet_attr.store.base import (
     AttackerAttribution,
+    AttackerFilter,
     AttackerRow,
     AttackerSummary,
     DeadLetter,
@@ -674,8 +675,11 @@ class PostgresStore(Store):
         uuid: str | None = None,
         search: str | None = None,
         service: str | None = None,
+        filters: AttackerFilter | None = None,
     ) -> tuple[list[AttackerSummary], int]:
-        where, params = list_filters(_param, uuid=uuid, search=search, service=service)
+        where, params = list_filters(
+            _param, uuid=uuid, search=search, service=service, filters=filters
+        )
         n = len(params)
         sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))
         async with self._conn() as conn:
