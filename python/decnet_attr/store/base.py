@@ -360,6 +360,11 @@ class Store(ABC):
         attackers' observations, sorted; attackers with none are left out."""
 
     @abstractmethod
+    async def overview_counts(self) -> dict[str, Any]:
+        """The fleet's totals: ``{"attackers": n, "identities": n (not merged),
+        "states": {state: primitives in it, for every state}}``."""
+
+    @abstractmethod
     async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recently updated identities, newest first:
         ``{uuid, campaign_id, merged_into_uuid, first_seen_at, last_seen_at,

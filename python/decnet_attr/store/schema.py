@@ -720,6 +720,26 @@ ORDER BY {list_order(sort, descending, "p")}
 """
 
 
+#: The fleet's totals for the overview stream: attackers, live (unmerged)
+#: identities, then one row per attribution state with its primitive count.
+OVERVIEW_TOTALS_SQL = (
+    "SELECT (SELECT count(*) FROM attackers), "
+    "(SELECT count(*) FROM attacker_identities WHERE merged_into_uuid IS NULL)"
+)
+OVERVIEW_STATES_SQL = "SELECT state, count(*) FROM attribution_state GROUP BY state"
+
+
+def overview_counts_from_rows(
+    totals: Sequence[Any], states: Sequence[Sequence[Any]]
+) -> dict[str, Any]:
+    """``{"attackers", "identities", "states": {state: n for every state}}``."""
+    by_state = dict.fromkeys(STATES, 0)
+    for st, n in states:
+        if st in by_state:
+            by_state[st] = int(n)
+    return {"attackers": int(totals[0]), "identities": int(totals[1]), "states": by_state}
+
+
 #: Distinct shard references of some attackers' observations (``{ids}``: placeholders).
 EVIDENCE_SQL = (
     "SELECT DISTINCT attacker_uuid, evidence_ref FROM observations "
