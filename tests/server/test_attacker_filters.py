@@ -16,7 +16,6 @@ from decnet_attr.server.routes_attackers import ipv4_network_cover
 from tests.server.conftest import Harness, HarnessFactory, bearer
 from tests.server.test_attackers import seed
 
-NOW = time.time()
 MA = [("a.one", 1, "multi_actor"), ("a.two", 2, "multi_actor")]
 
 #: uuid, ip, first/last seen (seconds before now), states, observations
@@ -44,9 +43,10 @@ async def fleet(
     else:
         h = await make_harness()
     identities: dict[str, str] = {}
+    now = time.time()  # seeded just before the test reads: the windows hold
     try:
         for uuid, ip, ago, states, n_obs in FLEET:
-            ts = NOW - ago
+            ts = now - ago
             ident = await seed(
                 h,
                 uuid,
