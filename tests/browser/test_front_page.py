@@ -15,6 +15,7 @@ import pytest
 
 from decnet_attr.server.overview import OVERVIEW_INTERVAL
 from tests.browser.conftest import (
+    ARTIFACTS,
     ROOT,
     WAIT,
     Api,
@@ -140,6 +141,8 @@ def test_front_page_is_live(
     row = page.get_by_test_id(f"attacker-row-{first}")
     expect(row.get_by_test_id("multi-actor-marker")).to_be_visible(timeout=WAIT * 1000)
     expect(row).to_contain_text("MULTI-ACTOR 2")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "front-page.png"), full_page=True, animations="disabled")
 
     # ---- the overview's frame rate stays bounded under a fast ingest --------------------
     status = page.get_by_test_id("overview-status")

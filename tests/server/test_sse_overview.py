@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from decnet_attr import topics
-from decnet_attr.server.overview import OVERVIEW_INTERVAL
+from decnet_attr.server.overview import COUNTS_INTERVAL, OVERVIEW_INTERVAL
 from tests.server.sse_helpers import (
     KEEPALIVE,
     RETRY,
@@ -187,3 +187,24 @@ async def test_resume_replays_alerts_else_stale_and_snapshot(env: SseEnv) -> Non
     snap = parse(await r3.event())
     assert snap["event"] == "snapshot" and len(snap["data"]["alerts"]) == 2
     late.close()
+
+
+async def test_totals_catch_up_after_the_last_event(env: SseEnv) -> None:
+    """The store's totals are read at most every COUNTS_INTERVAL: a change
+    that came in just after a read is still sent once the interval is over,
+    not only with the next idle frame."""
+    resp = await env.open_overview()
+    reader = Reader(resp)
+    await reader.frames(3)
+    await seed_attacker(env.store, A, identity=True)
+    await env.publish(topics.IDENTITY_FORMED, {"identity_uuid": "i-a", "attacker_uuid": A})
+    while (await next_named(reader, "overview"))["data"]["attackers"] != 1:
+        pass
+    await seed_attacker(env.store, B, identity=True)
+    t0 = time.monotonic()
+    await env.publish(topics.IDENTITY_FORMED, {"identity_uuid": "i-b", "attacker_uuid": B})
+    deadline = COUNTS_INTERVAL + OVERVIEW_INTERVAL * 3
+    while (await next_named(reader, "overview", timeout=deadline))["data"]["attackers"] != 2:
+        assert time.monotonic() - t0 < deadline
+    assert time.monotonic() - t0 < deadline
+    resp.close()

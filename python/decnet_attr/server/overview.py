@@ -136,8 +136,12 @@ class Overview:
         t0, n0 = samples[0]
         return (self.observations - n0) / (now - t0) if now > t0 else 0.0
 
+    def counts_due(self, loop_now: float) -> bool:
+        """True when the store's totals may be out of date and may be read again."""
+        return self.changed and loop_now - self._counts_at >= COUNTS_INTERVAL
+
     async def _refresh_counts(self, loop_now: float) -> None:
-        if not self.changed or loop_now - self._counts_at < COUNTS_INTERVAL:
+        if not self.counts_due(loop_now):
             return
         self.changed = False
         self._counts_at = loop_now

@@ -1358,7 +1358,8 @@ class SseHub:
                 continue
             now = loop.time()
             version = self.overview.version
-            if version == sent_version and now - sent_at < OVERVIEW_IDLE:
+            quiet = version == sent_version and not self.overview.counts_due(now)
+            if quiet and now - sent_at < OVERVIEW_IDLE:
                 continue
             try:
                 summary = await self.overview.summary(self._app, now)
