@@ -716,7 +716,7 @@ function listView() {
     el.value = q[key] || Object.keys(options)[0];
     return [h("div", { class: "filter" }, h("label", { for: el.id }, label), el), el];
   };
-  const [ipBox, ipIn] = input("ip", "IP", "address, start (10.0.) or network (10.0.0.0/16)");
+  const [ipBox, ipIn] = input("ip", "IP", "address, start (10.0.) or network (10.0.0.0/16); press / to jump here");
   const [attBox, attIn] = input("attacker", "Attacker uuid", "prefix");
   const [idBox, idIn] = input("identity", "Identity uuid", "prefix");
   const stateOptions = { "": "any" };
@@ -963,6 +963,16 @@ function listView() {
     ovStatusText.textContent = text;
   }
 
+  // "/" jumps to the search (unless typing somewhere already)
+  function onKey(ev) {
+    if (ev.key !== "/" || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const t = ev.target;
+    if (t instanceof Element && t.closest("input, select, textarea, [contenteditable]")) return;
+    ev.preventDefault();
+    ipIn.focus();
+  }
+  document.addEventListener("keydown", onKey);
+
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     readForm();
@@ -1018,6 +1028,7 @@ function listView() {
   return {
     destroy() {
       destroyed = true;
+      document.removeEventListener("keydown", onKey);
       if (timer) clearTimeout(timer);
       if (liveTimer) clearTimeout(liveTimer);
       if (stream) stream.close();
