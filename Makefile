@@ -16,10 +16,13 @@ STAMP := .build
 SO := python/decnet_attr/_core.abi3.so
 RUST_SRC := $(shell find rust -name '*.rs' 2>/dev/null) Cargo.toml python/decnet_attr/data/primitives.json
 DATA_DIR ?= .data
+# axe-core (npm) for the dashboard's accessibility check in Chromium
+AXE_VERSION := 4.10.3
+AXE := $(STAMP)/npm/node_modules/axe-core/axe.min.js
 
 .PHONY: setup system run test test-rust test-py lint bench clean
 
-setup: system $(SO)
+setup: system $(SO) $(AXE)
 
 # apt packages: checked every time (quick), installed only when missing.
 system:
@@ -34,6 +37,11 @@ $(STAMP)/venv: pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	@$(PY) -m pip install -q --disable-pip-version-check "maturin>=1.4,<2"
 	@touch $@
+
+$(AXE):
+	@mkdir -p $(STAMP)/npm
+	@npm install --silent --no-audit --no-fund --prefix $(STAMP)/npm "axe-core@$(AXE_VERSION)"
+	@test -f $@
 
 # The extension, built in release mode and installed editable into .venv
 # together with the runtime and dev dependencies.

@@ -7,6 +7,7 @@
 #  - nats-server and postgresql: the integration tests start real servers.
 #  - chromium + chromium-driver: the browser end-to-end tests.
 #  - iproute2: the vanished-client SSE test takes a private loopback down.
+#  - npm (when no npm is on PATH): installs axe-core for the accessibility check.
 set -euo pipefail
 
 PACKAGES=(
@@ -34,6 +35,7 @@ for p in "${PACKAGES[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
   [[ "$status" == "install ok installed" ]] || missing+=("$p")
 done
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi

@@ -109,7 +109,11 @@ def test_dashboard_end_to_end(serve: ServeProcess, browser_page: BrowserPage) ->
     s.attacker = s.sensor.call("POST", "/api/v1/attackers", {"ip": "198.51.100.23"})["uuid"]
 
     stream_urls: list[str] = []
-    page.on("request", lambda r: stream_urls.append(r.url) if "/events" in r.url else None)
+    # the attacker page's stream (the front page has the overview stream of its own)
+    page.on(
+        "request",
+        lambda r: stream_urls.append(r.url) if f"/attackers/{s.attacker}/events" in r.url else None,
+    )
 
     # ---- first login: the forced password change ----------------------------------------
     page.goto(serve.base + "/", wait_until="domcontentloaded")

@@ -105,6 +105,13 @@ class SseEnv:
         h.update(headers or {})
         return await self.client.get("/api/v1/identities/events", headers=h, **kw)
 
+    async def open_overview(
+        self, user: str = "alice", headers: dict[str, str] | None = None, **kw: Any
+    ) -> ClientResponse:
+        h = {"X-Test-User": user} if user else {}
+        h.update(headers or {})
+        return await self.client.get("/api/v1/overview/events", headers=h, **kw)
+
     async def publish(
         self, topic: str, payload: dict[str, Any], event_type: str = "", ts: float = 1.7e9
     ) -> None:
@@ -140,6 +147,7 @@ def build_app(
     app = web.Application()
     app.router.add_get("/api/v1/attackers/{uuid}/events", hub.handle)
     app.router.add_get("/api/v1/identities/events", hub.handle_identities)
+    app.router.add_get("/api/v1/overview/events", hub.handle_overview)
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()

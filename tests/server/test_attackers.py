@@ -380,7 +380,7 @@ async def test_list_attackers(harness: Harness) -> None:
         ({"offset": "-1"}, "offset must be between 0 and 2147483647, got -1"),
         (
             {"sort_by": "uuid"},
-            "sort_by must be one of recent, active, traversals, last_seen, first_seen, ip, "
+            "sort_by must be one of recent, active, traversals, last_seen, first_seen, observations, ip, "
             "got 'uuid'",
         ),
         ({"order": "up"}, "order must be asc or desc, got 'up'"),

@@ -857,3 +857,31 @@ async def test_concurrent_transactions_one_store(store: Store) -> None:
     assert results == [[0]] * 20
     assert await store.count_observations() == 20
     assert await scalar(store, "SELECT count(*) FROM attacker_identities") == 3
+
+
+async def test_overview_counts(store: Store) -> None:
+    empty = await store.overview_counts()
+    assert empty == {"attackers": 0, "identities": 0, "states": dict.fromkeys(STATES, 0)}
+    ia = await make_attacker(store, "a", "10.0.0.1")
+    ib = await make_attacker(store, "b", "10.0.0.2")
+    await make_attacker(store, "c", "10.0.0.3", identity=False)
+    assert ia is not None and ib is not None
+    async with store.transaction() as tx:
+        await tx.upsert_states(
+            [
+                state(ia, "p1", "multi_actor"),
+                state(ia, "p2", "multi_actor"),
+                state(ia, "p3", "stable"),
+                state(ib, "p1", "drifting"),
+            ]
+        )
+    # a merged identity is not counted
+    await execute(
+        store, "UPDATE attacker_identities SET merged_into_uuid = ? WHERE uuid = ?", ia, ib
+    )
+    counts = await store.overview_counts()
+    assert counts == {
+        "attackers": 3,
+        "identities": 1,
+        "states": {"stable": 1, "drifting": 1, "conflicted": 0, "multi_actor": 2, "unknown": 0},
+    }

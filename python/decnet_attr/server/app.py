@@ -185,6 +185,7 @@ def create_app(
         app.router.add_get(
             "/api/v1/identities/events", hub.handle_identities, name="identity_events"
         )
+        app.router.add_get("/api/v1/overview/events", hub.handle_overview, name="overview_events")
         sse_key = getattr(sse, "SSE_HUB", None)
         if isinstance(sse_key, web.AppKey):  # the relay's own typed key, same object
             app[sse_key] = hub

@@ -25,6 +25,7 @@ from decnet_attr.server.errors import (
 from decnet_attr.server.wire import iso_utc
 from decnet_attr.store import (
     STATES,
+    AttackerFilter,
     AttackerRow,
     AttackerSummary,
     AttributionView,
@@ -54,8 +55,20 @@ LIST_SORT_BY: dict[str, str | None] = {
     "traversals": None,
     "last_seen": "last_seen",
     "first_seen": "first_seen",
+    "observations": "events",
     "ip": "ip",
 }
+#: Shortest IPv4 network accepted by the ``ip`` filter (it is searched as the
+#: text prefixes that cover it: at most 128 of them).
+IP_NETWORK_MIN_PREFIX = 8
+#: ``seen_within`` units (a bare number is seconds).
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Longest ``seen_within`` accepted: a year.
+SEEN_WITHIN_MAX = 366 * 86400
+_IP_PREFIX_RE = re.compile(r"^[0-9a-fA-F.:]{1,45}$")
+_UUID_PREFIX_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+_DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
+_BOOL_PARAM = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 #: Filter values DECNET's client may send for "no filter".
 _NO_FILTER = frozenset({"", "null", "NULL", "undefined"})
 
@@ -178,12 +191,95 @@ def _filter_param(request: web.Request, name: str) -> str | None:
     return raw
 
 
+def ipv4_network_cover(net: ipaddress.IPv4Network) -> tuple[list[str], list[str]]:
+    """``(addresses, text_prefixes)`` whose union is exactly *net*: dotted
+    octets up to the last whole octet of the prefix, then each value the next
+    octet can take (whole addresses once the fourth octet is reached)."""
+    octets = str(net.network_address).split(".")
+    whole, rest = divmod(net.prefixlen, 8)
+    if whole == 4:
+        return [str(net.network_address)], []
+    head = octets[:whole]
+    if rest == 0:
+        return [], [".".join(head) + "."]
+    first = int(octets[whole])
+    values = range(first, first + (1 << (8 - rest)))
+    if whole == 3:
+        return [".".join([*head, str(v)]) for v in values], []
+    return [], [".".join([*head, str(v)]) + "." for v in values]
+
+
+def _ip_filter(raw: str) -> dict[str, tuple[str, ...]]:
+    """The ``ip`` parameter: an address (exact), an IPv4 network in CIDR
+    notation, or the start of an address as text (``10.0.``, ``2001:db8:``)."""
+    text = raw.strip()
+    if "/" in text:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise bad_request(f"ip is not a valid network: {raw[:64]!r}") from None
+        if not isinstance(net, ipaddress.IPv4Network):
+            raise bad_request("ip: IPv6 networks are not supported; give a text prefix instead")
+        if net.prefixlen < IP_NETWORK_MIN_PREFIX:
+            raise bad_request(f"ip: networks must be /{IP_NETWORK_MIN_PREFIX} or longer")
+        exact, prefixes = ipv4_network_cover(net)
+        return {"ips": tuple(exact), "ip_prefixes": tuple(prefixes)}
+    try:
+        return {"ips": (str(ipaddress.ip_address(text)),)}
+    except ValueError:
+        pass
+    if not _IP_PREFIX_RE.match(text):
+        raise bad_request(f"ip must be an address, an IPv4 network or its start, got {raw[:64]!r}")
+    return {"ip_prefixes": (text.lower(),)}
+
+
+def attacker_filter(request: web.Request, now: float) -> AttackerFilter:
+    """The list's search filters from the query string (400 for a bad one):
+    ``ip``, ``attacker`` / ``identity`` (uuid prefixes), ``state`` (comma-separated
+    states, any of them), ``multi_actor`` (true/false), ``seen_within``
+    (seconds, or a number with ``s``/``m``/``h``/``d``)."""
+    kw: dict[str, Any] = {}
+    ip = _filter_param(request, "ip")
+    if ip:
+        kw.update(_ip_filter(ip))
+    for name in ("attacker", "identity"):
+        prefix = _filter_param(request, name)
+        if prefix:
+            if not _UUID_PREFIX_RE.match(prefix):
+                raise bad_request(f"{name} must be 1-64 characters of [A-Za-z0-9-]")
+            kw[f"{name}_prefix"] = prefix
+    state = _filter_param(request, "state")
+    if state:
+        states = tuple(dict.fromkeys(st.strip() for st in state.split(",") if st.strip()))
+        bad = [st for st in states if st not in STATES]
+        if bad or not states:
+            raise bad_request(f"state must be among {', '.join(STATES)}, got {state[:64]!r}")
+        kw["states"] = states
+    flag = _filter_param(request, "multi_actor")
+    if flag:
+        if flag.lower() not in _BOOL_PARAM:
+            raise bad_request(f"multi_actor must be true or false, got {flag[:40]!r}")
+        kw["multi_actor"] = _BOOL_PARAM[flag.lower()]
+    within = _filter_param(request, "seen_within")
+    if within:
+        m = _DURATION_RE.match(within.strip())
+        seconds = int(m.group(1)) * DURATION_UNITS[m.group(2) or "s"] if m else -1
+        if not 0 < seconds <= SEEN_WITHIN_MAX:
+            raise bad_request(
+                f"seen_within must be a duration such as 900, 15m, 1h or 7d "
+                f"(at most {SEEN_WITHIN_MAX // 86400} d), got {within[:40]!r}"
+            )
+        kw["seen_since"] = now - seconds
+    return AttackerFilter(**kw)
+
+
 @routes.get("/api/v1/attackers", name="attackers_list")
 @require(*READ_ROLES)
 async def list_attackers(request: web.Request, principal: Principal) -> web.StreamResponse:
     """DECNET's page shape ``{total, limit, offset, data: [AttackerEntry…]}``.
     Query: ``limit``, ``offset``, ``sort_by`` (:data:`LIST_SORT_BY`), ``order``
-    (``asc``/``desc``, for our own sorts), ``search``, ``service``."""
+    (``asc``/``desc``, for our own sorts), ``search``, ``service`` and the
+    filters of :func:`attacker_filter`."""
     limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
     offset = _int_param(request, "offset", 0, 0, LIST_OFFSET_MAX)
     sort_by = request.query.get("sort_by") or "recent"
@@ -202,6 +298,7 @@ async def list_attackers(request: web.Request, principal: Principal) -> web.Stre
         descending=descending,
         search=_filter_param(request, "search"),
         service=_filter_param(request, "service"),
+        filters=attacker_filter(request, time.time()),
     )
     evidence = await store.attacker_evidence([s.attacker.uuid for s in items]) if items else {}
     body = {

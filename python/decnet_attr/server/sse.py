@@ -63,6 +63,7 @@ from decnet_attr.bus.base import Bus, Event, QueueSubscription, RateLimitedLog, 
 from decnet_attr.bus.helpers import batch_observations
 from decnet_attr.config import Settings
 from decnet_attr.server.connections import tune_socket
+from decnet_attr.server.overview import OVERVIEW_INTERVAL, Overview
 from decnet_attr.server.wire import iso_utc
 from decnet_attr.store.base import AttackerRow, StateRow, Store, StoreError
 
@@ -88,6 +89,7 @@ PATTERNS: Final[tuple[str, ...]] = (
     topics.ATTACKER_SCORED,
     topics.ATTRIBUTION_PATTERN,
     topics.IDENTITY_PATTERN,
+    topics.SYSTEM_HEALTH_PATTERN,
     SYSTEM_AUTH_REVOKED,
 )
 
@@ -117,6 +119,14 @@ IDENTITY_SNAPSHOT_LIMIT: Final = 50
 #: Identity fields sent as ISO-8601 UTC strings.
 IDENTITY_TIME_FIELDS: Final = ("first_seen_at", "last_seen_at", "created_at", "updated_at")
 _IDENTITY_DOT: Final = topics.IDENTITY_ROOT + "."
+_OBSERVATION_DOT: Final = topics.ATTACKER_OBSERVATION_PREFIX + "."
+_SYSTEM_DOT: Final = topics.SYSTEM_ROOT + "."
+_HEALTH_DOT: Final = "." + topics.SYSTEM_HEALTH_SUFFIX
+#: The overview stream's names for what it relays one by one.
+OVERVIEW_ALERT: Final = b"alert"
+OVERVIEW_NEW_ATTACKER: Final = b"attacker.new"
+#: Seconds between two ``overview`` frames when nothing changed.
+OVERVIEW_IDLE: Final = 5.0
 
 
 class PrincipalLike(Protocol):
@@ -148,6 +158,13 @@ StillValid = Callable[[web.Application, Any, float], Awaitable[bool]]
 def _json_error(cls: type[web.HTTPException], detail: str, **kw: Any) -> web.HTTPException:
     return cls(
         text=orjson.dumps({"detail": detail}).decode(), content_type="application/json", **kw
+    )
+
+
+def _event_data(event: Event) -> bytes:
+    """A live event's ``data:``: ``{topic, type, ts, payload}``."""
+    return orjson.dumps(
+        {"topic": event.topic, "type": event.type, "ts": event.ts, "payload": event.payload}
     )
 
 
@@ -196,6 +213,12 @@ class _Frame:
 
     def raw(self) -> bytes:
         return self.data[self.off : -2]
+
+    def raw_data(self) -> bytes:
+        """The ``data:`` field of the frame (one line: JSON never has a raw newline)."""
+        raw = self.raw()
+        start = raw.index(b"\ndata: ") + 7
+        return raw[start : raw.index(b"\n", start)]
 
 
 class _Channel:
@@ -262,8 +285,8 @@ class _Stream:
         "dropped",
         "exp",
         "exp_timer",
+        "feed",
         "hub",
-        "identities",
         "last_gap",
         "last_write",
         "principal",
@@ -277,12 +300,18 @@ class _Stream:
     )
 
     def __init__(
-        self, hub: SseHub, attacker_uuid: str, principal: PrincipalLike, *, identities: bool = False
+        self,
+        hub: SseHub,
+        attacker_uuid: str,
+        principal: PrincipalLike,
+        *,
+        feed: _Channel | None = None,
     ) -> None:
         self.hub = hub
-        #: "" for an identity stream (``identities``: True)
+        #: "" for a fleet-wide stream (identities, overview)
         self.attacker_uuid = attacker_uuid
-        self.identities = identities
+        #: the hub's channel of a fleet-wide stream; None for an attacker's
+        self.feed = feed
         self.principal = principal
         self.user = principal.user_uuid
         self.exp = principal.exp
@@ -435,6 +464,12 @@ class SseHub:
         #: The identity stream's channel: every ``identity.*`` event, for every stream
         #: of ``/identities/events`` (never idle-evicted).
         self._identities = _Channel("", 0, self._resume_len)
+        #: The overview stream's channel: alerts and new attackers one by one (and
+        #: resumable); the coalesced ``overview`` frames go to its streams only.
+        self._overview = _Channel("", 0, self._resume_len)
+        self.overview = Overview(store)
+        self._overview_last: _Frame | None = None
+        self._overview_interval = OVERVIEW_INTERVAL
         self._idle: dict[str, float] = {}  # attacker uuid -> loop time its last stream left
         self._dirty: list[_Stream] = []  # streams with frames to write at the end of a batch
         self._names: dict[str, bytes] = {}
@@ -467,6 +502,7 @@ class SseHub:
         self._resubscribes = 0
         self._resyncs = 0
         self._bad_events = 0
+        self._overview_frames = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -500,6 +536,7 @@ class SseHub:
             asyncio.create_task(self._relay(self._bus, subs), name="sse-relay"),
             asyncio.create_task(self._housekeeping(), name="sse-housekeeping"),
             asyncio.create_task(self._revalidate(), name="sse-revalidate"),
+            asyncio.create_task(self._overview_loop(), name="sse-overview"),
         ]
         logger.debug("SSE hub started (epoch %s)", self._epoch)
 
@@ -562,6 +599,7 @@ class SseHub:
             "bus_resubscribes": self._resubscribes,
             "resyncs": self._resyncs,
             "bad_events": self._bad_events,
+            "overview_frames": self._overview_frames,
             "channels": len(self._by_attacker),
             "identities": len(self._by_identity),
             "users": len(self._by_user),
@@ -582,9 +620,23 @@ class SseHub:
         identities) then every ``identity.*`` event, named by its topic without
         the ``identity.`` root (``formed``, ``merged``, …). Same authentication,
         per-user cap, resume and keepalives as the attacker streams."""
-        return await self._handle(request, None)
+        return await self._handle(request, None, self._identities)
 
-    async def _handle(self, request: web.Request, attacker_uuid: str | None) -> web.StreamResponse:
+    async def handle_overview(self, request: web.Request) -> web.StreamResponse:
+        """The ``GET /api/v1/overview/events`` handler: the fleet at a glance.
+        A ``snapshot`` (``{"overview": summary, "alerts": [recent alerts, newest
+        first]}``), then ``overview`` frames (the summary of
+        :mod:`decnet_attr.server.overview`, coalesced: at most one per
+        ``OVERVIEW_INTERVAL``, none while nothing changes but one every
+        :data:`OVERVIEW_IDLE` s), plus every ``multi_actor_suspected`` event
+        as an ``alert`` frame and every ``identity.formed`` (an attacker's first
+        observation) as an ``attacker.new`` frame, both resumable. Same
+        authentication, per-user cap and keepalives as the attacker streams."""
+        return await self._handle(request, None, self._overview)
+
+    async def _handle(
+        self, request: web.Request, attacker_uuid: str | None, feed: _Channel | None = None
+    ) -> web.StreamResponse:
         if not self._running:
             raise _json_error(web.HTTPServiceUnavailable, "Event stream unavailable")
         principal = await self._authenticate(request)
@@ -604,7 +656,7 @@ class SseHub:
         if attacker_uuid is not None and (not attacker_uuid or len(attacker_uuid) > MAX_UUID_LEN):
             raise _json_error(web.HTTPNotFound, "Attacker not found")
 
-        stream = _Stream(self, attacker_uuid or "", principal, identities=attacker_uuid is None)
+        stream = _Stream(self, attacker_uuid or "", principal, feed=feed)
         if exp is not None:
             stream.exp_timer = asyncio.get_running_loop().call_later(
                 max(exp - time.time(), 0.0), self._close, stream, "expired"
@@ -691,7 +743,7 @@ class SseHub:
         assert channel is not None
         try:
             row = None
-            if not stream.identities:
+            if stream.feed is None:
                 row = await self._store.get_attacker(stream.attacker_uuid)
                 if row is None:
                     self._close(stream, "not found")
@@ -703,6 +755,9 @@ class SseHub:
                 self._resumes += 1
                 parts.extend(f.raw() for f in replay)
                 self._frames_sent += len(replay)
+                last = self._overview_last
+                if channel is self._overview and last is not None:
+                    parts.append(last.raw())  # the counters, without waiting for a tick
             else:
                 if cursor_text:
                     self._stale += 1
@@ -793,6 +848,17 @@ class SseHub:
         the identity stream, the most recently updated identities."""
         sem = self._snap_sem
         assert sem is not None
+        if channel is self._overview:
+            async with sem:
+                summary = await self.overview.summary(self._app, self._now)
+            self._snapshots += 1
+            alerts = b",".join(reversed(self.overview.alerts))
+            return b'event: snapshot\nid: %b-%d\ndata: {"overview":%b,"alerts":[%b]}\n\n' % (
+                self._epoch_b,
+                seq,
+                orjson.dumps(summary),
+                alerts,
+            )
         if channel is self._identities:
             async with sem:
                 identities = await self._store.recent_identities(IDENTITY_SNAPSHOT_LIMIT)
@@ -846,11 +912,11 @@ class SseHub:
         """Put *stream* into its attacker's channel. Returns the frames to
         replay (None: send a snapshot) and whether the cursor was evicted."""
         uuid = stream.attacker_uuid
-        channel = self._identities if stream.identities else self._by_attacker.get(uuid)
+        channel = stream.feed or self._by_attacker.get(uuid)
         if channel is None:
             channel = _Channel(uuid, self._seq, self._resume_len)
             self._by_attacker[uuid] = channel
-        elif not stream.identities:
+        elif stream.feed is None:
             self._idle.pop(uuid, None)
         channel.streams.add(stream)
         stream.channel = channel
@@ -881,7 +947,7 @@ class SseHub:
         channel = stream.channel
         if channel is not None:
             channel.streams.discard(stream)
-            if not channel.streams and channel is not self._identities:
+            if not channel.streams and stream.feed is None:
                 if self._running and reason != "not found":
                     self._idle[channel.uuid] = self._now
                 else:
@@ -936,9 +1002,9 @@ class SseHub:
                 if len(self._names) >= _NAME_CACHE_MAX:
                     self._names.clear()
                 self._names[topic] = name
-        data = orjson.dumps(
-            {"topic": topic, "type": event.type, "ts": event.ts, "payload": event.payload}
-        )
+        return self._frame_of(name, _event_data(event))
+
+    def _frame_of(self, name: bytes, data: bytes) -> _Frame:
         self._seq += 1
         seq = self._seq
         return _Frame(seq, b"event: %b\nid: %b-%d\ndata: %b\n\n" % (name, self._epoch_b, seq, data))
@@ -948,29 +1014,61 @@ class SseHub:
         self._events_in += 1
         topic = event.topic
         payload = event.payload
+        overview = self.overview
         if topics.is_observation_batch(topic):
+            overview.note_batch(payload)
             # the API's batches: one frame per observation of a watched attacker
             if self._by_attacker:
                 for ev in batch_observations(event, self._by_attacker):
-                    self._dispatch(ev)
+                    self._dispatch_attacker(ev)
         elif topic.startswith("attacker."):
-            attacker = payload.get("attacker_uuid")
-            channel = self._by_attacker.get(attacker) if isinstance(attacker, str) else None
-            if channel is None:
-                return
-            frame = self._frame(event)
-            self._events_routed += 1
-            channel.push(frame)
+            if topic.startswith(_OBSERVATION_DOT):
+                overview.note_observation()
+            self._dispatch_attacker(event)
         elif topic.startswith("attribution."):
+            overview.note_change()
             self._dispatch_attribution(event, payload)
+            if topic == topics.ATTRIBUTION_PROFILE_MULTI_ACTOR_SUSPECTED:
+                data = _event_data(event)
+                overview.note_alert(data)
+                self._push_overview(OVERVIEW_ALERT, data)
         elif topic.startswith(_IDENTITY_DOT):
+            overview.note_change()
             self._dispatch_identity(topic, payload)
             # the identity stream: named by the topic without its root (DECNET's names)
             frame = self._frame(event, topic[len(_IDENTITY_DOT) :].encode())
             self._events_routed += 1
             self._identities.push(frame)
+            if topic == topics.IDENTITY_FORMED:
+                overview.note_new_attacker()
+                self._push_overview(OVERVIEW_NEW_ATTACKER, frame.raw_data())
         elif topic == SYSTEM_AUTH_REVOKED:
             self._revoke(payload)
+        elif topic.startswith(_SYSTEM_DOT) and topic.endswith(_HEALTH_DOT):
+            overview.note_health(topic, payload)
+
+    def _push_overview(self, name: bytes, data: bytes) -> None:
+        """An overview frame for the open overview streams. With none open,
+        no frame is made: the resume buffer is emptied instead, so a cursor
+        from before is answered with ``stale`` and a snapshot (which holds the
+        recent alerts), never a silent skip."""
+        channel = self._overview
+        if channel.streams:
+            self._events_routed += 1
+            channel.push(self._frame_of(name, data))
+        elif channel.frames or channel.covered_from <= self._seq:
+            # every cursor given so far is now older than what the buffer covers
+            channel.frames.clear()
+            channel.covered_from = self._seq + 1
+
+    def _dispatch_attacker(self, event: Event) -> None:
+        attacker = event.payload.get("attacker_uuid")
+        channel = self._by_attacker.get(attacker) if isinstance(attacker, str) else None
+        if channel is None:
+            return
+        frame = self._frame(event)
+        self._events_routed += 1
+        channel.push(frame)
 
     def _dispatch_attribution(self, event: Event, payload: dict[str, Any]) -> None:
         identity = payload.get("identity_uuid")
@@ -1034,7 +1132,7 @@ class SseHub:
         open stream gets ``event: stale`` + a fresh snapshot."""
         self._seq += 1
         barrier = self._seq
-        for channel in (*self._by_attacker.values(), self._identities):
+        for channel in (*self._by_attacker.values(), self._identities, self._overview):
             channel.frames.clear()
             channel.covered_from = barrier
         streams = list(self._streams)
@@ -1255,6 +1353,36 @@ class SseHub:
             channel = self._by_attacker.get(uuid)
             if channel is not None and not channel.streams:
                 self._drop_channel(channel)
+
+    async def _overview_loop(self) -> None:
+        """The coalesced ``overview`` frames: one summary for every overview
+        stream, at most one per ``OVERVIEW_INTERVAL``, whatever the ingest rate."""
+        loop = asyncio.get_running_loop()
+        sent_version = -1
+        sent_at = -math.inf
+        while True:
+            await asyncio.sleep(self._overview_interval)
+            if not self._overview.streams:
+                continue
+            now = loop.time()
+            version = self.overview.version
+            quiet = version == sent_version and not self.overview.counts_due(now)
+            if quiet and now - sent_at < OVERVIEW_IDLE:
+                continue
+            try:
+                summary = await self.overview.summary(self._app, now)
+            except Exception:
+                _rl.warning("sse-overview", "SSE relay: the overview summary failed")
+                logger.debug("SSE overview summary failed", exc_info=True)
+                continue
+            sent_version, sent_at = version, now
+            frame = _Frame(self._seq, b"event: overview\ndata: %b\n\n" % orjson.dumps(summary))
+            self._overview_last = frame
+            self._overview_frames += 1
+            self._now = loop.time()
+            for s in tuple(self._overview.streams):
+                s.offer(frame)
+            self._flush()
 
     async def _revalidate(self) -> None:
         """Every few seconds, ask ``still_valid`` once per (user, token)."""

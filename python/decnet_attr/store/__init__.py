@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 
 from decnet_attr.store.base import (
     DEAD_LETTER_MAX_BYTES,
+    MULTI_ACTOR_FLAG_MIN,
     STATES,
     USER_UPDATE_FIELDS,
     AttackerAttribution,
+    AttackerFilter,
     AttackerRow,
     AttackerSummary,
     AttributionView,
@@ -79,9 +81,11 @@ def open_store(url: str, *, dedupe_window: int | None = None) -> Store:
 
 __all__ = [
     "DEAD_LETTER_MAX_BYTES",
+    "MULTI_ACTOR_FLAG_MIN",
     "STATES",
     "USER_UPDATE_FIELDS",
     "AttackerAttribution",
+    "AttackerFilter",
     "AttackerRow",
     "AttackerSummary",
     "AttributionView",

@@ -89,8 +89,34 @@ class AttackerSummary:
     attacker: AttackerRow
     # state -> number of primitives of its identity in that state
     state_counts: dict[str, int]
-    multi_actor: bool  # identity currently suspected (>= 2 primitives multi_actor)
+    multi_actor: bool  # identity currently suspected (>= MULTI_ACTOR_FLAG_MIN multi_actor)
     observation_count: int
+
+
+#: Primitives in ``multi_actor`` that make an attacker's identity "suspected" in
+#: the list (its ``multi_actor`` flag and the ``multi_actor`` filter).
+MULTI_ACTOR_FLAG_MIN = 2
+
+
+@dataclass(frozen=True)
+class AttackerFilter:
+    """The list's search filters (all given ones must hold; empty: no filter).
+
+    ``ips``: exact addresses (any); ``ip_prefixes``: text prefixes of the
+    address (any; a CIDR network is given as the prefixes that cover it);
+    ``attacker_prefix`` / ``identity_prefix``: case-insensitive prefixes of
+    the attacker uuid / its identity uuid; ``states``: some primitive of the
+    identity is in one of these states; ``multi_actor``: the flag of
+    :class:`AttackerSummary` is set (True) or not (False); ``seen_since``:
+    ``last_seen`` at or after this epoch time."""
+
+    ips: tuple[str, ...] = ()
+    ip_prefixes: tuple[str, ...] = ()
+    attacker_prefix: str | None = None
+    identity_prefix: str | None = None
+    states: tuple[str, ...] = ()
+    multi_actor: bool | None = None
+    seen_since: float | None = None
 
 
 @dataclass(slots=True)
@@ -355,18 +381,24 @@ class Store(ABC):
         uuid: str | None = None,
         search: str | None = None,
         service: str | None = None,
+        filters: AttackerFilter | None = None,
     ) -> tuple[list[AttackerSummary], int]:
         """A page of attackers and the total count of those matching. ``sort``:
         ``last_seen`` | ``first_seen`` | ``ip`` | ``events`` (observation count).
         Filters: ``uuid`` (exactly that attacker), ``search`` (case-insensitive
         substring of the ip or uuid), ``service`` (attackers with an observation
         whose evidence reference is a shard of that service,
-        ``shard:<decky>/<service>/…``)."""
+        ``shard:<decky>/<service>/…``) and ``filters`` (:class:`AttackerFilter`)."""
 
     @abstractmethod
     async def attacker_evidence(self, attacker_uuids: Sequence[str]) -> dict[str, list[str]]:
         """The distinct shard evidence references (``shard:…``) of these
         attackers' observations, sorted; attackers with none are left out."""
+
+    @abstractmethod
+    async def overview_counts(self) -> dict[str, Any]:
+        """The fleet's totals: ``{"attackers": n, "identities": n (not merged),
+        "states": {state: primitives in it, for every state}}``."""
 
     @abstractmethod
     async def recent_identities(self, limit: int) -> list[dict[str, Any]]:

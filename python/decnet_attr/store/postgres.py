@@ -23,6 +23,7 @@ import asyncpg
 
 from decnet_attr.store.base import (
     AttackerAttribution,
+    AttackerFilter,
     AttackerRow,
     AttackerSummary,
     DeadLetter,
@@ -42,6 +43,8 @@ from decnet_attr.store.schema import (
     EVIDENCE_SQL,
     OBS_INSERT_COLS,
     OBS_SELECT_COLS,
+    OVERVIEW_STATES_SQL,
+    OVERVIEW_TOTALS_SQL,
     STATE_COLS,
     TICKET_COLS,
     USER_COLS,
@@ -56,6 +59,7 @@ from decnet_attr.store.schema import (
     merge_attacker_items,
     migrate_postgres,
     observation_from_row,
+    overview_counts_from_rows,
     recent_identities_sql,
     state_from_row,
     summaries_from_rows,
@@ -674,8 +678,11 @@ class PostgresStore(Store):
         uuid: str | None = None,
         search: str | None = None,
         service: str | None = None,
+        filters: AttackerFilter | None = None,
     ) -> tuple[list[AttackerSummary], int]:
-        where, params = list_filters(_param, uuid=uuid, search=search, service=service)
+        where, params = list_filters(
+            _param, uuid=uuid, search=search, service=service, filters=filters
+        )
         n = len(params)
         sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))
         async with self._conn() as conn:
@@ -691,6 +698,13 @@ class PostgresStore(Store):
         async with self._conn() as conn:
             rows = await conn.fetch(EVIDENCE_SQL.format(ids=ids), *attacker_uuids)
         return evidence_from_rows(rows)
+
+    @_guard
+    async def overview_counts(self) -> dict[str, Any]:
+        async with self._conn() as conn:
+            totals = await conn.fetchrow(OVERVIEW_TOTALS_SQL)
+            states = await conn.fetch(OVERVIEW_STATES_SQL)
+        return overview_counts_from_rows(tuple(totals), states)
 
     @_guard
     async def recent_identities(self, limit: int) -> list[dict[str, Any]]:

@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from decnet_attr.store.base import (
+    MULTI_ACTOR_FLAG_MIN,
     STATES,
     USER_UPDATE_FIELDS,
     AttackerAttribution,
+    AttackerFilter,
     AttackerRow,
     AttackerSummary,
     AttributionView,
@@ -700,32 +702,74 @@ def list_order(sort: str, descending: bool, alias: str) -> str:
     return f"{nulls_last}{col} {d}, {alias}.uuid {d}"
 
 
+def _multi_actor_count(a: str) -> str:
+    return (
+        "(SELECT count(*) FROM attribution_state s "
+        f"WHERE s.identity_uuid = {a}.identity_id AND s.state = 'multi_actor')"
+    )
+
+
 def list_filters(
     param: Callable[[int], str],
     *,
     uuid: str | None = None,
     search: str | None = None,
     service: str | None = None,
+    filters: AttackerFilter | None = None,
 ) -> tuple[str, list[Any]]:
     """``WHERE`` clause (or "") and its parameters for :meth:`Store.list_attackers`:
     an exact attacker uuid; ``search``, a case-insensitive substring of the ip or
     the uuid; ``service``, attackers with an observation from a shard of that
-    service. Parameters are numbered from 1."""
+    service; ``filters`` (:class:`AttackerFilter`). Parameters are numbered from 1."""
     conds: list[str] = []
     params: list[Any] = []
+
+    def add(value: Any) -> str:
+        params.append(value)
+        return param(len(params))
+
+    def any_of(values: Sequence[Any]) -> str:
+        return ", ".join(add(v) for v in values)
+
     if uuid is not None:
-        params.append(uuid)
-        conds.append(f"a.uuid = {param(len(params))}")
+        conds.append(f"a.uuid = {add(uuid)}")
     if search:
-        params.append(f"%{like_pattern(search.lower())}%")
-        n = param(len(params))
+        n = add(f"%{like_pattern(search.lower())}%")
         conds.append(f"(lower(a.ip) LIKE {n} ESCAPE '\\' OR lower(a.uuid) LIKE {n} ESCAPE '\\')")
     if service:
-        params.append(f"{SHARD_REF_PREFIX}%/{like_pattern(service)}/%")
+        n = add(f"{SHARD_REF_PREFIX}%/{like_pattern(service)}/%")
         conds.append(
             "EXISTS (SELECT 1 FROM observations o WHERE o.attacker_uuid = a.uuid "
-            f"AND o.evidence_ref LIKE {param(len(params))} ESCAPE '\\')"
+            f"AND o.evidence_ref LIKE {n} ESCAPE '\\')"
         )
+    f = filters or AttackerFilter()
+    ip_conds: list[str] = []
+    if f.ips:
+        ip_conds.append(f"a.ip IN ({any_of(f.ips)})")
+    by_length: dict[int, list[str]] = {}
+    for prefix in f.ip_prefixes:
+        by_length.setdefault(len(prefix), []).append(prefix)
+    for length, prefixes in sorted(by_length.items()):
+        # the length is an int computed here, never text from the request
+        ip_conds.append(f"substr(a.ip, 1, {int(length)}) IN ({any_of(prefixes)})")
+    if ip_conds:
+        conds.append(f"({' OR '.join(ip_conds)})")
+    if f.attacker_prefix:
+        n = add(f"{like_pattern(f.attacker_prefix.lower())}%")
+        conds.append(f"lower(a.uuid) LIKE {n} ESCAPE '\\'")
+    if f.identity_prefix:
+        n = add(f"{like_pattern(f.identity_prefix.lower())}%")
+        conds.append(f"lower(a.identity_id) LIKE {n} ESCAPE '\\'")
+    if f.states:
+        conds.append(
+            "EXISTS (SELECT 1 FROM attribution_state s WHERE s.identity_uuid = a.identity_id "
+            f"AND s.state IN ({any_of(f.states)}))"
+        )
+    if f.multi_actor is not None:
+        op = ">=" if f.multi_actor else "<"
+        conds.append(f"{_multi_actor_count('a')} {op} {int(MULTI_ACTOR_FLAG_MIN)}")
+    if f.seen_since is not None:
+        conds.append(f"a.last_seen >= {add(float(f.seen_since))}")
     return (f"WHERE {' AND '.join(conds)}" if conds else ""), params
 
 
@@ -758,6 +802,26 @@ SELECT p.uuid, p.ip, p.identity_id, p.first_seen, p.last_seen, p.rotation_count,
 FROM page p
 ORDER BY {list_order(sort, descending, "p")}
 """
+
+
+#: The fleet's totals for the overview stream: attackers, live (unmerged)
+#: identities, then one row per attribution state with its primitive count.
+OVERVIEW_TOTALS_SQL = (
+    "SELECT (SELECT count(*) FROM attackers), "
+    "(SELECT count(*) FROM attacker_identities WHERE merged_into_uuid IS NULL)"
+)
+OVERVIEW_STATES_SQL = "SELECT state, count(*) FROM attribution_state GROUP BY state"
+
+
+def overview_counts_from_rows(
+    totals: Sequence[Any], states: Sequence[Sequence[Any]]
+) -> dict[str, Any]:
+    """``{"attackers", "identities", "states": {state: n for every state}}``."""
+    by_state = dict.fromkeys(STATES, 0)
+    for st, n in states:
+        if st in by_state:
+            by_state[st] = int(n)
+    return {"attackers": int(totals[0]), "identities": int(totals[1]), "states": by_state}
 
 
 #: Distinct shard references of some attackers' observations (``{ids}``: placeholders).
@@ -809,7 +873,7 @@ def summaries_from_rows(rows: Sequence[Sequence[Any]]) -> list[AttackerSummary]:
             AttackerSummary(
                 attacker=attacker_from_row(r[:7]),
                 state_counts=counts,
-                multi_actor=counts["multi_actor"] >= 2,
+                multi_actor=counts["multi_actor"] >= MULTI_ACTOR_FLAG_MIN,
                 observation_count=int(r[7]),
             )
         )

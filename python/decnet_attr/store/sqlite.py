@@ -38,6 +38,7 @@ import aiosqlite
 from decnet_attr._core import Dedupe, SqliteConnection, ValidatedBatch
 from decnet_attr.store.base import (
     AttackerAttribution,
+    AttackerFilter,
     AttackerRow,
     AttackerSummary,
     DeadLetter,
@@ -58,6 +59,8 @@ from decnet_attr.store.schema import (
     EVIDENCE_SQL,
     OBS_INSERT_COLS,
     OBS_SELECT_COLS,
+    OVERVIEW_STATES_SQL,
+    OVERVIEW_TOTALS_SQL,
     STATE_COLS,
     TICKET_COLS,
     USER_COLS,
@@ -71,6 +74,7 @@ from decnet_attr.store.schema import (
     merge_attacker_items,
     migrate_sqlite,
     observation_from_row,
+    overview_counts_from_rows,
     recent_identities_sql,
     state_from_row,
     summaries_from_rows,
@@ -887,8 +891,11 @@ class SqliteStore(Store):
         uuid: str | None = None,
         search: str | None = None,
         service: str | None = None,
+        filters: AttackerFilter | None = None,
     ) -> tuple[list[AttackerSummary], int]:
-        where, params = list_filters(_param, uuid=uuid, search=search, service=service)
+        where, params = list_filters(
+            _param, uuid=uuid, search=search, service=service, filters=filters
+        )
         n = len(params)
         sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))
         conn = self._reader()
@@ -906,6 +913,13 @@ class SqliteStore(Store):
             EVIDENCE_SQL.format(ids=ids), list(attacker_uuids)
         )
         return evidence_from_rows(rows)
+
+    @_guard
+    async def overview_counts(self) -> dict[str, Any]:
+        conn = self._reader()
+        totals = await conn.execute_fetchall(OVERVIEW_TOTALS_SQL)
+        states = await conn.execute_fetchall(OVERVIEW_STATES_SQL)
+        return overview_counts_from_rows(next(iter(totals)), list(states))
 
     @_guard
     async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
