@@ -3,7 +3,9 @@ endpoint (reference §6.5, byte-compatible)."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import time
 from typing import Any
 
