@@ -29,12 +29,12 @@ import orjson
 import pytest
 from tests import oracle
 
-from decnet_attr.benchkit import as_events
-from decnet_attr.bus import Bus, get_bus
+from decnet_attr.benchkit import as_events, deployment
+from decnet_attr.bus import Bus
 from decnet_attr.config import Settings
 from decnet_attr.registry import value_kind_for
 from decnet_attr.runtime import tune_gc
-from decnet_attr.store import Store, open_store
+from decnet_attr.store import Store
 from decnet_attr.topics import (
     EVENT_TYPE_OBSERVATION_BATCH,
     OBSERVATION_BATCH,
@@ -42,26 +42,14 @@ from decnet_attr.topics import (
 )
 from decnet_attr.worker import AttributionWorker
 
-#: worker micro-batch fill delay for the runs (the setting's default: 0)
-BATCH_DELAY = float(os.environ.get("BENCH_BATCH_DELAY", "0"))
 #: worker micro-batch bound for the runs (the setting's default unless overridden)
 BATCH_MAX = int(os.environ.get("BENCH_BATCH_MAX", "0")) or Settings().batch_max
 
 
 @contextlib.asynccontextmanager
 async def embedded(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
-    settings = Settings(
-        data_dir=tmp, batch_max=BATCH_MAX, batch_delay=BATCH_DELAY, heartbeat_interval=30
-    )
-    store = open_store(settings.store_url)
-    await store.open()
-    bus = get_bus("memory://", durable_queue_size=1_000_000)
-    await bus.connect()
-    try:
-        yield settings, bus, store
-    finally:
-        await bus.close()
-        await store.close()
+    async with deployment(tmp, BATCH_MAX) as parts:
+        yield parts
 
 
 @contextlib.asynccontextmanager
@@ -73,23 +61,8 @@ async def scaled(tmp: Path) -> AsyncIterator[tuple[Settings, Bus, Store]]:
         pytest.skip("nats-server or postgresql not installed")
     with NatsServer() as nats, PgServer() as pg:
         dsn = await pg.create_database()
-        settings = Settings(
-            data_dir=tmp,
-            bus_url=nats.url,
-            db_url=dsn,
-            batch_max=2000,
-            batch_delay=BATCH_DELAY,
-            heartbeat_interval=30,
-        )
-        store = open_store(dsn)
-        await store.open()
-        bus = get_bus(nats.url)
-        await bus.connect()
-        try:
-            yield settings, bus, store
-        finally:
-            await bus.close()
-            await store.close()
+        async with deployment(tmp, BATCH_MAX, nats.url, dsn) as parts:
+            yield parts
 
 
 BACKENDS = {"in-process + SQLite": embedded, "NATS + PostgreSQL": scaled}

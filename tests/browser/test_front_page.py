@@ -27,7 +27,7 @@ from tests.browser.conftest import (
 pytestmark = [requires_chromium, pytest.mark.timeout(90)]
 
 AXE = ROOT / ".build" / "npm" / "node_modules" / "axe-core" / "axe.min.js"
-NEW_ADMIN_PASSWORD = "a much better admin password"
+NEW_ADMIN_PASSWORD = "A much better admin passw0rd"
 SENSOR_PASSWORD = "sensor password 1234"
 SHELL = "environmental.shell_type"
 STYLE = "cognitive.exploration_style"

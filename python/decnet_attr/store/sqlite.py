@@ -263,46 +263,42 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT DO NOTHING
 """
 
+#: A state row's values: every column but the key and the retained window.
+_STATE_VALUE_COLS = (
+    "current_value",
+    "state",
+    "confidence",
+    "observation_count",
+    "last_change_ts",
+    "last_observation_ts",
+    "kind",
+    "version",
+    "updated_at",
+    "previous_state",
+)
+_SET_VALUES = ",\n    ".join(f"{c} = excluded.{c}" for c in _STATE_VALUE_COLS)
+
 _SQL_UPSERT_STATE = f"""
 INSERT INTO attribution_state ({STATE_COLS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
-    current_value = excluded.current_value,
-    state = excluded.state,
-    confidence = excluded.confidence,
-    observation_count = excluded.observation_count,
-    last_change_ts = excluded.last_change_ts,
-    last_observation_ts = excluded.last_observation_ts,
-    kind = excluded.kind,
+    {_SET_VALUES},
     "window" = excluded."window",
-    version = excluded.version,
-    updated_at = excluded.updated_at,
-    previous_state = excluded.previous_state,
     window_seq = NULL
 """
 
 # the same without the window: a new row gets none (window_seq 0: its whole
 # series is replayed on load), an existing row keeps the one it has
 _SQL_UPSERT_STATE_VALUES = f"""
-INSERT INTO attribution_state ({STATE_COLS}, window_seq)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, 0)
+INSERT INTO attribution_state (identity_uuid, primitive, {", ".join(_STATE_VALUE_COLS)},
+    "window", window_seq)
+VALUES ({", ".join("?" * (len(_STATE_VALUE_COLS) + 2))}, NULL, 0)
 ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
-    current_value = excluded.current_value,
-    state = excluded.state,
-    confidence = excluded.confidence,
-    observation_count = excluded.observation_count,
-    last_change_ts = excluded.last_change_ts,
-    last_observation_ts = excluded.last_observation_ts,
-    kind = excluded.kind,
-    version = excluded.version,
-    updated_at = excluded.updated_at,
-    previous_state = excluded.previous_state
+    {_SET_VALUES}
 """
 
-_SQL_UPDATE_STATE_VALUES = """
-UPDATE attribution_state SET current_value = ?, state = ?, confidence = ?,
-    observation_count = ?, last_change_ts = ?, last_observation_ts = ?, kind = ?,
-    version = ?, updated_at = ?, previous_state = ?
+_SQL_UPDATE_STATE_VALUES = f"""
+UPDATE attribution_state SET {", ".join(f"{c} = ?" for c in _STATE_VALUE_COLS)}
 WHERE identity_uuid = ? AND primitive = ?
 """
 
