@@ -273,6 +273,7 @@ async def _scenario(
                 "accepted": 3,
                 "ids": ["e2e-0", "e2e-1", "e2e-2"],
                 "rejected": [],
+                "duplicates": [],
             }
 
         # the worker merges them: poll the attribution until it is stable

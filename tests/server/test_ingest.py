@@ -64,7 +64,12 @@ async def test_accepted_observations_are_published_durably(
     ]
     resp = await post(harness, sensor, items)
     assert resp.status == 202, await resp.text()
-    assert await resp.json() == {"accepted": 2, "ids": ["obs-0", "obs-1"], "rejected": []}
+    assert await resp.json() == {
+        "accepted": 2,
+        "ids": ["obs-0", "obs-1"],
+        "rejected": [],
+        "duplicates": [],
+    }
     # 202 = the consumer acked already (in-process bus): the events are there now
     events = sorted(observations_consumer, key=lambda e: e.id)
     assert [(e.topic, e.id, e.type) for e in events] == [
@@ -226,6 +231,7 @@ async def test_mixed_batch(
             {"index": 3, "code": "duplicate", "reason": "duplicate id 'obs-0' in this batch"},
             {"index": 4, "code": "not_object", "reason": "item must be a JSON object"},
         ],
+        "duplicates": [],
     }
     assert harness.counters["observations_rejected_total"] == 3
 
@@ -467,6 +473,7 @@ async def test_ingest_on_nats_jetstream(make_harness: HarnessFactory, nats_url: 
         "accepted": 2,
         "ids": ["obs-0", "obs-1"],
         "rejected": [{"index": 2, "code": "bad_ts", "reason": "ts must be a finite number"}],
+        "duplicates": [],
     }
     consumer = h.bus.durable_consumer("attacker.observation.>", durable="attribution")
     try:

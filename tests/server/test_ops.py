@@ -379,16 +379,21 @@ async def test_metrics_families_and_counters_follow_real_work(
         after.get("decnet_attr_http_requests_total", route=INGEST, method="POST", status="202") == 1
     )
 
-    # the same ids again: the bus itself recognises them (like JetStream's window)
-    await ingest(wh, sensor_token, items)
+    # the same ids again: answered as duplicates, never published again
+    resent = await ingest(wh, sensor_token, items)
+    assert (resent["accepted"], len(resent["duplicates"])) == (0, 3)
     same = await scrape(wh.client)
     assert same.get("decnet_attr_worker_observations_received_total") == 3
-    # new ids for the same evidence: the worker stores them once, counts duplicates
+    assert same.get("decnet_attr_api_observations_duplicate_total") == 3
+    # new ids for the same evidence: duplicates too (by (evidence_ref, primitive))
     await ingest(wh, sensor_token, [{**item, "id": f"{item['id']}-again"} for item in items])
     again = await scrape(wh.client)
-    assert again.get("decnet_attr_worker_observations_received_total") == 6
+    assert again.get("decnet_attr_worker_observations_received_total") == 3
     assert again.get("decnet_attr_worker_observations_merged_total") == 3
-    assert again.get("decnet_attr_worker_observations_duplicate_total") == 3
+    assert again.get("decnet_attr_api_observations_duplicate_total") == 6
+    assert (
+        again.get("decnet_attr_api_observations_duplicate_by_sensor_total", sensor="probe-ops") == 6
+    )
 
     # an event the worker refuses becomes a dead letter
     await wh.bus.publish_durable(
@@ -627,3 +632,26 @@ async def test_api_only_process_on_the_unix_bus_refuses_ingest_with_503(
         finally:
             await client.close()
     shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def test_a_resent_observation_is_answered_duplicate(wh: Harness) -> None:
+    """Stored before (same id, or same evidence and primitive, whoever sent
+    it): answered per item as a duplicate and not published again; counted
+    per sensor."""
+    first_sensor = await wh.token("first-sensor", "sensor")
+    other_sensor = await wh.token("other-sensor", "sensor")
+    first = [obs(i, evidence_ref=f"shard:d1/ssh/dup#{i}") for i in (0, 1)]
+    assert (await ingest(wh, first_sensor, first))["accepted"] == 2
+    resent = [first[0], {**first[1], "id": "obs-again"}, obs(2)]
+    assert await ingest(wh, other_sensor, resent) == {
+        "accepted": 1,
+        "ids": [resent[2]["id"]],
+        "rejected": [],
+        "duplicates": [{"index": 0, "id": first[0]["id"]}, {"index": 1, "id": "obs-again"}],
+    }
+    metrics = await scrape(wh.client)
+    assert metrics.get("decnet_attr_worker_observations_received_total") == 3
+    assert (
+        metrics.get("decnet_attr_api_observations_duplicate_by_sensor_total", sensor="other-sensor")
+        == 2
+    )

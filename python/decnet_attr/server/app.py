@@ -30,6 +30,7 @@ __all__ = [
     "AUTH",
     "BUS",
     "COUNTERS",
+    "DUPLICATES_BY_SENSOR",
     "SETTINGS",
     "SSE_HUB",
     "STORE",
@@ -47,6 +48,8 @@ AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
 #: tickets_redeemed_total, observations_accepted_total, observations_rejected_total,
 #: ingest_unavailable_total, http_5xx_total.
 COUNTERS: web.AppKey[dict[str, int]] = web.AppKey("counters")
+#: Observations a sensor sent again (already stored), by sensor user name.
+DUPLICATES_BY_SENSOR: web.AppKey[dict[str, int]] = web.AppKey("duplicates_by_sensor")
 #: The in-process AttributionWorker, or None.
 WORKER: web.AppKey[Any] = web.AppKey("worker")
 #: The SSE relay (decnet_attr.server.sse.SseHub), or None while it does not exist.
@@ -158,6 +161,7 @@ def create_app(
     app[BUS] = the_bus
     app[AUTH] = auth
     app[COUNTERS] = counters
+    app[DUPLICATES_BY_SENSOR] = {}
 
     run_worker = _want_worker(settings, worker)
     the_worker: Any = None

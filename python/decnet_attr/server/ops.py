@@ -58,7 +58,15 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from decnet_attr.logs import RepeatFilter
-from decnet_attr.server.app import BUS, COUNTERS, SETTINGS, SSE_HUB, STORE, WORKER
+from decnet_attr.server.app import (
+    BUS,
+    COUNTERS,
+    DUPLICATES_BY_SENSOR,
+    SETTINGS,
+    SSE_HUB,
+    STORE,
+    WORKER,
+)
 from decnet_attr.server.errors import json_response
 
 log = logging.getLogger(__name__)
@@ -338,6 +346,7 @@ API_HELP: dict[str, str] = {
     "ingest_unavailable_total": "Ingest requests answered 503 (bus unavailable).",
     "ingest_backpressure_total": "Ingest requests answered 503 because the pipeline is behind.",
     "ingest_inflight": "Observations handed to the bus and not yet acknowledged durable.",
+    "observations_duplicate_total": "Observations sent again that were already stored (202 duplicates).",
     "http_5xx_total": "Responses with a 5xx status.",
 }
 
@@ -379,6 +388,7 @@ class AppCollector(Collector):
         sections: tuple[Callable[[], Iterator[Metric]], ...] = (
             self._info,
             self._api,
+            self._duplicates,
             self._http,
             self._bus,
             self._worker,
@@ -420,6 +430,16 @@ class AppCollector(Collector):
                 yield CounterMetricFamily(f"{PREFIX}_api_{_base(key)}", doc, value=v)
             else:  # a level, not a count
                 yield GaugeMetricFamily(f"{PREFIX}_api_{key}", doc, value=v)
+
+    def _duplicates(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_api_observations_duplicate_by_sensor",
+            "Observations a sensor sent again (already stored), by sensor.",
+            labels=["sensor"],
+        )
+        for sensor, n in sorted(self.app[DUPLICATES_BY_SENSOR].items()):
+            family.add_metric([sensor], float(n))
+        yield family
 
     def _http(self) -> Iterator[Metric]:
         family = CounterMetricFamily(

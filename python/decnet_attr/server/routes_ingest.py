@@ -12,7 +12,8 @@ for the in-process bus the worker has committed the batch, for NATS
 JetStream has stored the message.
 
 Answers: 202 ``{"accepted", "ids", "rejected": [{"index", "code",
-"reason"}]}`` when at least one item was accepted; 422 ``{"detail": [{"index",
+"reason"}], "duplicates": [{"index", "id"}]}`` when at least one item was
+accepted or was a duplicate of an observation stored before (a retry); 422 ``{"detail": [{"index",
 "code", "reason"}]}`` when none was; 400 for a body that is not JSON; 413
 for a body or a batch too large; 415 for another content type; 503 (+
 ``Retry-After``) when the bus cannot accept durably right now or the
@@ -33,7 +34,7 @@ from aiohttp import web
 from decnet_attr.bus import Bus, BusError, BusPayloadTooLarge
 from decnet_attr.config import Settings
 from decnet_attr.observations import InvalidJSONError, TooManyItemsError, ValidatedBatch, validate
-from decnet_attr.server.app import BUS, COUNTERS, SETTINGS
+from decnet_attr.server.app import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, STORE
 from decnet_attr.server.auth import INGEST_ROLES, Principal, require
 from decnet_attr.server.errors import (
     EXTRA_CONTENT_TYPES,
@@ -45,6 +46,7 @@ from decnet_attr.server.errors import (
     unprocessable,
     unsupported_media_type,
 )
+from decnet_attr.store import StoreError
 from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH, ingest_partition
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,26 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     _count(counters, "observations_rejected_total", len(rejected))
     if not len(batch):
         raise unprocessable(rejected)
+    # observations stored before (a retry, or an id another sensor used):
+    # reported as such, not published again
+    duplicates: list[dict[str, Any]] = []
+    try:
+        known = await request.app[STORE].stored_positions(batch)
+    except StoreError:
+        known = []  # the worker's own dedupe still keeps them out
+    if known:
+        ids, indexes = batch.ids, batch.indexes
+        duplicates = [{"index": indexes[p], "id": ids[p]} for p in known]
+        _count(counters, "observations_duplicate_total", len(known))
+        by_sensor = request.app[DUPLICATES_BY_SENSOR]
+        by_sensor[principal.username] = by_sensor.get(principal.username, 0) + len(known)
+        gone = set(known)
+        batch = batch.take([p for p in range(len(batch)) if p not in gone])
+        if not len(batch):
+            return json_response(
+                {"accepted": 0, "ids": [], "rejected": rejected, "duplicates": duplicates},
+                status=202,
+            )
 
     # back-pressure: a bound on what this process holds accepted-but-not-
     # yet-durable, instead of queueing without limit while the worker lags
@@ -210,7 +232,13 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     if not accepted_ids:
         raise unprocessable(rejected)
     return json_response(
-        {"accepted": len(accepted_ids), "ids": accepted_ids, "rejected": rejected}, status=202
+        {
+            "accepted": len(accepted_ids),
+            "ids": accepted_ids,
+            "rejected": rejected,
+            "duplicates": duplicates,
+        },
+        status=202,
     )
 
 

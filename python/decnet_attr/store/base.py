@@ -484,6 +484,13 @@ class Store(ABC):
         """Recompute: replace the whole ``attribution_state`` table (one
         transaction) and clear the multi-actor dedupe."""
 
+    async def stored_positions(self, batch: ValidatedBatch) -> list[int]:
+        """Positions of the batch's accepted items that were stored before
+        (same id, or same ``(evidence_ref, primitive)``): what the API
+        reports as duplicates. Best effort: the insert's own dedupe is what
+        guarantees exactly once."""
+        return []
+
     # ---- retention ---------------------------------------------------------
     @abstractmethod
     async def mark_observations(self, now: float) -> int:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
+from decnet_attr._core import ValidatedBatch
 from decnet_attr.store.base import (
     AttackerAttribution,
     AttackerFilter,
@@ -858,6 +859,23 @@ class PostgresStore(Store):
             await conn.execute("DELETE FROM multi_actor_log")
             if rows:
                 await conn.execute(_SQL_INSERT_STATES, *_state_arrays(rows))
+
+    @_guard
+    async def stored_positions(self, batch: ValidatedBatch) -> list[int]:
+        rows = batch.rows()
+        if not rows:
+            return []
+        async with self._conn() as conn:
+            found = await conn.fetch(
+                "SELECT u.i FROM unnest($1::text[], $2::text[], $3::text[]) "
+                "WITH ORDINALITY AS u(id, ev, prim, i) WHERE EXISTS ("
+                "SELECT 1 FROM observations o WHERE o.id = u.id) OR EXISTS ("
+                "SELECT 1 FROM observations o WHERE o.evidence_ref = u.ev AND o.primitive = u.prim)",
+                [r[0] for r in rows],
+                [r[8] for r in rows],
+                [r[2] for r in rows],
+            )
+        return sorted(int(r[0]) - 1 for r in found)
 
     # ---- retention ---------------------------------------------------------------------------
     @_guard

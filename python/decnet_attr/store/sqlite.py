@@ -1069,6 +1069,9 @@ class SqliteStore(Store):
                     _SQL_INSERT_STATE, [_state_params(r, now) for r in dedupe_states(rows)]
                 )
 
+    async def stored_positions(self, batch: ValidatedBatch) -> list[int]:
+        return self.dedupe.seen_batch(batch)
+
     # ---- retention ---------------------------------------------------------------------------
     @_guard
     async def mark_observations(self, now: float) -> int:

@@ -102,6 +102,12 @@ impl Dedupe {
         true
     }
 
+    /// True when the observation would be refused as a duplicate now.
+    pub fn seen(&self, id: &str, evidence_ref: &str, primitive: &str) -> bool {
+        let (k1, k2) = self.keys_of(id, evidence_ref, primitive);
+        self.keys.contains(&k1) || self.keys.contains(&k2)
+    }
+
     /// Keep what the transaction admitted; forget the oldest beyond capacity.
     pub fn commit(&mut self) {
         self.order.extend(self.pending.drain(..));

@@ -54,6 +54,19 @@ impl PyDedupe {
             .collect()
     }
 
+    /// Positions of the batch's accepted items that are duplicates of
+    /// observations admitted before (nothing is admitted).
+    fn seen_batch(&self, batch: PyRef<'_, PyValidated>) -> Vec<usize> {
+        let d = self.inner.lock();
+        batch
+            .valid
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| d.seen(&v.id, &v.evidence_ref, &v.primitive))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// Remember `(id, evidence_ref, primitive)` triples as committed
     /// (oldest first), e.g. the newest stored rows at start-up.
     fn load(&self, keys: Vec<(&str, &str, &str)>) {
