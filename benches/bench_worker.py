@@ -299,7 +299,64 @@ def test_decnet_style_worker(benchmark: Any, history: int) -> None:
     )
 
 
-def record_rate(label: str, rate: float) -> None:
+def record_rate(label: str, rate: float, unit: str = "/s") -> None:
     from benches import conftest
 
-    conftest._rows.append((label, rate))
+    conftest._rows.append((label, rate, unit))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_of_a_large_fleet(benchmark: Any) -> None:
+    """What `serve` holds per attacker: the engine's keys (100k attackers ×
+    the 38 primitives DECNET emits, measured by RSS) and the SQLite store's
+    exactly-once window (per remembered observation), extrapolated to 1M
+    attackers."""
+    from decnet_attr import Engine
+    from decnet_attr._core import Dedupe
+    from decnet_attr.benchkit import EMITTED
+
+    out: dict[str, float] = {}
+
+    def measure() -> None:
+        gc.collect()
+        before = _rss()
+        dedupe = Dedupe(1_000_000)
+        dedupe.load([(f"id-{i:012d}", f"ev:{i}", "p") for i in range(1_000_000)])
+        out["dedupe"] = (_rss() - before) / 1_000_000
+        del dedupe
+        gc.collect()
+        before = _rss()
+        engine = Engine()
+        attackers = 100_000
+        for r in range(3):
+            for start in range(0, attackers, 5000):
+                batch = []
+                for i in range(start, start + 5000):
+                    for spec in EMITTED:
+                        if spec.kind == "hash" or not spec.allowed:
+                            value: Any = f"{i:016x}"
+                        else:
+                            value = spec.allowed[i % len(spec.allowed)]
+                        batch.append(
+                            {
+                                "identity_uuid": f"{i:032x}",
+                                "primitive": spec.name,
+                                "value": value,
+                                "ts": 1.7e9 + r,
+                            }
+                        )
+                engine.ingest_json(orjson.dumps(batch))
+        out["keys"] = len(engine)
+        out["engine"] = (_rss() - before) / len(engine)
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    per_key, dedupe = out["engine"], out["dedupe"]
+    fleet = 1_000_000 * len(EMITTED) * per_key + Settings().dedupe_window * dedupe
+    benchmark.extra_info.update(out)
+    record_rate(f"engine memory per key (RSS, {out['keys']:,.0f} keys)", per_key, "B")
+    record_rate("SQLite exactly-once window, per remembered observation", dedupe, "B")
+    record_rate("serve at 1M attackers x 38 primitives: engine + dedupe window", fleet / 1e9, "GB")

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-_rows: list[tuple[str, float]] = []
+_rows: list[tuple[str, float, str]] = []
 
 
 def record(benchmark: Any, label: str, items_per_call: int) -> float:
     stats = benchmark.stats.stats
     rate = items_per_call / stats.median if stats.median else 0.0
     benchmark.extra_info["obs_per_s"] = rate
-    _rows.append((label, rate))
+    _rows.append((label, rate, "/s"))
     return rate
 
 
@@ -24,9 +24,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.section("decnet-attr benchmark summary (median)")
-    width = max(len(label) for label, _ in _rows)
-    for label, rate in _rows:
-        tr.write_line(f"{label:<{width}}  {rate:>14,.0f} /s")
+    width = max(len(label) for label, _, _ in _rows)
+    for label, value, unit in _rows:
+        tr.write_line(f"{label:<{width}}  {value:>14,.1f} {unit}")
 
 
 @pytest.fixture(autouse=True)
