@@ -224,6 +224,8 @@ async def test_broker_restart_mid_stream(
         assert not bus.connected and w.running
         await broker.start()
         await wait_until(lambda: _ge(bus.stats()["reconnects"], 1), 10, "reconnected")
+        # the worker's health (its heartbeat; `decnet-attr worker` has no HTTP)
+        assert w.health()["reconnects"] == bus.stats()["reconnects"] >= 1
         await bus.flush()  # the worker's SUBs are back before the profiler goes on
         listener = await open_listener(broker, clients)
         profiler = await RawClient.open(broker.path, "profiler")

@@ -293,12 +293,14 @@ class AttributionWorker:
 
     def health(self) -> dict[str, Any]:
         st = self.stats
+        bus = self.bus.stats()
         return {
             "received": st.received,
             "merged": st.merged,
             "rejected": st.rejected,
             "duplicates": st.duplicates,
-            "dropped": self.bus.stats().get("dropped", 0),
+            "dropped": bus.get("dropped", 0),
+            "reconnects": bus.get("reconnects", 0),
             "lag": round(st.lag_seconds, 3),
             "batches": st.batches,
             "batch_failures": st.batch_failures,
