@@ -304,3 +304,44 @@ async def test_cancel_while_waiting_for_the_lock(store: Store, open_another: Ope
         await tx3.upsert_states([state(ident, "p", version=3)])
     got = await store.get_state(ident, "p")
     assert got is not None and got.version == 3
+
+
+async def test_sqlite_v5_data_survive_the_write_friendly_layout(tmp_path: Path) -> None:
+    """A database written by the v5 layout (unique constraints, four indexes
+    per observation) migrates to the appended layout with its rows, and the
+    exactly-once admission knows them after the migration."""
+    import sqlite3
+
+    from decnet_attr.store.schema import MIGRATIONS, split_statements
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+    for m in MIGRATIONS:
+        if m.version <= 5:
+            for stmt in split_statements(m.sqlite):
+                con.execute(stmt)
+            con.execute("INSERT INTO schema_migrations VALUES (?, 0)", (m.version,))
+    con.execute("INSERT INTO attackers (uuid, ip, first_seen, last_seen) VALUES ('a1', NULL, 1, 1)")
+    con.execute(
+        "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid) "
+        "VALUES ('o1', 'environmental.shell_type', '\"bash\"', 'ev1', 1.0, 'a1')"
+    )
+    con.commit()
+    con.close()
+    st = open_store(f"sqlite://{path}")
+    await st.open()
+    try:
+        assert await st.schema_version() == max(m.version for m in MIGRATIONS)
+        assert await st.count_observations() == 1
+        latest = await st.latest_observations("a1")
+        assert [(o["primitive"], o["value"]) for o in latest] == [
+            ("environmental.shell_type", "bash")
+        ]
+        again = obs("o1", "a1", "environmental.shell_type", "bash", 2.0, evidence="ev-new")
+        same_evidence = obs("o2", "a1", "environmental.shell_type", "zsh", 3.0, evidence="ev1")
+        async with st.transaction() as tx:
+            assert await tx.insert_observations([again, same_evidence]) == []
+        assert await st.count_observations() == 1
+    finally:
+        await st.close()
