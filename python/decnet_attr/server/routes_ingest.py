@@ -24,6 +24,8 @@ to end.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import logging
 import uuid as uuid_mod
@@ -61,6 +63,9 @@ EXTRA_CONTENT_TYPES[ROUTE_NAME] = NDJSON_TYPES
 #: Largest NDJSON handed to the bus in one message (NATS' default
 #: max_payload is 1 MiB, and the text is escaped once more in the envelope).
 BATCH_CHUNK_BYTES = 384 * 1024
+
+#: Bodies at least this large are validated off the event loop.
+OFF_LOOP_BYTES = 64 * 1024
 
 #: Counter (in the app's counters) of observations handed to the bus and not
 #: yet acknowledged durable, across requests.
@@ -142,14 +147,22 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     counters = request.app[COUNTERS]
     mimetype = _check_content_type(request)
     body = await read_body(request, settings.max_body_bytes)
+    check = functools.partial(
+        validate,
+        body,
+        settings,
+        source=f"api:{principal.username}",
+        id_prefix=uuid_mod.uuid4().hex[:24],
+        api=True,
+        max_items=settings.max_batch_items,
+    )
     try:
-        batch = validate(
-            body,
-            settings,
-            source=f"api:{principal.username}",
-            id_prefix=uuid_mod.uuid4().hex[:24],
-            api=True,
-            max_items=settings.max_batch_items,
+        # the Rust pass releases the GIL: a large body is validated on a
+        # thread while the event loop serves the other clients
+        batch = (
+            await asyncio.get_running_loop().run_in_executor(None, check)
+            if len(body) >= OFF_LOOP_BYTES
+            else check()
         )
     except TooManyItemsError as exc:
         raise payload_too_large(str(exc)) from None
