@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from decnet_attr import Thresholds
 from decnet_attr.bus import Bus, Delivery, Event, get_bus
 from decnet_attr.config import Settings
 from decnet_attr.store import ObservationRow, Store, open_store
-from decnet_attr.topics import attacker_observation, system_control
+from decnet_attr.topics import OBSERVATION_BATCH, attacker_observation, system_control
 from decnet_attr.worker import AttributionWorker
 from decnet_attr.worker.recompute import explain_state, recompute
 from tests import oracle
@@ -447,9 +448,7 @@ async def test_a_batch_with_bad_items_applies_all_the_others(
     """An API batch where one item in ten nests deeper than the engine takes:
     the validator refuses exactly those (dead letters with their code), the
     others merge in the same commit — no bisection, no redelivery."""
-    import orjson
-
-    from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH
+    from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH
 
     p = "environmental.shell_type"
     items = [mk_obs(f"att-{i % 7}", p, "bash", 1_700_000_000.0 + i) for i in range(100)]
@@ -525,3 +524,31 @@ async def test_a_crash_after_lazy_windows_replays_what_they_do_not_cover(
 
 async def _no_checkpoint() -> None:
     return None
+
+
+async def test_a_conflicting_transaction_is_run_again_not_split(
+    worker: AttributionWorker, bus: Bus, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction that lost to a concurrent one (StoreConflict, typed) is
+    retried whole; any other store error splits the batch."""
+    from decnet_attr.store import StoreConflict
+
+    real = worker._commit
+    calls = {"n": 0}
+
+    async def once_conflicting(batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StoreConflict("deadlock detected")
+        return await real(batch)
+
+    monkeypatch.setattr(worker, "_commit", once_conflicting)
+    obs = [mk_obs(A, "environmental.shell_type", "bash", float(i)) for i in range(3)]
+    await bus.publish_durable(
+        OBSERVATION_BATCH,
+        {"ndjson": "".join(orjson.dumps(o).decode() + "\n" for o in obs), "count": 3},
+        event_id="conflict-1",
+    )
+    assert calls["n"] == 2  # once more, whole: not split into halves
+    assert worker.stats.merged == 3 and worker.stats.batch_failures == 1
+    assert await store.dead_letter_count() == 0

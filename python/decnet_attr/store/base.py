@@ -50,6 +50,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached right now."""
 
 
+class StoreConflict(StoreError):
+    """The transaction lost to a concurrent one (deadlock, serialization
+    failure): running it again is safe."""
+
+
 @dataclass(frozen=True)
 class AttackerRow:
     uuid: str

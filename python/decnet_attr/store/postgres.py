@@ -32,6 +32,7 @@ from decnet_attr.store.base import (
     ObservationRow,
     StateRow,
     Store,
+    StoreConflict,
     StoreError,
     StoreUnavailable,
     TicketRow,
@@ -105,7 +106,7 @@ def _map_error(exc: BaseException) -> StoreError:
             msg += f" ({detail})"
         return StoreError(msg)
     if isinstance(exc, (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)):
-        return StoreError(f"transaction conflict, retry: {exc}")
+        return StoreConflict(f"transaction conflict, retry: {exc}")
     if isinstance(exc, asyncpg.QueryCanceledError):
         return StoreError(f"query cancelled: {exc}")
     if isinstance(

@@ -51,6 +51,7 @@ from decnet_attr.store.base import (
     ObservationRow,
     StateRow,
     Store,
+    StoreConflict,
     StoreError,
     StoreUnavailable,
     Tx,
@@ -456,13 +457,13 @@ class AttributionWorker:
                 self.stats.batch_failures += 1
                 if attempt >= 3 or self._stop.is_set():
                     raise
+            except StoreConflict:
+                self.stats.batch_failures += 1
+                if attempt >= 3 or self._stop.is_set():
+                    raise
             except StoreError as exc:
                 self.stats.batch_failures += 1
-                transient = "conflict" in str(exc) or "retry" in str(exc)
-                if transient and attempt < 3 and not self._stop.is_set():
-                    await asyncio.sleep(0.05 * attempt)
-                    continue
-                if transient or self._stop.is_set():
+                if self._stop.is_set():
                     raise
                 return await self._split(batch, exc)
             await asyncio.sleep(0.05 * attempt)
