@@ -37,6 +37,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 ATTACKER_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 MAX_VALUE = 8192
 TS_MIN = 0.0
+NOW = 1_800_000_000.0  # the validation's "now"
+TS_MAX = NOW + Settings().ts_max_ahead
 
 
 def _num(v: Any) -> bool:
@@ -93,7 +95,7 @@ def expected(item: Any) -> str | None:
         return "value_not_numeric"
     if not _num(item.get("ts")):
         return "bad_ts"
-    if item["ts"] < TS_MIN:
+    if not TS_MIN <= item["ts"] <= TS_MAX:
         return "ts_out_of_range"
     c = item.get("confidence")
     if c is not None and not (_num(c) and 0 <= c <= 1):
@@ -158,7 +160,10 @@ values = st.recursive(
 )
 deep = st.integers(30, 40).map(lambda n: orjson.loads("[" * n + "1" + "]" * n))
 numbers = st.one_of(
-    st.floats(-10.0, 2e9, allow_nan=False), st.integers(-5, 2 * 10**9), st.text(max_size=3)
+    st.floats(-10.0, 2e9, allow_nan=False),
+    st.integers(-5, 2 * 10**9),
+    st.sampled_from([TS_MAX, TS_MAX + 1.0]),
+    st.text(max_size=3),
 )
 texts = st.one_of(st.none(), st.text(max_size=8), st.just(""), st.just("e" * 513), st.just("a\x00"))
 windows = st.one_of(
@@ -199,7 +204,7 @@ items = st.fixed_dictionaries(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(items, st.integers(-5, 5), st.text(max_size=3)), min_size=1, max_size=8))
 def test_the_validator_follows_the_documented_rules(batch: list[Any]) -> None:
-    got = validate(orjson.dumps(batch), Settings())
+    got = validate(orjson.dumps(batch), Settings(), now=NOW)
     codes = {i: code for i, code, _msg in got.rejected}
     accepted = set(got.indexes)
     seen: set[str] = set()
