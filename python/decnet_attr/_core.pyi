@@ -190,7 +190,8 @@ class Clusterer:
         weights: Sequence[tuple[str, float]],
         simhash: Sequence[str],
         threshold: float = 1.0,
-        max_share: int = 16,
+        full_share: int = 6,
+        max_share: int = 32,
         hamming_max: int = 3,
     ) -> None: ...
     def add_batch(
@@ -211,7 +212,8 @@ def all_pairs_components(
     simhash: Sequence[str],
     obs: Sequence[tuple[str, str, str]],
     threshold: float = 1.0,
-    max_share: int = 16,
+    full_share: int = 6,
+    max_share: int = 32,
     hamming_max: int = 3,
 ) -> list[list[str]]: ...
 

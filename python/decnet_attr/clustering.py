@@ -11,20 +11,19 @@ Two attackers are linked when the weights of what they share add up to
 JA4, JARM, a C2 endpoint, a payload or TLS-certificate SimHash) links on its
 own; weaker ones (an SSH banner, the key-exchange order, HTTP header order,
 keystroke digraph SimHash, …) weigh half and need a second one. A value
-shared by more than ``max_share`` attackers is ubiquitous (a stock OpenSSH
-client) and is no evidence at all.
+shared by more than ``full_share`` attackers keeps only ``full_share /
+sharers`` of its weight (a value common to a few operators needs
+corroboration); one shared by more than ``max_share`` attackers is
+ubiquitous (a stock OpenSSH client) and is no evidence at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from decnet_attr._core import Clusterer
 from decnet_attr.registry import registry
-
-if TYPE_CHECKING:
-    from decnet_attr.config import Settings
 
 #: Primitive → weight (a link needs ``threshold``, 1.0 by default).
 DEFAULT_WEIGHTS: dict[str, float] = {
@@ -60,26 +59,32 @@ class ClusterConfig:
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     simhash: tuple[str, ...] = SIMHASH_PRIMITIVES
     threshold: float = 1.0
-    max_share: int = 16
+    full_share: int = 6
+    max_share: int = 32
     hamming_max: int = 3
 
+    def args(self) -> dict[str, Any]:
+        """The clusterer's arguments (also :func:`all_pairs_components`'s)."""
+        return {
+            "weights": sorted(self.weights.items()),
+            "simhash": [p for p in self.simhash if p in self.weights],
+            "threshold": self.threshold,
+            "full_share": self.full_share,
+            "max_share": self.max_share,
+            "hamming_max": self.hamming_max,
+        }
+
     def make(self) -> Clusterer:
-        return Clusterer(
-            sorted(self.weights.items()),
-            [p for p in self.simhash if p in self.weights],
-            threshold=self.threshold,
-            max_share=self.max_share,
-            hamming_max=self.hamming_max,
-        )
+        return Clusterer(**self.args())
 
 
 def cluster_config(overrides: dict[str, Any] | None = None) -> ClusterConfig:
     """The defaults with ``overrides`` applied: ``threshold``,
-    ``max_share``, ``hamming_max``, and ``weights`` (primitive → weight,
+    ``full_share``, ``max_share``, ``hamming_max``, and ``weights`` (primitive → weight,
     merged into the defaults; 0 turns a primitive off). Unknown keys and
     primitives the registry does not know are refused (ValueError)."""
     o = dict(overrides or {})
-    unknown = set(o) - {"threshold", "max_share", "hamming_max", "weights"}
+    unknown = set(o) - {"threshold", "full_share", "max_share", "hamming_max", "weights"}
     if unknown:
         raise ValueError(f"unknown cluster setting(s): {', '.join(sorted(unknown))}")
     weights = dict(DEFAULT_WEIGHTS)
@@ -96,7 +101,3 @@ def cluster_config(overrides: dict[str, Any] | None = None) -> ClusterConfig:
     cfg = ClusterConfig(weights=weights, **o)
     cfg.make()  # validates thresholds in the one place that applies them
     return cfg
-
-
-def from_settings(settings: Settings) -> ClusterConfig:
-    return cluster_config(settings.cluster_overrides())

@@ -45,7 +45,7 @@ def make_settings(tmp_path: Path, **kw: Any) -> Settings:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path, cluster=json.dumps({"max_share": 3}))
+    return make_settings(tmp_path, cluster=json.dumps({"full_share": 3, "max_share": 3}))
 
 
 @pytest.fixture
@@ -260,7 +260,7 @@ def scenario(seed: int) -> list[list[dict[str, Any]]]:
 async def test_any_sequence_of_merges_and_unmerges_leaves_oracle_states(
     tmp_path: Path, bus: Bus, seed: int
 ) -> None:
-    settings = make_settings(tmp_path, cluster=json.dumps({"max_share": 3}))
+    settings = make_settings(tmp_path, cluster=json.dumps({"full_share": 3, "max_share": 3}))
     store = open_store(settings.store_url)
     await store.open()
     worker = AttributionWorker(settings, bus, store)

@@ -16,6 +16,11 @@
 //!   `hamming_max + 1` bands of the 64 bits, so by the pigeonhole principle
 //!   two values within `hamming_max` bits agree on at least one band, and
 //!   only the band buckets' members are candidates;
+//! - a value shared by more than `full_share` attackers counts less: its
+//!   weight is scaled by `full_share / sharers`, so a value common to a few
+//!   operators needs corroboration. As a value gains sharers, the links it
+//!   supported are checked again, and components that no longer hold are
+//!   recomputed;
 //! - a value shared by more than `max_share` attackers is ubiquitous (a
 //!   default OpenSSH HASSH): it stops being evidence. Its bucket forgets its
 //!   members, its contribution to every pair is withdrawn, and links that
@@ -54,6 +59,9 @@ pub struct Config {
     pub fingerprints: Vec<Fingerprint>,
     /// Summed evidence weight at which two attackers are linked.
     pub threshold: f64,
+    /// A value shared by more attackers than this counts less
+    /// (`full_share / sharers` of its weight).
+    pub full_share: usize,
     /// A value shared by more attackers than this is not evidence.
     pub max_share: usize,
     /// Largest Hamming distance at which two SimHashes match (0..=15).
@@ -166,8 +174,11 @@ impl Clusterer {
                 cfg.hamming_max
             ));
         }
-        if cfg.max_share < 2 {
-            return Err(format!("max_share must be >= 2, not {}", cfg.max_share));
+        if cfg.full_share < 2 || cfg.max_share < cfg.full_share {
+            return Err(format!(
+                "need 2 <= full_share <= max_share, not {} and {}",
+                cfg.full_share, cfg.max_share
+            ));
         }
         let mut prim_index = HashMap::new();
         for (i, f) in cfg.fingerprints.iter().enumerate() {
@@ -262,27 +273,28 @@ impl Clusterer {
         self.cfg.fingerprints[bucket.prim as usize].weight
     }
 
+    /// How much of its weight a value keeps, by how many attackers share it.
+    fn share_factor(&self, b: u32) -> f64 {
+        let bucket = &self.buckets[b as usize];
+        share_factor(&self.cfg, bucket.count as usize, bucket.live)
+    }
+
     fn ev_weight(&self, ev: Ev) -> f64 {
         match ev {
-            Ev::Same(b) => {
-                if self.buckets[b as usize].live {
-                    self.weight_of(b)
-                } else {
-                    0.0
-                }
-            }
+            Ev::Same(b) => self.weight_of(b) * self.share_factor(b),
             Ev::Near(x, y) => {
                 let (bx, by) = (&self.buckets[x as usize], &self.buckets[y as usize]);
                 if !(bx.live && by.live) {
                     return 0.0;
                 }
+                let f = self.share_factor(x).min(self.share_factor(y));
                 let d = match (bx.hash, by.hash) {
                     (Some(p), Some(q)) => (p ^ q).count_ones(),
                     _ => return 0.0,
                 };
                 // a near match counts less the further apart the values are
                 let scale = 1.0 - f64::from(d) / f64::from(self.cfg.hamming_max + 1);
-                self.weight_of(x) * scale
+                self.weight_of(x) * scale * f
             }
         }
     }
@@ -422,6 +434,36 @@ impl Clusterer {
                     self.add_evidence(a, p, ev, touched);
                 }
             }
+        }
+        if self.buckets[b as usize].count as usize > self.cfg.full_share {
+            self.reweigh(b, touched);
+        }
+    }
+
+    /// A value gained a sharer beyond `full_share`: it now weighs less, so
+    /// recompute the components where a link through it no longer holds.
+    fn reweigh(&mut self, b: u32, touched: &mut Vec<u32>) {
+        let mut roots: Vec<u32> = Vec::new();
+        for m in self.buckets[b as usize].members.clone() {
+            for &p in &self.adj[m as usize] {
+                let Some(evs) = self.pairs.get(&pair_key(m, p)) else {
+                    continue;
+                };
+                let through = evs.iter().any(|e| match *e {
+                    Ev::Same(x) => x == b,
+                    Ev::Near(x, y) => x == b || y == b,
+                });
+                if !through || self.linked(m, p) {
+                    continue;
+                }
+                let r = self.root(m);
+                if r == self.root(p) && !roots.contains(&r) {
+                    roots.push(r);
+                }
+            }
+        }
+        for r in roots {
+            self.recompute(r, touched);
         }
     }
 
@@ -641,6 +683,17 @@ impl Clusterer {
     }
 }
 
+/// The share of its weight a value shared by `sharers` attackers keeps.
+fn share_factor(cfg: &Config, sharers: usize, live: bool) -> f64 {
+    if !live || sharers > cfg.max_share {
+        0.0
+    } else if sharers <= cfg.full_share {
+        1.0
+    } else {
+        cfg.full_share as f64 / sharers as f64
+    }
+}
+
 /// All-pairs connected components (the periodic scan the clusterer
 /// replaces): every pair of attackers is scored from scratch with the same
 /// rules, then components are formed. Quadratic; a reference for tests and
@@ -670,7 +723,9 @@ pub fn all_pairs_components(cfg: &Config, obs: &[(String, String, String)]) -> V
         }
         share.entry(pv).or_default().insert(i);
     }
-    let live = |pv: &(&str, &str)| share.get(pv).map_or(0, |s| s.len()) <= cfg.max_share;
+    let sharers = |pv: &(&str, &str)| share.get(pv).map_or(0, |s| s.len());
+    let live = |pv: &(&str, &str)| sharers(pv) <= cfg.max_share;
+    let factor = |pv: &(&str, &str)| share_factor(cfg, sharers(pv), live(pv));
     let n = names.len();
     let mut parent: Vec<usize> = (0..n).collect();
     fn find(parent: &mut [usize], mut x: usize) -> usize {
@@ -689,7 +744,7 @@ pub fn all_pairs_components(cfg: &Config, obs: &[(String, String, String)]) -> V
                 }
                 let (w, m) = weights[pv.0];
                 if values[j].contains(pv) {
-                    score += w;
+                    score += w * factor(pv);
                 }
                 if m != Match::SimHash {
                     continue;
@@ -706,7 +761,8 @@ pub fn all_pairs_components(cfg: &Config, obs: &[(String, String, String)]) -> V
                     };
                     let d = (h ^ q).count_ones();
                     if d > 0 && d <= cfg.hamming_max {
-                        score += w * (1.0 - f64::from(d) / f64::from(cfg.hamming_max + 1));
+                        let f = factor(pv).min(factor(qv));
+                        score += w * (1.0 - f64::from(d) / f64::from(cfg.hamming_max + 1)) * f;
                     }
                 }
             }

@@ -3,6 +3,10 @@ use proptest::prelude::*;
 use super::*;
 
 fn cfg(max_share: usize) -> Config {
+    cfg2(max_share, max_share)
+}
+
+fn cfg2(full_share: usize, max_share: usize) -> Config {
     Config {
         fingerprints: vec![
             Fingerprint {
@@ -27,6 +31,7 @@ fn cfg(max_share: usize) -> Config {
             },
         ],
         threshold: 1.0,
+        full_share,
         max_share,
         hamming_max: 3,
     }
@@ -130,6 +135,19 @@ fn simhashes_match_within_the_hamming_threshold() {
 }
 
 #[test]
+fn a_value_shared_beyond_full_share_needs_corroboration() {
+    let mut c = Clusterer::new(cfg2(2, 8)).unwrap();
+    add(&mut c, &[("a", HASSH, "\"h\""), ("b", HASSH, "\"h\"")]);
+    assert!(c.same("a", "b"));
+    // a third sharer: the value keeps 2/3 of its weight, the link breaks
+    add(&mut c, &[("c", HASSH, "\"h\"")]);
+    assert!(!c.same("a", "b") && !c.same("b", "c"));
+    // 2/3 + a shared banner (0.5) links again
+    add(&mut c, &[("a", BANNER, "\"x\""), ("b", BANNER, "\"x\"")]);
+    assert!(c.same("a", "b") && !c.same("a", "c"));
+}
+
+#[test]
 fn bad_configuration_is_refused() {
     let mut bad = cfg(16);
     bad.threshold = 0.0;
@@ -138,6 +156,7 @@ fn bad_configuration_is_refused() {
     bad.hamming_max = 16;
     assert!(Clusterer::new(bad).is_err());
     assert!(Clusterer::new(cfg(1)).is_err());
+    assert!(Clusterer::new(cfg2(4, 3)).is_err());
 }
 
 #[test]
@@ -173,8 +192,10 @@ proptest! {
     /// Whatever the order, the incremental components equal an all-pairs
     /// pass over the same observations.
     #[test]
-    fn incremental_equals_all_pairs(obs in obs_strategy(), max_share in 2usize..6) {
-        let cfg = cfg(max_share);
+    fn incremental_equals_all_pairs(
+        obs in obs_strategy(), full_share in 2usize..4, extra in 0usize..4
+    ) {
+        let cfg = cfg2(full_share, full_share + extra);
         let mut c = Clusterer::new(cfg.clone()).unwrap();
         c.add_many(obs.iter().map(|(a, p, v)| (a.as_str(), p.as_str(), v.as_str())));
         let expected = all_pairs_components(&cfg, &obs);

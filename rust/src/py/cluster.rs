@@ -19,11 +19,17 @@ impl PyClusterer {
     /// `weights`: fingerprint primitive → weight; `simhash`: the primitives
     /// among them compared by Hamming distance.
     #[new]
-    #[args(threshold = "1.0", max_share = "16", hamming_max = "3")]
+    #[args(
+        threshold = "1.0",
+        full_share = "6",
+        max_share = "32",
+        hamming_max = "3"
+    )]
     fn new(
         weights: Vec<(String, f64)>,
         simhash: Vec<String>,
         threshold: f64,
+        full_share: usize,
         max_share: usize,
         hamming_max: u32,
     ) -> PyResult<Self> {
@@ -49,6 +55,7 @@ impl PyClusterer {
         let cfg = Config {
             fingerprints,
             threshold,
+            full_share,
             max_share,
             hamming_max,
         };
@@ -169,16 +176,19 @@ impl PyClusterer {
     simhash,
     obs,
     threshold = "1.0",
-    max_share = "16",
+    full_share = "6",
+    max_share = "32",
     hamming_max = "3"
 )]
 #[pyo3(name = "all_pairs_components")]
+#[allow(clippy::too_many_arguments)] // the Python signature
 pub fn all_pairs(
     py: Python<'_>,
     weights: Vec<(String, f64)>,
     simhash: Vec<String>,
     obs: Vec<(String, String, String)>,
     threshold: f64,
+    full_share: usize,
     max_share: usize,
     hamming_max: u32,
 ) -> Vec<Vec<String>> {
@@ -197,6 +207,7 @@ pub fn all_pairs(
     let cfg = Config {
         fingerprints,
         threshold,
+        full_share,
         max_share,
         hamming_max,
     };
