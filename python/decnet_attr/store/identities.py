@@ -265,6 +265,26 @@ class IdentityReads(_Base):
             for r in rows
         ]
 
+    async def fingerprints(
+        self, identity: str, primitives: Sequence[str], limit: int
+    ) -> list[dict[str, Any]]:
+        """The identity's distinct fingerprint values, each with the
+        attackers that showed it, most shared first."""
+        rows = await self.rows(
+            "SELECT primitive, value, attacker_uuid FROM observations "
+            "WHERE identity_uuid = ? AND primitive IN_LIST(?) "
+            "GROUP BY primitive, value, attacker_uuid ORDER BY primitive, value, attacker_uuid",
+            [identity, self.dialect.list_param(sorted(set(primitives)))],
+        )
+        out: dict[tuple[str, str], list[str]] = {}
+        for prim, value, attacker in rows:
+            out.setdefault((prim, value), []).append(attacker)
+        ranked = sorted(out.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:limit]
+        return [
+            {"primitive": p, "value": json.loads(v), "attacker_uuids": who}
+            for (p, v), who in ranked
+        ]
+
     async def fingerprints_after(
         self, seq: int, primitives: Sequence[str], limit: int
     ) -> list[tuple[int, str, str, str]]:

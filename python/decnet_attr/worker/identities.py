@@ -206,7 +206,7 @@ class IdentityRollup:
                     "ts": now,
                 }
                 await ops.record(kind, src, dst, group, evidence, now)
-                events.append((IDENTITY_UNMERGED, payload, IDENTITY_UNMERGED))
+                events.append((IDENTITY_UNMERGED, payload, "unmerged"))
                 self.unmerges += 1
             else:
                 kind = MERGED
@@ -222,7 +222,7 @@ class IdentityRollup:
                     "evidence": evidence,
                     "ts": now,
                 }
-                events.append((IDENTITY_MERGED, payload, IDENTITY_MERGED))
+                events.append((IDENTITY_MERGED, payload, "merged"))
                 self.merges += 1
                 for a in sorted(group):
                     events.append(
