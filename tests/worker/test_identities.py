@@ -17,6 +17,7 @@ from decnet_attr.config import Settings
 from decnet_attr.registry import value_kind_for
 from decnet_attr.store import Store, open_store
 from decnet_attr.store.identities import IdentityOps
+from decnet_attr.topics import attacker_observation
 from decnet_attr.worker import AttributionWorker
 from tests import oracle
 from tests.worker.helpers import _Row, mk_obs, publish_all, query, wait_for
@@ -328,3 +329,64 @@ async def test_clustering_can_be_turned_off(tmp_path: Path, bus: Bus) -> None:
     finally:
         await worker.stop()
         await store.close()
+
+
+# ---- several workers on PostgreSQL ----------------------------------------------------------
+def deliveries(items: list[dict[str, Any]]) -> list[Any]:
+    from tests.worker.test_worker import FakeDelivery
+
+    return [
+        FakeDelivery(Event(topic=attacker_observation(o["primitive"]), payload=o, id=o["id"]))
+        for o in items
+    ]
+
+
+async def pg_workers(tmp_path: Path, dsn: str, n: int) -> list[tuple[AttributionWorker, Store]]:
+    out = []
+    for i in range(n):
+        settings = make_settings(tmp_path / f"w{i}", db_url=dsn, worker_name=f"attribution-{i}")
+        store = open_store(settings.store_url)
+        await store.open()
+        b = get_bus("memory://")
+        await b.connect()
+        out.append((AttributionWorker(settings, b, store), store))
+    return out
+
+
+async def test_two_workers_racing_on_one_pair_make_one_merge(tmp_path: Path, pg_dsn: str) -> None:
+    (w1, s1), (w2, s2) = await pg_workers(tmp_path, pg_dsn, 2)
+    try:
+        base = [mk_obs("att-a", MODALITY, "typed", 1.0), mk_obs("att-b", MODALITY, "pasted", 2.0)]
+        await w1.process(deliveries(base))
+        # both workers see evidence for the same pair at the same time
+        one = [mk_obs("att-a", HASSH, "h", 3.0), mk_obs("att-b", HASSH, "h", 4.0)]
+        two = [mk_obs("att-a", HASSH, "h", 5.0), mk_obs("att-b", HASSH, "h", 6.0)]
+        await asyncio.gather(w1.process(deliveries(one)), w2.process(deliveries(two)))
+        assert await identity_of(s1, "att-a") == await identity_of(s1, "att-b")
+        assert await query(s1, "SELECT kind FROM identity_merges") == [("merged",)]
+        await assert_states_equal_oracle(s1, base + one + two)
+    finally:
+        for w, s in ((w1, s1), (w2, s2)):
+            await w.bus.close()
+            await s.close()
+
+
+async def test_a_link_across_workers_is_found(tmp_path: Path, pg_dsn: str) -> None:
+    """Each worker sees one side of the evidence: the second learns the
+    first's fingerprints from the shared store."""
+    (w1, s1), (w2, s2) = await pg_workers(tmp_path, pg_dsn, 2)
+    try:
+        first = [mk_obs("att-a", HASSH, "h", 1.0), mk_obs("att-a", MODALITY, "typed", 1.5)]
+        second = [mk_obs("att-b", HASSH, "h", 2.0), mk_obs("att-b", MODALITY, "typed", 2.5)]
+        await w1.process(deliveries(first))
+        await w2.process(deliveries(second))
+        assert await identity_of(s1, "att-a") == await identity_of(s1, "att-b")
+        await assert_states_equal_oracle(s1, first + second)
+        # the first worker follows when the identity next gets observations
+        more = [mk_obs("att-a", MODALITY, "pasted", 3.0)]
+        await w1.process(deliveries(more))
+        await assert_states_equal_oracle(s1, first + second + more)
+    finally:
+        for w, s in ((w1, s1), (w2, s2)):
+            await w.bus.close()
+            await s.close()
