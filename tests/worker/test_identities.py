@@ -186,7 +186,7 @@ async def test_a_shared_fingerprint_merges_identities_exactly(
         store, "SELECT kind, winner_uuid, loser_uuid, attacker_uuids FROM identity_merges"
     )
     assert history == [("merged", winner, loser, json.dumps([loser_attacker]))]
-    assert worker.rollup is not None and worker.rollup.merges == 1
+    assert worker.stats.identities_merged == 1 and worker.stats.identities_unmerged == 0
 
 
 async def test_a_value_turning_ubiquitous_unmerges_and_recomputes_both_sides(
@@ -225,6 +225,32 @@ async def test_a_value_turning_ubiquitous_unmerges_and_recomputes_both_sides(
         assert rows == [(None,)]
     kinds = [r[0] for r in await query(store, "SELECT kind FROM identity_merges ORDER BY id")]
     assert kinds == ["merged", "merged", "unmerged", "unmerged"]
+    assert (worker.stats.identities_merged, worker.stats.identities_unmerged) == (2, 2)
+
+
+async def test_multi_actor_is_reevaluated_on_the_merged_identity(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    """Each attacker alone has one alternating primitive (no alert: two are
+    needed); once merged, the identity has two and the alert fires for it."""
+
+    def alternation(attacker: str, prim: str, a: str, b: str, start: float) -> list[dict[str, Any]]:
+        return [mk_obs(attacker, prim, a if i % 2 == 0 else b, start + i) for i in range(5)]
+
+    obs = alternation("att-a", MODALITY, "typed", "pasted", 1.0)
+    obs += alternation("att-b", "environmental.shell_type", "bash", "zsh", 2.0)
+    async with Collector(bus, "attribution.profile.multi_actor_suspected") as col:
+        await publish_all(bus, obs)
+        assert not col.events
+        link = [mk_obs("att-a", HASSH, "hh", 20.0), mk_obs("att-b", HASSH, "hh", 21.0)]
+        await publish_all(bus, link)
+        await wait_for(lambda: bool(col.events))
+    [alert] = [e.payload for e in col.events]
+    winner = await identity_of(store, "att-a")
+    assert alert["identity_uuid"] == winner == await identity_of(store, "att-b")
+    assert alert["primitives"] == sorted(["environmental.shell_type", MODALITY])
+    assert alert["attacker_uuids"] == ["att-a", "att-b"]
+    await assert_states_equal_oracle(store, obs + link)
 
 
 def scenario(seed: int) -> list[list[dict[str, Any]]]:

@@ -75,8 +75,6 @@ class IdentityRollup:
     def __init__(self, worker: AttributionWorker, clusterer: Clusterer) -> None:
         self.worker = worker
         self.clusterer = clusterer
-        self.merges = 0
-        self.unmerges = 0
         self.loaded = 0  # fingerprint observations fed from the store
         self.seen_seq = 0  # the newest stored seq fed
         self.primitives = sorted(p for p in registry().primitives if clusterer.is_fingerprint(p))
@@ -207,7 +205,7 @@ class IdentityRollup:
                 }
                 await ops.record(kind, src, dst, group, evidence, now)
                 events.append((IDENTITY_UNMERGED, payload, "unmerged"))
-                self.unmerges += 1
+                self.worker.stats.identities_unmerged += 1
             else:
                 kind = MERGED
                 await ops.record(kind, dst, src, group, evidence, now)
@@ -223,7 +221,7 @@ class IdentityRollup:
                     "ts": now,
                 }
                 events.append((IDENTITY_MERGED, payload, "merged"))
-                self.merges += 1
+                self.worker.stats.identities_merged += 1
                 for a in sorted(group):
                     events.append(
                         (

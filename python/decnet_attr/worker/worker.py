@@ -113,6 +113,8 @@ class WorkerStats:
     state_changes: int = 0
     multi_actor_fired: int = 0
     identities_formed: int = 0
+    identities_merged: int = 0
+    identities_unmerged: int = 0
     attackers_observed: int = 0
     pending_merged: int = 0
     windows_saved: int = 0
@@ -135,6 +137,8 @@ _ATTEMPT_COUNTERS = (
     "merged",
     "duplicates",
     "identities_formed",
+    "identities_merged",
+    "identities_unmerged",
     "state_changes",
     "multi_actor_fired",
 )
