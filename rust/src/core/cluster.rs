@@ -15,7 +15,9 @@
 //! - SimHash values are also banded (locality-sensitive hashing):
 //!   `hamming_max + 1` bands of the 64 bits, so by the pigeonhole principle
 //!   two values within `hamming_max` bits agree on at least one band, and
-//!   only the band buckets' members are candidates;
+//!   only the band buckets' members are candidates (a band bucket holding
+//!   [`BAND_CAP`] values is full and no longer searched: low-entropy values
+//!   must not turn the search into a scan);
 //! - a value shared by more than `full_share` attackers counts less: its
 //!   weight is scaled by `full_share / sharers`, so a value common to a few
 //!   operators needs corroboration. As a value gains sharers, the links it
@@ -109,6 +111,13 @@ pub struct Stats {
     pub links: u64,
     pub splits: u64,
 }
+
+/// Values an LSH band bucket holds at most. Real SimHashes spread evenly
+/// over the bands; values that share a band with this many others have low
+/// entropy (`0000…0001`), and such a band is no longer searched, so the
+/// work per observation stays bounded (those values may then miss near
+/// matches that only that band would have found).
+pub const BAND_CAP: usize = 512;
 
 fn fixed_state() -> RandomState {
     // fixed keys: bucket keys only need to be stable within a process, but
@@ -351,7 +360,10 @@ impl Clusterer {
         self.bucket_ids.insert(k, b);
         if let Some(h) = hash {
             for band in self.band_keys(prim, h) {
-                self.bands.entry(band).or_default().push(b);
+                let list = self.bands.entry(band).or_default();
+                if list.len() < BAND_CAP {
+                    list.push(b);
+                }
             }
         }
         b
@@ -410,8 +422,12 @@ impl Clusterer {
         if let Some(h) = self.buckets[b as usize].hash {
             let mut near: Vec<u32> = Vec::new();
             for band in self.band_keys(prim, h) {
-                if let Some(list) = self.bands.get(&band) {
-                    near.extend(list.iter().copied().filter(|&o| o != b));
+                match self.bands.get(&band) {
+                    // a full band holds low-entropy values: it finds no one
+                    Some(list) if list.len() < BAND_CAP => {
+                        near.extend(list.iter().copied().filter(|&o| o != b));
+                    }
+                    _ => {}
                 }
             }
             near.sort_unstable();

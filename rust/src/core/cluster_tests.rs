@@ -148,6 +148,23 @@ fn a_value_shared_beyond_full_share_needs_corroboration() {
 }
 
 #[test]
+fn low_entropy_simhashes_do_not_turn_the_search_into_a_scan() {
+    let mut c = Clusterer::new(cfg(64)).unwrap();
+    // small integers share their three high bands: one band bucket fills up
+    let items: Vec<(String, String, String)> = (0..(BAND_CAP as u64 + 200))
+        .map(|i| (format!("a{i}"), SIM.to_string(), format!("\"{i:016x}\"")))
+        .collect();
+    c.add_many(
+        items
+            .iter()
+            .map(|(a, p, v)| (a.as_str(), p.as_str(), v.as_str())),
+    );
+    let full = c.bands.values().filter(|l| l.len() >= BAND_CAP).count();
+    assert!(full >= 1);
+    assert!(c.bands.values().all(|l| l.len() <= BAND_CAP));
+}
+
+#[test]
 fn bad_configuration_is_refused() {
     let mut bad = cfg(16);
     bad.threshold = 0.0;
