@@ -25,6 +25,7 @@ from tests.worker.helpers import _Row, mk_obs, publish_all, query, wait_for
 pytestmark = pytest.mark.timeout(180)
 
 HASSH = "toolchain.ssh.hassh_client"
+JA3 = "toolchain.tls.ja3_client"
 BANNER = "toolchain.ssh.ssh_client_banner"
 KEX = "toolchain.ssh.kex_algorithm_order"
 SIM = "motor.digraph_simhash"
@@ -256,11 +257,12 @@ async def test_multi_actor_is_reevaluated_on_the_merged_identity(
 def scenario(seed: int) -> list[list[dict[str, Any]]]:
     """Batches of observations for a handful of attackers: behaviour plus
     fingerprints drawn from small pools (so links form, and some values turn
-    ubiquitous and break them)."""
+    common or ubiquitous and break them)."""
     rng = random.Random(seed)
-    attackers = [f"s{seed}-att{i}" for i in range(rng.randint(3, 6))]
+    attackers = [f"s{seed}-att{i}" for i in range(rng.randint(4, 7))]
     pools = {
-        HASSH: ["h1", "h2", "h3"],
+        HASSH: [f"h{i}" for i in range(5)],
+        JA3: [f"j{i}" for i in range(5)],
         BANNER: ["SSH-2.0-a", "SSH-2.0-b"],
         KEX: [["k1", "k2"], ["k2", "k1"]],
         SIM: ["00000000000000f0", "00000000000000f1", "0000000000000f00", "ff00000000000000"],
@@ -270,9 +272,9 @@ def scenario(seed: int) -> list[list[dict[str, Any]]]:
     }
     batches = []
     t = 100.0
-    for _ in range(rng.randint(3, 8)):
+    for _ in range(rng.randint(6, 14)):
         batch = []
-        for _ in range(rng.randint(1, 6)):
+        for _ in range(rng.randint(2, 8)):
             prim = rng.choice(list(pools))
             # ts not in arrival order: the merge must sort the union by ts
             batch.append(
@@ -287,7 +289,30 @@ def scenario(seed: int) -> list[list[dict[str, Any]]]:
 async def test_any_sequence_of_merges_and_unmerges_leaves_oracle_states(
     tmp_path: Path, bus: Bus, seed: int
 ) -> None:
-    settings = make_settings(tmp_path, cluster=json.dumps({"full_share": 3, "max_share": 3}))
+    await run_scenario(tmp_path, bus, seed, "")
+
+
+def test_the_scenarios_merge_and_unmerge() -> None:
+    """Runs after the SQLite scenarios (file order)."""
+    assert len(merges) >= 12
+    assert sum(m for m, _ in merges) >= 20 and sum(u for _, u in merges) >= 3, merges
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_any_sequence_of_merges_and_unmerges_on_postgresql(
+    tmp_path: Path, bus: Bus, seed: int, pg_dsn: str
+) -> None:
+    await run_scenario(tmp_path, bus, seed, pg_dsn)
+
+
+#: (merges, un-merges) per scenario run (the scenarios must exercise both)
+merges: list[tuple[int, int]] = []
+
+
+async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> None:
+    settings = make_settings(
+        tmp_path, db_url=db_url, cluster=json.dumps({"full_share": 2, "max_share": 3})
+    )
     store = open_store(settings.store_url)
     await store.open()
     worker = AttributionWorker(settings, bus, store)
@@ -305,6 +330,7 @@ async def test_any_sequence_of_merges_and_unmerges_leaves_oracle_states(
             a = o["attacker_uuid"]
             mates = cl.component(a)
             assert {await identity_of(store, x) for x in mates} == {await identity_of(store, a)}
+        merges.append((worker.stats.identities_merged, worker.stats.identities_unmerged))
         # a restart reloads the clusterer from the store and changes nothing
         await worker.stop()
         before = sorted(await query(store, "SELECT uuid, identity_id FROM attackers"))
