@@ -285,17 +285,17 @@ def scenario(seed: int) -> list[list[dict[str, Any]]]:
     return batches
 
 
-@pytest.mark.parametrize("seed", range(12))
 async def test_any_sequence_of_merges_and_unmerges_leaves_oracle_states(
-    tmp_path: Path, bus: Bus, seed: int
+    tmp_path: Path, bus: Bus
 ) -> None:
-    await run_scenario(tmp_path, bus, seed, "")
-
-
-def test_the_scenarios_merge_and_unmerge() -> None:
-    """Runs after the SQLite scenarios (file order)."""
-    assert len(merges) >= 12
-    assert sum(m for m, _ in merges) >= 20 and sum(u for _, u in merges) >= 3, merges
+    """Twelve seeded scenarios on SQLite; together they merge and un-merge."""
+    totals = [0, 0]
+    for seed in range(12):
+        (tmp_path / f"s{seed}").mkdir()
+        merged, unmerged = await run_scenario(tmp_path / f"s{seed}", bus, seed, "")
+        totals[0] += merged
+        totals[1] += unmerged
+    assert totals[0] >= 20 and totals[1] >= 3, totals
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -305,11 +305,9 @@ async def test_any_sequence_of_merges_and_unmerges_on_postgresql(
     await run_scenario(tmp_path, bus, seed, pg_dsn)
 
 
-#: (merges, un-merges) per scenario run (the scenarios must exercise both)
-merges: list[tuple[int, int]] = []
-
-
-async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> None:
+async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> tuple[int, int]:
+    """Feed a scenario batch by batch, checking every identity against the
+    oracle after each; returns (merges, un-merges)."""
     settings = make_settings(
         tmp_path, db_url=db_url, cluster=json.dumps({"full_share": 2, "max_share": 3})
     )
@@ -330,7 +328,7 @@ async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> None
             a = o["attacker_uuid"]
             mates = cl.component(a)
             assert {await identity_of(store, x) for x in mates} == {await identity_of(store, a)}
-        merges.append((worker.stats.identities_merged, worker.stats.identities_unmerged))
+        counts = (worker.stats.identities_merged, worker.stats.identities_unmerged)
         # a restart reloads the clusterer from the store and changes nothing
         await worker.stop()
         before = sorted(await query(store, "SELECT uuid, identity_id FROM attackers"))
@@ -342,6 +340,7 @@ async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> None
     finally:
         await worker.stop()
         await store.close()
+    return counts
 
 
 async def test_a_merge_that_fails_midway_recovers_on_redelivery(
