@@ -140,7 +140,10 @@ class IdentityRollup:
                 break
             found = await ops.memberships(new, lock=lock)
             known.update(found)
+            # the identities they are in, and the ones they came from (a
+            # possible target: its current attackers must be known too)
             idents = {m.identity_uuid for m in found.values() if m.identity_uuid}
+            idents |= {m.home_identity for m in found.values() if m.home_identity}
             more = await ops.members_of(sorted(idents), lock=lock)
             known.update(more)
             frontier = {a for a in more if a not in components}
