@@ -184,6 +184,40 @@ class Dedupe:
     def capacity(self) -> int: ...
     def __len__(self) -> int: ...
 
+@final
+class Clusterer:
+    def __init__(
+        self,
+        weights: Sequence[tuple[str, float]],
+        simhash: Sequence[str],
+        threshold: float = 1.0,
+        full_share: int = 6,
+        max_share: int = 32,
+        hamming_max: int = 3,
+    ) -> None: ...
+    def add_batch(
+        self, batch: ValidatedBatch, select: Sequence[int] | None = None
+    ) -> list[str]: ...
+    def add(self, items: Sequence[tuple[str, str, str]]) -> list[str]: ...
+    def is_fingerprint(self, primitive: str) -> bool: ...
+    def component(self, attacker: str) -> list[str]: ...
+    def same(self, a: str, b: str) -> bool: ...
+    def links(
+        self, attackers: Sequence[str]
+    ) -> list[tuple[str, str, list[tuple[str, str, str, int, float]]]]: ...
+    def stats(self) -> dict[str, int]: ...
+    def __len__(self) -> int: ...
+
+def all_pairs_components(
+    weights: Sequence[tuple[str, float]],
+    simhash: Sequence[str],
+    obs: Sequence[tuple[str, str, str]],
+    threshold: float = 1.0,
+    full_share: int = 6,
+    max_share: int = 32,
+    hamming_max: int = 3,
+) -> list[list[str]]: ...
+
 ObservationRowTuple = tuple[
     str,
     str | None,

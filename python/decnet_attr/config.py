@@ -193,6 +193,17 @@ class Settings:
     thresholds: str = field(
         default="", metadata={"help": 'JSON object of threshold overrides, e.g. {"window_n": 6}'}
     )
+    clustering: bool = field(
+        default=True,
+        metadata={"help": "link attackers that share fingerprints into one identity"},
+    )
+    cluster: str = field(
+        default="",
+        metadata={
+            "help": "JSON object of clusterer overrides: threshold, max_share, hamming_max, "
+            'weights (e.g. {"weights": {"toolchain.tls.ja3_client": 0.5}})'
+        },
+    )
     # --- logging ----------------------------------------------------------
     log_format: str = field(default="text", metadata={"help": "text or json"})
     log_level: str = "INFO"
@@ -237,6 +248,8 @@ class Settings:
         if self.thresholds:
             self.threshold_overrides()  # validates
         self.owned_partitions()  # validates
+        if self.cluster:
+            self.cluster_config()  # validates
         for origin in self.cors_origins:
             if origin != "*" and not _ORIGIN_RE.match(origin):
                 raise ConfigError(
@@ -292,6 +305,28 @@ class Settings:
         if not isinstance(value, dict):
             raise ConfigError("thresholds must be a JSON object")
         return value
+
+    def cluster_overrides(self) -> dict[str, Any]:
+        import json
+
+        if not self.cluster:
+            return {}
+        try:
+            value = json.loads(self.cluster)
+        except ValueError as exc:
+            raise ConfigError(f"cluster is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("cluster must be a JSON object")
+        return value
+
+    def cluster_config(self) -> Any:
+        """The clusterer's :class:`~decnet_attr.clustering.ClusterConfig`."""
+        from decnet_attr.clustering import cluster_config
+
+        try:
+            return cluster_config(self.cluster_overrides())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"cluster: {exc}") from None
 
     def make_thresholds(self) -> Any:
         from decnet_attr import DecnetAttrError, Thresholds

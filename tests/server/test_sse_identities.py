@@ -4,6 +4,7 @@ streams' authentication, per-user cap and resume."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
@@ -155,3 +156,25 @@ async def test_resume_with_last_event_id(env: SseEnv) -> None:
     assert parse(await r3.event()) == {"event": "stale", "data": {"reason": "unknown epoch"}}
     assert parse(await r3.event())["event"] == "snapshot"
     stale.close()
+
+
+async def test_decnet_named_merge_and_unmerge_repoint_attacker_streams(env: SseEnv) -> None:
+    await seed_attacker(env.store, A)
+    r = Reader(await env.open(A))
+    await r.frames(3)
+    loser, winner = "c" * 32, "b" * 32
+    await env.publish(topics.IDENTITY_FORMED, {"identity_uuid": loser, "attacker_uuid": A})
+    # DECNET's clusterer names only winner and loser
+    await env.publish(topics.IDENTITY_MERGED, {"winner_uuid": winner, "loser_uuid": loser})
+    changed = {"identity_uuid": winner, "primitive": "p", "new_state": "stable", "ts": 1.0}
+    await env.publish(topics.ATTRIBUTION_PROFILE_STATE_CHANGED, changed, "profile.state_changed")
+    assert parse(await asyncio.wait_for(r.event(), 3.0))["data"]["payload"] == changed
+    # the un-merge gives the attacker back to the resurrected identity
+    await env.publish(
+        topics.IDENTITY_UNMERGED,
+        {"resurrected_uuid": loser, "former_winner_uuid": winner, "attacker_uuids": [A]},
+    )
+    await env.publish(topics.ATTRIBUTION_PROFILE_STATE_CHANGED, changed, "profile.state_changed")
+    back = dict(changed, identity_uuid=loser)
+    await env.publish(topics.ATTRIBUTION_PROFILE_STATE_CHANGED, back, "profile.state_changed")
+    assert parse(await asyncio.wait_for(r.event(), 3.0))["data"]["payload"] == back

@@ -32,7 +32,7 @@ from decnet_attr.topics import OBSERVATION_PATTERN, attacker_observation
 from decnet_attr.worker import AttributionWorker
 from tests.natsserver import NatsServer, nats_server_path
 from tests.pgserver import PgServer, pg_bin_dir, pg_server  # noqa: F401  (session fixture)
-from tests.worker.helpers import mk_obs, query
+from tests.worker.helpers import mk_obs, own_hash, query
 
 STREAM = "DECNET_OBSERVATIONS"
 DURABLE = "attribution"
@@ -417,7 +417,7 @@ class Workload:
             ]
             self.late += [mk_obs(a, P_DRIFT, "steady", base + 100.0 - 1.0 - k) for k in range(3)]
             self.main += [
-                mk_obs(a, P_HASH, f"{(k * 7 + i) % 5:016x}", base + 40_000.0 * k + 0.75)
+                mk_obs(a, P_HASH, own_hash(a, (k * 7 + i) % 5), base + 40_000.0 * k + 0.75)
                 for k in range(hash_len)
             ]
             self.main += [

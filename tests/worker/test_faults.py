@@ -50,7 +50,7 @@ from tests.worker.conftest import (
     wait_until,
     worker_settings,
 )
-from tests.worker.helpers import mk_obs, query
+from tests.worker.helpers import mk_obs, own_hash, query
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,7 +76,7 @@ def stream(n: int, *, tag: str, attackers: int = 10, seed: int = 7) -> list[dict
         elif p == P_DRIFT:
             v = "steady" if j < n // 2 else rnd.choice(["steady", "bursty"])
         elif p == P_HASH:
-            v = f"{rnd.randrange(4):016x}"
+            v = own_hash(a, rnd.randrange(4))
             ts = 2_000_000.0 + j * 900.0  # spread over days: the 24 h window matters
         else:
             v = rnd.choice([1000, 1010, 990, 1500, 2000])

@@ -120,7 +120,7 @@ def create_app(
     tuning. Raises :class:`~decnet_attr.config.ConfigError` for a weak JWT
     secret.
     """
-    from decnet_attr.server import routes_attackers, routes_auth, routes_ingest
+    from decnet_attr.server import routes_attackers, routes_auth, routes_identities, routes_ingest
     from decnet_attr.server.auth import (
         Authenticator,
         authenticate_stream,
@@ -197,6 +197,7 @@ def create_app(
 
     app.add_routes(routes_auth.routes)
     app.add_routes(routes_attackers.routes)
+    app.add_routes(routes_identities.routes)
     app.add_routes(routes_ingest.routes)
     # ---- dashboard (dashboard.py: "/" and "/static/…") and the explain route ----------------
     from decnet_attr.server import routes_explain

@@ -304,6 +304,14 @@ WORKER_COUNTERS: dict[str, tuple[str, str]] = {
     "state_changes": ("worker_state_changes", "Attribution state changes."),
     "multi_actor_fired": ("worker_multi_actor_suspected", "multi_actor_suspected events fired."),
     "identities_formed": ("worker_identities_formed", "Stub identities created."),
+    "identities_merged": (
+        "worker_identities_merged",
+        "Identity merges (attackers moved into another identity).",
+    ),
+    "identities_unmerged": (
+        "worker_identities_unmerged",
+        "Identity un-merges (attackers given back to a revived identity).",
+    ),
     "attackers_observed": ("worker_attackers_observed", "attacker.observed events registered."),
 }
 

@@ -171,7 +171,7 @@ async def attribution(request: web.Request, principal: Principal) -> web.StreamR
     )
 
 
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -282,8 +282,8 @@ async def list_attackers(request: web.Request, principal: Principal) -> web.Stre
     Query: ``limit``, ``offset``, ``sort_by`` (:data:`LIST_SORT_BY`), ``order``
     (``asc``/``desc``, for our own sorts), ``search``, ``service`` and the
     filters of :func:`attacker_filter`."""
-    limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-    offset = _int_param(request, "offset", 0, 0, LIST_OFFSET_MAX)
+    limit = int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
+    offset = int_param(request, "offset", 0, 0, LIST_OFFSET_MAX)
     sort_by = request.query.get("sort_by") or "recent"
     if sort_by not in LIST_SORT_BY:
         raise bad_request(f"sort_by must be one of {', '.join(LIST_SORT_BY)}, got {sort_by[:40]!r}")

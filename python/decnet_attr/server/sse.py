@@ -1099,16 +1099,24 @@ class SseHub:
             channel.push(frame)
 
     def _dispatch_identity(self, topic: str, payload: dict[str, Any]) -> None:
-        identity = payload.get("identity_uuid")
-        if not isinstance(identity, str):
-            return
         if topic == topics.IDENTITY_MERGED:
-            into = payload.get("merged_into_uuid")
-            if not isinstance(into, str) or into == identity:
+            # DECNET's names (winner_uuid / loser_uuid) or ours
+            loser = payload.get("loser_uuid", payload.get("identity_uuid"))
+            into = payload.get("winner_uuid", payload.get("merged_into_uuid"))
+            if not isinstance(loser, str) or not isinstance(into, str) or into == loser:
                 return
-            attackers = self._by_identity.get(identity)
+            attackers = self._by_identity.get(loser)
             for a in list(attackers or ()):
                 self._set_identity(self._by_attacker[a], into)
+            for a in _strs(payload.get("attacker_uuids")):
+                channel = self._by_attacker.get(a)
+                if channel is not None:
+                    self._set_identity(channel, into)
+            return
+        identity = payload.get("identity_uuid")
+        if topic == topics.IDENTITY_UNMERGED:
+            identity = payload.get("resurrected_uuid", identity)
+        if not isinstance(identity, str):
             return
         for a in _strs(payload.get("attacker_uuid")) + _strs(payload.get("attacker_uuids")):
             channel = self._by_attacker.get(a)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from decnet_attr._core import ValidatedBatch
+    from decnet_attr.store.identities import IdentityOps, IdentityReads
 
 Key = tuple[str, str]  # (identity_uuid, primitive)
 
@@ -334,6 +335,10 @@ class Tx(ABC):
         """Mark stored-but-unmerged observations as merged (and record the
         identity they were merged into)."""
 
+    @abstractmethod
+    def identity_ops(self) -> IdentityOps:
+        """Identity merges and un-merges inside this transaction."""
+
 
 class Store(ABC):
     dialect: str  # "sqlite" or "postgresql"
@@ -410,6 +415,10 @@ class Store(ABC):
         """The ``limit`` most recently updated identities, newest first:
         ``{uuid, campaign_id, merged_into_uuid, first_seen_at, last_seen_at,
         created_at, updated_at, confidence, observation_count}`` (epoch times)."""
+
+    @abstractmethod
+    def identity_reads(self) -> IdentityReads:
+        """The identity API's reads (pages, members, merge history)."""
 
     @abstractmethod
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:

@@ -40,6 +40,7 @@ from decnet_attr.store.base import (
     UserRow,
     truncate_payload,
 )
+from decnet_attr.store.identities import POSTGRES, IdentityOps, IdentityReads
 from decnet_attr.store.schema import (
     ATTACKER_COLS,
     EVIDENCE_SQL,
@@ -496,8 +497,14 @@ class PostgresTx(Tx):
             [identity_by_seq.get(s) for s in uniq],
         )
 
+    # ---- the store ----------------------------------------------------------------------------
 
-# ---- the store ----------------------------------------------------------------------------
+    def identity_ops(self) -> IdentityOps:
+        return IdentityOps(self._run_sql, POSTGRES)
+
+    @_guard
+    async def _run_sql(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        return list(await self._c().fetch(sql, *params))
 
 
 class PostgresStore(Store):
@@ -713,6 +720,14 @@ class PostgresStore(Store):
         async with self._conn() as conn:
             rows = await conn.fetch(recent_identities_sql(_param(1)), int(limit))
         return identities_from_rows(rows)
+
+    def identity_reads(self) -> IdentityReads:
+        return IdentityReads(self._read_sql, POSTGRES)
+
+    @_guard
+    async def _read_sql(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        async with self._conn() as conn:
+            return list(await conn.fetch(sql, *params))
 
     @_guard
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:

@@ -410,6 +410,41 @@ CREATE TABLE observation_marks (
 )
 """
 
+# v9: identities that roll up. An attacker's identity can now change when
+# the clusterer links it to others: ``home_identity`` remembers the stub
+# identity it started with (NULL: still ``identity_id``), so an un-merge
+# knows where it goes back. ``identity_merges`` is the audit trail: every
+# merge and un-merge with the attackers it moved and the evidence.
+_V9_SQLITE = """
+ALTER TABLE attackers ADD COLUMN home_identity TEXT NULL;
+CREATE TABLE identity_merges (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    winner_uuid TEXT NOT NULL,
+    loser_uuid TEXT NOT NULL,
+    attacker_uuids TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE INDEX ix_identity_merges_winner ON identity_merges(winner_uuid, id);
+CREATE INDEX ix_identity_merges_loser ON identity_merges(loser_uuid, id)
+"""
+
+_V9_POSTGRES = """
+ALTER TABLE attackers ADD COLUMN home_identity TEXT NULL;
+CREATE TABLE identity_merges (
+    id BIGSERIAL PRIMARY KEY,
+    kind TEXT NOT NULL,
+    winner_uuid TEXT NOT NULL,
+    loser_uuid TEXT NOT NULL,
+    attacker_uuids TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX ix_identity_merges_winner ON identity_merges(winner_uuid, id);
+CREATE INDEX ix_identity_merges_loser ON identity_merges(loser_uuid, id)
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, _V1_SQLITE, _V1_POSTGRES),
     Migration(2, _V2_SQLITE, _V2_POSTGRES),
@@ -419,6 +454,7 @@ MIGRATIONS: list[Migration] = [
     Migration(6, _V6_SQLITE, _V6_POSTGRES),
     Migration(7, _V7_SQLITE, _V7_POSTGRES),
     Migration(8, _V8_SQLITE, _V8_POSTGRES),
+    Migration(9, _V9_SQLITE, _V9_POSTGRES),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)

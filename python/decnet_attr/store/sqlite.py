@@ -54,6 +54,7 @@ from decnet_attr.store.base import (
     truncate_payload,
 )
 from decnet_attr.store.files import private_db_files
+from decnet_attr.store.identities import SQLITE, IdentityOps, IdentityReads
 from decnet_attr.store.schema import (
     ATTACKER_COLS,
     EVIDENCE_SQL,
@@ -592,8 +593,14 @@ class SqliteTx(Tx):
             [(identity_by_seq.get(s), s) for s in sorted(set(seqs))],
         )
 
+    # ---- the store ----------------------------------------------------------------------------
 
-# ---- the store ----------------------------------------------------------------------------
+    def identity_ops(self) -> IdentityOps:
+        return IdentityOps(self._run_sql, SQLITE)
+
+    @_guard
+    async def _run_sql(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return list(await self._c().execute_fetchall(sql, params))
 
 
 class SqliteStore(Store):
@@ -921,6 +928,13 @@ class SqliteStore(Store):
     async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
         rows = await self._reader().execute_fetchall(recent_identities_sql(_param(1)), (limit,))
         return identities_from_rows(rows)
+
+    def identity_reads(self) -> IdentityReads:
+        return IdentityReads(self._read_sql, SQLITE)
+
+    @_guard
+    async def _read_sql(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return list(await self._reader().execute_fetchall(sql, params))
 
     @_guard
     async def attackers_of_identity(self, identity_uuid: str) -> list[str]:

@@ -70,6 +70,7 @@ from decnet_attr.topics import (
     is_observation_batch,
     primitive_from_topic,
 )
+from decnet_attr.worker.identities import IdentityRollup
 from decnet_attr.worker.recompute import feed_series
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class WorkerStats:
     state_changes: int = 0
     multi_actor_fired: int = 0
     identities_formed: int = 0
+    identities_merged: int = 0
+    identities_unmerged: int = 0
     attackers_observed: int = 0
     pending_merged: int = 0
     windows_saved: int = 0
@@ -138,6 +141,8 @@ _ATTEMPT_COUNTERS = (
     "merged",
     "duplicates",
     "identities_formed",
+    "identities_merged",
+    "identities_unmerged",
     "state_changes",
     "multi_actor_fired",
 )
@@ -198,6 +203,10 @@ class AttributionWorker:
         # lazy mode: the state row last written per key the engine holds
         self._rows: dict[Key, StateRow] = {}
         self._event_seq = 0
+        # attackers sharing fingerprints roll up into one identity
+        self.rollup = (
+            IdentityRollup(self, settings.cluster_config().make()) if settings.clustering else None
+        )
 
     async def _publish(self, topic: str, payload: dict[str, Any], etype: str) -> bool:
         """Publish after a commit; never raises. Event ids are this worker's
@@ -224,6 +233,8 @@ class AttributionWorker:
         self._stop.clear()
         self._consumer_done.clear()
         self.last_heartbeat = time.monotonic()
+        if self.rollup is not None and not len(self.rollup.clusterer):
+            await self.rollup.load(self.store)
         await self.merge_pending()
         s = self.settings
         # join the durable group now, so that events published as soon as
@@ -667,6 +678,8 @@ class AttributionWorker:
             )
         self.stats.merged += len(new_pos)
         events.extend(await self._write_states(tx, result, prior, now))
+        if self.rollup is not None:
+            events.extend(await self.rollup.apply(tx, valid, new_pos, now, touched))
         if self.lazy and self._dirty:
             await self._checkpoint(tx, now, touched)
         return events
@@ -1007,6 +1020,24 @@ class AttributionWorker:
 
     def _attackers_of(self, identity: str) -> list[str]:
         return sorted(self._attackers_by_identity.get(identity, ()))
+
+    # ---- hooks of the identity roll-up (worker/identities.py) -------------------------
+    def set_attackers(self, identity: str, attackers: set[str]) -> None:
+        """The identity's attackers changed (a merge or un-merge)."""
+        self._attackers_by_identity.pop(identity, None)
+        for a in sorted(attackers):
+            self._note_attacker(identity, a)
+            self._identity_cache[a] = identity
+
+    def forget_dirty(self, keys: list[Key]) -> None:
+        """Keys rewritten with complete windows need no lazy write."""
+        for k in keys:
+            self._dirty.pop(k, None)
+
+    async def reevaluate_multi_actor(
+        self, tx: Tx, identities: list[str], now: float
+    ) -> list[tuple[str, dict[str, Any], str]]:
+        return await self._multi_actor(tx, identities, now)
 
     async def _observed_loop(self) -> None:
         """``attacker.observed`` events register attackers too."""

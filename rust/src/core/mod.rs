@@ -1,6 +1,7 @@
 //! The pure core: values, mergers, the incremental engine, JSON input.
 //! No Python and no I/O here.
 
+pub mod cluster;
 pub mod dedupe;
 pub mod engine;
 pub mod fastjson;

@@ -1,6 +1,7 @@
 //! The Python binding, `decnet_attr._core`. Thin: conversions at the edge,
 //! then the pure core.
 
+mod cluster;
 mod convert;
 mod dedupe;
 mod engine;
@@ -25,6 +26,8 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
     m.add_class::<validate::PyValidated>()?;
     m.add_class::<dedupe::PyDedupe>()?;
+    m.add_class::<cluster::PyClusterer>()?;
+    m.add_function(wrap_pyfunction!(cluster::all_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(validate::validate_observations, m)?)?;
     m.add_function(wrap_pyfunction!(validate::rejection_codes, m)?)?;
     m.add_function(wrap_pyfunction!(validate::normalise_ip, m)?)?;

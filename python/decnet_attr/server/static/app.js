@@ -340,6 +340,19 @@ function route() {
     currentView = changePasswordView();
     return;
   }
+  const idm = /^#\/identities\/([^/?#]+)$/.exec(window.location.hash);
+  if (idm) {
+    let id = "";
+    try {
+      id = decodeURIComponent(idm[1]);
+    } catch {
+      id = "";
+    }
+    currentView = identityView(id);
+    const main = mainEl();
+    if (document.activeElement === document.body) main.focus({ preventScroll: true });
+    return;
+  }
   const m = /^#\/attackers\/([^/?#]+)$/.exec(window.location.hash);
   if (m) {
     let uuid;
@@ -1183,6 +1196,7 @@ function attackerView(uuid) {
     kinds: new Map(), // primitive -> value kind (from explain)
     suspicion: null, // the last attribution.multi_actor_suspected payload
     explained: null, // primitive shown in the explain panel
+    rollupCount: null, // attackers of the identity, as the roll-up line shows
   };
   const dom = new Map(); // primitive -> {tr, badge, value, here, conf, count, since, timeline}
   let stream = null;
@@ -1218,6 +1232,7 @@ function attackerView(uuid) {
     hidden: true,
   });
   const scope = h("p", { class: "scope" });
+  const rollup = h("div", { class: "rollup", "data-testid": "identity-rollup", hidden: true });
   const message = h("p", { class: "muted", role: "status" });
   const tbody = h("tbody");
   const table = h(
@@ -1256,6 +1271,7 @@ function attackerView(uuid) {
       h("a", { class: "back", href: "#/" }, "← All attackers"),
       h("div", { class: "detail-head" }, h("div", null, title, facts), status),
       banner,
+      rollup,
       scope,
       message,
       h("div", { class: "table-wrap" }, table),
@@ -1537,6 +1553,25 @@ function attackerView(uuid) {
     }
   }
 
+  // ---- roll-up: "rolls up to identity X with N attackers" ----
+  async function fetchRollup() {
+    const id = model.identity;
+    if (!id) {
+      rollup.hidden = true;
+      return;
+    }
+    let ident;
+    try {
+      ident = await api(`/identities/${encodeURIComponent(id)}`);
+    } catch {
+      return; // the rows still show; the line waits for the next refetch
+    }
+    if (destroyed || id !== model.identity) return;
+    model.rollupCount = ident.attacker_count;
+    rollup.replaceChildren(...identityRollup(ident, uuid));
+    rollup.hidden = false;
+  }
+
   function applyDetail(body) {
     model.attacker = body;
     const identity = body.identity_uuid ?? body.identity_id ?? null;
@@ -1554,6 +1589,7 @@ function attackerView(uuid) {
       const body = await api(`/attackers/${encodeURIComponent(uuid)}`);
       if (destroyed) return "error";
       applyDetail(body);
+      fetchRollup();
       seedTimelines();
       if (model.explained) scheduleExplain();
       return "ok";
@@ -1608,8 +1644,22 @@ function attackerView(uuid) {
     if (!p || typeof p.primitive !== "string") return;
     const prim = p.primitive;
     if (typeof p.identity_uuid === "string" && p.identity_uuid !== model.identity) {
+      // the attacker rolled up into another identity (or out of one): its
+      // rows replace the old identity's
+      const moved = model.identity !== null;
       model.identity = p.identity_uuid;
       renderHeader();
+      if (moved) {
+        model.rows.clear();
+        tbody.replaceChildren();
+        dom.clear();
+        scheduleRefetch();
+      }
+    }
+    // another attacker joined (or left) this identity: the roll-up line follows
+    if (Array.isArray(p.attacker_uuids) && p.attacker_uuids.length !== model.rollupCount) {
+      model.rollupCount = p.attacker_uuids.length;
+      fetchRollup();
     }
     const prev = model.rows.get(prim);
     if (prev && !prev.placeholder && isNum(p.version) && isNum(prev.version) && p.version <= prev.version) return;
@@ -1932,6 +1982,198 @@ function attackerView(uuid) {
       clearInterval(tick);
       if (refetchTimer) clearTimeout(refetchTimer);
       if (explainTimer) clearTimeout(explainTimer);
+      if (stream) stream.close();
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// identities
+// ---------------------------------------------------------------------------------------
+const IDENTITY_STREAM_EVENTS = ["snapshot", "formed", "merged", "unmerged", "observation.linked"];
+
+function identityLink(id) {
+  return h("a", { class: "mono", href: `#/identities/${encodeURIComponent(id)}` }, shorten(id, 40));
+}
+
+function evidenceText(ev) {
+  if (!ev || typeof ev !== "object") return "";
+  const same = ev.value === ev.other_value;
+  const value = shorten(valueText(ev.value), 40);
+  const how = same ? `= ${value}` : `${value} ≈ ${shorten(valueText(ev.other_value), 40)} (${plural(ev.distance, "bit")} apart)`;
+  return `${ev.primitive} ${how}`;
+}
+
+// The links recorded for this attacker's merges: "b ↔ a: hassh = …".
+function linkingEvidence(ident, attacker) {
+  const out = [];
+  for (const m of Array.isArray(ident.merges) ? ident.merges : []) {
+    for (const link of Array.isArray(m.evidence) ? m.evidence : []) {
+      const pair = Array.isArray(link.attackers) ? link.attackers : [];
+      if (attacker && !pair.includes(attacker)) continue;
+      const evs = Array.isArray(link.evidence) ? link.evidence : [];
+      out.push(`${pair.map((x) => shorten(String(x), 24)).join(" ↔ ")}: ${evs.map(evidenceText).join("; ")}`);
+    }
+  }
+  return out;
+}
+
+function identityRollup(ident, attacker) {
+  const n = isNum(ident.attacker_count) ? ident.attacker_count : 0;
+  const parts = [
+    h(
+      "p",
+      null,
+      "Rolls up to identity ",
+      identityLink(ident.uuid),
+      ` with ${plural(n, "attacker")}`,
+      ident.merged_into_uuid ? " (merged away)" : "",
+      ".",
+    ),
+  ];
+  const links = linkingEvidence(ident, attacker);
+  if (links.length) {
+    parts.push(h("ul", { class: "evidence", "data-testid": "rollup-evidence" }, ...links.map((t) => h("li", null, t))));
+  }
+  return parts;
+}
+
+function identityView(id) {
+  let destroyed = false;
+  let stream = null;
+  let timer = null;
+  const statusText = h("span", null, "Connecting…");
+  const status = h(
+    "div",
+    { class: "stream-status", role: "status", "data-testid": "stream-status", "data-status": "reconnecting" },
+    h("span", { class: "dot", "aria-hidden": "true" }),
+    statusText,
+  );
+  const title = h("h1", { id: "identity-title" }, "Identity");
+  const facts = h("dl", { class: "facts" });
+  const note = h("p", { class: "muted", role: "status" });
+  const badges = h("div", { "data-testid": "identity-badges" });
+  const members = h("tbody");
+  const fingerprints = h("ul", { class: "evidence", "data-testid": "identity-fingerprints" });
+  const history = h("ul", { class: "evidence", "data-testid": "identity-merges" });
+  setView(
+    h(
+      "section",
+      { "aria-labelledby": "identity-title", "data-testid": "identity-view" },
+      h("a", { class: "back", href: "#/" }, "← All attackers"),
+      h("div", { class: "detail-head" }, h("div", null, title, facts), status),
+      note,
+      h("h2", null, "Attribution"),
+      badges,
+      h("h2", null, "Attackers"),
+      h(
+        "div",
+        { class: "table-wrap" },
+        h(
+          "table",
+          { class: "data", "data-testid": "identity-members" },
+          h("thead", null, h("tr", null, h("th", { scope: "col" }, "Attacker"), h("th", { scope: "col" }, "IP"), h("th", { scope: "col" }, "Last seen"), h("th", { scope: "col" }, "Joined from"))),
+          members,
+        ),
+      ),
+      h("h2", null, "Fingerprints"),
+      fingerprints,
+      h("h2", null, "Merges and the evidence that links them"),
+      history,
+    ),
+  );
+
+  function render(ident) {
+    title.textContent = `Identity ${shorten(ident.uuid, 40)}`;
+    const items = [
+      ["Identity", h("span", { class: "mono" }, ident.uuid)],
+      ["Attackers", String(ident.attacker_count)],
+      ["Created", timeNode(ident.created_at)],
+    ];
+    if (ident.merged_into_uuid) items.push(["Merged into", identityLink(ident.merged_into_uuid)]);
+    facts.replaceChildren(...items.map(([k, v]) => h("div", null, h("dt", null, k), h("dd", null, v))));
+    const counts = {};
+    for (const r of ident.attribution || []) counts[stateOf(r.state)] = (counts[stateOf(r.state)] || 0) + 1;
+    const rows = (ident.attribution || []).map((r) =>
+      h(
+        "li",
+        null,
+        h("span", { class: `badge state-${stateOf(r.state)}`, "data-state": stateOf(r.state) }, LABELS[stateOf(r.state)]),
+        ` ${r.primitive}: `,
+        valueNode(r.current_value, 40),
+      ),
+    );
+    badges.replaceChildren(statePills(counts), h("ul", { class: "evidence" }, ...rows));
+    members.replaceChildren(
+      ...(ident.attackers || []).map((m) =>
+        h(
+          "tr",
+          { "data-attacker": m.uuid },
+          h("td", null, h("a", { class: "mono", href: `#/attackers/${encodeURIComponent(m.uuid)}` }, shorten(m.uuid, 40))),
+          h("td", null, m.ip ? valueText(m.ip) : "—"),
+          h("td", null, timeNode(m.last_seen)),
+          h("td", null, m.home_identity && m.home_identity !== ident.uuid ? identityLink(m.home_identity) : "—"),
+        ),
+      ),
+    );
+    fingerprints.replaceChildren(
+      ...(ident.fingerprints || []).map((f) =>
+        h("li", null, `${f.primitive} = ${shorten(valueText(f.value), 48)} (${plural((f.attacker_uuids || []).length, "attacker")})`),
+      ),
+    );
+    history.replaceChildren(
+      ...(ident.merges || []).map((m) =>
+        h(
+          "li",
+          { "data-kind": m.kind },
+          `${m.kind === "merged" ? "Merged" : "Un-merged"} ${absTime(m.ts)}: `,
+          identityLink(m.loser_uuid),
+          m.kind === "merged" ? " into " : " out of ",
+          identityLink(m.winner_uuid),
+          ` (${plural((m.attacker_uuids || []).length, "attacker")})`,
+          ...linkingEvidence(m.evidence ? { merges: [m] } : {}, null).map((t) => h("div", { class: "muted" }, t)),
+        ),
+      ),
+    );
+    if (!history.children.length) history.append(h("li", { class: "muted" }, "none"));
+  }
+
+  async function load() {
+    try {
+      const ident = await api(`/identities/${encodeURIComponent(id)}`);
+      if (destroyed) return;
+      note.textContent = "";
+      render(ident);
+    } catch (e) {
+      if (destroyed) return;
+      note.textContent = e.status === 404 ? "This identity does not exist." : `Could not load the identity: ${e.detail}`;
+    }
+  }
+
+  function onEvent(name, payload) {
+    if (name === "snapshot" || !payload || typeof payload !== "object") return;
+    // any identity event naming this one: read it again
+    const named = [payload.identity_uuid, payload.winner_uuid, payload.loser_uuid, payload.resurrected_uuid, payload.former_winner_uuid, payload.merged_into_uuid];
+    if (!named.includes(id)) return;
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(() => {
+      timer = null;
+      if (!destroyed) load();
+    }, 150);
+  }
+
+  function setStatus(state, text) {
+    status.setAttribute("data-status", state);
+    statusText.textContent = text;
+  }
+
+  load();
+  stream = new EventStream("/identities/events", IDENTITY_STREAM_EVENTS, onEvent, setStatus);
+  stream.start();
+  return {
+    destroy() {
+      destroyed = true;
+      if (timer) clearTimeout(timer);
       if (stream) stream.close();
     },
   };
