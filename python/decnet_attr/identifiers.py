@@ -15,6 +15,7 @@ lower-case form (RFC 5952, as :mod:`ipaddress` writes it).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Final
 
@@ -25,6 +26,7 @@ __all__ = [
     "ATTACKER_UUID_PROBLEM",
     "ATTACKER_UUID_RE",
     "IP_TEXT_MAX",
+    "ip_key",
     "is_attacker_uuid",
     "normalise_ip",
 ]
@@ -56,3 +58,24 @@ def normalise_ip(value: Any) -> str:
     if canonical is None:
         raise ValueError(f"ip is not a valid IP address: {value[:IP_TEXT_MAX]!r}")
     return canonical
+
+
+def ip_key(value: Any) -> str | None:
+    """An address as 32 hex digits of its 128-bit value (IPv4 as the
+    IPv4-mapped IPv6 address), so that a network is a range of keys; None
+    for anything that is not an address."""
+    if not isinstance(value, str):
+        return None
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv4Address):
+        addr = ipaddress.IPv6Address(f"::ffff:{addr}")
+    return f"{int(addr):032x}"
+
+
+def network_keys(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[str, str]:
+    """The first and last :func:`ip_key` of a network."""
+    lo, hi = net.network_address, net.broadcast_address
+    return ip_key(str(lo)) or "", ip_key(str(hi)) or ""

@@ -1,5 +1,5 @@
 """Search, filters and sorts of ``GET /api/v1/attackers``, the same on SQLite
-and PostgreSQL: ip (exact, text prefix, IPv4 network), attacker and identity
+and PostgreSQL: ip (exact, text prefix, IPv4 or IPv6 network), attacker and identity
 uuid prefixes, states present, the multi-actor flag, last seen within a
 window, sorted by last seen, first seen or observations, paged."""
 
@@ -94,6 +94,24 @@ async def test_ip_filters(fleet: Any) -> None:
     assert await uuids(h, hd, "ip=192.168.1.20/32") == ["bb44-four"]
 
 
+async def test_ipv6_networks(fleet: Any) -> None:
+    h, hd, _ = fleet
+    now = time.time()
+    for uuid, ip in (
+        ("dd66-six", "2001:db8:0:1::5"),  # compressed forms differ: no text prefix
+        ("ee77-seven", "2001:db9::1"),
+        ("ff88-eight", "::ffff:10.9.9.9"),  # stored as 10.9.9.9
+    ):
+        assert await seed(h, uuid, ip, ts=now, states=[], observations=[]) is not None
+    assert await uuids(h, hd, "ip=2001:db8::/32") == ["dd66-six", "cc55-five"]
+    assert await uuids(h, hd, "ip=2001:db8::/64") == ["cc55-five"]
+    assert await uuids(h, hd, "ip=2001:db8:0:1::/64") == ["dd66-six"]
+    assert await uuids(h, hd, "ip=2001:db8::/31") == ["ee77-seven", "dd66-six", "cc55-five"]
+    assert await uuids(h, hd, "ip=2001:db8::7/128") == ["cc55-five"]
+    # an IPv4 attacker lies in the IPv4-mapped IPv6 network
+    assert await uuids(h, hd, "ip=::ffff:10.9.9.0/120") == ["ff88-eight"]
+
+
 async def test_uuid_prefixes(fleet: Any) -> None:
     h, hd, identities = fleet
     assert await uuids(h, hd, "attacker=bb") == ["bb44-four", "bb33-three"]
@@ -156,7 +174,7 @@ async def test_sorts_and_paging(fleet: Any) -> None:
     [
         "ip=10.0.0.0/33",
         "ip=10.0.0.0/4",
-        "ip=2001:db8::/32",
+        "ip=2001:db8::/8",
         "ip=hello",
         "attacker=a%25",
         "identity=x y",

@@ -12,7 +12,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from decnet_attr.identifiers import ATTACKER_UUID_PROBLEM, is_attacker_uuid, normalise_ip
+from decnet_attr.identifiers import (
+    ATTACKER_UUID_PROBLEM,
+    is_attacker_uuid,
+    network_keys,
+    normalise_ip,
+)
 from decnet_attr.server.app import STORE
 from decnet_attr.server.auth import READ_ROLES, REGISTER_ROLES, Principal, require
 from decnet_attr.server.errors import (
@@ -63,6 +68,8 @@ LIST_SORT_BY: dict[str, str | None] = {
 #: Shortest IPv4 network accepted by the ``ip`` filter (it is searched as the
 #: text prefixes that cover it: at most 128 of them).
 IP_NETWORK_MIN_PREFIX = 8
+#: Shortest IPv6 network accepted (a /16 is already a large share of the space).
+IP6_NETWORK_MIN_PREFIX = 16
 #: ``seen_within`` units (a bare number is seconds).
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: Longest ``seen_within`` accepted: a year.
@@ -211,17 +218,21 @@ def ipv4_network_cover(net: ipaddress.IPv4Network) -> tuple[list[str], list[str]
     return [], [".".join([*head, str(v)]) + "." for v in values]
 
 
-def _ip_filter(raw: str) -> dict[str, tuple[str, ...]]:
-    """The ``ip`` parameter: an address (exact), an IPv4 network in CIDR
-    notation, or the start of an address as text (``10.0.``, ``2001:db8:``)."""
+def _ip_filter(raw: str) -> dict[str, tuple[Any, ...]]:
+    """The ``ip`` parameter: an address (exact), a network in CIDR notation
+    (IPv4 or IPv6), or the start of an address as text (``10.0.``,
+    ``2001:db8:``)."""
     text = raw.strip()
     if "/" in text:
         try:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise bad_request(f"ip is not a valid network: {raw[:64]!r}") from None
-        if not isinstance(net, ipaddress.IPv4Network):
-            raise bad_request("ip: IPv6 networks are not supported; give a text prefix instead")
+        if isinstance(net, ipaddress.IPv6Network):
+            if net.prefixlen < IP6_NETWORK_MIN_PREFIX:
+                raise bad_request(f"ip: IPv6 networks must be /{IP6_NETWORK_MIN_PREFIX} or longer")
+            lo, hi = network_keys(net)
+            return {"networks": ((str(net), lo, hi),)}
         if net.prefixlen < IP_NETWORK_MIN_PREFIX:
             raise bad_request(f"ip: networks must be /{IP_NETWORK_MIN_PREFIX} or longer")
         exact, prefixes = ipv4_network_cover(net)

@@ -118,6 +118,9 @@ class AttackerFilter:
 
     ips: tuple[str, ...] = ()
     ip_prefixes: tuple[str, ...] = ()
+    # networks as (CIDR text, first ip_key, last ip_key): IPv6 ones (IPv4
+    # networks come as ``ip_prefixes``)
+    networks: tuple[tuple[str, str, str], ...] = ()
     attacker_prefix: str | None = None
     identity_prefix: str | None = None
     states: tuple[str, ...] = ()

@@ -690,7 +690,12 @@ class PostgresStore(Store):
         filters: AttackerFilter | None = None,
     ) -> tuple[list[AttackerSummary], int]:
         where, params = list_filters(
-            _param, uuid=uuid, search=search, service=service, filters=filters
+            _param,
+            uuid=uuid,
+            search=search,
+            service=service,
+            filters=filters,
+            in_network=lambda add, net: f"inet(a.ip) <<= {add(net[0])}::cidr",
         )
         n = len(params)
         sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))

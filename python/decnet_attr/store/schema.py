@@ -752,11 +752,14 @@ def list_filters(
     search: str | None = None,
     service: str | None = None,
     filters: AttackerFilter | None = None,
+    in_network: Callable[[Callable[[Any], str], tuple[str, str, str]], str] | None = None,
 ) -> tuple[str, list[Any]]:
     """``WHERE`` clause (or "") and its parameters for :meth:`Store.list_attackers`:
     an exact attacker uuid; ``search``, a case-insensitive substring of the ip or
     the uuid; ``service``, attackers with an observation from a shard of that
-    service; ``filters`` (:class:`AttackerFilter`). Parameters are numbered from 1."""
+    service; ``filters`` (:class:`AttackerFilter`). Parameters are numbered from 1.
+    ``in_network(add, (cidr, first_key, last_key))`` is the dialect's test
+    that ``a.ip`` lies in a network (``add(value)`` binds a parameter)."""
     conds: list[str] = []
     params: list[Any] = []
 
@@ -788,6 +791,10 @@ def list_filters(
     for length, prefixes in sorted(by_length.items()):
         # the length is an int computed here, never text from the request
         ip_conds.append(f"substr(a.ip, 1, {int(length)}) IN ({any_of(prefixes)})")
+    for cidr, lo, hi in f.networks:
+        if in_network is None:
+            raise ValueError("this store cannot filter by network")
+        ip_conds.append(in_network(add, (cidr, lo, hi)))
     if ip_conds:
         conds.append(f"({' OR '.join(ip_conds)})")
     if f.attacker_prefix:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiosqlite
 
 from decnet_attr._core import Dedupe, SqliteConnection, ValidatedBatch
+from decnet_attr.identifiers import ip_key
 from decnet_attr.store.base import (
     AttackerAttribution,
     AttackerFilter,
@@ -663,6 +664,8 @@ class SqliteStore(Store):
         else:
             conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30.0)
         try:
+            if not native:  # the reads' network filter (list_attackers)
+                await conn.create_function("ip_key", 1, ip_key, deterministic=True)
             await conn.execute("PRAGMA busy_timeout = 30000")
             await conn.execute("PRAGMA foreign_keys = ON")
             if not self._memory:
@@ -897,7 +900,13 @@ class SqliteStore(Store):
         filters: AttackerFilter | None = None,
     ) -> tuple[list[AttackerSummary], int]:
         where, params = list_filters(
-            _param, uuid=uuid, search=search, service=service, filters=filters
+            _param,
+            uuid=uuid,
+            search=search,
+            service=service,
+            filters=filters,
+            # ip_key() is registered on the reader connection (identifiers.ip_key)
+            in_network=lambda add, net: f"ip_key(a.ip) BETWEEN {add(net[1])} AND {add(net[2])}",
         )
         n = len(params)
         sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))
