@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from decnet_attr.bus import Bus, BusUnavailable, Event
+from decnet_attr.bus import Bus, BusUnavailable, Event, get_bus
 from decnet_attr.bus.nats import NatsBus
 from decnet_attr.config import Settings
 from decnet_attr.registry import value_kind_for
@@ -583,3 +583,30 @@ __all__ = [
     "wait_until",
     "worker_settings",
 ]
+
+
+# ---- the in-process worker (each test module gives its own ``settings``) ---------------
+
+
+@pytest.fixture
+async def store(settings: Settings) -> Any:
+    st = open_store(settings.store_url)
+    await st.open()
+    yield st
+    await st.close()
+
+
+@pytest.fixture
+async def bus() -> Any:
+    b = get_bus("memory://")
+    await b.connect()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def worker(settings: Settings, bus: Bus, store: Store) -> Any:
+    w = AttributionWorker(settings, bus, store)
+    await w.start()
+    yield w
+    await w.stop()

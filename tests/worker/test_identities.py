@@ -50,30 +50,6 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path, cluster=json.dumps({"full_share": 3, "max_share": 3}))
 
 
-@pytest.fixture
-async def store(settings: Settings) -> Any:
-    st = open_store(settings.store_url)
-    await st.open()
-    yield st
-    await st.close()
-
-
-@pytest.fixture
-async def bus() -> Any:
-    b = get_bus("memory://")
-    await b.connect()
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def worker(settings: Settings, bus: Bus, store: Store) -> Any:
-    w = AttributionWorker(settings, bus, store)
-    await w.start()
-    yield w
-    await w.stop()
-
-
 class Collector:
     def __init__(self, bus: Bus, pattern: str) -> None:
         self.bus = bus

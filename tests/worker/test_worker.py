@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from decnet_attr import Thresholds
-from decnet_attr.bus import Bus, Delivery, Event, get_bus
+from decnet_attr.bus import Bus, Delivery, Event
 from decnet_attr.config import Settings
-from decnet_attr.store import ObservationRow, Store, open_store
+from decnet_attr.store import ObservationRow, Store
 from decnet_attr.topics import OBSERVATION_BATCH, attacker_observation, system_control
 from decnet_attr.worker import AttributionWorker
 from decnet_attr.worker.recompute import explain_state, recompute
@@ -47,30 +47,6 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path, heartbeat_interval=0.2, multi_actor_tick=3600, batch_delay=0.001
     )
-
-
-@pytest.fixture
-async def store(settings: Settings) -> Any:
-    st = open_store(settings.store_url)
-    await st.open()
-    yield st
-    await st.close()
-
-
-@pytest.fixture
-async def bus() -> Any:
-    b = get_bus("memory://")
-    await b.connect()
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def worker(settings: Settings, bus: Bus, store: Store) -> Any:
-    w = AttributionWorker(settings, bus, store)
-    await w.start()
-    yield w
-    await w.stop()
 
 
 A = "attacker-a"
