@@ -20,6 +20,7 @@ from decnet_attr.store.identities import IdentityOps
 from decnet_attr.topics import attacker_observation
 from decnet_attr.worker import AttributionWorker
 from tests import oracle
+from tests.worker.conftest import Collector
 from tests.worker.helpers import _Row, mk_obs, publish_all, query, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,34 +49,6 @@ def make_settings(tmp_path: Path, **kw: Any) -> Settings:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path, cluster=json.dumps({"full_share": 3, "max_share": 3}))
-
-
-class Collector:
-    def __init__(self, bus: Bus, pattern: str) -> None:
-        self.bus = bus
-        self.pattern = pattern
-        self.events: list[Event] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Collector:
-        ready = asyncio.Event()
-
-        async def run() -> None:
-            async with self.bus.subscribe(self.pattern) as sub:
-                ready.set()
-                async for ev in sub:
-                    self.events.append(ev)
-
-        self._task = asyncio.create_task(run())
-        await ready.wait()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-
-    def of(self, topic: str) -> list[dict[str, Any]]:
-        return [e.payload for e in self.events if e.topic == topic]
 
 
 async def identity_of(store: Store, attacker: str) -> str:
@@ -136,7 +109,7 @@ async def test_a_shared_fingerprint_merges_identities_exactly(
     winner, loser = min(ia, ib), max(ia, ib)
     assert await identity_of(store, a) == winner == await identity_of(store, b)
     await assert_states_equal_oracle(store, obs)
-    merged = col.of("identity.merged")
+    merged = [e.payload for e in col.of("identity.merged")]
     assert len(merged) == 1
     m = merged[0]
     assert (m["winner_uuid"], m["loser_uuid"]) == (winner, loser)
@@ -144,7 +117,7 @@ async def test_a_shared_fingerprint_merges_identities_exactly(
     loser_attacker = a if ia == loser else b
     assert m["attacker_uuids"] == [loser_attacker]
     assert m["evidence"][0]["evidence"][0]["primitive"] == HASSH
-    linked = col.of("identity.observation.linked")
+    linked = [e.payload for e in col.of("identity.observation.linked")]
     assert linked == [
         {
             "identity_uuid": winner,
@@ -187,7 +160,7 @@ async def test_a_value_turning_ubiquitous_unmerges_and_recomputes_both_sides(
     idents = {x: await identity_of(store, x) for x in (a, b, "att-c", "att-d")}
     assert len(set(idents.values())) == 4, idents
     await assert_states_equal_oracle(store, obs)
-    unmerged = col.of("identity.unmerged")
+    unmerged = [e.payload for e in col.of("identity.unmerged")]
     first = min(idents[a], idents[b], idents["att-c"])
     # the three were one identity (the smallest stub uuid); the other two come back
     assert {u["resurrected_uuid"] for u in unmerged} == {idents[x] for x in (a, b, "att-c")} - {

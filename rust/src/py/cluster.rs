@@ -40,25 +40,14 @@ impl PyClusterer {
                 )));
             }
         }
-        let fingerprints = weights
-            .into_iter()
-            .map(|(primitive, weight)| Fingerprint {
-                matching: if simhash.contains(&primitive) {
-                    Match::SimHash
-                } else {
-                    Match::Exact
-                },
-                primitive,
-                weight,
-            })
-            .collect();
-        let cfg = Config {
-            fingerprints,
+        let cfg = config(
+            weights,
+            &simhash,
             threshold,
             full_share,
             max_share,
             hamming_max,
-        };
+        );
         Clusterer::new(cfg)
             .map(|c| PyClusterer {
                 inner: Mutex::new(c),
@@ -192,6 +181,27 @@ pub fn all_pairs(
     max_share: usize,
     hamming_max: u32,
 ) -> Vec<Vec<String>> {
+    let cfg = config(
+        weights,
+        &simhash,
+        threshold,
+        full_share,
+        max_share,
+        hamming_max,
+    );
+    py.allow_threads(|| crate::core::cluster::all_pairs_components(&cfg, &obs))
+}
+
+/// The clusterer's configuration: `weights` per primitive; the primitives
+/// in `simhash` match by Hamming distance, the others exactly.
+fn config(
+    weights: Vec<(String, f64)>,
+    simhash: &[String],
+    threshold: f64,
+    full_share: usize,
+    max_share: usize,
+    hamming_max: u32,
+) -> Config {
     let fingerprints = weights
         .into_iter()
         .map(|(primitive, weight)| Fingerprint {
@@ -204,12 +214,11 @@ pub fn all_pairs(
             weight,
         })
         .collect();
-    let cfg = Config {
+    Config {
         fingerprints,
         threshold,
         full_share,
         max_share,
         hamming_max,
-    };
-    py.allow_threads(|| crate::core::cluster::all_pairs_components(&cfg, &obs))
+    }
 }
