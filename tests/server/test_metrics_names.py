@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from decnet_attr.server.app import create_app
+from decnet_attr.server.app import BUS, create_app
 from decnet_attr.server.connections import CONNECTIONS, ConnectionGuard
 from decnet_attr.server.ops import OPS
 from tests.server.conftest import Harness, fast_passwords, make_settings
@@ -224,3 +224,22 @@ def test_an_app_on_decnets_unix_bus(tmp_path: Path) -> None:
     text = generate_latest(app[OPS].registry).decode()
     expected = {**COMMON, **UNIX_BUS, **WORKER, **CONNECTION_GUARD}
     check(text, {k: v for k, v in expected.items() if k not in BEFORE_START})
+
+
+def test_every_statistic_is_declared_where_it_is_counted(tmp_path: Path) -> None:
+    """A component's ``stats()`` keys all have a declaration (kind and help)
+    in the component's metrics module, so none falls back to a guess."""
+    from decnet_attr.bus import metrics as bus_metrics
+    from decnet_attr.server import api_metrics, sse_metrics
+    from decnet_attr.server.app import COUNTER_NAMES, SSE_HUB
+
+    for url in ("memory://", "nats://127.0.0.1:1", f"unix://{tmp_path}/bus.sock"):
+        app = unstarted(tmp_path, url)
+        assert set(app[BUS].stats()) <= set(bus_metrics.STATS), url
+    hub = app[SSE_HUB]
+    assert isinstance(hub, sse_metrics.HasStats)
+    keys = {k for k in hub.stats() if not k.startswith(sse_metrics.CLOSED_PREFIX)}
+    assert keys <= set(sse_metrics.STATS)
+    assert set(COUNTER_NAMES) <= set(api_metrics.API_STATS)
+    guard = app[CONNECTIONS]
+    assert set(guard.stats()) <= set(api_metrics.CONNECTION_STATS)

@@ -71,6 +71,7 @@ from decnet_attr.server.app import (
 from decnet_attr.server.errors import json_response
 from decnet_attr.server.sse_metrics import HasStats, SseCollector
 from decnet_attr.worker.metrics import WorkerCollector
+from decnet_attr.worker.worker import AttributionWorker
 
 log = logging.getLogger(__name__)
 #: Per-probe / per-scrape failures (collapsed); readiness changes go to ``log``.
@@ -242,16 +243,13 @@ async def _ping(app: web.Application) -> bool:
 
 def _worker_ok(app: web.Application) -> bool | None:
     """None: no worker in this process; else running with a fresh heartbeat."""
-    worker = app[WORKER]
+    worker: AttributionWorker | None = app[WORKER]
     if worker is None:
         return None
-    if not bool(getattr(worker, "running", True)):
+    if not worker.running:
         return False
-    beat = getattr(worker, "last_heartbeat", None)
-    if not isinstance(beat, (int, float)):
-        return True  # a worker without a heartbeat: running is all we know
     limit = HEARTBEAT_FACTOR * max(1.0, float(app[SETTINGS].heartbeat_interval))
-    return monotonic() - float(beat) < limit
+    return monotonic() - worker.last_heartbeat < limit
 
 
 def _note_readiness(state: OpsState, ok: bool, checks: Mapping[str, bool | None]) -> None:
