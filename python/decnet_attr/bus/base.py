@@ -30,6 +30,8 @@ from typing import Any
 
 import orjson
 
+from decnet_attr.topics import validate_topic
+
 __all__ = [
     "EVENT_SCHEMA_VERSION",
     "Bus",
@@ -450,7 +452,6 @@ class Bus(ABC):
     ) -> None:
         await self.close()
 
-    @abstractmethod
     async def publish(
         self,
         topic: str,
@@ -462,8 +463,13 @@ class Bus(ABC):
     ) -> Event:
         """Fire-and-forget fan-out. :class:`ValueError` on an invalid topic
         (wildcards included), :class:`RuntimeError` on a closed bus."""
+        if self.closed:
+            raise RuntimeError("bus is closed")
+        self._check_topic(topic)
+        event = self._make_event(topic, payload, event_type, event_id, ts)
+        await self._publish(event)
+        return event
 
-    @abstractmethod
     async def publish_durable(
         self,
         topic: str,
@@ -476,6 +482,33 @@ class Bus(ABC):
     ) -> Event:
         """Publish and return only once durably accepted; :class:`BusUnavailable`
         otherwise. Also fanned out to ordinary subscribers."""
+        if self.closed:
+            raise RuntimeError("bus is closed")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self._check_topic(topic)
+        self._check_durable(topic)
+        event = self._make_event(topic, payload, event_type, event_id, ts)
+        await self._publish_durable(event, timeout)
+        return event
+
+    # -- what a transport implements ----------------------------------------------------------
+    def _check_topic(self, topic: str) -> None:
+        """:class:`ValueError` unless *topic* is a valid concrete topic."""
+        validate_topic(topic)
+
+    @abstractmethod
+    def _check_durable(self, topic: str) -> None:
+        """:class:`BusUnavailable` if no durable publish on *topic* can succeed
+        (checked before the event is made)."""
+
+    @abstractmethod
+    async def _publish(self, event: Event) -> None:
+        """Send *event* (topic and bus already checked) to the subscribers."""
+
+    @abstractmethod
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        """Send *event* durably; return once it is accepted, within *timeout*."""
 
     @abstractmethod
     def subscribe(self, pattern: str) -> Subscription:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from decnet_attr.bus.base import (
     Bus,
@@ -218,21 +217,12 @@ class InProcessBus(Bus):
                 route[topic] = [s for s in subs if s is not sub]
 
     # -- fan-out -----------------------------------------------------------------------------
-    async def publish(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        subs = self._route.get(topic)
-        if subs is None:
-            subs = self._route_for(topic)
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+    def _check_topic(self, topic: str) -> None:
+        self._route_for(topic)  # validates a topic it has not seen
+
+    async def _publish(self, event: Event) -> None:
+        topic = event.topic
+        subs = self._route_for(topic)
         self._published += 1
         self._fanout(event, subs)
         if self._groups:
@@ -241,7 +231,6 @@ class InProcessBus(Bus):
                 groups = self._groups_for(topic)
             if groups:
                 self._offer_untracked(event, groups)
-        return event
 
     def _offer_untracked(self, event: Event, groups: list[_Group]) -> None:
         """A plain publish on a durable topic also reaches the durable groups (as
@@ -275,25 +264,13 @@ class InProcessBus(Bus):
         return sub
 
     # -- durable -----------------------------------------------------------------------------
-    async def publish_durable(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-        timeout: float = 5.0,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        subs = self._route_for(topic)  # validates the topic
-        groups = self._groups_for(topic)
-        if not any(g.consumers for g in groups):
+    def _check_durable(self, topic: str) -> None:
+        if not any(g.consumers for g in self._groups_for(topic)):
             raise BusUnavailable(f"no durable consumer registered for {topic!r}")
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        subs = self._route_for(event.topic)
+        groups = self._groups_for(event.topic)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         futures = [await g.enqueue(event, deadline) for g in groups if g.consumers]
@@ -308,7 +285,6 @@ class InProcessBus(Bus):
             timeout,
             "bus closed before the durable event was acknowledged",
         )
-        return event
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         if self._closed:

@@ -725,19 +725,8 @@ class NatsBus(Bus):
         self._dropped += n
 
     # -- fan-out -----------------------------------------------------------------------------
-    async def publish(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        self._check_topic(topic)
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+    async def _publish(self, event: Event) -> None:
+        topic = event.topic
         data = event.to_json()
         nc = await self._client()
         try:
@@ -749,7 +738,6 @@ class NatsBus(Bus):
         except (nerr.Error, OSError) as exc:
             raise BusUnavailable(f"publish on {topic!r} failed: {_describe(exc)}") from exc
         self._published += 1
-        return event
 
     def subscribe(self, pattern: str) -> Subscription:
         if self._closed:
@@ -865,27 +853,15 @@ class NatsBus(Bus):
             raise BusUnavailable(f"NATS round trip failed: {_describe(exc)}") from exc
 
     # -- durable -----------------------------------------------------------------------------
-    async def publish_durable(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-        timeout: float = 5.0,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        self._check_topic(topic)
+    def _check_durable(self, topic: str) -> None:
         if not any(matches(s, topic) for s in self._stream_subjects):
             raise BusUnavailable(
                 f"topic {topic!r} is not captured by stream {self._stream} "
                 f"({', '.join(self._stream_subjects)})"
             )
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        topic = event.topic
         data = event.to_json()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -929,7 +905,6 @@ class NatsBus(Bus):
             self._durable_duplicates += 1
         self._durable_published += 1
         self._published += 1
-        return event
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         if self._closed:

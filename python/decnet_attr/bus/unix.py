@@ -56,7 +56,6 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -76,7 +75,6 @@ from decnet_attr.topics import (
     is_observation_batch,
     matches,
     validate_pattern,
-    validate_topic,
 )
 
 __all__ = [
@@ -761,36 +759,12 @@ class UnixBus(Bus):
             )
         return encode_frame(PUB, event.topic, body)
 
-    def _prepare(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        event_type: str,
-        event_id: str | None,
-        ts: float | None,
-    ) -> tuple[Event, bytes]:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        validate_topic(topic)
-        event = self._make_event(topic, payload, event_type, event_id, ts)
-        return event, self._encode_pub(event)
-
-    async def publish(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-    ) -> Event:
+    async def _publish(self, event: Event) -> None:
         """PUB to the broker (queued in the outbox while it is away) and deliver
         to this process's matching subscribers and durable groups. Never waits."""
-        event, frame = self._prepare(topic, payload, event_type, event_id, ts)
-        self._send_pub(frame)
+        self._send_pub(self._encode_pub(event))
         self._published += 1
         self._dispatch(event)
-        return event
 
     def subscribe(self, pattern: str) -> Subscription:
         if self._closed:
@@ -849,30 +823,23 @@ class UnixBus(Bus):
                 probe.close(bye=True)
 
     # -- durable -----------------------------------------------------------------------------
-    async def publish_durable(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-        timeout: float = 5.0,
-    ) -> Event:
-        """Queue for this process's durable groups and wait for their acks (the
-        broker offers no durability); PUB to the broker as well, so DECNET's
-        subscribers see the event. :class:`BusUnavailable` without a consumer
-        in this process, or without an ack within *timeout*."""
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        event, frame = self._prepare(topic, payload, event_type, event_id, ts)
+    def _check_durable(self, topic: str) -> None:
         _subs, groups = self._targets(topic)
-        live = [g for g in groups if g.consumers]
-        if not live:
+        if not any(g.consumers for g in groups):
             raise BusUnavailable(
                 f"no durable consumer for {topic!r} in this process: the DECNET bus "
                 "(unix://) acknowledges nothing, so durable publishes need the worker here"
             )
+
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        """Queue for this process's durable groups and wait for their acks (the
+        broker offers no durability); PUB to the broker as well, so DECNET's
+        subscribers see the event. :class:`BusUnavailable` without an ack
+        within *timeout*."""
+        topic = event.topic
+        frame = self._encode_pub(event)  # too large for the broker: refused before anything
+        _subs, groups = self._targets(topic)
+        live = [g for g in groups if g.consumers]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for group in live:  # backpressure: wait for room rather than drop
@@ -896,7 +863,6 @@ class UnixBus(Bus):
         self._dispatch(event, skip_groups=True)
         dropped = f"durable event {event.id} on {topic!r} was dropped"
         await await_acks(futures, event, deadline, timeout, dropped)
-        return event
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         """Join the local durable group *durable* (created, and its pattern
