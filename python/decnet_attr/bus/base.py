@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -207,7 +207,28 @@ class RateLimitedLog:
 # ------------------------------------------------------------------------------------------
 # subscriptions
 # ------------------------------------------------------------------------------------------
-class Subscription(ABC):
+_C = TypeVar("_C", bound="ClosedOnExit")
+
+
+class ClosedOnExit(ABC):
+    """Leaving ``async with`` calls :meth:`aclose`."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Subscription(ClosedOnExit):
     """An async context manager and async iterator of :class:`Event` (reference §1.2).
 
     Iteration ends (``StopAsyncIteration``) once the subscription or its bus is
@@ -236,17 +257,6 @@ class Subscription(ABC):
 
     @abstractmethod
     async def __anext__(self) -> Event: ...
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class QueueSubscription(Subscription):
@@ -396,7 +406,7 @@ class Delivery(ABC):
         """True if this event had been delivered before (to any consumer)."""
 
 
-class DurableConsumer(ABC):
+class DurableConsumer(ClosedOnExit):
     """A member of a named durable consumer group (async context manager)."""
 
     pattern: str
@@ -411,17 +421,6 @@ class DurableConsumer(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Detach; unacked deliveries become eligible for redelivery. Idempotent."""
-
-    async def __aenter__(self) -> DurableConsumer:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 # ------------------------------------------------------------------------------------------

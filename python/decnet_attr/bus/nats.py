@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -145,40 +147,33 @@ class _NatsDelivery(Delivery):
         return self._redelivered
 
     async def ack(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        self.consumer._inflight.pop(self, None)
-        try:
-            await self.msg.ack()
-        except nerr.MsgAlreadyAckdError:
-            return
-        except (nerr.Error, OSError) as exc:
-            _rl.warning(
-                "nats-ack",
-                "durable ack of %s failed (%s); it will be redelivered after ack_wait",
-                self.event.id,
-                _describe(exc),
-            )
-            return
-        self.consumer.bus._durable_acked += 1
+        if await self._settle("ack", self.msg.ack):
+            self.consumer.bus._durable_acked += 1
 
     async def nak(self, delay: float | None = None) -> None:
+        await self._settle("nak", functools.partial(self.msg.nak, delay=delay))
+
+    async def _settle(self, what: str, reply: Callable[[], Awaitable[None]]) -> bool:
+        """Send the first ack or nak (*reply*); True if the server took it. A
+        failure is logged: the message comes back after ``ack_wait``."""
         if self._settled:
-            return
+            return False
         self._settled = True
         self.consumer._inflight.pop(self, None)
         try:
-            await self.msg.nak(delay=delay)
+            await reply()
         except nerr.MsgAlreadyAckdError:
-            return
+            return False
         except (nerr.Error, OSError) as exc:
             _rl.warning(
-                "nats-nak",
-                "durable nak of %s failed (%s); it will be redelivered after ack_wait",
+                f"nats-{what}",
+                "durable %s of %s failed (%s); it will be redelivered after ack_wait",
+                what,
                 self.event.id,
                 _describe(exc),
             )
+            return False
+        return True
 
     def __repr__(self) -> str:
         return f"<_NatsDelivery {self.event.topic} id={self.event.id}>"
