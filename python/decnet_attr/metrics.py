@@ -21,6 +21,7 @@ __all__ = [
     "PREFIX",
     "Stat",
     "counter",
+    "family",
     "flag",
     "gauge",
     "number",

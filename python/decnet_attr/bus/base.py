@@ -219,12 +219,7 @@ class ClosedOnExit(ABC):
     async def __aenter__(self: _C) -> _C:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
 
