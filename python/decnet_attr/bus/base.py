@@ -12,6 +12,14 @@ Two delivery paths (see ``DESIGN.md``):
 
 Event ids are preserved end to end (reference §10.1.14), so consumers can
 de-duplicate redeliveries.
+
+A transport subclasses :class:`Bus`: :meth:`Bus.publish` and
+:meth:`Bus.publish_durable` check their arguments and make the event, then
+hand it to the transport's ``_publish`` / ``_publish_durable`` (after
+``_check_topic`` and ``_check_durable``). The transports whose durable
+groups live in this process (``memory://``, ``unix://``) share them through
+``bus/local.py``; every transport's ``stats()`` keys are declared in
+``bus/metrics.py``.
 """
 
 from __future__ import annotations
