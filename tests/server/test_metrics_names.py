@@ -84,10 +84,13 @@ COUNTED_LATER = {
     "decnet_attr_api_ingest_inflight": "gauge",
     "decnet_attr_api_observations_duplicate": "counter",
 }
-#: the in-process bus's own
+#: the in-process bus's own. The ingest journal's backlog came after the
+#: list was recorded: a level, so a gauge (the old mapping would have made
+#: every unknown key a counter, ``decnet_attr_bus_journal_backlog_total``).
 MEMORY_BUS = {
     "decnet_attr_bus_durable_dropped": "counter",
     "decnet_attr_bus_durable_redelivered": "counter",
+    "decnet_attr_bus_journal_backlog": "gauge",
 }
 #: the attribution worker's, when it runs in the process
 WORKER = {

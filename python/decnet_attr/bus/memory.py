@@ -13,15 +13,20 @@ group *with an attached consumer* has acked the event. A plain
 :meth:`InProcessBus.publish` on a topic a durable group reads is queued for that
 group too, without waiting (as JetStream stores every message published on a
 stream subject); it is dropped, counted and logged if the group is full.
-"Durable" here means
-"committed by the consumer", not "persisted": the in-process bus holds nothing
-across a process restart.
+Without a journal, "durable" means "committed by the consumer", not
+"persisted": the bus holds nothing across a process restart. With a journal
+(:mod:`decnet_attr.bus.journal`, what ``serve`` uses by default), a durable
+publish returns once the event is written to the journal; the event is
+acknowledged in the journal when every group has acked it, and what was not
+acknowledged is redelivered after a restart (to the first durable group
+opened on a matching pattern).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from decnet_attr.bus.base import (
     Bus,
@@ -32,6 +37,7 @@ from decnet_attr.bus.base import (
     RateLimitedLog,
     Subscription,
 )
+from decnet_attr.bus.journal import Journal
 from decnet_attr.bus.local import (
     DurableCounts,
     Entry,
@@ -120,6 +126,9 @@ class InProcessBus(Bus):
         durable publish waits for space (backpressure) within its timeout.
     :param ack_wait: seconds after which an unacked durable delivery is redelivered.
     :param route_cache_size: distinct topics kept in the dispatch cache.
+    :param journal: directory of the ingest journal (None: no journal; a
+        durable publish then waits for the acks).
+    :param journal_fsync: fsync each journal append (shared by concurrent ones).
     """
 
     name = "memory"
@@ -131,6 +140,8 @@ class InProcessBus(Bus):
         *,
         ack_wait: float = 30.0,
         route_cache_size: int = 4096,
+        journal: str | Path | None = None,
+        journal_fsync: bool = False,
     ) -> None:
         if queue_size < 1 or durable_queue_size < 1:
             raise ValueError("queue sizes must be >= 1")
@@ -150,11 +161,15 @@ class InProcessBus(Bus):
         self._delivered = 0
         self._dropped = 0
         self._durable = DurableCounts()
+        self._journal = Journal(journal, fsync=journal_fsync) if journal is not None else None
+        self._replay: list[tuple[int, Event]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def connect(self) -> None:
         if self._closed:
             raise RuntimeError("bus is closed")
+        if self._journal is not None and not self._journal.opened:
+            self._replay = self._journal.open()
         self._connected = True
 
     async def close(self) -> None:
@@ -170,6 +185,9 @@ class InProcessBus(Bus):
         for group in self._groups.values():
             group.close()
         self._group_route.clear()
+        if self._journal is not None:
+            await asyncio.sleep(0)  # acks already given reach the journal (future callbacks)
+            self._journal.close()
 
     @property
     def connected(self) -> bool:
@@ -234,20 +252,28 @@ class InProcessBus(Bus):
 
     def _offer_untracked(self, event: Event, groups: list[_Group]) -> None:
         """A plain publish on a durable topic also reaches the durable groups (as
-        JetStream stores every message on a stream subject), without waiting;
-        so does a durable publish the groups nobody consumes yet."""
+        JetStream stores every message on a stream subject), without waiting."""
         loop = asyncio.get_running_loop()
         for group in groups:
-            if group.offer(event, loop) is None:
-                self._durable.dropped += 1
-                _rl.warning(
-                    f"durable-full:{group.name}",
-                    "durable queue %r full (%d unacked): %s on %s not queued for it",
-                    group.name,
-                    group.maxsize,
-                    event.id,
-                    event.topic,
-                )
+            self._offer(group, event, loop)
+
+    def _offer(
+        self, group: _Group, event: Event, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[bool] | None:
+        """Queue *event* for *group* without waiting; a full group drops it
+        (counted and logged): ``None`` then."""
+        fut = group.offer(event, loop)
+        if fut is None:
+            self._durable.dropped += 1
+            _rl.warning(
+                f"durable-full:{group.name}",
+                "durable queue %r full (%d unacked): %s on %s not queued for it",
+                group.name,
+                group.maxsize,
+                event.id,
+                event.topic,
+            )
+        return fut
 
     def subscribe(self, pattern: str) -> Subscription:
         if self._closed:
@@ -273,18 +299,67 @@ class InProcessBus(Bus):
         groups = self._groups_for(event.topic)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        futures = [await g.enqueue(event, deadline) for g in groups if g.consumers]
-        self._offer_untracked(event, [g for g in groups if not g.consumers])
+        journal = self._journal
+        seq = await journal.append(event) if journal is not None else 0
+        futures: list[asyncio.Future[bool]] = []
+        try:
+            for group in groups:
+                if group.consumers:
+                    futures.append(await group.enqueue(event, deadline))
+                elif (fut := self._offer(group, event, loop)) is not None and journal is not None:
+                    futures.append(fut)  # held for a consumer to come
+        finally:
+            if journal is not None:
+                self._settle(seq, futures)
         self._durable.published += 1
         self._published += 1
         self._fanout(event, subs)
-        await await_acks(
-            futures,
-            event,
-            deadline,
-            timeout,
-            "bus closed before the durable event was acknowledged",
-        )
+        if journal is None:  # else durable: written to the journal
+            await await_acks(
+                futures,
+                event,
+                deadline,
+                timeout,
+                "bus closed before the durable event was acknowledged",
+            )
+
+    def _settle(self, seq: int, futures: list[asyncio.Future[bool]]) -> None:
+        """Acknowledge journal record ``seq`` once every future is acked
+        (one resolved False, a closing bus, leaves it for redelivery)."""
+        journal = self._journal
+        assert journal is not None
+        left = len(futures)
+        if not left:
+            journal.ack(seq)  # reached no group: nothing would redeliver it
+            return
+
+        def one(fut: asyncio.Future[bool]) -> None:
+            nonlocal left
+            left -= 1
+            if not left and all(not f.cancelled() and f.result() for f in futures):
+                journal.ack(seq)
+
+        for fut in futures:
+            fut.add_done_callback(one)
+
+    def backlog(self) -> int:
+        """Observations in the journal not acknowledged yet (0 without one)."""
+        return self._journal.backlog if self._journal is not None else 0
+
+    def _redeliver(self, group: _Group) -> None:
+        """Queue the journal's unacknowledged records matching a new group."""
+        if not self._replay:
+            return
+        loop = asyncio.get_running_loop()
+        keep: list[tuple[int, Event]] = []
+        for seq, event in self._replay:
+            fut = group.offer(event, loop) if matches(group.pattern, event.topic) else None
+            if fut is None:
+                keep.append((seq, event))
+            else:
+                self._durable.redelivered += 1
+                self._settle(seq, [fut])
+        self._replay = keep
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         if self._closed:
@@ -294,7 +369,9 @@ class InProcessBus(Bus):
             self._group_route.clear()
             return _Group(self._durable, durable, pattern, self._durable_queue_size)
 
-        return join_group(self._groups, pattern, durable, self._ack_wait, create)
+        consumer = join_group(self._groups, pattern, durable, self._ack_wait, create)
+        self._redeliver(self._groups[durable])
+        return consumer
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -310,5 +387,6 @@ class InProcessBus(Bus):
             "durable_dropped": self._durable.dropped,
             "durable_pending": sum(len(g.by_id) for g in self._groups.values()),
             "durable_consumers": sum(len(g.consumers) for g in self._groups.values()),
+            "journal_backlog": self.backlog(),
             "reconnects": 0,
         }

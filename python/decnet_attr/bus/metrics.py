@@ -42,6 +42,9 @@ STATS: dict[str, Stat] = {
     "durable_dropped": counter("Events dropped because a durable queue was full."),
     "durable_pending": gauge("Durable deliveries not acknowledged yet."),
     "durable_consumers": gauge("Open durable consumers."),
+    "journal_backlog": gauge(
+        "Observations written to the ingest journal and not acknowledged yet (memory://)."
+    ),
 }
 
 
