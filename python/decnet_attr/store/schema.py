@@ -1,7 +1,9 @@
 """Versioned schema migrations for both dialects.
 
 Each migration is ``(version, sqlite_sql, postgres_sql)``; the SQL is a
-script of statements separated by ``;`` at the end of a line. Applied
+script of statements separated by ``;`` at the end of a line. A migration
+both dialects share is written once with the column types that differ as
+``{placeholders}`` (:func:`_ddl`). Applied
 versions are recorded in ``schema_migrations(version, applied_at)``.
 
 The migrations run inside one transaction at :meth:`Store.open`, so
@@ -26,33 +28,51 @@ class Migration(NamedTuple):
     postgres: str
 
 
+#: The column types that differ between the dialects; the DDL below names
+#: them ``{real}``, ``{serial}``, … and :func:`_ddl` writes both versions.
+_SQLITE_TYPES = {
+    "real": "REAL",
+    "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "bigint": "INTEGER",
+    "flag_on": "INTEGER NOT NULL DEFAULT 1",
+    "flag_off": "INTEGER NOT NULL DEFAULT 0",
+    "unmerged": "merged = 0",
+}
+_POSTGRES_TYPES = {
+    "real": "DOUBLE PRECISION",
+    "serial": "BIGSERIAL PRIMARY KEY",
+    "bigint": "BIGINT",
+    "flag_on": "BOOLEAN NOT NULL DEFAULT TRUE",
+    "flag_off": "BOOLEAN NOT NULL DEFAULT FALSE",
+    "unmerged": "NOT merged",
+}
+
+
+def _ddl(template: str) -> tuple[str, str]:
+    """A migration written once: its SQLite and PostgreSQL scripts."""
+    return template.format(**_SQLITE_TYPES), template.format(**_POSTGRES_TYPES)
+
+
 # Arbitrary constant key for pg_advisory_xact_lock (the bytes of "decnattr").
 PG_MIGRATION_LOCK_KEY = 0x6465636E61747472
 
-_SCHEMA_MIGRATIONS_SQLITE = """
+_SCHEMA_MIGRATIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY,
-    applied_at REAL NOT NULL
+    applied_at {real} NOT NULL
 )
 """
 
-_SCHEMA_MIGRATIONS_PG = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    version INTEGER PRIMARY KEY,
-    applied_at DOUBLE PRECISION NOT NULL
-)
-"""
-
-_V1_SQLITE = """
+_V1 = """
 CREATE TABLE attacker_identities (
     uuid TEXT PRIMARY KEY,
     schema_version INTEGER NOT NULL DEFAULT 1,
     campaign_id TEXT NULL,
-    first_seen_at REAL NULL,
-    last_seen_at REAL NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    confidence REAL NULL,
+    first_seen_at {real} NULL,
+    last_seen_at {real} NULL,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    confidence {real} NULL,
     observation_count INTEGER NOT NULL DEFAULT 0,
     merged_into_uuid TEXT NULL REFERENCES attacker_identities(uuid),
     notes TEXT NULL
@@ -64,30 +84,30 @@ CREATE TABLE attackers (
     uuid TEXT PRIMARY KEY,
     ip TEXT NULL UNIQUE,
     identity_id TEXT NULL REFERENCES attacker_identities(uuid),
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
+    first_seen {real} NOT NULL,
+    last_seen {real} NOT NULL,
     rotation_count INTEGER NOT NULL DEFAULT 0,
-    last_rotation_at REAL NULL
+    last_rotation_at {real} NULL
 );
 CREATE INDEX ix_attackers_identity_id ON attackers(identity_id);
 CREATE INDEX ix_attackers_last_seen ON attackers(last_seen);
 
 CREATE TABLE observations (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq {serial},
     id TEXT NOT NULL UNIQUE,
     identity_ref TEXT NULL,
     primitive TEXT NOT NULL,
     value TEXT NOT NULL,
-    confidence REAL NULL,
-    window_start_ts REAL NULL,
-    window_end_ts REAL NULL,
+    confidence {real} NULL,
+    window_start_ts {real} NULL,
+    window_end_ts {real} NULL,
     source TEXT NULL,
     evidence_ref TEXT NOT NULL,
     envelope_v INTEGER NOT NULL DEFAULT 1,
-    ts REAL NOT NULL,
+    ts {real} NOT NULL,
     attacker_uuid TEXT NOT NULL REFERENCES attackers(uuid),
     identity_uuid TEXT NULL,
-    merged INTEGER NOT NULL DEFAULT 1,
+    merged {flag_on},
     CONSTRAINT uq_observations_evidence_primitive UNIQUE (evidence_ref, primitive)
 );
 CREATE INDEX ix_observations_attacker_primitive_ts
@@ -95,22 +115,22 @@ CREATE INDEX ix_observations_attacker_primitive_ts
 CREATE INDEX ix_observations_identity_primitive_ts
     ON observations(identity_uuid, primitive, ts, seq);
 CREATE INDEX ix_observations_primitive_ts ON observations(primitive, ts);
-CREATE INDEX ix_observations_unmerged ON observations(seq) WHERE merged = 0;
+CREATE INDEX ix_observations_unmerged ON observations(seq) WHERE {unmerged};
 
 CREATE TABLE attribution_state (
     identity_uuid TEXT NOT NULL REFERENCES attacker_identities(uuid),
     primitive TEXT NOT NULL,
     current_value TEXT NOT NULL,
     state TEXT NOT NULL,
-    confidence REAL NOT NULL,
+    confidence {real} NOT NULL,
     observation_count INTEGER NOT NULL DEFAULT 0,
-    last_change_ts REAL NOT NULL,
-    last_observation_ts REAL NOT NULL,
+    last_change_ts {real} NOT NULL,
+    last_observation_ts {real} NOT NULL,
     schema_version INTEGER NOT NULL DEFAULT 1,
-    updated_at REAL NOT NULL,
+    updated_at {real} NOT NULL,
     kind TEXT NOT NULL DEFAULT 'categorical',
     "window" TEXT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
+    version {bigint} NOT NULL DEFAULT 0,
     PRIMARY KEY (identity_uuid, primitive)
 );
 CREATE INDEX ix_attribution_state_state ON attribution_state(state);
@@ -120,12 +140,12 @@ CREATE INDEX ix_attribution_state_identity_state ON attribution_state(identity_u
 CREATE TABLE multi_actor_log (
     identity_uuid TEXT PRIMARY KEY,
     primitives TEXT NOT NULL,
-    fired_at REAL NOT NULL
+    fired_at {real} NOT NULL
 );
 
 CREATE TABLE dead_letters (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at REAL NOT NULL,
+    seq {serial},
+    received_at {real} NOT NULL,
     topic TEXT NOT NULL,
     event_id TEXT NULL,
     reason TEXT NOT NULL,
@@ -137,165 +157,39 @@ CREATE TABLE users (
     username TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
     role TEXT NOT NULL,
-    must_change_password INTEGER NOT NULL DEFAULT 0,
-    disabled INTEGER NOT NULL DEFAULT 0,
-    tokens_valid_from REAL NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    must_change_password {flag_off},
+    disabled {flag_off},
+    tokens_valid_from {real} NULL,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL
 );
 
 CREATE TABLE revoked_tokens (
     jti TEXT PRIMARY KEY,
-    expires_at REAL NOT NULL
+    expires_at {real} NOT NULL
 );
 
 CREATE TABLE sse_tickets (
     ticket_hash TEXT PRIMARY KEY,
     user_uuid TEXT NOT NULL,
     role TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX ix_sse_tickets_user_expires ON sse_tickets(user_uuid, expires_at)
-"""
-
-_V1_POSTGRES = """
-CREATE TABLE attacker_identities (
-    uuid TEXT PRIMARY KEY,
-    schema_version INTEGER NOT NULL DEFAULT 1,
-    campaign_id TEXT NULL,
-    first_seen_at DOUBLE PRECISION NULL,
-    last_seen_at DOUBLE PRECISION NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    confidence DOUBLE PRECISION NULL,
-    observation_count INTEGER NOT NULL DEFAULT 0,
-    merged_into_uuid TEXT NULL REFERENCES attacker_identities(uuid),
-    notes TEXT NULL
-);
-CREATE INDEX ix_attacker_identities_updated_at ON attacker_identities(updated_at);
-CREATE INDEX ix_attacker_identities_merged_into ON attacker_identities(merged_into_uuid);
-
-CREATE TABLE attackers (
-    uuid TEXT PRIMARY KEY,
-    ip TEXT NULL UNIQUE,
-    identity_id TEXT NULL REFERENCES attacker_identities(uuid),
-    first_seen DOUBLE PRECISION NOT NULL,
-    last_seen DOUBLE PRECISION NOT NULL,
-    rotation_count INTEGER NOT NULL DEFAULT 0,
-    last_rotation_at DOUBLE PRECISION NULL
-);
-CREATE INDEX ix_attackers_identity_id ON attackers(identity_id);
-CREATE INDEX ix_attackers_last_seen ON attackers(last_seen);
-
-CREATE TABLE observations (
-    seq BIGSERIAL PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    identity_ref TEXT NULL,
-    primitive TEXT NOT NULL,
-    value TEXT NOT NULL,
-    confidence DOUBLE PRECISION NULL,
-    window_start_ts DOUBLE PRECISION NULL,
-    window_end_ts DOUBLE PRECISION NULL,
-    source TEXT NULL,
-    evidence_ref TEXT NOT NULL,
-    envelope_v INTEGER NOT NULL DEFAULT 1,
-    ts DOUBLE PRECISION NOT NULL,
-    attacker_uuid TEXT NOT NULL REFERENCES attackers(uuid),
-    identity_uuid TEXT NULL,
-    merged BOOLEAN NOT NULL DEFAULT TRUE,
-    CONSTRAINT uq_observations_evidence_primitive UNIQUE (evidence_ref, primitive)
-);
-CREATE INDEX ix_observations_attacker_primitive_ts
-    ON observations(attacker_uuid, primitive, ts, seq);
-CREATE INDEX ix_observations_identity_primitive_ts
-    ON observations(identity_uuid, primitive, ts, seq);
-CREATE INDEX ix_observations_primitive_ts ON observations(primitive, ts);
-CREATE INDEX ix_observations_unmerged ON observations(seq) WHERE NOT merged;
-
-CREATE TABLE attribution_state (
-    identity_uuid TEXT NOT NULL REFERENCES attacker_identities(uuid),
-    primitive TEXT NOT NULL,
-    current_value TEXT NOT NULL,
-    state TEXT NOT NULL,
-    confidence DOUBLE PRECISION NOT NULL,
-    observation_count INTEGER NOT NULL DEFAULT 0,
-    last_change_ts DOUBLE PRECISION NOT NULL,
-    last_observation_ts DOUBLE PRECISION NOT NULL,
-    schema_version INTEGER NOT NULL DEFAULT 1,
-    updated_at DOUBLE PRECISION NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'categorical',
-    "window" TEXT NULL,
-    version BIGINT NOT NULL DEFAULT 0,
-    PRIMARY KEY (identity_uuid, primitive)
-);
-CREATE INDEX ix_attribution_state_state ON attribution_state(state);
-CREATE INDEX ix_attribution_state_last_change ON attribution_state(last_change_ts);
-CREATE INDEX ix_attribution_state_identity_state ON attribution_state(identity_uuid, state);
-
-CREATE TABLE multi_actor_log (
-    identity_uuid TEXT PRIMARY KEY,
-    primitives TEXT NOT NULL,
-    fired_at DOUBLE PRECISION NOT NULL
-);
-
-CREATE TABLE dead_letters (
-    seq BIGSERIAL PRIMARY KEY,
-    received_at DOUBLE PRECISION NOT NULL,
-    topic TEXT NOT NULL,
-    event_id TEXT NULL,
-    reason TEXT NOT NULL,
-    payload TEXT NOT NULL
-);
-
-CREATE TABLE users (
-    uuid TEXT PRIMARY KEY,
-    username TEXT NOT NULL UNIQUE,
-    password_hash TEXT NOT NULL,
-    role TEXT NOT NULL,
-    must_change_password BOOLEAN NOT NULL DEFAULT FALSE,
-    disabled BOOLEAN NOT NULL DEFAULT FALSE,
-    tokens_valid_from DOUBLE PRECISION NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL
-);
-
-CREATE TABLE revoked_tokens (
-    jti TEXT PRIMARY KEY,
-    expires_at DOUBLE PRECISION NOT NULL
-);
-
-CREATE TABLE sse_tickets (
-    ticket_hash TEXT PRIMARY KEY,
-    user_uuid TEXT NOT NULL,
-    role TEXT NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
+    expires_at {real} NOT NULL,
+    created_at {real} NOT NULL
 );
 CREATE INDEX ix_sse_tickets_user_expires ON sse_tickets(user_uuid, expires_at)
 """
 
 # v2: an SSE ticket remembers the access token it was minted with (jti, iat,
 # exp) so that redemption re-checks revocation and the tokens_valid_from cutoff.
-_V2_SQLITE = """
+_V2 = """
 ALTER TABLE sse_tickets ADD COLUMN token_jti TEXT NULL;
-ALTER TABLE sse_tickets ADD COLUMN token_iat REAL NULL;
-ALTER TABLE sse_tickets ADD COLUMN token_exp REAL NULL
-"""
-
-_V2_POSTGRES = """
-ALTER TABLE sse_tickets ADD COLUMN token_jti TEXT NULL;
-ALTER TABLE sse_tickets ADD COLUMN token_iat DOUBLE PRECISION NULL;
-ALTER TABLE sse_tickets ADD COLUMN token_exp DOUBLE PRECISION NULL
+ALTER TABLE sse_tickets ADD COLUMN token_iat {real} NULL;
+ALTER TABLE sse_tickets ADD COLUMN token_exp {real} NULL
 """
 
 # v3: the state before the last transition, so `explain` can say where a
 # badge came from.
-_V3_SQLITE = """
-ALTER TABLE attribution_state ADD COLUMN previous_state TEXT NULL
-"""
-
-_V3_POSTGRES = """
+_V3 = """
 ALTER TABLE attribution_state ADD COLUMN previous_state TEXT NULL
 """
 
@@ -368,28 +262,17 @@ CREATE INDEX ix_observations_identity_seq ON observations(identity_uuid, seq)
 # observations up to that seq, and later ones are replayed from the
 # observations table when the key is loaded — the embedded store writes
 # windows in the background (coalesced) instead of with every batch.
-_V7_SQLITE = """
-ALTER TABLE attribution_state ADD COLUMN window_seq INTEGER NULL
-"""
-
-_V7_POSTGRES = """
-ALTER TABLE attribution_state ADD COLUMN window_seq BIGINT NULL
+_V7 = """
+ALTER TABLE attribution_state ADD COLUMN window_seq {bigint} NULL
 """
 
 # v8: retention marks. The worker notes now and then "at time T the newest
 # observation seq was S"; pruning a horizon deletes the seq range up to the
 # newest mark older than it (arrival order, in bulk), never row by row.
-_V8_SQLITE = """
+_V8 = """
 CREATE TABLE observation_marks (
-    at REAL PRIMARY KEY,
-    seq INTEGER NOT NULL
-)
-"""
-
-_V8_POSTGRES = """
-CREATE TABLE observation_marks (
-    at DOUBLE PRECISION PRIMARY KEY,
-    seq BIGINT NOT NULL
+    at {real} PRIMARY KEY,
+    seq {bigint} NOT NULL
 )
 """
 
@@ -398,46 +281,31 @@ CREATE TABLE observation_marks (
 # identity it started with (NULL: still ``identity_id``), so an un-merge
 # knows where it goes back. ``identity_merges`` is the audit trail: every
 # merge and un-merge with the attackers it moved and the evidence.
-_V9_SQLITE = """
+_V9 = """
 ALTER TABLE attackers ADD COLUMN home_identity TEXT NULL;
 CREATE TABLE identity_merges (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     kind TEXT NOT NULL,
     winner_uuid TEXT NOT NULL,
     loser_uuid TEXT NOT NULL,
     attacker_uuids TEXT NOT NULL,
     evidence TEXT NOT NULL,
-    ts REAL NOT NULL
-);
-CREATE INDEX ix_identity_merges_winner ON identity_merges(winner_uuid, id);
-CREATE INDEX ix_identity_merges_loser ON identity_merges(loser_uuid, id)
-"""
-
-_V9_POSTGRES = """
-ALTER TABLE attackers ADD COLUMN home_identity TEXT NULL;
-CREATE TABLE identity_merges (
-    id BIGSERIAL PRIMARY KEY,
-    kind TEXT NOT NULL,
-    winner_uuid TEXT NOT NULL,
-    loser_uuid TEXT NOT NULL,
-    attacker_uuids TEXT NOT NULL,
-    evidence TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL
+    ts {real} NOT NULL
 );
 CREATE INDEX ix_identity_merges_winner ON identity_merges(winner_uuid, id);
 CREATE INDEX ix_identity_merges_loser ON identity_merges(loser_uuid, id)
 """
 
 MIGRATIONS: list[Migration] = [
-    Migration(1, _V1_SQLITE, _V1_POSTGRES),
-    Migration(2, _V2_SQLITE, _V2_POSTGRES),
-    Migration(3, _V3_SQLITE, _V3_POSTGRES),
+    Migration(1, *_ddl(_V1)),
+    Migration(2, *_ddl(_V2)),
+    Migration(3, *_ddl(_V3)),
     Migration(4, _V4, _V4),
     Migration(5, _V5, _V5),
     Migration(6, _V6_SQLITE, _V6_POSTGRES),
-    Migration(7, _V7_SQLITE, _V7_POSTGRES),
-    Migration(8, _V8_SQLITE, _V8_POSTGRES),
-    Migration(9, _V9_SQLITE, _V9_POSTGRES),
+    Migration(7, *_ddl(_V7)),
+    Migration(8, *_ddl(_V8)),
+    Migration(9, *_ddl(_V9)),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)
@@ -474,7 +342,7 @@ async def migrate_sqlite(conn: Any) -> list[int]:
     """
     await conn.execute("BEGIN IMMEDIATE")
     try:
-        await conn.execute(_SCHEMA_MIGRATIONS_SQLITE)
+        await conn.execute(_SCHEMA_MIGRATIONS.format(**_SQLITE_TYPES))
         rows = await conn.execute_fetchall("SELECT version FROM schema_migrations")
         done = {int(r[0]) for r in rows}
         applied: list[int] = []
@@ -505,7 +373,7 @@ async def migrate_postgres(conn: Any) -> list[int]:
     applied: list[int] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_MIGRATION_LOCK_KEY)
-        await conn.execute(_SCHEMA_MIGRATIONS_PG)
+        await conn.execute(_SCHEMA_MIGRATIONS.format(**_POSTGRES_TYPES))
         rows = await conn.fetch("SELECT version FROM schema_migrations")
         done = {int(r["version"]) for r in rows}
         for mig in MIGRATIONS:
