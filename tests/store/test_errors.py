@@ -85,7 +85,7 @@ def test_the_message_check_sees_the_old_patterns() -> None:
 
 def _sqlite_error(cls: type[sqlite3.Error], message: str, name: str) -> sqlite3.Error:
     exc = cls(message)
-    exc.sqlite_errorname = name  # type: ignore[attr-defined]
+    exc.sqlite_errorname = name
     return exc
 
 
@@ -151,8 +151,7 @@ def test_shared_sql_in_each_dialect() -> None:
         "AND merged = 1 ORDER BY a"
     )
     assert POSTGRES.sql(text) == (
-        "SELECT a FROM t WHERE x = $1 AND y = ANY($2::text[]) AND merged "
-        'ORDER BY a COLLATE "C"'
+        'SELECT a FROM t WHERE x = $1 AND y = ANY($2::text[]) AND merged ORDER BY a COLLATE "C"'
     )
     assert POSTGRES.sql("a = ?1 OR b = ?1 AND NOT_MERGED") == "a = $1 OR b = $1 AND NOT merged"
     assert SQLITE.sql("GREATEST(a, b)") == "max(a, b)"

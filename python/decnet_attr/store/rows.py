@@ -4,6 +4,7 @@ directions), written once for every backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,14 @@ from decnet_attr.store.models import (
     UserRow,
 )
 
-ATTACKER_COLS = "uuid, ip, identity_id, first_seen, last_seen, rotation_count, last_rotation_at"
+
+def _columns(cls: type[Any]) -> str:
+    """The columns of a table whose row class names them, in field order (so
+    a selected row builds the object positionally)."""
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+ATTACKER_COLS = _columns(AttackerRow)
 
 STATE_COLS = (
     "identity_uuid, primitive, current_value, state, confidence, observation_count, "
@@ -41,26 +49,13 @@ OBS_SELECT_COLS = (
     "o.envelope_v, o.merged"
 )
 
-USER_COLS = (
-    "uuid, username, password_hash, role, must_change_password, disabled, "
-    "tokens_valid_from, created_at, updated_at"
-)
+USER_COLS = _columns(UserRow)
 
-TICKET_COLS = (
-    "ticket_hash, user_uuid, role, expires_at, created_at, token_jti, token_iat, token_exp"
-)
+TICKET_COLS = _columns(TicketRow)
 
 
 def attacker_from_row(r: Sequence[Any]) -> AttackerRow:
-    return AttackerRow(
-        uuid=r[0],
-        ip=r[1],
-        identity_id=r[2],
-        first_seen=r[3],
-        last_seen=r[4],
-        rotation_count=r[5],
-        last_rotation_at=r[6],
-    )
+    return AttackerRow(*r[:7])
 
 
 def attacker_attribution_from_rows(rows: Sequence[Sequence[Any]]) -> AttackerAttribution | None:
@@ -78,22 +73,9 @@ def attacker_attribution_from_rows(rows: Sequence[Sequence[Any]]) -> AttackerAtt
 
 
 def state_from_row(r: Sequence[Any]) -> StateRow:
-    return StateRow(
-        identity_uuid=r[0],
-        primitive=r[1],
-        current_value_json=r[2],
-        state=r[3],
-        confidence=r[4],
-        observation_count=r[5],
-        last_change_ts=r[6],
-        last_observation_ts=r[7],
-        kind=r[8],
-        window_json=r[9],
-        version=r[10],
-        updated_at=r[11],
-        previous_state=r[12],
-        window_seq=r[13] if len(r) > 13 else None,
-    )
+    """From ``STATE_COLS`` (and ``window_seq``, when selected): the
+    :class:`StateRow` fields in order."""
+    return StateRow(*r)
 
 
 def observation_from_row(r: Sequence[Any]) -> ObservationRow:
@@ -118,30 +100,12 @@ def observation_from_row(r: Sequence[Any]) -> ObservationRow:
 
 
 def user_from_row(r: Sequence[Any]) -> UserRow:
-    return UserRow(
-        uuid=r[0],
-        username=r[1],
-        password_hash=r[2],
-        role=r[3],
-        must_change_password=bool(r[4]),
-        disabled=bool(r[5]),
-        tokens_valid_from=r[6],
-        created_at=r[7],
-        updated_at=r[8],
-    )
+    # the flags are 0/1 on SQLite
+    return UserRow(r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7], r[8])
 
 
 def ticket_from_row(r: Sequence[Any]) -> TicketRow:
-    return TicketRow(
-        ticket_hash=r[0],
-        user_uuid=r[1],
-        role=r[2],
-        expires_at=r[3],
-        created_at=r[4],
-        token_jti=r[5],
-        token_iat=r[6],
-        token_exp=r[7],
-    )
+    return TicketRow(*r)
 
 
 def dedupe_states(rows: Sequence[StateRow]) -> list[StateRow]:
