@@ -40,10 +40,10 @@ from decnet_attr.store.models import (
     TicketRow,
     truncate_payload,
 )
+from decnet_attr.store.queries import ALL_OBSERVATIONS_SQL
 from decnet_attr.store.rows import (
     ATTACKER_COLS,
     OBS_INSERT_COLS,
-    OBS_SELECT_COLS,
     STATE_COLS,
     TICKET_COLS,
     attacker_from_row,
@@ -588,14 +588,9 @@ class PostgresStore(SqlStore):
     async def iter_observations(
         self, *, batch_size: int = 5000
     ) -> AsyncIterator[list[ObservationRow]]:
-        sql = (
-            f"SELECT {OBS_SELECT_COLS}, a.identity_id FROM observations o "
-            "JOIN attackers a ON a.uuid = o.attacker_uuid "
-            "WHERE a.identity_id IS NOT NULL ORDER BY o.ts, o.seq"
-        )
         with driver_errors(self):
             async with self._conn() as conn, conn.transaction(readonly=True):
-                cur = await conn.cursor(sql)
+                cur = await conn.cursor(ALL_OBSERVATIONS_SQL)
                 while True:
                     batch = await cur.fetch(batch_size)
                     if not batch:

@@ -14,7 +14,7 @@ from decnet_attr.store.models import (
     USER_UPDATE_FIELDS,
     AttackerFilter,
 )
-from decnet_attr.store.rows import IDENTITY_FIELDS
+from decnet_attr.store.rows import IDENTITY_FIELDS, OBS_SELECT_COLS
 
 _LIST_SORTS = {"last_seen": "last_seen", "first_seen": "first_seen", "ip": "ip"}
 #: The observation count of attacker ``p`` (the list's ``observation_count``).
@@ -215,3 +215,12 @@ LATEST_OBSERVATIONS_SQL: dict[str, str] = {
         "ORDER BY o.primitive"
     ),
 }
+
+
+#: Every observation with an identity, in series order (``recompute``'s scan,
+#: read in batches through a cursor).
+ALL_OBSERVATIONS_SQL = (
+    f"SELECT {OBS_SELECT_COLS}, a.identity_id FROM observations o "
+    "JOIN attackers a ON a.uuid = o.attacker_uuid "
+    "WHERE a.identity_id IS NOT NULL ORDER BY o.ts, o.seq"
+)

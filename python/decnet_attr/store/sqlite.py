@@ -57,10 +57,10 @@ from decnet_attr.store.models import (
     TicketRow,
     truncate_payload,
 )
+from decnet_attr.store.queries import ALL_OBSERVATIONS_SQL
 from decnet_attr.store.rows import (
     ATTACKER_COLS,
     OBS_INSERT_COLS,
-    OBS_SELECT_COLS,
     STATE_COLS,
     TICKET_COLS,
     attacker_from_row,
@@ -775,16 +775,11 @@ class SqliteStore(SqlStore):
     async def iter_observations(
         self, *, batch_size: int = 5000
     ) -> AsyncIterator[list[ObservationRow]]:
-        sql = (
-            f"SELECT {OBS_SELECT_COLS}, a.identity_id FROM observations o "
-            "JOIN attackers a ON a.uuid = o.attacker_uuid "
-            "WHERE a.identity_id IS NOT NULL ORDER BY o.ts, o.seq"
-        )
         own = not self._memory
         with driver_errors(self):
             conn = await self._connect() if own else self._reader()
         try:
-            cur = await conn.execute(sql)
+            cur = await conn.execute(ALL_OBSERVATIONS_SQL)
             try:
                 while True:
                     batch = await cur.fetchmany(batch_size)
