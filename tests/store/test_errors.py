@@ -1,4 +1,4 @@
-"""Typed store errors, the dialects' SQL, and the store's interfaces.
+"""Typed store errors.
 
 The store maps driver errors by their type and code (never by searching
 their text), so callers decide by class: :class:`StoreUnavailable` (try
@@ -8,7 +8,6 @@ was refused), :class:`StoreError` (anything else)."""
 from __future__ import annotations
 
 import ast
-import inspect
 import sqlite3
 from pathlib import Path
 
@@ -16,15 +15,7 @@ import pytest
 
 import decnet_attr
 from decnet_attr.store import Store, StoreError, StoreIntegrity, StoreUnavailable, UserRow
-from decnet_attr.store.base import (
-    AttributionStore,
-    AuthStore,
-    DeadLetterStore,
-    IdentityStore,
-    StoreLifecycle,
-)
 from decnet_attr.store.errors import ConnectionClosed
-from decnet_attr.store.postgres import POSTGRES
 from decnet_attr.store.sqlite import SQLITE, SqliteStore
 
 PACKAGE = Path(decnet_attr.__file__).parent
@@ -139,37 +130,3 @@ async def test_duplicate_user_is_an_integrity_error(store: Store) -> None:
     with pytest.raises(StoreIntegrity, match="user 'u1' already exists"):
         await store.create_user(UserRow(uuid="u1", username="bob", password_hash="h", role="a"))
     assert [u.username for u in await store.list_users()] == ["alice"]
-
-
-# ---- the dialects' SQL -----------------------------------------------------------------------
-
-
-def test_shared_sql_in_each_dialect() -> None:
-    text = "SELECT a FROM t WHERE x = ? AND y IN_LIST(?) AND IS_MERGED ORDER BY a BYTE_ORDER"
-    assert SQLITE.sql(text) == (
-        "SELECT a FROM t WHERE x = ? AND y IN (SELECT value FROM json_each(?)) "
-        "AND merged = 1 ORDER BY a"
-    )
-    assert POSTGRES.sql(text) == (
-        'SELECT a FROM t WHERE x = $1 AND y = ANY($2::text[]) AND merged ORDER BY a COLLATE "C"'
-    )
-    assert POSTGRES.sql("a = ?1 OR b = ?1 AND NOT_MERGED") == "a = $1 OR b = $1 AND NOT merged"
-    assert SQLITE.sql("GREATEST(a, b)") == "max(a, b)"
-    assert SQLITE.list_param(["a", "b"]) == '["a","b"]'
-    assert POSTGRES.list_param(("a", "b")) == ["a", "b"]
-
-
-# ---- the interfaces --------------------------------------------------------------------------
-
-
-def test_store_is_the_composition_of_focused_interfaces() -> None:
-    parts = (StoreLifecycle, AttributionStore, IdentityStore, AuthStore, DeadLetterStore)
-    assert all(issubclass(Store, p) for p in parts)
-    owners: dict[str, list[str]] = {}
-    for p in parts:
-        for name, member in vars(p).items():
-            if inspect.isfunction(member):
-                owners.setdefault(name, []).append(p.__name__)
-    assert {n: o for n, o in owners.items() if len(o) > 1} == {}
-    # every interface stays small enough to read at once
-    assert max(sum(inspect.isfunction(m) for m in vars(p).values()) for p in parts) <= 24

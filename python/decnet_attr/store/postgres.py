@@ -470,13 +470,6 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable("postgresql store is not open")
         return self._pool
 
-    async def ping(self) -> bool:
-        try:
-            async with self._p().acquire() as conn:
-                return bool(await conn.fetchval("SELECT 1") == 1)
-        except Exception:
-            return False
-
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[Any]:
         pool = self._p()

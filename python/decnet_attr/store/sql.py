@@ -197,6 +197,13 @@ class SqlStore(Store):
             for sql, params in statements:
                 await self._dialect.execute(conn, self._dialect.sql(sql), params)
 
+    async def ping(self) -> bool:
+        try:
+            rows = await self._rows("SELECT 1")
+            return bool(rows and rows[0][0] == 1)
+        except Exception:
+            return False
+
     @guard
     async def schema_version(self) -> int:
         return await self._count("SELECT coalesce(max(version), 0) FROM schema_migrations")

@@ -659,13 +659,6 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable("sqlite store is not open")
         return self._r
 
-    async def ping(self) -> bool:
-        try:
-            rows = await self._reader().execute_fetchall("SELECT 1")
-            return bool(rows and rows[0][0] == 1)
-        except Exception:
-            return False
-
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
         conn = self._writer()
