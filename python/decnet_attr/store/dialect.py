@@ -6,16 +6,14 @@ tokens; a :class:`Dialect` turns that text into its backend's, binds a list
 parameter, runs a statement on a driver connection and maps the driver's
 errors to the store's typed errors (:mod:`decnet_attr.store.errors`):
 
-============== ======================================= ================================
-token          SQLite                                  PostgreSQL
-============== ======================================= ================================
-``?`` (``?N``) ``?`` (``?N``)                           ``$1``, ``$2``, … in order (``$N``)
-``IN_LIST(?)`` ``IN (SELECT value FROM json_each(?))`` ``= ANY(?::text[])``
-``IS_MERGED``  ``merged = 1``                          ``merged``
-``NOT_MERGED`` ``merged = 0``                          ``NOT merged``
-``GREATEST(``  ``max(``                                ``GREATEST(``
-``BYTE_ORDER`` (nothing: text compares by bytes)       ``COLLATE "C"``
-============== ======================================= ================================
+- ``?`` placeholders (``?N`` to reuse one): kept on SQLite; ``$1``, ``$2``,
+  … in order (``$N``) on PostgreSQL;
+- ``IN_LIST(?)``: ``IN (SELECT value FROM json_each(?))`` / ``= ANY(?::text[])``;
+- ``IS_MERGED`` / ``NOT_MERGED``: ``merged = 1`` / ``merged = 0`` on SQLite,
+  ``merged`` / ``NOT merged`` on PostgreSQL;
+- ``GREATEST(``: SQLite's two-argument ``max(``;
+- ``BYTE_ORDER`` after an ``ORDER BY`` term: nothing on SQLite (text compares
+  by bytes), ``COLLATE "C"`` on PostgreSQL.
 
 A list parameter is one JSON array on SQLite (so the statement text, and
 the prepared statement, do not depend on the list's length) and a text
