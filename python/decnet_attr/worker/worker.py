@@ -169,6 +169,7 @@ class AttributionWorker:
         self._dirty: dict[Key, float] = {}
         # lazy mode: the state row last written per key the engine holds
         self._rows: dict[Key, StateRow] = {}
+        self._kinds: dict[str, str] = {}  # primitive -> value kind (registry lookups cached)
         self._event_seq = 0
         # attackers sharing fingerprints roll up into one identity
         self.rollup = (
@@ -851,6 +852,9 @@ class AttributionWorker:
         rows: list[StateRow] = []
         multi_touch: set[str] = set()
         attackers: dict[str, list[str]] = {}
+        kinds = self._kinds
+        append_row = rows.append
+        get_prior = prior.get
         for (
             ident,
             prim,
@@ -863,25 +867,36 @@ class AttributionWorker:
             _o,
             _c,
         ), key, window in zip(changes, keys, windows):
-            old = prior.get(key)
-            changed = old is None or old.state != state
-            last_change = last_ts if changed or old is None else old.last_change_ts
-            version = (old.version if old else 0) + 1
-            rows.append(
+            old = get_prior(key)
+            if old is None:
+                changed = True
+                last_change = last_ts
+                version = 1
+                previous = None
+            else:
+                changed = old.state != state
+                last_change = last_ts if changed else old.last_change_ts
+                version = old.version + 1
+                previous = old.state if changed else old.previous_state
+            kind = kinds.get(prim)
+            if kind is None:
+                kind = kinds[prim] = value_kind_for(prim)
+            # positional: the StateRow fields in their declared order
+            append_row(
                 StateRow(
-                    identity_uuid=ident,
-                    primitive=prim,
-                    current_value_json=current_json,
-                    state=state,
-                    confidence=conf,
-                    observation_count=count,
-                    last_change_ts=last_change,
-                    last_observation_ts=last_ts,
-                    kind=value_kind_for(prim),
-                    window_json=window,
-                    version=version,
-                    updated_at=now,
-                    previous_state=(old.state if changed else old.previous_state) if old else None,
+                    ident,
+                    prim,
+                    current_json,
+                    state,
+                    conf,
+                    count,
+                    last_change,
+                    last_ts,
+                    kind,
+                    window,
+                    version,
+                    now,
+                    previous,
                 )
             )
             if state == "multi_actor" or (old is not None and old.state == "multi_actor"):
@@ -915,8 +930,8 @@ class AttributionWorker:
             await tx.upsert_state_values(rows)
             if len(self._rows) > MAX_CACHED_ROWS:
                 self._rows.clear()
-            for r in rows:  # dropped again with the batch's keys if it does not commit
-                self._rows[(r.identity_uuid, r.primitive)] = r
+            # dropped again with the batch's keys if it does not commit
+            self._rows.update(zip(keys, rows))
         else:
             await tx.upsert_states(rows)
         if multi_touch:
