@@ -1,6 +1,6 @@
 """Bus interface: the event envelope, subscriptions, durable consumers and the bus.
 
-Two delivery paths (see ``DESIGN.md``):
+Two delivery paths (docs/decnet.md#bus-delivery):
 
 - **fan-out** (:meth:`Bus.publish` / :meth:`Bus.subscribe`): fire-and-forget,
   at-most-once notification to every matching subscriber, bounded queue per
@@ -10,7 +10,7 @@ Two delivery paths (see ``DESIGN.md``):
   returns only once the event is durably accepted, consumers ack after they
   committed, anything not acked is delivered again.
 
-Event ids are preserved end to end (reference §10.1.14), so consumers can
+Event ids are preserved end to end (docs/decnet.md#event-ids), so consumers can
 de-duplicate redeliveries.
 
 A transport subclasses :class:`Bus`: :meth:`Bus.publish` and
@@ -70,7 +70,7 @@ def _new_id() -> str:
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Event:
-    """One bus event (reference §1.1). Immutable; ``payload`` is a plain dict
+    """One bus event (docs/decnet.md#bus-envelope). Immutable; ``payload`` is a plain dict
     shared by every subscriber, so treat it as read-only."""
 
     topic: str
@@ -97,7 +97,7 @@ class Event:
 
     @classmethod
     def from_dict(cls, topic: str, data: Mapping[str, Any]) -> Event:
-        """Rebuild an event received on *topic* (reference §1.1 from-dict rules).
+        """Rebuild an event received on *topic* (docs/decnet.md#bus-envelope).
 
         - the topic comes from the transport; a ``topic`` key in *data* is ignored;
         - a missing or ``None`` payload gives ``{}``; any other non-object payload
@@ -232,7 +232,7 @@ class ClosedOnExit(ABC):
 
 
 class Subscription(ClosedOnExit):
-    """An async context manager and async iterator of :class:`Event` (reference §1.2).
+    """An async context manager and async iterator of :class:`Event` (docs/decnet.md#bus-delivery).
 
     Iteration ends (``StopAsyncIteration``) once the subscription or its bus is
     closed. Leaving ``async with`` calls :meth:`aclose`.

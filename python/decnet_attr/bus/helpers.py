@@ -1,6 +1,6 @@
-"""Publish helpers, health heartbeat and control listener (reference §1.8).
+"""Publish helpers, health heartbeat and control listener (docs/decnet.md#bus-helpers).
 
-Differences from DECNET, closing its gaps (§10.1.15, §10.4.2):
+Differences from DECNET (docs/decnet.md#worker-liveness, docs/decnet.md#log-floods):
 
 - publish failures are logged rate-limited and reported by the return value;
 - a control ``stop`` stops *that* worker (sets its ``asyncio.Event``) and never

@@ -1,6 +1,6 @@
 """In-process bus: the embedded default (no services needed).
 
-Fan-out behaves like DECNET's FakeBus (reference §1.4): bounded queue per
+Fan-out behaves like DECNET's in-process bus (docs/decnet.md#bus-in-process): bounded queue per
 subscriber with drop-oldest, and the publisher receives its own events when it
 is also subscribed. Dispatch is by a per-topic route cache (topic -> matching
 subscriptions) that is updated incrementally on subscribe/unsubscribe, so the

@@ -69,7 +69,7 @@ class Tx(ABC):
     ) -> tuple[dict[str, str], list[str]]:
         """The stub identity of each attacker, created atomically if missing.
 
-        Compare-and-set (reference §10.1.10): the identity row is inserted,
+        Compare-and-set (docs/decnet.md#identity-compare-and-set): the identity row is inserted,
         then ``UPDATE attackers SET identity_id = ? WHERE uuid = ? AND
         identity_id IS NULL``; a loser deletes its row and uses the winner's.
         Returns ``({attacker_uuid: identity_uuid}, [identity uuids formed by

@@ -107,7 +107,7 @@ class AttackerFilter:
 
 @dataclass(slots=True)
 class ObservationRow:
-    """One stored observation (reference §5.2 ``observations``)."""
+    """One stored observation (``observations``, docs/decnet.md#storage-tables)."""
 
     id: str
     attacker_uuid: str
