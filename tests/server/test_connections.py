@@ -21,7 +21,8 @@ import pytest
 from aiohttp import web
 
 from decnet_attr.server import connections
-from decnet_attr.server.app import COUNTERS, create_app
+from decnet_attr.server.app import create_app
+from decnet_attr.server.keys import COUNTERS
 from decnet_attr.server.connections import (
     FD_RESERVE,
     GuardedSite,

@@ -54,7 +54,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from decnet_attr.audit import audit
 from decnet_attr.bus import Bus, publish_safely
 from decnet_attr.config import ConfigError, Settings
-from decnet_attr.server.app import AUTH
+from decnet_attr.server.keys import AUTH
 from decnet_attr.server.errors import (
     BAD_LOGIN_DETAIL,
     FORBIDDEN_DETAIL,

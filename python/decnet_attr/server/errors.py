@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import orjson
@@ -34,10 +34,6 @@ MUST_CHANGE_DETAIL = "Password change required before accessing this resource"
 FORBIDDEN_DETAIL = "Insufficient permissions"
 ATTACKER_NOT_FOUND_DETAIL = "Attacker not found"
 INTERNAL_DETAIL = "Internal Server Error"
-
-#: Route name -> content types (lower-case, without parameters) that route accepts
-#: besides JSON; see :func:`content_type_middleware`.
-EXTRA_CONTENT_TYPES: dict[str, frozenset[str]] = {}
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -249,23 +245,32 @@ def is_json_type(mimetype: str) -> bool:
     )
 
 
-@web.middleware
-async def content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """POST/PUT/PATCH with a body must be JSON (else 415), as in DECNET (§6.2).
+def make_content_type_middleware(own_checks: Collection[str] = ()) -> Any:
+    """The middleware answering 415 to a POST/PUT/PATCH body that is not JSON,
+    as in DECNET (§6.2).
 
-    Routes named in :data:`EXTRA_CONTENT_TYPES` check their own content type
-    (after authentication), so they are skipped here.
+    ``own_checks``: the names of the routes that accept more than JSON and
+    check the content type themselves (after authentication); they are
+    skipped here.
     """
-    if (
-        request.method in ("POST", "PUT", "PATCH")
-        and request.body_exists
-        and request.match_info.http_exception is None  # unknown route: its 404/405 first
-    ):
-        route_name = request.match_info.route.name
-        if route_name is None or route_name not in EXTRA_CONTENT_TYPES:
-            if not is_json_type(request.content_type.lower()):
-                raise unsupported_media_type(
-                    f"Unsupported Media Type: expected {JSON_CONTENT_TYPE}, "
-                    f"got {request.content_type or 'none'}"
-                )
-    return await handler(request)
+    skip = frozenset(own_checks)
+
+    @web.middleware
+    async def content_type_middleware(
+        request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if (
+            request.method in ("POST", "PUT", "PATCH")
+            and request.body_exists
+            and request.match_info.http_exception is None  # unknown route: its 404/405 first
+        ):
+            route_name = request.match_info.route.name
+            if route_name is None or route_name not in skip:
+                if not is_json_type(request.content_type.lower()):
+                    raise unsupported_media_type(
+                        f"Unsupported Media Type: expected {JSON_CONTENT_TYPE}, "
+                        f"got {request.content_type or 'none'}"
+                    )
+        return await handler(request)
+
+    return content_type_middleware

@@ -58,15 +58,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from decnet_attr.logs import RepeatFilter
-from decnet_attr.server.app import (
-    BUS,
-    COUNTERS,
-    DUPLICATES_BY_SENSOR,
-    SETTINGS,
-    SSE_HUB,
-    STORE,
-    WORKER,
-)
+from decnet_attr.server.keys import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, SSE_HUB, STORE, WORKER
 from decnet_attr.server.errors import json_response
 
 log = logging.getLogger(__name__)
@@ -554,7 +546,7 @@ class AppCollector(Collector):
         yield closed
 
     def _connections(self) -> Iterator[Metric]:
-        from decnet_attr.server.connections import CONNECTIONS
+        from decnet_attr.server.keys import CONNECTIONS
 
         guard = self.app.get(CONNECTIONS)
         if guard is None:  # not served by make_runner (tests, embedding)

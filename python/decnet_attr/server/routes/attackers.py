@@ -18,7 +18,7 @@ from decnet_attr.identifiers import (
     network_keys,
     normalise_ip,
 )
-from decnet_attr.server.app import STORE
+from decnet_attr.server.keys import STORE
 from decnet_attr.server.auth import READ_ROLES, REGISTER_ROLES, Principal, require
 from decnet_attr.server.errors import (
     ATTACKER_NOT_FOUND_DETAIL,

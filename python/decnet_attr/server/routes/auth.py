@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from decnet_attr.audit import audit
-from decnet_attr.server.app import AUTH, SETTINGS
+from decnet_attr.server.keys import AUTH, SETTINGS
 from decnet_attr.server.auth import (
     PASSWORD_MAX_LENGTH,
     READ_ROLES,

@@ -9,10 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
-from decnet_attr.server.app import SETTINGS, STORE
+from decnet_attr.server.keys import SETTINGS, STORE
 from decnet_attr.server.auth import READ_ROLES, Principal, require
 from decnet_attr.server.errors import json_response, not_found
-from decnet_attr.server.routes_attackers import attribution_row, int_param
+from decnet_attr.server.routes.attackers import attribution_row, int_param
 from decnet_attr.server.wire import iso_utc
 from decnet_attr.store import Store
 
