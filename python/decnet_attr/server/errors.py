@@ -54,7 +54,7 @@ def json_response(
     )
 
 
-def _exc(
+def http_error(
     cls: type[web.HTTPException], detail: Any, headers: Mapping[str, str] | None = None
 ) -> web.HTTPException:
     return cls(
@@ -72,23 +72,23 @@ def retry_after_seconds(seconds: float) -> str:
 
 
 def bad_request(detail: Any) -> web.HTTPException:
-    return _exc(web.HTTPBadRequest, detail)
+    return http_error(web.HTTPBadRequest, detail)
 
 
 def unauthorized(detail: str = CREDENTIALS_DETAIL) -> web.HTTPException:
-    return _exc(web.HTTPUnauthorized, detail, {"WWW-Authenticate": "Bearer"})
+    return http_error(web.HTTPUnauthorized, detail, {"WWW-Authenticate": "Bearer"})
 
 
 def forbidden(detail: str = FORBIDDEN_DETAIL) -> web.HTTPException:
-    return _exc(web.HTTPForbidden, detail)
+    return http_error(web.HTTPForbidden, detail)
 
 
 def not_found(detail: str = "Not Found") -> web.HTTPException:
-    return _exc(web.HTTPNotFound, detail)
+    return http_error(web.HTTPNotFound, detail)
 
 
 def conflict(detail: Any) -> web.HTTPException:
-    return _exc(web.HTTPConflict, detail)
+    return http_error(web.HTTPConflict, detail)
 
 
 def payload_too_large(detail: str, max_size: float = 0) -> web.HTTPException:
@@ -100,15 +100,17 @@ def payload_too_large(detail: str, max_size: float = 0) -> web.HTTPException:
 
 
 def unsupported_media_type(detail: str) -> web.HTTPException:
-    return _exc(web.HTTPUnsupportedMediaType, detail)
+    return http_error(web.HTTPUnsupportedMediaType, detail)
 
 
 def unprocessable(detail: Any) -> web.HTTPException:
-    return _exc(web.HTTPUnprocessableEntity, detail)
+    return http_error(web.HTTPUnprocessableEntity, detail)
 
 
 def too_many_requests(detail: str, retry_after: float) -> web.HTTPException:
-    return _exc(web.HTTPTooManyRequests, detail, {"Retry-After": retry_after_seconds(retry_after)})
+    return http_error(
+        web.HTTPTooManyRequests, detail, {"Retry-After": retry_after_seconds(retry_after)}
+    )
 
 
 def service_unavailable(
@@ -256,9 +258,7 @@ def make_content_type_middleware(own_checks: Collection[str] = ()) -> Any:
     skip = frozenset(own_checks)
 
     @web.middleware
-    async def content_type_middleware(
-        request: web.Request, handler: Handler
-    ) -> web.StreamResponse:
+    async def content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if (
             request.method in ("POST", "PUT", "PATCH")
             and request.body_exists

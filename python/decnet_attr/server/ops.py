@@ -58,8 +58,16 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from decnet_attr.logs import RepeatFilter
-from decnet_attr.server.keys import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, SSE_HUB, STORE, WORKER
 from decnet_attr.server.errors import json_response
+from decnet_attr.server.keys import (
+    BUS,
+    COUNTERS,
+    DUPLICATES_BY_SENSOR,
+    SETTINGS,
+    SSE_HUB,
+    STORE,
+    WORKER,
+)
 
 log = logging.getLogger(__name__)
 #: Per-probe / per-scrape failures (collapsed); readiness changes go to ``log``.

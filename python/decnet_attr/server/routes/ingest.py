@@ -36,7 +36,6 @@ from aiohttp import web
 from decnet_attr.bus import Bus, BusError, BusPayloadTooLarge
 from decnet_attr.config import Settings
 from decnet_attr.observations import InvalidJSONError, TooManyItemsError, ValidatedBatch, validate
-from decnet_attr.server.keys import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, STORE
 from decnet_attr.server.auth import INGEST_ROLES, Principal, require
 from decnet_attr.server.errors import (
     JSON_CONTENT_TYPE,
@@ -47,6 +46,7 @@ from decnet_attr.server.errors import (
     unprocessable,
     unsupported_media_type,
 )
+from decnet_attr.server.keys import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, STORE
 from decnet_attr.store import StoreError
 from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH, ingest_partition
 
