@@ -107,3 +107,22 @@ def test_errors_has_no_mutable_module_state() -> None:
         if not name.startswith("__") and isinstance(value, (dict, list, set))
     }
     assert mutable == {}
+
+
+def test_every_route_module_is_registered() -> None:
+    """A module of ``server/routes/`` with a route table is in ``TABLES``
+    (else its routes would silently not exist)."""
+    import importlib
+    import pkgutil
+
+    from decnet_attr.server import routes
+
+    tables = []
+    for info in pkgutil.iter_modules(routes.__path__):
+        module = importlib.import_module(f"{routes.__name__}.{info.name}")
+        table = getattr(module, "routes", None)
+        if table is not None:
+            tables.append((info.name, table))
+    assert len(tables) >= 6
+    assert [name for name, table in tables if table not in routes.TABLES] == []
+    assert len(routes.TABLES) == len(tables)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import PayloadEncodingError
+from aiohttp.typedefs import Middleware
 
 from decnet_attr.bus.base import RateLimitedLog
 from decnet_attr.store import StoreUnavailable
@@ -199,7 +200,7 @@ def _as_json(exc: web.HTTPException) -> web.StreamResponse:
     )
 
 
-def make_error_middleware(counters: dict[str, int]) -> Any:
+def make_error_middleware(counters: dict[str, int]) -> Middleware:
     """The middleware turning every error into ``{"detail": ...}``; counts 5xx
     answers in ``counters["http_5xx_total"]``."""
 
@@ -247,7 +248,7 @@ def is_json_type(mimetype: str) -> bool:
     )
 
 
-def make_content_type_middleware(own_checks: Collection[str] = ()) -> Any:
+def make_content_type_middleware(own_checks: Collection[str] = ()) -> Middleware:
     """The middleware answering 415 to a POST/PUT/PATCH body that is not JSON,
     as in DECNET (§6.2).
 
