@@ -22,8 +22,9 @@ from argon2 import PasswordHasher
 
 from decnet_attr.bus import Bus, Event, batch_observations
 from decnet_attr.config import Settings
-from decnet_attr.server.app import AUTH, BUS, COUNTERS, STORE, create_app
+from decnet_attr.server.app import create_app
 from decnet_attr.server.auth import Authenticator, Passwords
+from decnet_attr.server.keys import AUTH, BUS, COUNTERS, STORE
 from decnet_attr.store import Store, UserRow
 from tests.pgserver import pg_server  # noqa: F401  (session fixture, for the PostgreSQL tests)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from decnet_attr.server.routes_attackers import ipv4_network_cover
+from decnet_attr.server.routes.attackers import ipv4_network_cover
 from tests.server.conftest import Harness, HarnessFactory, bearer
 from tests.server.test_attackers import seed
 

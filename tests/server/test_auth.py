@@ -974,7 +974,7 @@ async def test_startup_and_shutdown_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aiohttp_client: Any
 ) -> None:
     import decnet_attr.server.app as app_mod
-    from decnet_attr.server.app import BUS, SSE_HUB, STORE, WORKER
+    from decnet_attr.server.keys import BUS, SSE_HUB, STORE, WORKER
     from tests.server.conftest import fast_passwords
 
     events: list[str] = []
@@ -994,7 +994,7 @@ async def test_startup_and_shutdown_order(
             events.append("worker.stop")
             self.running = False
 
-    monkeypatch.setattr(app_mod, "_worker_class", lambda: FakeWorker)
+    monkeypatch.setattr(app_mod, "AttributionWorker", FakeWorker)
     app = create_app(make_settings(tmp_path, worker=True), passwords=fast_passwords())
     assert isinstance(app[WORKER], FakeWorker)
 

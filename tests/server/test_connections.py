@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from decnet_attr.server import connections
-from decnet_attr.server.app import COUNTERS, create_app
+from decnet_attr.server.app import create_app
 from decnet_attr.server.connections import (
     FD_RESERVE,
     GuardedSite,
@@ -29,6 +29,7 @@ from decnet_attr.server.connections import (
     make_runner,
     raise_nofile_limit,
 )
+from decnet_attr.server.keys import COUNTERS
 from tests.server.conftest import fast_passwords, make_settings
 
 ATTACKER = "127.0.0.2"  # the hostile client's source address (the prober uses 127.0.0.1)

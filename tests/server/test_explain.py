@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from decnet_attr.server.app import create_app
-from decnet_attr.server.routes_explain import json_safe
+from decnet_attr.server.routes.explain import json_safe
 from tests.server.conftest import (
     ClientFactory,
     Harness,

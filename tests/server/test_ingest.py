@@ -12,7 +12,7 @@ import pytest
 
 from decnet_attr.bus import Event, batch_observations
 from decnet_attr.observations import rejection_codes
-from decnet_attr.server.routes_ingest import batch_id
+from decnet_attr.server.routes.ingest import batch_id
 from tests.server.conftest import Harness, HarnessFactory, bearer
 
 URL = "/api/v1/observations"
@@ -414,7 +414,7 @@ async def test_consumer_that_never_acks_is_503(
 async def test_partial_failure_reports_what_was_accepted(
     harness: Harness, sensor: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import decnet_attr.server.routes_ingest as ri
+    import decnet_attr.server.routes.ingest as ri
 
     monkeypatch.setattr(ri, "BATCH_CHUNK_BYTES", 1)  # one observation per message
     orig = harness.bus.publish_durable

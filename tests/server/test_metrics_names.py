@@ -18,8 +18,9 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from decnet_attr.server.app import BUS, create_app
-from decnet_attr.server.connections import CONNECTIONS, ConnectionGuard
+from decnet_attr.server.app import create_app
+from decnet_attr.server.connections import ConnectionGuard
+from decnet_attr.server.keys import BUS, CONNECTIONS
 from decnet_attr.server.ops import OPS
 from tests.server.conftest import Harness, fast_passwords, make_settings
 from tests.server.test_ops import make_worker_harness, scrape, wh  # noqa: F401  (fixtures)
@@ -234,7 +235,7 @@ def test_every_statistic_is_declared_where_it_is_counted(tmp_path: Path) -> None
     in the component's metrics module, so none falls back to a guess."""
     from decnet_attr.bus import metrics as bus_metrics
     from decnet_attr.server import api_metrics, sse_metrics
-    from decnet_attr.server.app import COUNTER_NAMES, SSE_HUB
+    from decnet_attr.server.keys import COUNTER_NAMES, SSE_HUB
 
     for url in ("memory://", "nats://127.0.0.1:1", f"unix://{tmp_path}/bus.sock"):
         app = unstarted(tmp_path, url)

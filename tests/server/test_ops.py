@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from decnet_attr.bus import Bus, InProcessBus
 from decnet_attr.server import ops
-from decnet_attr.server.app import BUS, SSE_HUB, WORKER, create_app
+from decnet_attr.server.app import create_app
+from decnet_attr.server.keys import BUS, SSE_HUB, WORKER
 from decnet_attr.worker import AttributionWorker
 from tests.natsserver import NatsServer, requires_nats
 from tests.server.conftest import (

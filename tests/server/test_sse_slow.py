@@ -10,7 +10,8 @@ from pathlib import Path
 
 from decnet_attr import topics
 from decnet_attr.config import Settings
-from decnet_attr.server.sse import SseHub, _Frame, _Stream
+from decnet_attr.server.sse.hub import SseHub, _Stream
+from decnet_attr.server.sse.wire import Frame as _Frame
 from tests.server.sse_helpers import (
     KEEPALIVE,
     RETRY,

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from decnet_attr.server.app import AUTH, SSE_HUB, create_app
+from decnet_attr.server.app import create_app
 from decnet_attr.server.connections import GuardedSite, make_runner
+from decnet_attr.server.keys import AUTH, SSE_HUB
 from tests.server.conftest import fast_passwords, make_settings
 from tests.server.sse_helpers import RawClient, seed_attacker
 

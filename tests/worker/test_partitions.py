@@ -17,7 +17,7 @@ from decnet_attr._core import partition_of
 from decnet_attr.bus.nats import NatsBus
 from decnet_attr.config import ConfigError, Settings
 from decnet_attr.observations import validate
-from decnet_attr.server.routes_ingest import hand_over
+from decnet_attr.server.routes.ingest import hand_over
 from decnet_attr.store import Store
 from decnet_attr.worker import AttributionWorker
 from tests.natsserver import NatsServer

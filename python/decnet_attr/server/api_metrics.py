@@ -18,7 +18,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from decnet_attr.metrics import PREFIX, Stat, counter, gauge, stat_families
-from decnet_attr.server.connections import CONNECTIONS
+from decnet_attr.server.keys import CONNECTIONS
 
 __all__ = ["API_STATS", "CONNECTION_STATS", "ApiCollector", "ConnectionsCollector"]
 

@@ -54,7 +54,6 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from decnet_attr.audit import audit
 from decnet_attr.bus import Bus, publish_safely
 from decnet_attr.config import ConfigError, Settings
-from decnet_attr.server.app import AUTH
 from decnet_attr.server.errors import (
     BAD_LOGIN_DETAIL,
     FORBIDDEN_DETAIL,
@@ -65,6 +64,7 @@ from decnet_attr.server.errors import (
     too_many_requests,
     unauthorized,
 )
+from decnet_attr.server.keys import AUTH
 from decnet_attr.server.password_policy import password_problem
 from decnet_attr.server.ratelimit import LoginThrottle, SlidingWindowLimiter, client_ip
 from decnet_attr.store import Store, StoreError, TicketRow, UserRow

@@ -53,9 +53,9 @@ from decnet_attr.config import Settings
 from decnet_attr.identifiers import normalise_ip
 from decnet_attr.logs import redact
 from decnet_attr.server.errors import SERVER_HEADER
+from decnet_attr.server.keys import CONNECTIONS
 
 __all__ = [
-    "CONNECTIONS",
     "ConnectionGuard",
     "GuardedSite",
     "RedactingAccessLogger",
@@ -352,10 +352,6 @@ def _accept_error_handler(
 
 
 # ---- start-up --------------------------------------------------------------------------------
-#: The application key of the serving guard (set by :func:`make_runner`).
-CONNECTIONS = web.AppKey("connections", ConnectionGuard)
-
-
 def make_runner(
     app: web.Application, settings: Settings, *, shutdown_timeout: float = 10.0
 ) -> web.AppRunner:

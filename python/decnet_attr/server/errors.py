@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import PayloadEncodingError
+from aiohttp.typedefs import Middleware
 
 from decnet_attr.bus.base import RateLimitedLog
 from decnet_attr.store import StoreUnavailable
@@ -34,10 +35,6 @@ MUST_CHANGE_DETAIL = "Password change required before accessing this resource"
 FORBIDDEN_DETAIL = "Insufficient permissions"
 ATTACKER_NOT_FOUND_DETAIL = "Attacker not found"
 INTERNAL_DETAIL = "Internal Server Error"
-
-#: Route name -> content types (lower-case, without parameters) that route accepts
-#: besides JSON; see :func:`content_type_middleware`.
-EXTRA_CONTENT_TYPES: dict[str, frozenset[str]] = {}
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -58,7 +55,7 @@ def json_response(
     )
 
 
-def _exc(
+def http_error(
     cls: type[web.HTTPException], detail: Any, headers: Mapping[str, str] | None = None
 ) -> web.HTTPException:
     return cls(
@@ -76,23 +73,23 @@ def retry_after_seconds(seconds: float) -> str:
 
 
 def bad_request(detail: Any) -> web.HTTPException:
-    return _exc(web.HTTPBadRequest, detail)
+    return http_error(web.HTTPBadRequest, detail)
 
 
 def unauthorized(detail: str = CREDENTIALS_DETAIL) -> web.HTTPException:
-    return _exc(web.HTTPUnauthorized, detail, {"WWW-Authenticate": "Bearer"})
+    return http_error(web.HTTPUnauthorized, detail, {"WWW-Authenticate": "Bearer"})
 
 
 def forbidden(detail: str = FORBIDDEN_DETAIL) -> web.HTTPException:
-    return _exc(web.HTTPForbidden, detail)
+    return http_error(web.HTTPForbidden, detail)
 
 
 def not_found(detail: str = "Not Found") -> web.HTTPException:
-    return _exc(web.HTTPNotFound, detail)
+    return http_error(web.HTTPNotFound, detail)
 
 
 def conflict(detail: Any) -> web.HTTPException:
-    return _exc(web.HTTPConflict, detail)
+    return http_error(web.HTTPConflict, detail)
 
 
 def payload_too_large(detail: str, max_size: float = 0) -> web.HTTPException:
@@ -104,15 +101,17 @@ def payload_too_large(detail: str, max_size: float = 0) -> web.HTTPException:
 
 
 def unsupported_media_type(detail: str) -> web.HTTPException:
-    return _exc(web.HTTPUnsupportedMediaType, detail)
+    return http_error(web.HTTPUnsupportedMediaType, detail)
 
 
 def unprocessable(detail: Any) -> web.HTTPException:
-    return _exc(web.HTTPUnprocessableEntity, detail)
+    return http_error(web.HTTPUnprocessableEntity, detail)
 
 
 def too_many_requests(detail: str, retry_after: float) -> web.HTTPException:
-    return _exc(web.HTTPTooManyRequests, detail, {"Retry-After": retry_after_seconds(retry_after)})
+    return http_error(
+        web.HTTPTooManyRequests, detail, {"Retry-After": retry_after_seconds(retry_after)}
+    )
 
 
 def service_unavailable(
@@ -201,7 +200,7 @@ def _as_json(exc: web.HTTPException) -> web.StreamResponse:
     )
 
 
-def make_error_middleware(counters: dict[str, int]) -> Any:
+def make_error_middleware(counters: dict[str, int]) -> Middleware:
     """The middleware turning every error into ``{"detail": ...}``; counts 5xx
     answers in ``counters["http_5xx_total"]``."""
 
@@ -249,23 +248,30 @@ def is_json_type(mimetype: str) -> bool:
     )
 
 
-@web.middleware
-async def content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """POST/PUT/PATCH with a body must be JSON (else 415), as in DECNET (§6.2).
+def make_content_type_middleware(own_checks: Collection[str] = ()) -> Middleware:
+    """The middleware answering 415 to a POST/PUT/PATCH body that is not JSON,
+    as in DECNET (§6.2).
 
-    Routes named in :data:`EXTRA_CONTENT_TYPES` check their own content type
-    (after authentication), so they are skipped here.
+    ``own_checks``: the names of the routes that accept more than JSON and
+    check the content type themselves (after authentication); they are
+    skipped here.
     """
-    if (
-        request.method in ("POST", "PUT", "PATCH")
-        and request.body_exists
-        and request.match_info.http_exception is None  # unknown route: its 404/405 first
-    ):
-        route_name = request.match_info.route.name
-        if route_name is None or route_name not in EXTRA_CONTENT_TYPES:
-            if not is_json_type(request.content_type.lower()):
-                raise unsupported_media_type(
-                    f"Unsupported Media Type: expected {JSON_CONTENT_TYPE}, "
-                    f"got {request.content_type or 'none'}"
-                )
-    return await handler(request)
+    skip = frozenset(own_checks)
+
+    @web.middleware
+    async def content_type_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (
+            request.method in ("POST", "PUT", "PATCH")
+            and request.body_exists
+            and request.match_info.http_exception is None  # unknown route: its 404/405 first
+        ):
+            route_name = request.match_info.route.name
+            if route_name is None or route_name not in skip:
+                if not is_json_type(request.content_type.lower()):
+                    raise unsupported_media_type(
+                        f"Unsupported Media Type: expected {JSON_CONTENT_TYPE}, "
+                        f"got {request.content_type or 'none'}"
+                    )
+        return await handler(request)
+
+    return content_type_middleware

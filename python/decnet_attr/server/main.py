@@ -18,8 +18,9 @@ from aiohttp import web
 
 from decnet_attr.bus import BusError
 from decnet_attr.config import ConfigError, Settings
-from decnet_attr.server.app import AUTH, STORE, WORKER, create_app
+from decnet_attr.server.app import create_app
 from decnet_attr.server.connections import GuardedSite, make_runner
+from decnet_attr.server.keys import AUTH, STORE, WORKER
 from decnet_attr.store import StoreError, UserRow
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,8 @@ from decnet_attr.bus.metrics import BusCollector
 from decnet_attr.logs import RepeatFilter
 from decnet_attr.metrics import PREFIX
 from decnet_attr.server.api_metrics import ApiCollector, ConnectionsCollector
-from decnet_attr.server.app import (
+from decnet_attr.server.errors import json_response
+from decnet_attr.server.keys import (
     BUS,
     COUNTERS,
     DUPLICATES_BY_SENSOR,
@@ -68,7 +69,6 @@ from decnet_attr.server.app import (
     STORE,
     WORKER,
 )
-from decnet_attr.server.errors import json_response
 from decnet_attr.server.sse_metrics import HasStats, SseCollector
 from decnet_attr.worker.metrics import WorkerCollector
 from decnet_attr.worker.worker import AttributionWorker

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from decnet_attr.server.app import COUNTERS, WORKER
+from decnet_attr.server.keys import COUNTERS, WORKER
 from decnet_attr.store import STATES, Store, StoreError
 
 __all__ = [

@@ -36,10 +36,8 @@ from aiohttp import web
 from decnet_attr.bus import Bus, BusError, BusPayloadTooLarge
 from decnet_attr.config import Settings
 from decnet_attr.observations import InvalidJSONError, TooManyItemsError, ValidatedBatch, validate
-from decnet_attr.server.app import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, STORE
 from decnet_attr.server.auth import INGEST_ROLES, Principal, require
 from decnet_attr.server.errors import (
-    EXTRA_CONTENT_TYPES,
     JSON_CONTENT_TYPE,
     bad_request,
     json_response,
@@ -48,6 +46,7 @@ from decnet_attr.server.errors import (
     unprocessable,
     unsupported_media_type,
 )
+from decnet_attr.server.keys import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, STORE
 from decnet_attr.store import StoreError
 from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH, ingest_partition
 
@@ -58,7 +57,6 @@ routes = web.RouteTableDef()
 ROUTE_NAME = "ingest_observations"
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/ndjson"})
 ACCEPTED_TYPES = frozenset({JSON_CONTENT_TYPE}) | NDJSON_TYPES
-EXTRA_CONTENT_TYPES[ROUTE_NAME] = NDJSON_TYPES
 
 #: Largest NDJSON handed to the bus in one message (NATS' default
 #: max_payload is 1 MiB, and the text is escaped once more in the envelope).

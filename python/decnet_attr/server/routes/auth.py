@@ -8,7 +8,6 @@ from typing import Any
 from aiohttp import web
 
 from decnet_attr.audit import audit
-from decnet_attr.server.app import AUTH, SETTINGS
 from decnet_attr.server.auth import (
     PASSWORD_MAX_LENGTH,
     READ_ROLES,
@@ -23,6 +22,7 @@ from decnet_attr.server.errors import (
     unauthorized,
     unprocessable,
 )
+from decnet_attr.server.keys import AUTH, SETTINGS
 from decnet_attr.server.ratelimit import client_ip
 
 log = logging.getLogger(__name__)

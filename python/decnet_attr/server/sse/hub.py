@@ -1,4 +1,10 @@
-"""Per-attacker Server-Sent-Events relay: ``GET /api/v1/attackers/{uuid}/events``.
+"""The fan-out side of the Server-Sent-Events relay: who listens to what.
+
+One hub per process serves ``GET /api/v1/attackers/{uuid}/events`` (and the
+identity and overview streams): it subscribes to the bus once, routes every
+event to the channels (attacker, identity, overview) whose streams want it,
+and keeps each stream's queue. The bytes on the wire (frames, keepalives,
+cursors, the resume buffer) are :mod:`decnet_attr.server.sse.wire`'s.
 
 Wire-compatible with DECNET's relay (reference §6.6 / §7): the same event names,
 ``{topic, type, ts, payload}`` data for live events and a bare snapshot object,
@@ -49,7 +55,6 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -63,13 +68,32 @@ from decnet_attr.bus.base import Bus, Event, QueueSubscription, RateLimitedLog, 
 from decnet_attr.bus.helpers import batch_observations
 from decnet_attr.config import Settings
 from decnet_attr.server.connections import tune_socket
+from decnet_attr.server.errors import http_error
 from decnet_attr.server.overview import OVERVIEW_INTERVAL, Overview
-from decnet_attr.server.wire import iso_utc
-from decnet_attr.store.base import AttackerRow, StateRow, Store, StoreError
+from decnet_attr.server.sse.wire import (
+    ERROR,
+    KEEPALIVE,
+    KEEPALIVE_CHUNKED,
+    SSE_HEADERS,
+    WRITE_HIGH_WATER,
+    Frame,
+    ResumeBuffer,
+    chunk,
+    encode,
+    event_data,
+    gap,
+    message,
+    message_with_id,
+    parse_cursor,
+    preamble,
+    requested_cursor,
+    stale,
+)
+from decnet_attr.server.wire import attribution_row, identity_entry
+from decnet_attr.store.base import AttackerRow, Store, StoreError
 
 __all__ = [
     "PATTERNS",
-    "SSE_HEADERS",
     "SYSTEM_AUTH_REVOKED",
     "PrincipalLike",
     "SseHub",
@@ -93,15 +117,6 @@ PATTERNS: Final[tuple[str, ...]] = (
     SYSTEM_AUTH_REVOKED,
 )
 
-SSE_HEADERS: Final[dict[str, str]] = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
-
-KEEPALIVE: Final = b": keepalive\n\n"
-#: Frames are written straight to the transport while it holds less than this.
-WRITE_HIGH_WATER: Final = 64 * 1024
 #: Frames collected for one stream within a router batch before writing early.
 COALESCE_MAX: Final = 64
 #: Events routed per batch before the collected frames are written.
@@ -116,8 +131,6 @@ SNAPSHOT_CONCURRENCY: Final = 32
 _NAME_CACHE_MAX: Final = 1024
 #: Identities in the identity stream's snapshot (DECNET's page size).
 IDENTITY_SNAPSHOT_LIMIT: Final = 50
-#: Identity fields sent as ISO-8601 UTC strings.
-IDENTITY_TIME_FIELDS: Final = ("first_seen_at", "last_seen_at", "created_at", "updated_at")
 _IDENTITY_DOT: Final = topics.IDENTITY_ROOT + "."
 _OBSERVATION_DOT: Final = topics.ATTACKER_OBSERVATION_PREFIX + "."
 _SYSTEM_DOT: Final = topics.SYSTEM_ROOT + "."
@@ -155,39 +168,6 @@ Authenticate = Callable[[web.Request], Awaitable[PrincipalLike]]
 StillValid = Callable[[web.Application, Any, float], Awaitable[bool]]
 
 
-def _json_error(cls: type[web.HTTPException], detail: str, **kw: Any) -> web.HTTPException:
-    return cls(
-        text=orjson.dumps({"detail": detail}).decode(), content_type="application/json", **kw
-    )
-
-
-def _event_data(event: Event) -> bytes:
-    """A live event's ``data:``: ``{topic, type, ts, payload}``."""
-    return orjson.dumps(
-        {"topic": event.topic, "type": event.type, "ts": event.ts, "payload": event.payload}
-    )
-
-
-def _chunk(raw: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(raw), raw)
-
-
-_KEEPALIVE_CHUNKED: Final = _chunk(KEEPALIVE)
-
-
-def _attribution_row(r: StateRow) -> dict[str, Any]:
-    """The attribution endpoint's row shape (reference §6.5), keys in its order."""
-    return {
-        "primitive": r.primitive,
-        "current_value": orjson.loads(r.current_value_json),
-        "state": r.state,
-        "confidence": r.confidence,
-        "observation_count": r.observation_count,
-        "last_change_ts": r.last_change_ts,
-        "last_observation_ts": r.last_observation_ts,
-    }
-
-
 def _strs(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -199,54 +179,20 @@ def _strs(value: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # frames, channels, streams
 # ------------------------------------------------------------------------------------------
-class _Frame:
-    """One live event frame, serialised once and shared by every stream and
-    resume buffer. ``data`` is the HTTP/1.1 chunk (``<len>\\r\\n<frame>\\r\\n``)."""
-
-    __slots__ = ("data", "off", "seq")
-
-    def __init__(self, seq: int, raw: bytes) -> None:
-        head = b"%x\r\n" % len(raw)
-        self.seq = seq
-        self.off = len(head)
-        self.data = head + raw + b"\r\n"
-
-    def raw(self) -> bytes:
-        return self.data[self.off : -2]
-
-    def raw_data(self) -> bytes:
-        """The ``data:`` field of the frame (one line: JSON never has a raw newline)."""
-        raw = self.raw()
-        start = raw.index(b"\ndata: ") + 7
-        return raw[start : raw.index(b"\n", start)]
-
-
 class _Channel:
-    """Everything the hub keeps for one attacker: its open streams, its
-    identity, and the resume buffer.
+    """Everything the hub keeps for one attacker (or one fleet-wide stream
+    kind): its open streams, its identity, and the resume buffer."""
 
-    ``covered_from``: every frame of this attacker with ``seq > covered_from``
-    is in ``frames`` (and none was lost); a cursor ``>= covered_from`` resumes.
-    """
-
-    __slots__ = ("covered_from", "frames", "identity", "streams", "uuid")
+    __slots__ = ("buffer", "identity", "streams", "uuid")
 
     def __init__(self, uuid: str, seq: int, maxlen: int) -> None:
         self.uuid = uuid
         self.identity: str | None = None
         self.streams: set[_Stream] = set()
-        self.frames: deque[_Frame] = deque(maxlen=maxlen)
-        self.covered_from = seq
+        self.buffer = ResumeBuffer(seq, maxlen)
 
-    def push(self, frame: _Frame) -> None:
-        frames = self.frames
-        maxlen = frames.maxlen
-        if not maxlen:
-            self.covered_from = frame.seq
-        else:
-            if len(frames) >= maxlen:
-                self.covered_from = frames[0].seq
-            frames.append(frame)
+    def push(self, frame: Frame) -> None:
+        self.buffer.append(frame)
         streams = self.streams
         if len(streams) == 1:
             for s in streams:
@@ -320,7 +266,7 @@ class _Stream:
         self.transport: asyncio.Transport | None = None
         self.writer: AbstractStreamWriter | None = None
         self.chunked = True
-        self.queue: list[_Frame] = []
+        self.queue: list[Frame] = []
         #: True while the handler is parked with nothing pending: the router
         #: and the keepalive tick may then write to the transport themselves.
         self.direct = False
@@ -338,7 +284,7 @@ class _Stream:
         if w is not None and not w.done():
             w.set_result(None)
 
-    def offer(self, frame: _Frame) -> None:
+    def offer(self, frame: Frame) -> None:
         """Deliver a frame (router side, synchronous)."""
         if self.closed:
             return
@@ -357,7 +303,7 @@ class _Stream:
         elif not n:
             self.wake()
 
-    def _overflow(self, frame: _Frame) -> None:
+    def _overflow(self, frame: Frame) -> None:
         hub = self.hub
         n = len(self.queue) + 1
         self.queue = []
@@ -377,7 +323,7 @@ class _Stream:
             return
         self.last_gap = now
         hub._gaps += 1
-        head = b"event: gap\ndata: %b\n\n" % orjson.dumps({"dropped": n})
+        head = gap(n)
         self.resync = _Resync(True, head, frame.seq)
         self.direct = False
         self.wake()
@@ -387,7 +333,7 @@ class _Stream:
             return
         self.queue = []
         pending = self.resync
-        head = b"event: stale\ndata: %b\n\n" % orjson.dumps({"reason": reason})
+        head = stale(reason)
         if pending is not None and pending.gap:
             head = pending.head + head
         self.resync = _Resync(pending is not None and pending.gap, head, seq)
@@ -403,7 +349,7 @@ class SseHub:
 
     >>> hub = SseHub(settings=settings, bus=bus, store=store,
     ...              authenticate=authenticate_stream, still_valid=principal_still_valid)
-    >>> app.router.add_get("/api/v1/attackers/{uuid}/events", hub.handle)
+    >>> app[SSE_HUB] = hub        # the routes of decnet_attr.server.routes.events call hub.handle*
     >>> await hub.start(app)      # after the bus and store are open
     >>> await hub.stop()          # from app.on_shutdown: ends every stream first
 
@@ -445,7 +391,7 @@ class SseHub:
         self._queue_size = settings.sse_queue_size
         self._resume_len = max(int(settings.sse_resume_buffer), 0)
         self._cap = settings.sse_max_per_user
-        self._preamble = KEEPALIVE + b"retry: %d\n\n" % settings.sse_retry_ms
+        self._preamble = preamble(settings.sse_retry_ms)
         self._retry_after = str(max(1, math.ceil(settings.sse_retry_ms / 1000)))
 
         self._app: web.Application | None = None
@@ -468,7 +414,7 @@ class SseHub:
         #: resumable); the coalesced ``overview`` frames go to its streams only.
         self._overview = _Channel("", 0, self._resume_len)
         self.overview = Overview(store)
-        self._overview_last: _Frame | None = None
+        self._overview_last: Frame | None = None
         self._overview_interval = OVERVIEW_INTERVAL
         self._idle: dict[str, float] = {}  # attacker uuid -> loop time its last stream left
         self._dirty: list[_Stream] = []  # streams with frames to write at the end of a batch
@@ -638,23 +584,23 @@ class SseHub:
         self, request: web.Request, attacker_uuid: str | None, feed: _Channel | None = None
     ) -> web.StreamResponse:
         if not self._running:
-            raise _json_error(web.HTTPServiceUnavailable, "Event stream unavailable")
+            raise http_error(web.HTTPServiceUnavailable, "Event stream unavailable")
         principal = await self._authenticate(request)
         if not self._running:
-            raise _json_error(web.HTTPServiceUnavailable, "Event stream unavailable")
+            raise http_error(web.HTTPServiceUnavailable, "Event stream unavailable")
         exp = principal.exp
         if exp is not None and exp <= time.time():
-            raise _json_error(web.HTTPUnauthorized, "Token expired")
+            raise http_error(web.HTTPUnauthorized, "Token expired")
         user = principal.user_uuid
         if not self._has_slot(user):
             self._rejected_cap += 1
-            raise _json_error(
+            raise http_error(
                 web.HTTPTooManyRequests,
                 f"SSE connection limit ({self._cap}) reached",
                 headers={"Retry-After": self._retry_after},
             )
         if attacker_uuid is not None and (not attacker_uuid or len(attacker_uuid) > MAX_UUID_LEN):
-            raise _json_error(web.HTTPNotFound, "Attacker not found")
+            raise http_error(web.HTTPNotFound, "Attacker not found")
 
         stream = _Stream(self, attacker_uuid or "", principal, feed=feed)
         if exp is not None:
@@ -697,8 +643,7 @@ class SseHub:
                 logger.exception("SSE stream for attacker %r failed", attacker_uuid)
                 t = request.transport
                 if t is not None and not t.is_closing():
-                    err = b'event: error\ndata: {"message":"Stream interrupted"}\n\n'
-                    t.write(_chunk(err) if stream.chunked else err)
+                    t.write(chunk(ERROR) if stream.chunked else ERROR)
         finally:
             self._close(stream, "disconnected")
             self._handlers -= 1
@@ -731,8 +676,8 @@ class SseHub:
         """Register *stream* and build the first bytes of the response:
         preamble, then the replayed frames or (``stale`` +) a snapshot.
         Raises the HTTP errors that must precede the headers."""
-        cursor_text = request.headers.get("Last-Event-ID") or request.query.get("last_event_id", "")
-        cursor, stale_reason = self._parse_cursor(cursor_text)
+        cursor_text = requested_cursor(request)
+        cursor, stale_reason = parse_cursor(cursor_text, self._epoch, self._seq)
         # Register before reading the store: whatever is routed from now on
         # is queued for this stream (the snapshot may repeat some of it).
         replay, evicted = self._attach(stream, cursor)
@@ -747,7 +692,7 @@ class SseHub:
                 row = await self._store.get_attacker(stream.attacker_uuid)
                 if row is None:
                     self._close(stream, "not found")
-                    raise _json_error(web.HTTPNotFound, "Attacker not found")
+                    raise http_error(web.HTTPNotFound, "Attacker not found")
                 if channel.identity is None and row.identity_id:
                     self._set_identity(channel, row.identity_id)
             parts = [self._preamble]
@@ -761,19 +706,17 @@ class SseHub:
             else:
                 if cursor_text:
                     self._stale += 1
-                    parts.append(
-                        b"event: stale\ndata: %b\n\n" % orjson.dumps({"reason": stale_reason})
-                    )
+                    parts.append(stale(stale_reason))
                 parts.append(await self._snapshot(channel, seq0, row))
         except StoreError as exc:
             logger.warning(
                 "SSE connect for attacker %s: store error: %s", stream.attacker_uuid, exc
             )
-            raise _json_error(web.HTTPServiceUnavailable, "Store unavailable") from None
+            raise http_error(web.HTTPServiceUnavailable, "Store unavailable") from None
         if stream.closed:
             if stream.reason in ("revoked", "expired"):
-                raise _json_error(web.HTTPUnauthorized, "Not authenticated")
-            raise _json_error(web.HTTPServiceUnavailable, "Event stream unavailable")
+                raise http_error(web.HTTPUnauthorized, "Not authenticated")
+            raise http_error(web.HTTPServiceUnavailable, "Event stream unavailable")
         return b"".join(parts)
 
     async def _serve(self, stream: _Stream) -> None:
@@ -792,9 +735,7 @@ class SseHub:
                     logger.warning(
                         "SSE resync of attacker %s: store error: %s", stream.attacker_uuid, exc
                     )
-                    await self._send(
-                        stream, b'event: error\ndata: {"message":"Stream interrupted"}\n\n'
-                    )
+                    await self._send(stream, ERROR)
                     self._close(stream, "error")
                     return
                 if stream.closed:
@@ -804,12 +745,8 @@ class SseHub:
             frames = stream.queue
             if frames:
                 stream.queue = []
-                if stream.chunked:
-                    data = b"".join([f.data for f in frames])
-                else:
-                    data = b"".join([f.raw() for f in frames])
                 self._frames_sent += len(frames)
-                await self._write(stream, data)
+                await self._write(stream, encode(frames, stream.chunked))
                 continue
             fut: asyncio.Future[None] = loop.create_future()
             stream.waiter = fut
@@ -821,7 +758,7 @@ class SseHub:
                 stream.direct = False
 
     async def _send(self, stream: _Stream, raw: bytes) -> None:
-        await self._write(stream, _chunk(raw) if stream.chunked else raw)
+        await self._write(stream, chunk(raw) if stream.chunked else raw)
 
     async def _write(self, stream: _Stream, data: bytes) -> None:
         t = stream.transport
@@ -853,24 +790,14 @@ class SseHub:
                 summary = await self.overview.summary(self._app, self._now)
             self._snapshots += 1
             alerts = b",".join(reversed(self.overview.alerts))
-            return b'event: snapshot\nid: %b-%d\ndata: {"overview":%b,"alerts":[%b]}\n\n' % (
-                self._epoch_b,
-                seq,
-                orjson.dumps(summary),
-                alerts,
-            )
+            data = b'{"overview":%b,"alerts":[%b]}' % (orjson.dumps(summary), alerts)
+            return message_with_id(b"snapshot", self._epoch_b, seq, data)
         if channel is self._identities:
             async with sem:
                 identities = await self._store.recent_identities(IDENTITY_SNAPSHOT_LIMIT)
             self._snapshots += 1
-            for ident in identities:
-                for key in IDENTITY_TIME_FIELDS:
-                    ident[key] = iso_utc(ident[key])
-            return b"event: snapshot\nid: %b-%d\ndata: %b\n\n" % (
-                self._epoch_b,
-                seq,
-                orjson.dumps({"identities": identities}),
-            )
+            data = orjson.dumps({"identities": [identity_entry(i) for i in identities]})
+            return message_with_id(b"snapshot", self._epoch_b, seq, data)
         store = self._store
         uuid = channel.uuid
         async with sem:
@@ -885,30 +812,13 @@ class SseHub:
             "attacker_uuid": uuid,
             "observations": observations,
             "identity_uuid": identity,
-            "attribution": [_attribution_row(r) for r in rows],
+            "attribution": [attribution_row(r) for r in rows],
         }
         self._snapshots += 1
-        return b"event: snapshot\nid: %b-%d\ndata: %b\n\n" % (
-            self._epoch_b,
-            seq,
-            orjson.dumps(body),
-        )
-
-    def _parse_cursor(self, text: str) -> tuple[int | None, str]:
-        if not text:
-            return None, ""
-        epoch, sep, seq_s = text.strip().rpartition("-")
-        if not sep or not seq_s.isascii() or not seq_s.isdigit() or len(seq_s) > 19:
-            return None, "malformed cursor"
-        if epoch != self._epoch:
-            return None, "unknown epoch"
-        seq = int(seq_s)
-        if seq > self._seq:
-            return None, "unknown cursor"
-        return seq, ""
+        return message_with_id(b"snapshot", self._epoch_b, seq, orjson.dumps(body))
 
     # -- index -------------------------------------------------------------------------------
-    def _attach(self, stream: _Stream, cursor: int | None) -> tuple[list[_Frame] | None, bool]:
+    def _attach(self, stream: _Stream, cursor: int | None) -> tuple[list[Frame] | None, bool]:
         """Put *stream* into its attacker's channel. Returns the frames to
         replay (None: send a snapshot) and whether the cursor was evicted."""
         uuid = stream.attacker_uuid
@@ -922,9 +832,8 @@ class SseHub:
         stream.channel = channel
         if cursor is None:
             return None, False
-        if cursor < channel.covered_from:
-            return None, True
-        return [f for f in channel.frames if f.seq > cursor], False
+        replay = channel.buffer.since(cursor)
+        return replay, replay is None
 
     def _close(self, stream: _Stream, reason: str) -> None:
         """End a stream (idempotent): out of every index at once, so its cap
@@ -975,7 +884,7 @@ class SseHub:
                 attackers.discard(channel.uuid)
                 if not attackers:
                     del self._by_identity[channel.identity]
-        channel.frames.clear()
+        channel.buffer.frames.clear()
 
     def _set_identity(self, channel: _Channel, identity: str) -> None:
         old = channel.identity
@@ -991,7 +900,7 @@ class SseHub:
         self._by_identity.setdefault(identity, set()).add(channel.uuid)
 
     # -- routing -----------------------------------------------------------------------------
-    def _frame(self, event: Event, name: bytes | None = None) -> _Frame:
+    def _frame(self, event: Event, name: bytes | None = None) -> Frame:
         """The frame of a live event; ``name``: its ``event:`` name (default:
         the attacker stream's name for the topic)."""
         topic = event.topic
@@ -1002,12 +911,12 @@ class SseHub:
                 if len(self._names) >= _NAME_CACHE_MAX:
                     self._names.clear()
                 self._names[topic] = name
-        return self._frame_of(name, _event_data(event))
+        return self._frame_of(name, event_data(event))
 
-    def _frame_of(self, name: bytes, data: bytes) -> _Frame:
+    def _frame_of(self, name: bytes, data: bytes) -> Frame:
         self._seq += 1
         seq = self._seq
-        return _Frame(seq, b"event: %b\nid: %b-%d\ndata: %b\n\n" % (name, self._epoch_b, seq, data))
+        return Frame(seq, message_with_id(name, self._epoch_b, seq, data))
 
     def _dispatch(self, event: Event) -> None:
         """Route one bus event (synchronous; never awaits a stream)."""
@@ -1029,7 +938,7 @@ class SseHub:
             overview.note_change()
             self._dispatch_attribution(event, payload)
             if topic == topics.ATTRIBUTION_PROFILE_MULTI_ACTOR_SUSPECTED:
-                data = _event_data(event)
+                data = event_data(event)
                 overview.note_alert(data)
                 self._push_overview(OVERVIEW_ALERT, data)
         elif topic.startswith(_IDENTITY_DOT):
@@ -1056,10 +965,9 @@ class SseHub:
         if channel.streams:
             self._events_routed += 1
             channel.push(self._frame_of(name, data))
-        elif channel.frames or channel.covered_from <= self._seq:
+        elif channel.buffer.frames or channel.buffer.covered_from <= self._seq:
             # every cursor given so far is now older than what the buffer covers
-            channel.frames.clear()
-            channel.covered_from = self._seq + 1
+            channel.buffer.restart(self._seq + 1)
 
     def _dispatch_attacker(self, event: Event) -> None:
         attacker = event.payload.get("attacker_uuid")
@@ -1141,8 +1049,7 @@ class SseHub:
         self._seq += 1
         barrier = self._seq
         for channel in (*self._by_attacker.values(), self._identities, self._overview):
-            channel.frames.clear()
-            channel.covered_from = barrier
+            channel.buffer.restart(barrier)
         streams = list(self._streams)
         for s in streams:
             s.mark_stale(reason, barrier)
@@ -1291,11 +1198,7 @@ class SseHub:
             stream.wake()
             return
         stream.queue = []
-        if stream.chunked:
-            data = frames[0].data if len(frames) == 1 else b"".join([f.data for f in frames])
-        else:
-            data = b"".join([f.raw() for f in frames])
-        t.write(data)
+        t.write(encode(frames, stream.chunked))
         stream.last_write = self._now
         self._frames_sent += len(frames)
 
@@ -1342,7 +1245,7 @@ class SseHub:
                     continue
                 if s.direct and t is not None and not s.queue and now - s.last_write >= keepalive:
                     if t.get_write_buffer_size() < WRITE_HIGH_WATER:
-                        t.write(_KEEPALIVE_CHUNKED if s.chunked else KEEPALIVE)
+                        t.write(KEEPALIVE_CHUNKED if s.chunked else KEEPALIVE)
                         s.last_write = now
             self._evict(now)
             self._check_bus()
@@ -1384,7 +1287,7 @@ class SseHub:
                 logger.debug("SSE overview summary failed", exc_info=True)
                 continue
             sent_version, sent_at = version, now
-            frame = _Frame(self._seq, b"event: overview\ndata: %b\n\n" % orjson.dumps(summary))
+            frame = Frame(self._seq, message(b"overview", orjson.dumps(summary)))
             self._overview_last = frame
             self._overview_frames += 1
             self._now = loop.time()

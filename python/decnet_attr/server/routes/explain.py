@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from decnet_attr.server.app import SETTINGS, STORE
 from decnet_attr.server.auth import READ_ROLES, Principal, require
 from decnet_attr.server.errors import ATTACKER_NOT_FOUND_DETAIL, json_response, not_found
+from decnet_attr.server.keys import SETTINGS, STORE
 
 log = logging.getLogger(__name__)
 

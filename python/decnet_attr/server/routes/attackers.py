@@ -9,7 +9,6 @@ import re
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from decnet_attr.identifiers import (
@@ -18,7 +17,6 @@ from decnet_attr.identifiers import (
     network_keys,
     normalise_ip,
 )
-from decnet_attr.server.app import STORE
 from decnet_attr.server.auth import READ_ROLES, REGISTER_ROLES, Principal, require
 from decnet_attr.server.errors import (
     ATTACKER_NOT_FOUND_DETAIL,
@@ -29,14 +27,13 @@ from decnet_attr.server.errors import (
     read_json_object,
     unprocessable,
 )
-from decnet_attr.server.wire import iso_utc
+from decnet_attr.server.keys import STORE
+from decnet_attr.server.wire import attribution_row, iso_utc
 from decnet_attr.store import (
     STATES,
     AttackerFilter,
     AttackerRow,
     AttackerSummary,
-    AttributionView,
-    StateRow,
     StoreError,
     StoreUnavailable,
 )
@@ -130,19 +127,6 @@ def attacker_entry(s: AttackerSummary, refs: list[str]) -> dict[str, Any]:
         "multi_actor": s.multi_actor,
         "rotation_count": a.rotation_count,
         "last_rotation_at": iso_utc(a.last_rotation_at),
-    }
-
-
-def attribution_row(row: AttributionView | StateRow) -> dict[str, Any]:
-    """One row of the attribution endpoint: exactly these seven keys."""
-    return {
-        "primitive": row.primitive,
-        "current_value": orjson.loads(row.current_value_json),
-        "state": row.state,
-        "confidence": row.confidence,
-        "observation_count": row.observation_count,
-        "last_change_ts": row.last_change_ts,
-        "last_observation_ts": row.last_observation_ts,
     }
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from decnet_attr.server.app import SETTINGS, STORE
 from decnet_attr.server.auth import READ_ROLES, Principal, require
 from decnet_attr.server.errors import json_response, not_found
-from decnet_attr.server.routes_attackers import attribution_row, int_param
-from decnet_attr.server.wire import iso_utc
+from decnet_attr.server.keys import SETTINGS, STORE
+from decnet_attr.server.routes.attackers import int_param
+from decnet_attr.server.wire import attribution_row, identity_entry, iso_utc
 from decnet_attr.store import Store
 
 routes = web.RouteTableDef()
@@ -27,16 +27,6 @@ OBSERVATIONS_LIMIT_DEFAULT = 100
 OBSERVATIONS_LIMIT_MAX = 1000
 #: Distinct fingerprint values listed on an identity at most.
 FINGERPRINTS_MAX = 200
-#: Identity times given as ISO-8601 UTC (as the identity stream's snapshot).
-TIME_FIELDS = ("first_seen_at", "last_seen_at", "created_at", "updated_at")
-
-
-def identity_entry(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    for key in TIME_FIELDS:
-        if key in out:
-            out[key] = iso_utc(out[key])
-    return out
 
 
 async def _identity(request: web.Request) -> tuple[Store, str, dict[str, Any]]:
