@@ -8,6 +8,8 @@ ValueKind = Literal["categorical", "numeric", "hash"]
 StateName = Literal["unknown", "stable", "drifting", "conflicted", "multi_actor"]
 
 REGISTRY_VERSION: str
+#: The state names, in the engine's order (the only list of them).
+STATES: tuple[StateName, ...]
 __version__: str
 
 class DecnetAttrError(ValueError): ...

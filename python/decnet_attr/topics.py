@@ -71,6 +71,7 @@ __all__ = [
     "ROOTS",
     "SYSTEM_ATTRIBUTION_CONTROL",
     "SYSTEM_ATTRIBUTION_HEALTH",
+    "SYSTEM_AUTH_REVOKED",
     "SYSTEM_BUS_HEALTH",
     "SYSTEM_CONTROL_PATTERN",
     "SYSTEM_CONTROL_SUFFIX",
@@ -201,6 +202,10 @@ SYSTEM_CONTROL_SUFFIX = "control"
 SYSTEM_HEALTH_PATTERN = "system.*.health"
 SYSTEM_CONTROL_PATTERN = "system.*.control"
 WEBHOOK_SUBSCRIPTIONS_CHANGED = "system.webhook.subscriptions_changed"
+#: Our addition: an account's tokens were revoked (logout, password change,
+#: role change, disabling). Every API process drops its cached sessions of
+#: that user and the SSE relay ends the user's streams.
+SYSTEM_AUTH_REVOKED = "system.auth.revoked"
 #: The worker name the attribution engine uses in ``system.<worker>.*`` topics.
 ATTRIBUTION_WORKER = "attribution"
 SYSTEM_ATTRIBUTION_HEALTH = "system.attribution.health"

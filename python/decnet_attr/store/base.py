@@ -18,14 +18,16 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from decnet_attr import STATES as STATES
+
 if TYPE_CHECKING:
     from decnet_attr._core import ValidatedBatch
     from decnet_attr.store.identities import IdentityOps, IdentityReads
 
 Key = tuple[str, str]  # (identity_uuid, primitive)
 
-#: The attribution-state vocabulary (every key of ``AttackerSummary.state_counts``).
-STATES: tuple[str, ...] = ("unknown", "stable", "drifting", "conflicted", "multi_actor")
+#: The attribution-state vocabulary (every key of ``AttackerSummary.state_counts``)
+#: is the engine's: ``decnet_attr.STATES``, re-exported here.
 
 #: Dead-letter payloads are cut to this many UTF-8 bytes by the store.
 DEAD_LETTER_MAX_BYTES = 64 * 1024

@@ -218,6 +218,15 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in the order the Python package lists them.
+    pub const ALL: [State; 5] = [
+        State::Unknown,
+        State::Stable,
+        State::Drifting,
+        State::Conflicted,
+        State::MultiActor,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Unknown => "unknown",
