@@ -398,6 +398,7 @@ fn parse_value(data: &[u8]) -> Result<ValueIn<'_>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::value::ValueRef;
 
     #[test]
     fn array_and_ndjson_agree() {

@@ -49,10 +49,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
         "InvalidJSONError",
         py.get_type::<errors::InvalidJSONError>(),
     )?;
-    m.add(
-        "STATES",
-        PyTuple::new(py, State::ALL.map(State::as_str)),
-    )?;
+    m.add("STATES", PyTuple::new(py, State::ALL.map(State::as_str)))?;
     m.add("REGISTRY_VERSION", Registry::get().version.as_str())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
