@@ -14,7 +14,7 @@ const VALUE_COLOURS = 8;
 const EXPLAIN_PREFETCH_MAX = 64;
 const EXPLAIN_CONCURRENCY = 4;
 
-// Every event the relay may send (reference §7 plus our additions).
+// Every event the relay may send (docs/decnet.md#sse-relay plus our additions).
 const STREAM_EVENTS = [
   "snapshot",
   "observation",
