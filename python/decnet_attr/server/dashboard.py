@@ -9,7 +9,9 @@ file system, so there is no path to traverse.
 Caching: the page is ``no-cache`` (revalidated with its ETag every time); its
 references to the assets carry ``?v=<content hash>`` (rewritten at start-up),
 and an asset requested with its current hash is ``immutable`` for a year. An
-asset requested without (or with an old) hash is ``no-cache`` + ETag.
+asset requested without (or with an old) hash is ``no-cache`` + ETag; that is
+how the modules ``app.js`` imports are fetched, so a browser revalidates them
+(a 304 while unchanged) and never mixes old and new modules.
 
 The page's facts: ``GET /api/v1/dashboard/config`` (viewer or admin) answers
 ``{"states": [...], "multi_actor_min_primitives": n}``, the state names and
