@@ -4,7 +4,9 @@
 // (view-*.js) returning { destroy() }; shared pieces live in dom.js (building
 // the DOM), format.js (display text), widgets.js (pieces several views show),
 // session.js (token and API), stream.js (the live event stream), facts.js
-// (what the server says about states and thresholds) and chart.js.
+// (what the server says about states and thresholds), timeline.js and
+// explain.js (the attacker page's value strips and badge explanations) and
+// chart.js.
 //
 // Security notes:
 // - The access token is only ever sent in an Authorization header; the event
