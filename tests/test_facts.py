@@ -45,3 +45,14 @@ def test_every_threshold_is_a_getter_and_a_keyword() -> None:
 def test_auth_revoked_topic() -> None:
     assert topics.SYSTEM_AUTH_REVOKED == "system.auth.revoked"
     assert topics.validate_topic(topics.SYSTEM_AUTH_REVOKED)
+
+
+def test_the_stubs_threshold_keywords_match_the_engine() -> None:
+    """The stub lists the constructor's keywords (stubtest cannot see ``**kwargs``)."""
+    tree = ast.parse(STUB.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Thresholds")
+    new = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__new__")
+    keywords = {a.arg for a in new.args.kwonlyargs}
+    assert keywords == set(Thresholds().to_dict()) | {"per_primitive", "per_kind"}
+    getters = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+    assert set(Thresholds().to_dict()) <= getters
