@@ -144,6 +144,18 @@ class Settings:
         default=50_000,
         metadata={"help": "observations accepted but not yet committed before ingest answers 503"},
     )
+    ingest_journal: bool = field(
+        default=True,
+        metadata={
+            "help": "in-process bus: keep an ingest journal in the data dir and answer 202 "
+            "once a body is written there, before the worker merges it; off: 202 after the "
+            "worker's commit"
+        },
+    )
+    journal_fsync: bool = field(
+        default=False,
+        metadata={"help": "fsync the ingest journal before each 202 (survives power loss)"},
+    )
     partitions: int = field(
         default=1,
         metadata={
@@ -291,7 +303,11 @@ class Settings:
 
     def bus_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`decnet_attr.bus.get_bus`."""
-        return {"ack_wait": self.ack_wait}
+        options: dict[str, Any] = {"ack_wait": self.ack_wait}
+        if self.ingest_journal and self.bus_url.strip().lower().startswith("memory:"):
+            options["journal"] = Path(self.data_dir) / "journal"
+            options["journal_fsync"] = self.journal_fsync
+        return options
 
     def threshold_overrides(self) -> dict[str, Any]:
         import json

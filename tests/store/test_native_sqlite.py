@@ -12,7 +12,9 @@ import pytest
 
 from decnet_attr._core import SqliteConnection
 from decnet_attr.store.base import StoreError, StoreUnavailable
-from decnet_attr.store.sqlite import NativeConnection, _map_error
+from decnet_attr.store.sqlite import SQLITE, NativeConnection
+
+_map_error = SQLITE.map_error
 
 
 def test_values_round_trip(tmp_path: Path) -> None:

@@ -500,6 +500,11 @@ class Bus(ABC):
         """Counters: at least ``published``, ``delivered``, ``dropped``,
         ``subscriptions``, ``durable_pending``, ``reconnects``."""
 
+    def backlog(self) -> int:
+        """Observations this bus has taken durably that no consumer has acked
+        yet, when it knows (the in-process bus with a journal); else 0."""
+        return 0
+
     # -- shared helpers --------------------------------------------------------------------
     @staticmethod
     def _make_event(

@@ -13,9 +13,13 @@ group *with an attached consumer* has acked the event. A plain
 :meth:`InProcessBus.publish` on a topic a durable group reads is queued for that
 group too, without waiting (as JetStream stores every message published on a
 stream subject); it is dropped, counted and logged if the group is full.
-"Durable" here means
-"committed by the consumer", not "persisted": the in-process bus holds nothing
-across a process restart.
+Without a journal, "durable" means "committed by the consumer", not
+"persisted": the bus holds nothing across a process restart. With a journal
+(:mod:`decnet_attr.bus.journal`, what ``serve`` uses by default), a durable
+publish returns once the event is written to the journal; the event is
+acknowledged in the journal when every group has acked it, and what was not
+acknowledged is redelivered after a restart (to the first durable group
+opened on a matching pattern).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from decnet_attr.bus.base import (
@@ -36,6 +41,7 @@ from decnet_attr.bus.base import (
     RateLimitedLog,
     Subscription,
 )
+from decnet_attr.bus.journal import Journal
 from decnet_attr.topics import matches, validate_pattern, validate_segment, validate_topic
 
 __all__ = ["InProcessBus"]
@@ -285,6 +291,9 @@ class InProcessBus(Bus):
         durable publish waits for space (backpressure) within its timeout.
     :param ack_wait: seconds after which an unacked durable delivery is redelivered.
     :param route_cache_size: distinct topics kept in the dispatch cache.
+    :param journal: directory of the ingest journal (None: no journal; a
+        durable publish then waits for the acks).
+    :param journal_fsync: fsync each journal append (shared by concurrent ones).
     """
 
     name = "memory"
@@ -296,6 +305,8 @@ class InProcessBus(Bus):
         *,
         ack_wait: float = 30.0,
         route_cache_size: int = 4096,
+        journal: str | Path | None = None,
+        journal_fsync: bool = False,
     ) -> None:
         if queue_size < 1 or durable_queue_size < 1:
             raise ValueError("queue sizes must be >= 1")
@@ -319,11 +330,15 @@ class InProcessBus(Bus):
         self._durable_acked = 0
         self._durable_redelivered = 0
         self._durable_dropped = 0
+        self._journal = Journal(journal, fsync=journal_fsync) if journal is not None else None
+        self._replay: list[tuple[int, Event]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def connect(self) -> None:
         if self._closed:
             raise RuntimeError("bus is closed")
+        if self._journal is not None and not self._journal.opened:
+            self._replay = self._journal.open()
         self._connected = True
 
     async def close(self) -> None:
@@ -339,6 +354,9 @@ class InProcessBus(Bus):
         for group in self._groups.values():
             group.close()
         self._group_route.clear()
+        if self._journal is not None:
+            await asyncio.sleep(0)  # acks already given reach the journal (future callbacks)
+            self._journal.close()
 
     @property
     def connected(self) -> bool:
@@ -465,21 +483,32 @@ class InProcessBus(Bus):
         event = self._make_event(topic, payload, event_type, event_id, ts)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        journal = self._journal
+        seq = await journal.append(event) if journal is not None else 0
         futures: list[asyncio.Future[bool]] = []
-        for group in groups:
-            if group.consumers:
-                futures.append(await group.enqueue(event, deadline))
-            elif group.offer(event, loop) is None:
-                self._durable_dropped += 1
-                _rl.warning(
-                    f"durable-full:{group.name}",
-                    "durable queue %r (no consumer attached) full, event %s not queued for it",
-                    group.name,
-                    event.id,
-                )
+        try:
+            for group in groups:
+                if group.consumers:
+                    futures.append(await group.enqueue(event, deadline))
+                elif (fut := group.offer(event, loop)) is not None:
+                    if journal is not None:  # held for a consumer to come
+                        futures.append(fut)
+                else:
+                    self._durable_dropped += 1
+                    _rl.warning(
+                        f"durable-full:{group.name}",
+                        "durable queue %r (no consumer attached) full, event %s not queued for it",
+                        group.name,
+                        event.id,
+                    )
+        finally:
+            if journal is not None:
+                self._settle(seq, futures)
         self._durable_published += 1
         self._published += 1
         self._fanout(event, subs)
+        if journal is not None:
+            return event  # durable: written to the journal
         waiting = [f for f in futures if not f.done()]
         if waiting:
             remaining = max(deadline - loop.time(), 0.0)
@@ -491,6 +520,44 @@ class InProcessBus(Bus):
         if not all(f.result() for f in futures):
             raise BusUnavailable("bus closed before the durable event was acknowledged")
         return event
+
+    def _settle(self, seq: int, futures: list[asyncio.Future[bool]]) -> None:
+        """Acknowledge journal record ``seq`` once every future is acked
+        (one resolved False, a closing bus, leaves it for redelivery)."""
+        journal = self._journal
+        assert journal is not None
+        left = len(futures)
+        if not left:
+            journal.ack(seq)  # reached no group: nothing would redeliver it
+            return
+
+        def one(fut: asyncio.Future[bool]) -> None:
+            nonlocal left
+            left -= 1
+            if not left and all(not f.cancelled() and f.result() for f in futures):
+                journal.ack(seq)
+
+        for fut in futures:
+            fut.add_done_callback(one)
+
+    def backlog(self) -> int:
+        """Observations in the journal not acknowledged yet (0 without one)."""
+        return self._journal.backlog if self._journal is not None else 0
+
+    def _redeliver(self, group: _Group) -> None:
+        """Queue the journal's unacknowledged records matching a new group."""
+        if not self._replay:
+            return
+        loop = asyncio.get_running_loop()
+        keep: list[tuple[int, Event]] = []
+        for seq, event in self._replay:
+            fut = group.offer(event, loop) if matches(group.pattern, event.topic) else None
+            if fut is None:
+                keep.append((seq, event))
+            else:
+                self._durable_redelivered += 1
+                self._settle(seq, [fut])
+        self._replay = keep
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         if self._closed:
@@ -508,6 +575,7 @@ class InProcessBus(Bus):
             )
         consumer = _MemDurableConsumer(self, group, self._ack_wait)
         group.consumers[consumer] = None
+        self._redeliver(group)
         return consumer
 
     # -- introspection -----------------------------------------------------------------------
@@ -524,5 +592,6 @@ class InProcessBus(Bus):
             "durable_dropped": self._durable_dropped,
             "durable_pending": sum(len(g.by_id) for g in self._groups.values()),
             "durable_consumers": sum(len(g.consumers) for g in self._groups.values()),
+            "journal_backlog": self.backlog(),
             "reconnects": 0,
         }

@@ -40,7 +40,7 @@ from decnet_attr.store import (
     StoreError,
     StoreUnavailable,
 )
-from decnet_attr.store.schema import SHARD_REF_PREFIX
+from decnet_attr.store.queries import SHARD_REF_PREFIX
 
 log = logging.getLogger(__name__)
 

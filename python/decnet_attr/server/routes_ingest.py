@@ -211,13 +211,15 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
                 status=202,
             )
 
-    # back-pressure: a bound on what this process holds accepted-but-not-
-    # yet-durable, instead of queueing without limit while the worker lags
+    # back-pressure: a bound on what is accepted but not merged yet (bodies
+    # being handed over, plus what the journal holds unacknowledged), instead
+    # of queueing without limit while the worker lags
     inflight = counters.get(INFLIGHT, 0)
-    if inflight and inflight + len(batch) > settings.ingest_queue_max:
+    waiting = inflight + request.app[BUS].backlog()
+    if waiting and waiting + len(batch) > settings.ingest_queue_max:
         _count(counters, "ingest_backpressure_total", 1)
         raise service_unavailable(
-            f"ingest is behind: {inflight} observations are waiting to be stored",
+            f"ingest is behind: {waiting} observations are waiting to be merged",
             retry_after=1.0,
             extra={"accepted": 0, "ids": []},
         )

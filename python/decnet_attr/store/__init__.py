@@ -2,6 +2,13 @@
 
 ``open_store(url)`` picks the backend from the URL; call ``await store.open()``
 before use and ``await store.close()`` at shutdown.
+
+The modules: ``base`` (the interfaces), ``models`` (the data classes),
+``errors`` (the typed errors), ``sql`` (the SQL both backends share),
+``dialect`` (what differs between them), ``sqlite`` / ``postgres`` (each
+backend's driver, lifecycle and batch writes), ``rows`` (row mapping),
+``queries`` (the attacker list's query), ``schema`` (the migrations),
+``identities`` (identity roll-up queries), ``files`` (SQLite file modes).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from decnet_attr.store.base import (
     Store,
     StoreConflict,
     StoreError,
+    StoreIntegrity,
     StoreUnavailable,
     TicketRow,
     Tx,
@@ -98,6 +106,7 @@ __all__ = [
     "Store",
     "StoreConflict",
     "StoreError",
+    "StoreIntegrity",
     "StoreUnavailable",
     "TicketRow",
     "Tx",

@@ -1,13 +1,20 @@
-"""The repository interface shared by the SQLite and PostgreSQL stores.
+"""The store's interfaces, one per concern, and :class:`Store`, their composition.
+
+- :class:`Tx`: the writes of one worker batch, inside ONE transaction;
+- :class:`StoreLifecycle`: open, close, readiness, transactions;
+- :class:`AttributionStore`: attackers, observations, attribution state, retention;
+- :class:`IdentityStore`: the identities attackers roll up to;
+- :class:`AuthStore`: users, revoked tokens and SSE tickets;
+- :class:`DeadLetterStore`: what the worker could not process.
 
 The database is the source of truth. The worker does all of one
-micro-batch's writes inside ONE transaction (:meth:`Store.transaction`);
+micro-batch's writes inside one transaction (:meth:`Store.transaction`);
 the API reads outside transactions. Every write is a native upsert
 (``INSERT … ON CONFLICT``), never select-then-write.
 
-Times are epoch seconds (float). JSON values (observation values,
-``current_value``, retained windows) are stored as JSON *text* so they come
-back exactly as written.
+Both backends implement them through one SQL store written over a dialect
+(:mod:`decnet_attr.store.sql`); the data classes are in
+:mod:`decnet_attr.store.models`, the errors in :mod:`decnet_attr.store.errors`.
 """
 
 from __future__ import annotations
@@ -15,229 +22,33 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from decnet_attr import STATES as STATES
+from decnet_attr.store.errors import StoreConflict, StoreError, StoreIntegrity, StoreUnavailable
+from decnet_attr.store.models import (
+    DEAD_LETTER_MAX_BYTES,
+    MULTI_ACTOR_FLAG_MIN,
+    STATES,
+    USER_UPDATE_FIELDS,
+    AttackerAttribution,
+    AttackerFilter,
+    AttackerRow,
+    AttackerSummary,
+    AttributionView,
+    DeadLetter,
+    Key,
+    ObservationRow,
+    RecomputeStats,
+    StateRow,
+    TicketRow,
+    UserRow,
+    truncate_payload,
+)
+from decnet_attr.store.rows import ObsParams, obs_params
 
 if TYPE_CHECKING:
     from decnet_attr._core import ValidatedBatch
     from decnet_attr.store.identities import IdentityOps, IdentityReads
-
-Key = tuple[str, str]  # (identity_uuid, primitive)
-
-#: The attribution-state vocabulary (every key of ``AttackerSummary.state_counts``)
-#: is the engine's: ``decnet_attr.STATES``, re-exported here.
-
-#: Dead-letter payloads are cut to this many UTF-8 bytes by the store.
-DEAD_LETTER_MAX_BYTES = 64 * 1024
-
-#: The ``UserRow`` fields :meth:`Store.update_user` accepts (plus ``updated_at``).
-USER_UPDATE_FIELDS: frozenset[str] = frozenset(
-    {"password_hash", "role", "must_change_password", "disabled", "tokens_valid_from"}
-)
-
-
-def truncate_payload(payload: str, limit: int = DEAD_LETTER_MAX_BYTES) -> str:
-    """``payload`` cut to at most ``limit`` UTF-8 bytes (never inside a character;
-    unencodable lone surrogates become ``?``)."""
-    raw = payload.encode("utf-8", "replace")
-    return raw[:limit].decode("utf-8", "ignore")
-
-
-class StoreError(RuntimeError):
-    """The store failed (connection lost, constraint, …)."""
-
-
-class StoreUnavailable(StoreError):
-    """The store cannot be reached right now."""
-
-
-class StoreConflict(StoreError):
-    """The transaction lost to a concurrent one (deadlock, serialization
-    failure): running it again is safe."""
-
-
-@dataclass(frozen=True)
-class AttackerRow:
-    uuid: str
-    ip: str | None
-    identity_id: str | None
-    first_seen: float
-    last_seen: float
-    rotation_count: int = 0
-    last_rotation_at: float | None = None
-
-
-class AttributionView(NamedTuple):
-    """The public columns of one ``attribution_state`` row (no retained window):
-    what ``GET /attackers/{uuid}/attribution`` returns."""
-
-    primitive: str
-    current_value_json: str
-    state: str
-    confidence: float
-    observation_count: int
-    last_change_ts: float
-    last_observation_ts: float
-
-
-@dataclass(frozen=True)
-class AttackerAttribution:
-    """An attacker's identity (None: not formed yet) and its rows by primitive."""
-
-    identity_uuid: str | None
-    rows: list[AttributionView]
-
-
-@dataclass(frozen=True)
-class AttackerSummary:
-    """An attacker for the dashboard list."""
-
-    attacker: AttackerRow
-    # state -> number of primitives of its identity in that state
-    state_counts: dict[str, int]
-    multi_actor: bool  # identity currently suspected (>= MULTI_ACTOR_FLAG_MIN multi_actor)
-    observation_count: int
-
-
-#: Primitives in ``multi_actor`` that make an attacker's identity "suspected" in
-#: the list (its ``multi_actor`` flag and the ``multi_actor`` filter).
-MULTI_ACTOR_FLAG_MIN = 2
-
-
-@dataclass(frozen=True)
-class AttackerFilter:
-    """The list's search filters (all given ones must hold; empty: no filter).
-
-    ``ips``: exact addresses (any); ``ip_prefixes``: text prefixes of the
-    address (any; a CIDR network is given as the prefixes that cover it);
-    ``attacker_prefix`` / ``identity_prefix``: case-insensitive prefixes of
-    the attacker uuid / its identity uuid; ``states``: some primitive of the
-    identity is in one of these states; ``multi_actor``: the flag of
-    :class:`AttackerSummary` is set (True) or not (False); ``seen_since``:
-    ``last_seen`` at or after this epoch time."""
-
-    ips: tuple[str, ...] = ()
-    ip_prefixes: tuple[str, ...] = ()
-    # networks as (CIDR text, first ip_key, last ip_key): IPv6 ones (IPv4
-    # networks come as ``ip_prefixes``)
-    networks: tuple[tuple[str, str, str], ...] = ()
-    attacker_prefix: str | None = None
-    identity_prefix: str | None = None
-    states: tuple[str, ...] = ()
-    multi_actor: bool | None = None
-    seen_since: float | None = None
-
-
-@dataclass(slots=True)
-class ObservationRow:
-    """One stored observation (reference §5.2 ``observations``)."""
-
-    id: str
-    attacker_uuid: str
-    primitive: str
-    value_json: str  # the value as JSON text
-    ts: float
-    evidence_ref: str
-    confidence: float | None = None
-    window_start_ts: float | None = None
-    window_end_ts: float | None = None
-    source: str | None = None
-    identity_ref: str | None = None
-    envelope_v: int = 1
-    identity_uuid: str | None = None  # the identity the worker merged it into
-    merged: bool = True  # False: stored but not merged yet (bulk import)
-    seq: int | None = None  # assigned by the store (monotonic insertion order)
-
-
-#: One observations-table row, in ``OBS_INSERT_COLS`` order (what
-#: ``ValidatedBatch.rows()`` builds in Rust).
-ObsParams = tuple[Any, ...]
-
-
-def obs_params(r: ObservationRow) -> ObsParams:
-    """An :class:`ObservationRow` as an insert tuple (``schema.OBS_INSERT_COLS`` order)."""
-    return (
-        r.id,
-        r.identity_ref,
-        r.primitive,
-        r.value_json,
-        r.confidence,
-        r.window_start_ts,
-        r.window_end_ts,
-        r.source,
-        r.evidence_ref,
-        r.envelope_v,
-        r.ts,
-        r.attacker_uuid,
-        r.identity_uuid,
-        1 if r.merged else 0,
-    )
-
-
-@dataclass(slots=True)
-class StateRow:
-    """One ``attribution_state`` row plus what the engine needs to restart."""
-
-    identity_uuid: str
-    primitive: str
-    current_value_json: str
-    state: str
-    confidence: float
-    observation_count: int
-    last_change_ts: float
-    last_observation_ts: float
-    kind: str = "categorical"
-    window_json: str | None = None  # Engine.export_window() text
-    version: int = 0  # incremented on every write of the row
-    updated_at: float = 0.0
-    previous_state: str | None = None  # the state before the last transition
-    # None: ``window_json`` is complete. A seq: the window covers the key's
-    # observations up to that seq (later ones are replayed on load).
-    window_seq: int | None = None
-
-
-@dataclass(slots=True)
-class DeadLetter:
-    topic: str
-    reason: str
-    payload_json: str  # truncated by the store to a bounded size
-    event_id: str | None = None
-    received_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class UserRow:
-    uuid: str
-    username: str
-    password_hash: str
-    role: str  # admin | viewer | sensor
-    must_change_password: bool = False
-    disabled: bool = False
-    tokens_valid_from: float | None = None
-    created_at: float = 0.0
-    updated_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class TicketRow:
-    ticket_hash: str  # sha256 hex of the opaque ticket; the ticket itself is never stored
-    user_uuid: str
-    role: str
-    expires_at: float
-    created_at: float = 0.0
-    # The access token the ticket was minted with (schema v2), so redemption can
-    # re-check that it is not revoked, expired or older than ``tokens_valid_from``.
-    token_jti: str | None = None
-    token_iat: float | None = None
-    token_exp: float | None = None
-
-
-@dataclass
-class RecomputeStats:
-    keys: int = 0
-    changed: list[tuple[str, str, str | None, str]] = field(default_factory=list)
 
 
 class Tx(ABC):
@@ -345,14 +156,15 @@ class Tx(ABC):
         """Identity merges and un-merges inside this transaction."""
 
 
-class Store(ABC):
+class StoreLifecycle(ABC):
+    """Open, close, readiness and write transactions."""
+
     dialect: str  # "sqlite" or "postgresql"
     url: str
     #: The store writes retained windows lazily (:meth:`Tx.save_windows`,
     #: replay on load) — the embedded single-writer store.
     lazy_windows: bool = False
 
-    # ---- lifecycle -------------------------------------------------------
     @abstractmethod
     async def open(self) -> None:
         """Connect and run the versioned migrations."""
@@ -372,7 +184,10 @@ class Store(ABC):
     @abstractmethod
     async def schema_version(self) -> int: ...
 
-    # ---- attackers -------------------------------------------------------
+
+class AttributionStore(ABC):
+    """Attackers, their observations and attribution state, and retention."""
+
     @abstractmethod
     async def get_attacker(self, uuid: str) -> AttackerRow | None: ...
 
@@ -415,25 +230,11 @@ class Store(ABC):
         """The fleet's totals: ``{"attackers": n, "identities": n (not merged),
         "states": {state: primitives in it, for every state}}``."""
 
-    @abstractmethod
-    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
-        """The ``limit`` most recently updated identities, newest first:
-        ``{uuid, campaign_id, merged_into_uuid, first_seen_at, last_seen_at,
-        created_at, updated_at, confidence, observation_count}`` (epoch times)."""
-
-    @abstractmethod
-    def identity_reads(self) -> IdentityReads:
-        """The identity API's reads (pages, members, merge history)."""
-
-    @abstractmethod
-    async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
-        """Attacker uuids pointing at this identity (sorted)."""
-
     async def attacker_attribution(self, attacker_uuid: str) -> AttackerAttribution | None:
         """The attribution endpoint's read: None for an unknown attacker, else
         its identity and that identity's rows ordered by primitive (byte
         order), without the retained windows. Backends override this with one
-        query; this default uses two."""
+        query; this default uses two (the reference the tests compare with)."""
         attacker = await self.get_attacker(attacker_uuid)
         if attacker is None:
             return None
@@ -455,7 +256,6 @@ class Store(ABC):
         views.sort(key=lambda v: v.primitive)
         return AttackerAttribution(attacker.identity_id, views)
 
-    # ---- attribution -----------------------------------------------------
     @abstractmethod
     async def attribution_for_identity(self, identity_uuid: str) -> list[StateRow]:
         """Every state row of an identity, ordered by primitive."""
@@ -510,7 +310,6 @@ class Store(ABC):
         guarantees exactly once."""
         return []
 
-    # ---- retention ---------------------------------------------------------
     @abstractmethod
     async def mark_observations(self, now: float) -> int:
         """Note the newest observation seq at ``now`` (a retention mark);
@@ -531,10 +330,28 @@ class Store(ABC):
         ``chunk`` rows (one transaction each) and marks older than the cut;
         returns how many went."""
 
-    @abstractmethod
-    async def dead_letter_count(self) -> int: ...
 
-    # ---- users and auth --------------------------------------------------
+class IdentityStore(ABC):
+    """The identities attackers roll up to."""
+
+    @abstractmethod
+    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently updated identities, newest first:
+        ``{uuid, campaign_id, merged_into_uuid, first_seen_at, last_seen_at,
+        created_at, updated_at, confidence, observation_count}`` (epoch times)."""
+
+    @abstractmethod
+    def identity_reads(self) -> IdentityReads:
+        """The identity API's reads (pages, members, merge history)."""
+
+    @abstractmethod
+    async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
+        """Attacker uuids pointing at this identity (sorted)."""
+
+
+class AuthStore(ABC):
+    """Users, revoked tokens and SSE tickets."""
+
     @abstractmethod
     async def create_user(self, user: UserRow) -> None:
         """Raises :class:`StoreError` if the username exists."""
@@ -575,3 +392,48 @@ class Store(ABC):
     @abstractmethod
     async def purge_expired(self, now: float) -> None:
         """Drop expired revoked-token and ticket rows."""
+
+
+class DeadLetterStore(ABC):
+    """What the worker could not process (written by :meth:`Tx.insert_dead_letters`)."""
+
+    @abstractmethod
+    async def dead_letter_count(self) -> int: ...
+
+
+class Store(StoreLifecycle, AttributionStore, IdentityStore, AuthStore, DeadLetterStore):
+    """The whole store: every interface above, on one database."""
+
+
+__all__ = [
+    "DEAD_LETTER_MAX_BYTES",
+    "MULTI_ACTOR_FLAG_MIN",
+    "STATES",
+    "USER_UPDATE_FIELDS",
+    "AttackerAttribution",
+    "AttackerFilter",
+    "AttackerRow",
+    "AttackerSummary",
+    "AttributionStore",
+    "AttributionView",
+    "AuthStore",
+    "DeadLetter",
+    "DeadLetterStore",
+    "IdentityStore",
+    "Key",
+    "ObsParams",
+    "ObservationRow",
+    "RecomputeStats",
+    "StateRow",
+    "Store",
+    "StoreConflict",
+    "StoreError",
+    "StoreIntegrity",
+    "StoreLifecycle",
+    "StoreUnavailable",
+    "TicketRow",
+    "Tx",
+    "UserRow",
+    "obs_params",
+    "truncate_payload",
+]

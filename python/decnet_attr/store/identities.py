@@ -5,7 +5,8 @@ A backend provides one guarded ``run(sql, params) -> rows`` on a transaction
 (:meth:`Tx.identity_ops`) and on its read side (:meth:`Store.identity_reads`);
 the SQL here is written with ``?`` placeholders, ``IN_LIST(?)`` for a list
 parameter and ``IS_MERGED`` for "the engine has merged this observation",
-and :class:`Dialect` turns them into the backend's form.
+and the backend's :class:`~decnet_attr.store.dialect.Dialect` turns them
+into its form.
 
 What is stored:
 
@@ -24,53 +25,18 @@ What is stored:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from decnet_attr.store.schema import IDENTITY_FIELDS
+from decnet_attr.store.dialect import Dialect
+from decnet_attr.store.rows import IDENTITY_FIELDS
 
 Run = Callable[[str, Sequence[Any]], Awaitable[Sequence[Sequence[Any]]]]
 
 #: The kinds of ``identity_merges`` rows.
 MERGED = "merged"
 UNMERGED = "unmerged"
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """How SQL written with ``?`` and ``IN_LIST(?)`` becomes a backend's."""
-
-    name: str
-
-    def sql(self, text: str) -> str:
-        if self.name == "postgresql":
-            text = text.replace("IN_LIST(?)", "= ANY(?::text[])").replace("IS_MERGED", "merged")
-            n = 0
-
-            def number(_m: re.Match[str]) -> str:
-                nonlocal n
-                n += 1
-                return f"${n}"
-
-            return re.sub(r"\?", number, text)
-        text = text.replace("IS_MERGED", "merged = 1")
-        return text.replace("IN_LIST(?)", "IN (SELECT value FROM json_each(?))")
-
-    def list_param(self, values: Sequence[str]) -> Any:
-        if self.name == "postgresql":
-            return list(values)
-        return json.dumps(list(values))
-
-    @property
-    def for_update(self) -> str:
-        # SQLite transactions are BEGIN IMMEDIATE: one writer at a time
-        return " FOR UPDATE" if self.name == "postgresql" else ""
-
-
-SQLITE = Dialect("sqlite")
-POSTGRES = Dialect("postgresql")
 
 
 @dataclass(frozen=True)

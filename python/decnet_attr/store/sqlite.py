@@ -14,6 +14,10 @@ several processes on one file serialise instead of deadlocking;
 Batch writes use ``executemany`` with one prepared statement; id lists are
 passed as one JSON array parameter and expanded with ``json_each`` so the
 SQL text (and so the prepared statement) does not depend on the list size.
+
+The queries both backends share are in :mod:`decnet_attr.store.sql`; this
+module holds the SQLite dialect (driver calls, error codes), the native
+writer connection, the lifecycle and the batch writes.
 """
 
 from __future__ import annotations
@@ -21,74 +25,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import sqlite3
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from os import PathLike
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from decnet_attr._core import Dedupe, SqliteConnection, ValidatedBatch
 from decnet_attr.identifiers import ip_key
-from decnet_attr.store.base import (
-    AttackerAttribution,
-    AttackerFilter,
+from decnet_attr.store.dialect import Dialect, driver_errors, guard
+from decnet_attr.store.errors import (
+    ConnectionClosed,
+    StoreError,
+    StoreIntegrity,
+    StoreUnavailable,
+)
+from decnet_attr.store.files import private_db_files
+from decnet_attr.store.models import (
     AttackerRow,
-    AttackerSummary,
     DeadLetter,
     Key,
     ObservationRow,
     StateRow,
-    Store,
-    StoreError,
-    StoreUnavailable,
     TicketRow,
-    Tx,
-    UserRow,
     truncate_payload,
 )
-from decnet_attr.store.files import private_db_files
-from decnet_attr.store.identities import SQLITE, IdentityOps, IdentityReads
-from decnet_attr.store.schema import (
+from decnet_attr.store.queries import ALL_OBSERVATIONS_SQL
+from decnet_attr.store.rows import (
     ATTACKER_COLS,
-    EVIDENCE_SQL,
     OBS_INSERT_COLS,
-    OBS_SELECT_COLS,
-    OVERVIEW_STATES_SQL,
-    OVERVIEW_TOTALS_SQL,
     STATE_COLS,
     TICKET_COLS,
-    USER_COLS,
-    attacker_attribution_from_rows,
     attacker_from_row,
     dedupe_states,
-    evidence_from_rows,
-    identities_from_rows,
-    list_attackers_sql,
-    list_filters,
     merge_attacker_items,
-    migrate_sqlite,
     observation_from_row,
-    overview_counts_from_rows,
-    recent_identities_sql,
     state_from_row,
-    summaries_from_rows,
+    state_params,
     ticket_from_row,
-    user_from_row,
-    user_update_sets,
 )
-
-if TYPE_CHECKING:
-    from typing import ParamSpec
-
-    P = ParamSpec("P")
+from decnet_attr.store.schema import migrate_sqlite
+from decnet_attr.store.sql import SqlStore, SqlTx
 
 R = TypeVar("R")
 
@@ -101,35 +85,83 @@ MIN_SQLITE_VERSION = (3, 25, 0)
 #: path under the write lock instead.
 HAS_RETURNING = SQLITE_VERSION >= (3, 35, 0)
 
+#: Result codes (primary families) that mean "the database cannot be used
+#: right now" rather than "this statement is wrong".
 _UNAVAILABLE_CODES = frozenset(
     {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_NOTADB"}
 )
+_LOCK_CODES = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 
 
-def _map_error(exc: BaseException) -> StoreError:
-    if isinstance(exc, StoreError):
-        return exc
-    if isinstance(exc, sqlite3.IntegrityError):
-        return StoreError(f"integrity error: {exc}")
-    if isinstance(exc, sqlite3.Error):
-        name = str(getattr(exc, "sqlite_errorname", "") or "")
-        base = name.split("_", 2)
-        family = "_".join(base[:2]) if len(base) >= 2 else name
-        msg = str(exc)
-        if (
-            name in _UNAVAILABLE_CODES
-            or family in _UNAVAILABLE_CODES
-            or "database is locked" in msg
-            or "unable to open database" in msg
-            or "disk I/O error" in msg
+def _code_family(exc: BaseException) -> str:
+    """The primary result code of a SQLite error (``SQLITE_IOERR_WRITE`` ->
+    ``SQLITE_IOERR``), from the name the driver attaches to it."""
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    parts = name.split("_", 2)
+    return "_".join(parts[:2]) if len(parts) >= 2 else name
+
+
+def _connection_closed(conn: Any) -> bool:
+    """``conn`` cannot run statements any more (closed, or never opened)."""
+    if conn is None:
+        return True
+    if isinstance(conn, NativeConnection):
+        return conn.closed
+    # aiosqlite's own test before it refuses a call with a ValueError
+    return not getattr(conn, "_running", False) or getattr(conn, "_connection", None) is None
+
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+    tokens = {
+        "IN_LIST(?)": "IN (SELECT value FROM json_each(?))",
+        "NOT_MERGED": "merged = 0",
+        "IS_MERGED": "merged = 1",
+        "GREATEST(": "max(",
+        " BYTE_ORDER": "",
+    }
+
+    def list_param(self, values: Sequence[Any]) -> Any:
+        return json.dumps(list(values), separators=(",", ":"))
+
+    def flag(self, value: Any) -> Any:
+        return int(bool(value))
+
+    def in_network(self, add: Callable[[Any], str], net: tuple[str, str, str]) -> str:
+        # ip_key() is registered on the reader connection (identifiers.ip_key)
+        return f"ip_key(a.ip) BETWEEN {add(net[1])} AND {add(net[2])}"
+
+    async def rows(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(await conn.execute_fetchall(sql, params))
+
+    async def execute(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> None:
+        await conn.execute(sql, params)
+
+    def is_integrity(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+    def map_error(self, exc: BaseException, conn: Any = None) -> StoreError | None:
+        """By type and SQLite result code; a plain ``ValueError`` is the
+        driver refusing a call on a closed connection only when ``conn`` is
+        closed (``None``: no connection)."""
+        if isinstance(exc, StoreError):
+            return exc
+        if isinstance(exc, ConnectionClosed) or (
+            type(exc) is ValueError and _connection_closed(conn)
         ):
+            return StoreUnavailable("sqlite connection is closed")
+        if isinstance(exc, sqlite3.IntegrityError):
+            return StoreIntegrity(f"integrity error: {exc}")
+        if isinstance(exc, sqlite3.Error):
+            if _code_family(exc) in _UNAVAILABLE_CODES:
+                return StoreUnavailable(f"sqlite unavailable: {exc}")
+            return StoreError(f"sqlite error: {exc}")
+        if isinstance(exc, OSError):
             return StoreUnavailable(f"sqlite unavailable: {exc}")
-        return StoreError(f"sqlite error: {exc}")
-    if isinstance(exc, OSError):
-        return StoreUnavailable(f"sqlite unavailable: {exc}")
-    if _closed_connection(exc):
-        return StoreUnavailable("sqlite connection is closed")
-    return StoreError(f"sqlite error: {exc!r}")
+        return None
+
+
+SQLITE = SqliteDialect()
 
 
 class NativeConnection:
@@ -149,9 +181,13 @@ class NativeConnection:
         conn = await loop.run_in_executor(None, SqliteConnection, path, timeout)
         return cls(conn)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
         if self._closed:
-            raise ValueError("no active connection")
+            raise ConnectionClosed("no active connection")
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def execute(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
@@ -185,64 +221,7 @@ class NativeConnection:
             self._thread.shutdown(wait=False)
 
 
-def _closed_connection(exc: BaseException) -> bool:
-    """aiosqlite's (and :class:`NativeConnection`'s) ValueError for a closed
-    connection."""
-    text = str(exc)
-    return isinstance(exc, ValueError) and (
-        "no active connection" in text or "Connection closed" in text
-    )
-
-
-def _is_db_error(exc: BaseException) -> bool:
-    return isinstance(exc, (sqlite3.Error, OSError)) or _closed_connection(exc)
-
-
-def _param(i: int) -> str:
-    """The ``i``-th (1-based) query parameter placeholder."""
-    return f"?{i}"
-
-
-def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Translate driver errors into :class:`StoreError` / :class:`StoreUnavailable`."""
-
-    @functools.wraps(fn)
-    async def inner(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except StoreError:
-            raise
-        except Exception as exc:
-            if _is_db_error(exc):
-                raise _map_error(exc) from exc
-            raise
-
-    return inner
-
-
-def _json_list(items: Sequence[Any]) -> str:
-    return json.dumps(list(items), separators=(",", ":"))
-
-
-def _state_params(s: StateRow, now: float) -> tuple[Any, ...]:
-    return (
-        s.identity_uuid,
-        s.primitive,
-        s.current_value_json,
-        s.state,
-        s.confidence,
-        s.observation_count,
-        s.last_change_ts,
-        s.last_observation_ts,
-        s.kind,
-        s.window_json,
-        s.version,
-        s.updated_at or now,
-        s.previous_state,
-    )
-
-
-# ---- SQL ----------------------------------------------------------------------------------
+# ---- SQL -----------------------------------------------------------------------------------
 
 _SQL_ENSURE_ATTACKER = """
 INSERT INTO attackers (uuid, ip, first_seen, last_seen)
@@ -280,10 +259,12 @@ _STATE_VALUE_COLS = (
 )
 _SET_VALUES = ",\n    ".join(f"{c} = excluded.{c}" for c in _STATE_VALUE_COLS)
 
-_SQL_UPSERT_STATE = f"""
+_SQL_INSERT_STATE = f"""
 INSERT INTO attribution_state ({STATE_COLS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
+"""
+
+_SQL_UPSERT_STATE = f"""{_SQL_INSERT_STATE}ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
     {_SET_VALUES},
     "window" = excluded."window",
     window_seq = NULL
@@ -309,11 +290,6 @@ _SQL_SAVE_WINDOW = (
     "WHERE identity_uuid = ? AND primitive = ?"
 )
 
-_SQL_SERIES_AFTER = (
-    "SELECT value, ts FROM observations WHERE identity_uuid = ? AND seq > ? "
-    "AND primitive = ? AND merged = 1 ORDER BY seq"
-)
-
 _SQL_LOAD_STATES = (
     "SELECT "
     + ", ".join(f"s.{c.strip()}" for c in STATE_COLS.split(","))
@@ -322,35 +298,20 @@ _SQL_LOAD_STATES = (
     " AND s.primitive = json_extract(k.value, '$[1]')"
 )
 
-_SQL_INSERT_STATE = f"""
-INSERT INTO attribution_state ({STATE_COLS})
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-
-_SQL_ATTACKER_ATTRIBUTION = (
-    "SELECT a.identity_id, s.primitive, s.current_value, s.state, s.confidence, "
-    "s.observation_count, s.last_change_ts, s.last_observation_ts "
-    "FROM attackers a LEFT JOIN attribution_state s ON s.identity_uuid = a.identity_id "
-    "WHERE a.uuid = ? ORDER BY s.primitive"
-)
 
 # ---- the transaction ----------------------------------------------------------------------
 
 
-class SqliteTx(Tx):
+class SqliteTx(SqlTx):
     """Writes of one batch on the writer connection, inside ``BEGIN IMMEDIATE``."""
 
+    _dialect = SQLITE
+
     def __init__(self, conn: Any, dedupe: Dedupe) -> None:
-        self._conn = conn
-        self._open = True
+        super().__init__(conn)
         self._dedupe = dedupe
 
-    def _c(self) -> Any:
-        if not self._open:
-            raise StoreError("transaction is finished")
-        return self._conn
-
-    @_guard
+    @guard
     async def ensure_attackers(self, items: Sequence[tuple[str, str | None, float]]) -> None:
         conn = self._c()
         params = merge_attacker_items(items)
@@ -358,7 +319,7 @@ class SqliteTx(Tx):
             return
         await conn.executemany(_SQL_ENSURE_ATTACKER, params)
 
-    @_guard
+    @guard
     async def ensure_identities(
         self, attacker_uuids: Sequence[str], now: float
     ) -> tuple[dict[str, str], list[str]]:
@@ -369,7 +330,7 @@ class SqliteTx(Tx):
         rows = await conn.execute_fetchall(
             "SELECT uuid, identity_id, first_seen, last_seen FROM attackers "
             "WHERE uuid IN (SELECT value FROM json_each(?))",
-            (_json_list(wanted),),
+            (SQLITE.list_param(wanted),),
         )
         mapping: dict[str, str] = {}
         proposed: dict[str, str] = {}  # attacker -> identity we try to install
@@ -397,7 +358,7 @@ class SqliteTx(Tx):
             final = await conn.execute_fetchall(
                 "SELECT uuid, identity_id FROM attackers "
                 "WHERE uuid IN (SELECT value FROM json_each(?))",
-                (_json_list(sorted(proposed)),),
+                (SQLITE.list_param(sorted(proposed)),),
             )
             losers: list[str] = []
             won = dict(final)
@@ -414,11 +375,11 @@ class SqliteTx(Tx):
                 await conn.execute(
                     "DELETE FROM attacker_identities WHERE uuid IN "
                     "(SELECT value FROM json_each(?))",
-                    (_json_list(losers),),
+                    (SQLITE.list_param(losers),),
                 )
         return mapping, formed
 
-    @_guard
+    @guard
     async def insert_observation_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[int]:
         conn = self._c()
         if not rows:
@@ -432,7 +393,7 @@ class SqliteTx(Tx):
             )
         return new
 
-    @_guard
+    @guard
     async def insert_validated(
         self, batch: ValidatedBatch, identity_of: Mapping[str, str]
     ) -> list[int]:
@@ -445,7 +406,7 @@ class SqliteTx(Tx):
                 await conn.executemany(_SQL_INSERT_OBS, batch.rows(identity_of, new))
         return new
 
-    @_guard
+    @guard
     async def load_states(self, keys: Sequence[Key], *, lock: bool = False) -> dict[Key, StateRow]:
         conn = self._c()
         if not keys:
@@ -454,17 +415,17 @@ class SqliteTx(Tx):
         rows = await conn.execute_fetchall(_SQL_LOAD_STATES, (json.dumps(sorted(set(keys))),))
         return {(r[0], r[1]): state_from_row(r) for r in rows}
 
-    @_guard
+    @guard
     async def upsert_states(self, rows: Sequence[StateRow]) -> None:
         conn = self._c()
         if not rows:
             return
         now = time.time()
         await conn.executemany(
-            _SQL_UPSERT_STATE, [_state_params(r, now) for r in dedupe_states(rows)]
+            _SQL_UPSERT_STATE, [state_params(r, now) for r in dedupe_states(rows)]
         )
 
-    @_guard
+    @guard
     async def upsert_state_values(self, rows: Sequence[StateRow]) -> None:
         conn = self._c()
         if not rows:
@@ -496,73 +457,13 @@ class SqliteTx(Tx):
         if new:
             await conn.executemany(_SQL_UPSERT_STATE_VALUES, new)
 
-    @_guard
+    @guard
     async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:
         conn = self._c()
         if windows:
             await conn.executemany(_SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows])
 
-    @_guard
-    async def max_observation_seq(self) -> int:
-        rows = await self._c().execute_fetchall("SELECT coalesce(max(seq), 0) FROM observations")
-        return int(rows[0][0])
-
-    @_guard
-    async def series_after(self, identity_uuid: str, primitive: str, seq: int) -> list[Any]:
-        return list(
-            await self._c().execute_fetchall(
-                _SQL_SERIES_AFTER, (identity_uuid, int(seq), primitive)
-            )
-        )
-
-    @_guard
-    async def multi_actor_primitives(self, identity_uuids: Sequence[str]) -> dict[str, list[str]]:
-        conn = self._c()
-        if not identity_uuids:
-            return {}
-        rows = await conn.execute_fetchall(
-            "SELECT identity_uuid, primitive FROM attribution_state "
-            "WHERE state = 'multi_actor' AND identity_uuid IN (SELECT value FROM json_each(?)) "
-            "ORDER BY identity_uuid, primitive",
-            (_json_list(sorted(set(identity_uuids))),),
-        )
-        out: dict[str, list[str]] = {}
-        for ident, prim in rows:
-            out.setdefault(ident, []).append(prim)
-        return out
-
-    @_guard
-    async def multi_actor_signatures(
-        self, identity_uuids: Sequence[str], *, lock: bool = False
-    ) -> dict[str, list[str]]:
-        conn = self._c()
-        if not identity_uuids:
-            return {}
-        rows = await conn.execute_fetchall(
-            "SELECT identity_uuid, primitives FROM multi_actor_log "
-            "WHERE identity_uuid IN (SELECT value FROM json_each(?)) ORDER BY identity_uuid",
-            (_json_list(sorted(set(identity_uuids))),),
-        )
-        return {ident: list(json.loads(prims)) for ident, prims in rows}
-
-    @_guard
-    async def set_multi_actor_signature(
-        self, identity_uuid: str, primitives: Sequence[str] | None, now: float
-    ) -> None:
-        conn = self._c()
-        if primitives is None:
-            await conn.execute(
-                "DELETE FROM multi_actor_log WHERE identity_uuid = ?", (identity_uuid,)
-            )
-            return
-        await conn.execute(
-            "INSERT INTO multi_actor_log (identity_uuid, primitives, fired_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (identity_uuid) DO UPDATE SET primitives = excluded.primitives, "
-            "fired_at = excluded.fired_at",
-            (identity_uuid, _json_list(sorted(primitives)), now),
-        )
-
-    @_guard
+    @guard
     async def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None:
         conn = self._c()
         if not rows:
@@ -583,7 +484,7 @@ class SqliteTx(Tx):
             ],
         )
 
-    @_guard
+    @guard
     async def mark_merged(self, seqs: Sequence[int], identity_by_seq: dict[int, str]) -> None:
         conn = self._c()
         if not seqs:
@@ -594,20 +495,12 @@ class SqliteTx(Tx):
             [(identity_by_seq.get(s), s) for s in sorted(set(seqs))],
         )
 
-    # ---- the store ----------------------------------------------------------------------------
 
-    def identity_ops(self) -> IdentityOps:
-        return IdentityOps(self._run_sql, SQLITE)
-
-    @_guard
-    async def _run_sql(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        return list(await self._c().execute_fetchall(sql, params))
-
-
-class SqliteStore(Store):
+class SqliteStore(SqlStore):
     """A :class:`Store` on one SQLite file (WAL)."""
 
-    dialect = "sqlite"
+    dialect = SQLITE.name
+    _dialect = SQLITE
 
     #: Page cache per connection, KiB.
     cache_kib = 64 * 1024
@@ -651,7 +544,7 @@ class SqliteStore(Store):
                 await conn.execute("PRAGMA journal_mode = WAL")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if _code_family(exc) not in _LOCK_CODES:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.25)
@@ -700,11 +593,10 @@ class SqliteStore(Store):
             await migrate_sqlite(self._w)
             self._r = self._w if self._memory else await self._connect()
             await self._load_dedupe()
-        except Exception as exc:
+        except Exception:
             await self.close()
-            if _is_db_error(exc):
-                raise _map_error(exc) from exc
-            raise
+            with driver_errors(self):
+                raise
         if not self._memory and self.checkpoint_interval > 0:
             self._checkpointer = asyncio.create_task(
                 self._checkpoint_loop(), name="sqlite-checkpointer"
@@ -767,13 +659,6 @@ class SqliteStore(Store):
             raise StoreUnavailable("sqlite store is not open")
         return self._r
 
-    async def ping(self) -> bool:
-        try:
-            rows = await self._reader().execute_fetchall("SELECT 1")
-            return bool(rows and rows[0][0] == 1)
-        except Exception:
-            return False
-
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
         conn = self._writer()
@@ -791,9 +676,8 @@ class SqliteStore(Store):
                     task = asyncio.ensure_future(self._rollback_then_release(conn))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
-                if isinstance(exc, Exception) and _is_db_error(exc):
-                    raise _map_error(exc) from exc
-                raise
+                with driver_errors(self):
+                    raise
             tx = SqliteTx(conn, self.dedupe)
             try:
                 yield tx
@@ -805,12 +689,11 @@ class SqliteStore(Store):
             tx._open = False
             try:
                 await conn.execute("COMMIT")
-            except BaseException as exc:
+            except BaseException:
                 self.dedupe.rollback()
                 await self._rollback(conn)
-                if isinstance(exc, Exception) and _is_db_error(exc):
-                    raise _map_error(exc) from exc
-                raise
+                with driver_errors(self):
+                    raise
             self.dedupe.commit()
         finally:
             if release:
@@ -830,7 +713,8 @@ class SqliteStore(Store):
         try:
             await conn.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:
-            if "no transaction is active" not in str(exc):
+            # SQLITE_ERROR: no transaction is active (nothing to undo)
+            if _code_family(exc) != "SQLITE_ERROR":
                 log.warning("sqlite rollback failed: %s", exc)
         except Exception:
             log.warning("sqlite rollback failed", exc_info=True)
@@ -841,22 +725,16 @@ class SqliteStore(Store):
         async with self.transaction() as tx:
             yield tx._conn
 
-    @_guard
-    async def schema_version(self) -> int:
-        rows = await self._reader().execute_fetchall(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations"
-        )
-        return int(rows[0][0])
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[Any]:
+        yield self._reader()
+
+    def _driver_error(self, exc: BaseException) -> StoreError | None:
+        closed = _connection_closed(self._r) or _connection_closed(self._w)
+        return SQLITE.map_error(exc, None if closed else self._r)
 
     # ---- attackers -------------------------------------------------------------------------
-    @_guard
-    async def get_attacker(self, uuid: str) -> AttackerRow | None:
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {ATTACKER_COLS} FROM attackers WHERE uuid = ?", (uuid,)
-        )
-        return attacker_from_row(rows[0]) if rows else None
-
-    @_guard
+    @guard
     async def register_attacker(
         self, ip: str, uuid: str | None, now: float
     ) -> tuple[AttackerRow, bool]:
@@ -886,171 +764,15 @@ class SqliteStore(Store):
                 uuid=new_uuid, ip=ip, identity_id=None, first_seen=now, last_seen=now
             ), True
 
-    @_guard
-    async def list_attackers(
-        self,
-        *,
-        limit: int,
-        offset: int,
-        sort: str = "last_seen",
-        descending: bool = True,
-        uuid: str | None = None,
-        search: str | None = None,
-        service: str | None = None,
-        filters: AttackerFilter | None = None,
-    ) -> tuple[list[AttackerSummary], int]:
-        where, params = list_filters(
-            _param,
-            uuid=uuid,
-            search=search,
-            service=service,
-            filters=filters,
-            # ip_key() is registered on the reader connection (identifiers.ip_key)
-            in_network=lambda add, net: f"ip_key(a.ip) BETWEEN {add(net[1])} AND {add(net[2])}",
-        )
-        n = len(params)
-        sql = list_attackers_sql(sort, descending, where, _param(n + 1), _param(n + 2))
-        conn = self._reader()
-        rows = await conn.execute_fetchall(sql, (*params, int(limit), int(offset)))
-        cnt = await conn.execute_fetchall(f"SELECT count(*) FROM attackers a {where}", params)
-        total = int(cnt[0][0])
-        return summaries_from_rows(rows), total
-
-    @_guard
-    async def attacker_evidence(self, attacker_uuids: Sequence[str]) -> dict[str, list[str]]:
-        if not attacker_uuids:
-            return {}
-        ids = ", ".join(_param(i) for i in range(1, len(attacker_uuids) + 1))
-        rows = await self._reader().execute_fetchall(
-            EVIDENCE_SQL.format(ids=ids), list(attacker_uuids)
-        )
-        return evidence_from_rows(rows)
-
-    @_guard
-    async def overview_counts(self) -> dict[str, Any]:
-        conn = self._reader()
-        totals = await conn.execute_fetchall(OVERVIEW_TOTALS_SQL)
-        states = await conn.execute_fetchall(OVERVIEW_STATES_SQL)
-        return overview_counts_from_rows(next(iter(totals)), list(states))
-
-    @_guard
-    async def recent_identities(self, limit: int) -> list[dict[str, Any]]:
-        rows = await self._reader().execute_fetchall(recent_identities_sql(_param(1)), (limit,))
-        return identities_from_rows(rows)
-
-    def identity_reads(self) -> IdentityReads:
-        return IdentityReads(self._read_sql, SQLITE)
-
-    @_guard
-    async def _read_sql(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        return list(await self._reader().execute_fetchall(sql, params))
-
-    @_guard
-    async def attackers_of_identity(self, identity_uuid: str) -> list[str]:
-        rows = await self._reader().execute_fetchall(
-            "SELECT uuid FROM attackers WHERE identity_id = ? ORDER BY uuid", (identity_uuid,)
-        )
-        return [r[0] for r in rows]
-
-    @_guard
-    async def attacker_attribution(self, attacker_uuid: str) -> AttackerAttribution | None:
-        rows = await self._reader().execute_fetchall(_SQL_ATTACKER_ATTRIBUTION, (attacker_uuid,))
-        return attacker_attribution_from_rows(rows)
-
     # ---- attribution -----------------------------------------------------------------------
-    @_guard
-    async def attribution_for_identity(self, identity_uuid: str) -> list[StateRow]:
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {STATE_COLS} FROM attribution_state WHERE identity_uuid = ? "
-            "ORDER BY primitive",
-            (identity_uuid,),
-        )
-        return [state_from_row(r) for r in rows]
-
-    @_guard
-    async def get_state(self, identity_uuid: str, primitive: str) -> StateRow | None:
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {STATE_COLS}, window_seq FROM attribution_state "
-            "WHERE identity_uuid = ? AND primitive = ?",
-            (identity_uuid, primitive),
-        )
-        return state_from_row(rows[0]) if rows else None
-
-    @_guard
-    async def multi_actor_identities(self, min_primitives: int) -> dict[str, list[str]]:
-        rows = await self._reader().execute_fetchall(
-            "SELECT identity_uuid, primitive FROM attribution_state "
-            "WHERE state = 'multi_actor' AND identity_uuid IN ("
-            "  SELECT identity_uuid FROM attribution_state WHERE state = 'multi_actor' "
-            "  GROUP BY identity_uuid HAVING count(*) >= ?) "
-            "ORDER BY identity_uuid, primitive",
-            (int(min_primitives),),
-        )
-        out: dict[str, list[str]] = {}
-        for ident, prim in rows:
-            out.setdefault(ident, []).append(prim)
-        return out
-
-    @_guard
-    async def latest_observations(self, attacker_uuid: str) -> list[dict[str, Any]]:
-        rows = await self._reader().execute_fetchall(
-            "SELECT primitive, value, confidence, ts, source FROM ("
-            "  SELECT primitive, value, confidence, ts, source, row_number() OVER ("
-            "    PARTITION BY primitive ORDER BY ts DESC, seq DESC) AS rn "
-            "  FROM observations WHERE attacker_uuid = ?) "
-            "WHERE rn = 1 ORDER BY primitive",
-            (attacker_uuid,),
-        )
-        return [
-            {
-                "primitive": r[0],
-                "value": json.loads(r[1]),
-                "confidence": r[2],
-                "ts": r[3],
-                "source": r[4],
-            }
-            for r in rows
-        ]
-
-    @_guard
-    async def series_after(self, identity_uuid: str, primitive: str, seq: int) -> list[Any]:
-        return list(
-            await self._reader().execute_fetchall(
-                _SQL_SERIES_AFTER, (identity_uuid, int(seq), primitive)
-            )
-        )
-
-    @_guard
-    async def recent_values(
-        self, identity_uuid: str, primitive: str, limit: int
-    ) -> list[dict[str, Any]]:
-        rows = await self._reader().execute_fetchall(
-            "SELECT ts, value, confidence, attacker_uuid FROM observations "
-            "WHERE identity_uuid = ? AND primitive = ? ORDER BY ts DESC, seq DESC LIMIT ?",
-            (identity_uuid, primitive, int(limit)),
-        )
-        return [
-            {"ts": r[0], "value": json.loads(r[1]), "confidence": r[2], "attacker_uuid": r[3]}
-            for r in reversed(list(rows))
-        ]
-
     async def iter_observations(
         self, *, batch_size: int = 5000
     ) -> AsyncIterator[list[ObservationRow]]:
-        sql = (
-            f"SELECT {OBS_SELECT_COLS}, a.identity_id FROM observations o "
-            "JOIN attackers a ON a.uuid = o.attacker_uuid "
-            "WHERE a.identity_id IS NOT NULL ORDER BY o.ts, o.seq"
-        )
         own = not self._memory
-        try:
+        with driver_errors(self):
             conn = await self._connect() if own else self._reader()
-        except Exception as exc:
-            if _is_db_error(exc):
-                raise _map_error(exc) from exc
-            raise
         try:
-            cur = await conn.execute(sql)
+            cur = await conn.execute(ALL_OBSERVATIONS_SQL)
             try:
                 while True:
                     batch = await cur.fetchmany(batch_size)
@@ -1060,28 +782,15 @@ class SqliteStore(Store):
             finally:
                 await cur.close()
         except Exception as exc:
-            if _is_db_error(exc):
-                raise _map_error(exc) from exc
-            raise
+            err = SQLITE.map_error(exc, conn)
+            if err is None:
+                raise
+            raise err from exc
         finally:
             if own:
                 await conn.close()
 
-    @_guard
-    async def count_observations(self) -> int:
-        rows = await self._reader().execute_fetchall("SELECT count(*) FROM observations")
-        return int(rows[0][0])
-
-    @_guard
-    async def pending_observations(self, *, after_seq: int, limit: int) -> list[ObservationRow]:
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {OBS_SELECT_COLS}, o.identity_uuid FROM observations o "
-            "WHERE o.merged = 0 AND o.seq > ? ORDER BY o.seq LIMIT ?",
-            (int(after_seq), int(limit)),
-        )
-        return [observation_from_row(r) for r in rows]
-
-    @_guard
+    @guard
     async def replace_all_states(self, rows: Sequence[StateRow]) -> None:
         now = time.time()
         async with self._write() as conn:
@@ -1089,14 +798,15 @@ class SqliteStore(Store):
             await conn.execute("DELETE FROM multi_actor_log")
             if rows:
                 await conn.executemany(
-                    _SQL_INSERT_STATE, [_state_params(r, now) for r in dedupe_states(rows)]
+                    _SQL_INSERT_STATE,
+                    [state_params(r, now) for r in dedupe_states(rows)],
                 )
 
     async def stored_positions(self, batch: ValidatedBatch) -> list[int]:
         return self.dedupe.seen_batch(batch)
 
     # ---- retention ---------------------------------------------------------------------------
-    @_guard
+    @guard
     async def mark_observations(self, now: float) -> int:
         async with self._write() as conn:
             rows = await conn.execute_fetchall("SELECT coalesce(max(seq), 0) FROM observations")
@@ -1108,23 +818,7 @@ class SqliteStore(Store):
             )
         return seq
 
-    @_guard
-    async def retention_cut(self, before: float) -> int:
-        rows = await self._reader().execute_fetchall(
-            "SELECT coalesce(max(seq), 0) FROM observation_marks WHERE at < ?", (before,)
-        )
-        return int(rows[0][0])
-
-    @_guard
-    async def stale_window_keys(self, seq: int, limit: int) -> list[Key]:
-        rows = await self._reader().execute_fetchall(
-            "SELECT identity_uuid, primitive FROM attribution_state "
-            "WHERE window_seq IS NOT NULL AND window_seq < ? LIMIT ?",
-            (int(seq), int(limit)),
-        )
-        return [(r[0], r[1]) for r in rows]
-
-    @_guard
+    @guard
     async def prune_observations(self, upto_seq: int, *, chunk: int = 50_000) -> int:
         rows = await self._reader().execute_fetchall(
             "SELECT coalesce(min(seq), 0) FROM observations"
@@ -1149,112 +843,8 @@ class SqliteStore(Store):
             )
         return deleted
 
-    @_guard
-    async def dead_letter_count(self) -> int:
-        rows = await self._reader().execute_fetchall("SELECT count(*) FROM dead_letters")
-        return int(rows[0][0])
-
     # ---- users and auth --------------------------------------------------------------------
-    @_guard
-    async def create_user(self, user: UserRow) -> None:
-        now = time.time()
-        async with self._write() as conn:
-            taken = await conn.execute_fetchall(
-                "SELECT 1 FROM users WHERE username = ?", (user.username,)
-            )
-            if taken:
-                raise StoreError(f"username {user.username!r} already exists")
-            await conn.execute(
-                f"INSERT INTO users ({USER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    user.uuid,
-                    user.username,
-                    user.password_hash,
-                    user.role,
-                    int(user.must_change_password),
-                    int(user.disabled),
-                    user.tokens_valid_from,
-                    user.created_at or now,
-                    user.updated_at or user.created_at or now,
-                ),
-            )
-
-    @_guard
-    async def get_user(self, uuid: str) -> UserRow | None:
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {USER_COLS} FROM users WHERE uuid = ?", (uuid,)
-        )
-        return user_from_row(rows[0]) if rows else None
-
-    @_guard
-    async def get_user_by_name(self, username: str) -> UserRow | None:
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {USER_COLS} FROM users WHERE username = ?", (username,)
-        )
-        return user_from_row(rows[0]) if rows else None
-
-    @_guard
-    async def list_users(self) -> list[UserRow]:
-        rows = await self._reader().execute_fetchall(
-            f"SELECT {USER_COLS} FROM users ORDER BY username"
-        )
-        return [user_from_row(r) for r in rows]
-
-    @_guard
-    async def update_user(self, uuid: str, **fields: Any) -> None:
-        sets, params = user_update_sets(fields, lambda _: "?", bools_as_int=True)
-        params.append(uuid)
-        async with self._write() as conn:
-            await conn.execute(f"UPDATE users SET {sets} WHERE uuid = ?", params)
-
-    @_guard
-    async def count_users(self) -> int:
-        rows = await self._reader().execute_fetchall("SELECT count(*) FROM users")
-        return int(rows[0][0])
-
-    @_guard
-    async def revoke_token(self, jti: str, expires_at: float) -> None:
-        async with self._write() as conn:
-            await conn.execute(
-                "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) "
-                "ON CONFLICT (jti) DO UPDATE SET expires_at = "
-                "max(revoked_tokens.expires_at, excluded.expires_at)",
-                (jti, expires_at),
-            )
-
-    @_guard
-    async def is_token_revoked(self, jti: str) -> bool:
-        rows = await self._reader().execute_fetchall(
-            "SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)
-        )
-        return bool(rows)
-
-    @_guard
-    async def add_ticket(self, ticket: TicketRow, *, max_outstanding: int, now: float) -> bool:
-        async with self._write() as conn:
-            await conn.execute("DELETE FROM sse_tickets WHERE expires_at <= ?", (now,))
-            rows = await conn.execute_fetchall(
-                "SELECT count(*) FROM sse_tickets WHERE user_uuid = ? AND expires_at > ?",
-                (ticket.user_uuid, now),
-            )
-            if int(rows[0][0]) >= max_outstanding:
-                return False
-            await conn.execute(
-                f"INSERT INTO sse_tickets ({TICKET_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    ticket.ticket_hash,
-                    ticket.user_uuid,
-                    ticket.role,
-                    ticket.expires_at,
-                    ticket.created_at or now,
-                    ticket.token_jti,
-                    ticket.token_iat,
-                    ticket.token_exp,
-                ),
-            )
-            return True
-
-    @_guard
+    @guard
     async def redeem_ticket(self, ticket_hash: str, now: float) -> TicketRow | None:
         if HAS_RETURNING:
             async with self._wlock:
@@ -1277,9 +867,3 @@ class SqliteStore(Store):
         if ticket.expires_at <= now:
             return None
         return ticket
-
-    @_guard
-    async def purge_expired(self, now: float) -> None:
-        async with self._write() as conn:
-            await conn.execute("DELETE FROM revoked_tokens WHERE expires_at <= ?", (now,))
-            await conn.execute("DELETE FROM sse_tickets WHERE expires_at <= ?", (now,))

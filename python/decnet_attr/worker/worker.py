@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -159,6 +160,23 @@ class _Batch:
     valid: ValidatedBatch | None  # the accepted observations
     dead: list[DeadLetter]
     size: int = 0  # observations received (accepted, refused and duplicates)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A fetch ready for the validator (see :meth:`AttributionWorker._prepare`)."""
+
+    deliveries: list[Delivery]
+    lines: list[bytes]
+    body: bytes
+    envelopes: list[tuple[str | None, str | None]]
+    origin: list[tuple[int, str, str]]  # (delivery, topic, event id) per line
+    refused: list[tuple[int, DeadLetter]]  # kept in delivery order
+    now: float
+
+
+#: A fetch at least this large is validated on a thread.
+OFF_LOOP_BYTES = 64 * 1024
 
 
 def _dead(topic: str, reason: str, payload: str, event_id: str, now: float) -> DeadLetter:
@@ -369,7 +387,7 @@ class AttributionWorker:
                         inflight = committed = None
                     continue
                 for group in self._groups(msgs):
-                    batch = self._check(group)
+                    batch = await self._check_off_loop(group)
                     if committed is not None:
                         await asyncio.shield(committed)
                     committed = asyncio.get_running_loop().create_future()
@@ -513,6 +531,30 @@ class AttributionWorker:
         """Validate a fetch in one pass: DECNET events are re-encoded one line
         each (their topic gives the primitive, their id the fallback id), the
         API's batches go in as they are."""
+        prep = self._prepare(deliveries)
+        if isinstance(prep, _Batch):
+            return prep
+        return self._conclude(prep, validate(prep.body, self.settings, envelopes=prep.envelopes))
+
+    async def _check_off_loop(self, deliveries: list[Delivery]) -> _Batch:
+        """:meth:`_check`, with the Rust pass of a large fetch on a thread (it
+        releases the GIL): the loop meanwhile acks and publishes the batch
+        before."""
+        prep = self._prepare(deliveries)
+        if isinstance(prep, _Batch):
+            return prep
+        if len(prep.body) < OFF_LOOP_BYTES:
+            return self._conclude(
+                prep, validate(prep.body, self.settings, envelopes=prep.envelopes)
+            )
+        valid = await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(validate, prep.body, self.settings, envelopes=prep.envelopes)
+        )
+        return self._conclude(prep, valid)
+
+    def _prepare(self, deliveries: list[Delivery]) -> _Prepared | _Batch:
+        """The fetch as NDJSON lines for the validator (or, when nothing is
+        left to validate, the finished batch of refusals)."""
         lines: list[bytes] = []
         envelopes: list[tuple[str | None, str | None]] = []
         origin: list[tuple[int, str, str]] = []  # (delivery, topic, event id) per line
@@ -562,7 +604,11 @@ class AttributionWorker:
         self.stats.received += size
         if not lines:
             return _Batch(deliveries, None, [d for _, d in refused], size)
-        valid = validate(b"\n".join(lines), self.settings, envelopes=envelopes)
+        return _Prepared(deliveries, lines, b"\n".join(lines), envelopes, origin, refused, now)
+
+    def _conclude(self, prep: _Prepared, valid: ValidatedBatch) -> _Batch:
+        lines, origin, refused, now = prep.lines, prep.origin, prep.refused, prep.now
+        size = len(lines) + len(refused)
         for index, code, reason in valid.rejected:
             if code == "duplicate":
                 self.stats.duplicates += 1
@@ -571,7 +617,7 @@ class AttributionWorker:
             line = lines[index].decode("utf-8", "replace")
             refused.append((pos, self._refuse(topic, eid, code, reason, line, now)))
         refused.sort(key=lambda r: r[0])
-        return _Batch(deliveries, valid, [d for _, d in refused], size)
+        return _Batch(prep.deliveries, valid, [d for _, d in refused], size)
 
     def _refuse(
         self, topic: str, event_id: str, code: str, reason: str, payload: Any, now: float

@@ -1,0 +1,180 @@
+"""The ingest journal (``bus/journal.py``) and the in-process bus with one:
+a durable publish returns once written, what no consumer acked comes back
+after a restart, a torn tail is survived, acked segments are deleted."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from decnet_attr.bus import BusUnavailable, Event
+from decnet_attr.bus.journal import Journal, JournalError
+from decnet_attr.bus.memory import InProcessBus
+
+pytestmark = pytest.mark.timeout(30)
+
+TOPIC = "attacker.ingest.0"
+
+
+def batch(n: int, tag: str) -> dict[str, object]:
+    return {"ndjson": "\n".join(f'{{"id":"{tag}-{i}"}}' for i in range(n)), "count": n}
+
+
+async def test_append_ack_and_reopen(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    assert j.open() == []
+    seqs = [await j.append(Event(TOPIC, batch(3, f"b{i}"), id=f"e{i}")) for i in range(4)]
+    assert seqs == [1, 2, 3, 4]
+    assert j.backlog == 12 and j.pending == 4
+    j.ack(2)  # out of order: 1 still open, so nothing below 2 counts yet
+    j.ack(1)
+    assert j.backlog == 6
+    j.close()
+
+    again = Journal(tmp_path / "j")
+    pending = again.open()
+    assert [(s, e.id) for s, e in pending] == [(3, "e2"), (4, "e3")]
+    assert pending[0][1].payload == batch(3, "b2") and pending[0][1].topic == TOPIC
+    assert again.backlog == 6
+    assert await again.append(Event(TOPIC, {}, id="new")) == 5  # numbering goes on
+    again.close()
+
+
+async def test_a_torn_tail_is_ignored(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    j.open()
+    await j.append(Event(TOPIC, batch(1, "a"), id="a"))
+    await j.append(Event(TOPIC, batch(1, "b"), id="b"))
+    j.close()
+    (segment,) = sorted((tmp_path / "j").glob("*.log"))
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-5])  # the process died in the middle of the second write
+    again = Journal(tmp_path / "j")
+    assert [e.id for _s, e in again.open()] == ["a"]
+    assert await again.append(Event(TOPIC, {}, id="c")) == 2
+    again.close()
+    third = Journal(tmp_path / "j")
+    assert [e.id for _s, e in third.open()] == ["a", "c"]
+    third.close()
+
+
+async def test_a_damaged_record_ends_its_segment(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    j.open()
+    for tag in "abc":
+        await j.append(Event(TOPIC, {"x": tag * 50}, id=tag))
+    j.close()
+    (segment,) = sorted((tmp_path / "j").glob("*.log"))
+    data = bytearray(segment.read_bytes())
+    at = data.index(b"b" * 50)
+    data[at] ^= 0xFF  # the crc of record 2 no longer matches
+    segment.write_bytes(bytes(data))
+    again = Journal(tmp_path / "j")
+    assert [e.id for _s, e in again.open()] == ["a"]
+    again.close()
+
+
+async def test_acked_segments_are_deleted(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", segment_bytes=200)
+    j.open()
+    seqs = [await j.append(Event(TOPIC, {"pad": "x" * 150}, id=f"e{i}")) for i in range(6)]
+    assert len(list((tmp_path / "j").glob("*.log"))) >= 5
+    for s in seqs:
+        j.ack(s)
+    j.flush()
+    assert len(list((tmp_path / "j").glob("*.log"))) == 1  # only the one being written
+    j.close()
+    again = Journal(tmp_path / "j")
+    assert again.open() == []
+    again.close()
+
+
+async def test_one_process_at_a_time(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    j.open()
+    with pytest.raises(JournalError, match="in use"):
+        Journal(tmp_path / "j").open()
+    j.close()
+    other = Journal(tmp_path / "j")
+    other.open()
+    other.close()
+
+
+async def test_fsync_mode_shares_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    j = Journal(tmp_path / "j", fsync=True)
+    j.open()
+    monkeypatch.setattr(os, "fsync", counting)
+    seqs = await asyncio.gather(*(j.append(Event(TOPIC, {}, id=f"e{i}")) for i in range(20)))
+    assert sorted(seqs) == list(range(1, 21))
+    assert 1 <= len(calls) < 20  # concurrent appends waited on shared fsyncs
+    j.close()
+
+
+# ---- the bus with a journal ------------------------------------------------------------------
+
+
+async def test_durable_publish_returns_once_written(tmp_path: Path) -> None:
+    bus = InProcessBus(journal=tmp_path / "j")
+    await bus.connect()
+    consumer = bus.durable_consumer("attacker.ingest.>", durable="attribution")
+    # nobody fetches: without a journal this would wait for the ack and time out
+    ev = await asyncio.wait_for(bus.publish_durable(TOPIC, batch(5, "a"), timeout=0.5), timeout=0.4)
+    assert bus.backlog() == 5
+    (d,) = await consumer.fetch(10, timeout=0.5)
+    assert d.event.id == ev.id
+    await d.ack()
+    await asyncio.sleep(0)  # the journal hears of the ack on the next loop turn
+    assert bus.backlog() == 0
+    await bus.close()
+
+
+async def test_unacked_events_are_redelivered_after_a_restart(tmp_path: Path) -> None:
+    bus = InProcessBus(journal=tmp_path / "j")
+    await bus.connect()
+    consumer = bus.durable_consumer("attacker.ingest.>", durable="attribution")
+    sent = [await bus.publish_durable(TOPIC, batch(2, f"b{i}")) for i in range(3)]
+    _first, second, _third = await consumer.fetch(10, timeout=0.5)
+    await second.ack()  # the first and third were never acked: "the process died"
+    await bus.close()
+
+    bus2 = InProcessBus(journal=tmp_path / "j")
+    await bus2.connect()
+    assert bus2.backlog() == 4
+    consumer2 = bus2.durable_consumer("attacker.ingest.>", durable="attribution")
+    got = await consumer2.fetch(10, timeout=0.5)
+    assert [d.event.id for d in got] == [sent[0].id, sent[2].id]
+    assert got[0].event.payload == sent[0].payload and got[0].event.ts == sent[0].ts
+    for d in got:
+        await d.ack()
+    await asyncio.sleep(0)
+    assert bus2.backlog() == 0
+    await bus2.close()
+
+    bus3 = InProcessBus(journal=tmp_path / "j")
+    await bus3.connect()
+    consumer3 = bus3.durable_consumer("attacker.ingest.>", durable="attribution")
+    assert await consumer3.fetch(10, timeout=0.2) == []
+    await bus3.close()
+
+
+async def test_no_consumer_is_refused_before_writing(tmp_path: Path) -> None:
+    bus = InProcessBus(journal=tmp_path / "j")
+    await bus.connect()
+    with pytest.raises(BusUnavailable):
+        await bus.publish_durable(TOPIC, batch(1, "a"))
+    assert bus.backlog() == 0
+    await bus.close()
+    j = Journal(tmp_path / "j")
+    assert j.open() == []
+    j.close()
