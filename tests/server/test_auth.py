@@ -983,10 +983,12 @@ async def test_startup_and_shutdown_order(
         def __init__(self, settings: Any, bus: Any, store: Any) -> None:
             assert bus is not None and store is not None
             self.running = False
+            self.last_heartbeat = 0.0  # monotonic time of the last loop turn, as the worker's
 
         async def start(self) -> None:
             events.append("worker.start")
             self.running = True
+            self.last_heartbeat = time.monotonic()
 
         async def stop(self) -> None:
             events.append("worker.stop")

@@ -496,12 +496,15 @@ async def test_a_failing_source_does_not_break_the_scrape(
 
 
 def test_histogram_family_makes_buckets_cumulative() -> None:
-    from decnet_attr.worker.worker import Histogram
+    # the worker's histograms are prometheus-client's, exposed without _created
+    from prometheus_client import Histogram
 
-    h = Histogram((1, 10, 100))
+    from decnet_attr.metrics import without_created
+
+    h = Histogram("x", "doc", buckets=(1, 10, 100), registry=None)
     for v in (0.5, 1, 5, 50, 500, 5000):
         h.observe(v)
-    fam = ops.histogram_family("x", "doc", h)
+    (fam,) = [without_created(m) for m in h.collect()]
     got = {(s.name, s.labels.get("le")): s.value for s in fam.samples}
     assert got == {
         ("x_bucket", "1.0"): 2,

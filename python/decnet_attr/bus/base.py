@@ -12,6 +12,14 @@ Two delivery paths (see ``DESIGN.md``):
 
 Event ids are preserved end to end (reference §10.1.14), so consumers can
 de-duplicate redeliveries.
+
+A transport subclasses :class:`Bus`: :meth:`Bus.publish` and
+:meth:`Bus.publish_durable` check their arguments and make the event, then
+hand it to the transport's ``_publish`` / ``_publish_durable`` (after
+``_check_topic`` and ``_check_durable``). The transports whose durable
+groups live in this process (``memory://``, ``unix://``) share them through
+``bus/local.py``; every transport's ``stats()`` keys are declared in
+``bus/metrics.py``.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+
+from decnet_attr.topics import validate_topic
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
@@ -205,7 +215,23 @@ class RateLimitedLog:
 # ------------------------------------------------------------------------------------------
 # subscriptions
 # ------------------------------------------------------------------------------------------
-class Subscription(ABC):
+_C = TypeVar("_C", bound="ClosedOnExit")
+
+
+class ClosedOnExit(ABC):
+    """Leaving ``async with`` calls :meth:`aclose`."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Subscription(ClosedOnExit):
     """An async context manager and async iterator of :class:`Event` (reference §1.2).
 
     Iteration ends (``StopAsyncIteration``) once the subscription or its bus is
@@ -234,17 +260,6 @@ class Subscription(ABC):
 
     @abstractmethod
     async def __anext__(self) -> Event: ...
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class QueueSubscription(Subscription):
@@ -394,7 +409,7 @@ class Delivery(ABC):
         """True if this event had been delivered before (to any consumer)."""
 
 
-class DurableConsumer(ABC):
+class DurableConsumer(ClosedOnExit):
     """A member of a named durable consumer group (async context manager)."""
 
     pattern: str
@@ -409,17 +424,6 @@ class DurableConsumer(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Detach; unacked deliveries become eligible for redelivery. Idempotent."""
-
-    async def __aenter__(self) -> DurableConsumer:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 # ------------------------------------------------------------------------------------------
@@ -450,7 +454,6 @@ class Bus(ABC):
     ) -> None:
         await self.close()
 
-    @abstractmethod
     async def publish(
         self,
         topic: str,
@@ -462,8 +465,13 @@ class Bus(ABC):
     ) -> Event:
         """Fire-and-forget fan-out. :class:`ValueError` on an invalid topic
         (wildcards included), :class:`RuntimeError` on a closed bus."""
+        if self.closed:
+            raise RuntimeError("bus is closed")
+        self._check_topic(topic)
+        event = self._make_event(topic, payload, event_type, event_id, ts)
+        await self._publish(event)
+        return event
 
-    @abstractmethod
     async def publish_durable(
         self,
         topic: str,
@@ -476,6 +484,33 @@ class Bus(ABC):
     ) -> Event:
         """Publish and return only once durably accepted; :class:`BusUnavailable`
         otherwise. Also fanned out to ordinary subscribers."""
+        if self.closed:
+            raise RuntimeError("bus is closed")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self._check_topic(topic)
+        self._check_durable(topic)
+        event = self._make_event(topic, payload, event_type, event_id, ts)
+        await self._publish_durable(event, timeout)
+        return event
+
+    # -- what a transport implements ----------------------------------------------------------
+    def _check_topic(self, topic: str) -> None:
+        """:class:`ValueError` unless *topic* is a valid concrete topic."""
+        validate_topic(topic)
+
+    @abstractmethod
+    def _check_durable(self, topic: str) -> None:
+        """:class:`BusUnavailable` if no durable publish on *topic* can succeed
+        (checked before the event is made)."""
+
+    @abstractmethod
+    async def _publish(self, event: Event) -> None:
+        """Send *event* (topic and bus already checked) to the subscribers."""
+
+    @abstractmethod
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        """Send *event* durably; return once it is accepted, within *timeout*."""
 
     @abstractmethod
     def subscribe(self, pattern: str) -> Subscription:

@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from pathlib import Path
-from typing import Any
 
 from decnet_attr.bus.base import (
     Bus,
-    BusError,
     BusUnavailable,
-    Delivery,
     DurableConsumer,
     Event,
     QueueSubscription,
@@ -42,7 +38,14 @@ from decnet_attr.bus.base import (
     Subscription,
 )
 from decnet_attr.bus.journal import Journal
-from decnet_attr.topics import matches, validate_pattern, validate_segment, validate_topic
+from decnet_attr.bus.local import (
+    DurableCounts,
+    Entry,
+    LocalGroup,
+    await_acks,
+    join_group,
+)
+from decnet_attr.topics import matches, validate_pattern, validate_topic
 
 __all__ = ["InProcessBus"]
 
@@ -52,44 +55,25 @@ _rl = RateLimitedLog(logger)
 #: How many acked event ids each durable group remembers for de-duplication.
 _RECENT_ACKED = 4096
 
-_INFLIGHT, _ACKED, _NAKED, _EXPIRED = 0, 1, 2, 3
 
+class _Group(LocalGroup):
+    """A durable group that refuses an event when full (the publisher waits
+    for room) and de-duplicates by event id: an id pending shares its entry,
+    an id acked recently is acked at once."""
 
-class _Pending:
-    """An event waiting in (or in flight from) one durable group."""
-
-    __slots__ = ("current", "deliveries", "done", "event", "future")
-
-    def __init__(self, event: Event, future: asyncio.Future[bool]) -> None:
-        self.event = event
-        self.future = future
-        self.done = False
-        self.deliveries = 0
-        self.current: _MemDelivery | None = None
-
-
-class _Group:
-    """One named durable consumer group: a queue shared by its members."""
-
-    def __init__(self, bus: InProcessBus, name: str, pattern: str, maxsize: int) -> None:
-        self.bus = bus
-        self.name = name
-        self.pattern = pattern
-        self.maxsize = maxsize
-        self.ready: deque[_Pending] = deque()
-        self.by_id: dict[str, _Pending] = {}
+    def __init__(self, counts: DurableCounts, name: str, pattern: str, maxsize: int) -> None:
+        super().__init__(counts, name, pattern, maxsize)
+        self.by_id: dict[str, Entry] = {}
         self.recent: dict[str, None] = {}
-        self.consumers: dict[_MemDurableConsumer, None] = {}
-        self.items = asyncio.Event()
-        self.space = asyncio.Event()
-        self.closed = False
 
-    # -- producer side ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.by_id)
+
     def offer(self, event: Event, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bool] | None:
-        """Enqueue without waiting. Returns the ack future, or ``None`` if full.
-        A duplicate id shares the pending entry (or is acked at once if recent)."""
+        """Enqueue without waiting. Returns the ack future, or ``None`` if full."""
         existing = self.by_id.get(event.id)
         if existing is not None:
+            assert existing.future is not None
             return existing.future
         if event.id in self.recent:
             fut: asyncio.Future[bool] = loop.create_future()
@@ -98,14 +82,14 @@ class _Group:
         if len(self.by_id) >= self.maxsize:
             return None
         fut = loop.create_future()
-        pending = _Pending(event, fut)
-        self.by_id[event.id] = pending
-        self.ready.append(pending)
+        entry = Entry(event, fut)
+        self.by_id[event.id] = entry
+        self.ready.append(entry)
         self.items.set()
         return fut
 
     async def enqueue(self, event: Event, deadline: float) -> asyncio.Future[bool]:
-        """Enqueue, waiting for space until *deadline* (loop time): backpressure."""
+        """Enqueue, waiting for room until *deadline* (loop time): back-pressure."""
         loop = asyncio.get_running_loop()
         while True:
             if self.closed:
@@ -113,174 +97,25 @@ class _Group:
             fut = self.offer(event, loop)
             if fut is not None:
                 return fut
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise BusUnavailable(
-                    f"durable queue {self.name!r} full ({self.maxsize} unacked events)"
-                )
-            self.space.clear()
-            try:
-                await asyncio.wait_for(self.space.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+            await self.wait_for_space(deadline)
 
-    # -- consumer side ---------------------------------------------------------------------
-    def take(self, consumer: _MemDurableConsumer, limit: int) -> list[Delivery]:
-        out: list[Delivery] = []
-        ready = self.ready
-        while ready and len(out) < limit:
-            pending = ready.popleft()
-            if pending.done or pending.current is not None:
-                continue
-            pending.deliveries += 1
-            delivery = _MemDelivery(self, consumer, pending)
-            pending.current = delivery
-            consumer.inflight[delivery] = None
-            out.append(delivery)
-        if not ready:
-            self.items.clear()
-        if out:
-            self.bus._durable_delivered += len(out)
-            loop = asyncio.get_running_loop()
-            loop.call_later(consumer.ack_wait, self._expire, out)
-        return out
-
-    def _expire(self, deliveries: list[Delivery]) -> None:
-        expired = 0
-        for d in deliveries:
-            assert isinstance(d, _MemDelivery)
-            if d.state == _INFLIGHT:
-                d.state = _EXPIRED
-                d.consumer.inflight.pop(d, None)
-                self.requeue(d.pending)
-                expired += 1
-        if expired:
-            logger.debug(
-                "durable %r: %d delivery(ies) not acked within ack_wait, redelivering",
-                self.name,
-                expired,
-            )
-
-    def ack(self, pending: _Pending) -> None:
-        if pending.done:
+    def acked(self, entry: Entry) -> None:
+        if entry.done:
             return
-        pending.done = True
-        pending.current = None
-        eid = pending.event.id
+        eid = entry.event.id
         self.by_id.pop(eid, None)
         recent = self.recent
         recent[eid] = None
         if len(recent) > _RECENT_ACKED:
             del recent[next(iter(recent))]
-        if not pending.future.done():
-            pending.future.set_result(True)
-        self.bus._durable_acked += 1
-        self.space.set()
-
-    def requeue(self, pending: _Pending, delay: float | None = None) -> None:
-        if pending.done or self.closed:
-            return
-        if delay is not None and delay > 0:
-            asyncio.get_running_loop().call_later(delay, self.requeue, pending, None)
-            return
-        pending.current = None
-        self.ready.appendleft(pending)
-        self.bus._durable_redelivered += 1
-        self.items.set()
+        super().acked(entry)
 
     def close(self) -> None:
-        self.closed = True
-        for pending in self.by_id.values():
-            if not pending.future.done():
-                pending.future.set_result(False)
+        """Also fails the publishers of the events in flight."""
+        for entry in self.by_id.values():
+            entry.resolve(False)
         self.by_id.clear()
-        self.ready.clear()
-        self.items.set()
-        self.space.set()
-
-
-class _MemDelivery(Delivery):
-    __slots__ = ("consumer", "event", "group", "pending", "redelivered_flag", "state")
-
-    def __init__(self, group: _Group, consumer: _MemDurableConsumer, pending: _Pending) -> None:
-        self.group = group
-        self.consumer = consumer
-        self.pending = pending
-        self.event = pending.event
-        self.redelivered_flag = pending.deliveries > 1
-        self.state = _INFLIGHT
-
-    @property
-    def redelivered(self) -> bool:
-        return self.redelivered_flag
-
-    async def ack(self) -> None:
-        # A late ack (after ack_wait expired) still counts: the consumer committed it.
-        if self.state in (_ACKED, _NAKED):
-            return
-        self.state = _ACKED
-        self.consumer.inflight.pop(self, None)
-        self.group.ack(self.pending)
-
-    async def nak(self, delay: float | None = None) -> None:
-        if self.state != _INFLIGHT:
-            return
-        self.state = _NAKED
-        self.consumer.inflight.pop(self, None)
-        self.group.requeue(self.pending, delay)
-
-    def __repr__(self) -> str:
-        return f"<_MemDelivery {self.event.topic} id={self.event.id} state={self.state}>"
-
-
-class _MemDurableConsumer(DurableConsumer):
-    def __init__(self, bus: InProcessBus, group: _Group, ack_wait: float) -> None:
-        self.bus = bus
-        self.group = group
-        self.pattern = group.pattern
-        self.durable = group.name
-        self.ack_wait = ack_wait
-        self.inflight: dict[_MemDelivery, None] = {}
-        self._closed = False
-
-    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
-        if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
-        group = self.group
-        if self._closed or group.closed:
-            raise BusError("durable consumer closed" if self._closed else "bus closed")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(float(timeout), 0.0)
-        while True:
-            out = group.take(self, max_messages)
-            if out:
-                return out
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            group.items.clear()
-            try:
-                await asyncio.wait_for(group.items.wait(), remaining)
-            except asyncio.TimeoutError:
-                return []
-            if self._closed or group.closed:
-                raise BusError("durable consumer closed" if self._closed else "bus closed")
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        group = self.group
-        group.consumers.pop(self, None)
-        for delivery in list(self.inflight):
-            if delivery.state == _INFLIGHT:
-                delivery.state = _NAKED
-                group.requeue(delivery.pending)
-        self.inflight.clear()
-        group.items.set()  # wake a fetch of this consumer blocked in another task
-
-    def __repr__(self) -> str:
-        return f"<_MemDurableConsumer {self.durable!r} {self.pattern!r} closed={self._closed}>"
+        super().close()
 
 
 class InProcessBus(Bus):
@@ -325,11 +160,7 @@ class InProcessBus(Bus):
         self._published = 0
         self._delivered = 0
         self._dropped = 0
-        self._durable_published = 0
-        self._durable_delivered = 0
-        self._durable_acked = 0
-        self._durable_redelivered = 0
-        self._durable_dropped = 0
+        self._durable = DurableCounts()
         self._journal = Journal(journal, fsync=journal_fsync) if journal is not None else None
         self._replay: list[tuple[int, Event]] = []
 
@@ -404,48 +235,45 @@ class InProcessBus(Bus):
                 route[topic] = [s for s in subs if s is not sub]
 
     # -- fan-out -----------------------------------------------------------------------------
-    async def publish(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        subs = self._route.get(topic)
-        if subs is None:
-            subs = self._route_for(topic)
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+    def _check_topic(self, topic: str) -> None:
+        self._route_for(topic)  # validates a topic it has not seen
+
+    async def _publish(self, event: Event) -> None:
+        topic = event.topic
+        subs = self._route_for(topic)
         self._published += 1
-        for sub in subs:
-            sub.push(event)
-        self._delivered += len(subs)
+        self._fanout(event, subs)
         if self._groups:
             groups = self._group_route.get(topic)
             if groups is None:
                 groups = self._groups_for(topic)
             if groups:
                 self._offer_untracked(event, groups)
-        return event
 
     def _offer_untracked(self, event: Event, groups: list[_Group]) -> None:
         """A plain publish on a durable topic also reaches the durable groups (as
         JetStream stores every message on a stream subject), without waiting."""
         loop = asyncio.get_running_loop()
         for group in groups:
-            if group.offer(event, loop) is None:
-                self._durable_dropped += 1
-                _rl.warning(
-                    f"durable-full:{group.name}",
-                    "durable queue %r full (%d unacked): plain publish of %s on %s not queued",
-                    group.name,
-                    group.maxsize,
-                    event.id,
-                    event.topic,
-                )
+            self._offer(group, event, loop)
+
+    def _offer(
+        self, group: _Group, event: Event, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[bool] | None:
+        """Queue *event* for *group* without waiting; a full group drops it
+        (counted and logged): ``None`` then."""
+        fut = group.offer(event, loop)
+        if fut is None:
+            self._durable.dropped += 1
+            _rl.warning(
+                f"durable-full:{group.name}",
+                "durable queue %r full (%d unacked): %s on %s not queued for it",
+                group.name,
+                group.maxsize,
+                event.id,
+                event.topic,
+            )
+        return fut
 
     def subscribe(self, pattern: str) -> Subscription:
         if self._closed:
@@ -462,25 +290,13 @@ class InProcessBus(Bus):
         return sub
 
     # -- durable -----------------------------------------------------------------------------
-    async def publish_durable(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-        timeout: float = 5.0,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        subs = self._route_for(topic)  # validates the topic
-        groups = self._groups_for(topic)
-        if not any(g.consumers for g in groups):
+    def _check_durable(self, topic: str) -> None:
+        if not any(g.consumers for g in self._groups_for(topic)):
             raise BusUnavailable(f"no durable consumer registered for {topic!r}")
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        subs = self._route_for(event.topic)
+        groups = self._groups_for(event.topic)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         journal = self._journal
@@ -490,36 +306,22 @@ class InProcessBus(Bus):
             for group in groups:
                 if group.consumers:
                     futures.append(await group.enqueue(event, deadline))
-                elif (fut := group.offer(event, loop)) is not None:
-                    if journal is not None:  # held for a consumer to come
-                        futures.append(fut)
-                else:
-                    self._durable_dropped += 1
-                    _rl.warning(
-                        f"durable-full:{group.name}",
-                        "durable queue %r (no consumer attached) full, event %s not queued for it",
-                        group.name,
-                        event.id,
-                    )
+                elif (fut := self._offer(group, event, loop)) is not None and journal is not None:
+                    futures.append(fut)  # held for a consumer to come
         finally:
             if journal is not None:
                 self._settle(seq, futures)
-        self._durable_published += 1
+        self._durable.published += 1
         self._published += 1
         self._fanout(event, subs)
-        if journal is not None:
-            return event  # durable: written to the journal
-        waiting = [f for f in futures if not f.done()]
-        if waiting:
-            remaining = max(deadline - loop.time(), 0.0)
-            _done, not_done = await asyncio.wait(waiting, timeout=remaining)
-            if not_done:
-                raise BusUnavailable(
-                    f"durable event {event.id} on {topic!r} not acknowledged within {timeout}s"
-                )
-        if not all(f.result() for f in futures):
-            raise BusUnavailable("bus closed before the durable event was acknowledged")
-        return event
+        if journal is None:  # else durable: written to the journal
+            await await_acks(
+                futures,
+                event,
+                deadline,
+                timeout,
+                "bus closed before the durable event was acknowledged",
+            )
 
     def _settle(self, seq: int, futures: list[asyncio.Future[bool]]) -> None:
         """Acknowledge journal record ``seq`` once every future is acked
@@ -555,27 +357,20 @@ class InProcessBus(Bus):
             if fut is None:
                 keep.append((seq, event))
             else:
-                self._durable_redelivered += 1
+                self._durable.redelivered += 1
                 self._settle(seq, [fut])
         self._replay = keep
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         if self._closed:
             raise RuntimeError("bus is closed")
-        validate_pattern(pattern)
-        validate_segment(durable)
-        group = self._groups.get(durable)
-        if group is None:
-            group = _Group(self, durable, pattern, self._durable_queue_size)
-            self._groups[durable] = group
+
+        def create() -> _Group:
             self._group_route.clear()
-        elif group.pattern != pattern:
-            raise ValueError(
-                f"durable consumer {durable!r} already reads {group.pattern!r}, not {pattern!r}"
-            )
-        consumer = _MemDurableConsumer(self, group, self._ack_wait)
-        group.consumers[consumer] = None
-        self._redeliver(group)
+            return _Group(self._durable, durable, pattern, self._durable_queue_size)
+
+        consumer = join_group(self._groups, pattern, durable, self._ack_wait, create)
+        self._redeliver(self._groups[durable])
         return consumer
 
     # -- introspection -----------------------------------------------------------------------
@@ -585,11 +380,11 @@ class InProcessBus(Bus):
             "delivered": self._delivered,
             "dropped": self._dropped,
             "subscriptions": len(self._subs),
-            "durable_published": self._durable_published,
-            "durable_delivered": self._durable_delivered,
-            "durable_acked": self._durable_acked,
-            "durable_redelivered": self._durable_redelivered,
-            "durable_dropped": self._durable_dropped,
+            "durable_published": self._durable.published,
+            "durable_delivered": self._durable.delivered,
+            "durable_acked": self._durable.acked,
+            "durable_redelivered": self._durable.redelivered,
+            "durable_dropped": self._durable.dropped,
             "durable_pending": sum(len(g.by_id) for g in self._groups.values()),
             "durable_consumers": sum(len(g.consumers) for g in self._groups.values()),
             "journal_backlog": self.backlog(),

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -145,40 +147,33 @@ class _NatsDelivery(Delivery):
         return self._redelivered
 
     async def ack(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        self.consumer._inflight.pop(self, None)
-        try:
-            await self.msg.ack()
-        except nerr.MsgAlreadyAckdError:
-            return
-        except (nerr.Error, OSError) as exc:
-            _rl.warning(
-                "nats-ack",
-                "durable ack of %s failed (%s); it will be redelivered after ack_wait",
-                self.event.id,
-                _describe(exc),
-            )
-            return
-        self.consumer.bus._durable_acked += 1
+        if await self._settle("ack", self.msg.ack):
+            self.consumer.bus._durable_acked += 1
 
     async def nak(self, delay: float | None = None) -> None:
+        await self._settle("nak", functools.partial(self.msg.nak, delay=delay))
+
+    async def _settle(self, what: str, reply: Callable[[], Awaitable[None]]) -> bool:
+        """Send the first ack or nak (*reply*); True if the server took it. A
+        failure is logged: the message comes back after ``ack_wait``."""
         if self._settled:
-            return
+            return False
         self._settled = True
         self.consumer._inflight.pop(self, None)
         try:
-            await self.msg.nak(delay=delay)
+            await reply()
         except nerr.MsgAlreadyAckdError:
-            return
+            return False
         except (nerr.Error, OSError) as exc:
             _rl.warning(
-                "nats-nak",
-                "durable nak of %s failed (%s); it will be redelivered after ack_wait",
+                f"nats-{what}",
+                "durable %s of %s failed (%s); it will be redelivered after ack_wait",
+                what,
                 self.event.id,
                 _describe(exc),
             )
+            return False
+        return True
 
     def __repr__(self) -> str:
         return f"<_NatsDelivery {self.event.topic} id={self.event.id}>"
@@ -725,19 +720,8 @@ class NatsBus(Bus):
         self._dropped += n
 
     # -- fan-out -----------------------------------------------------------------------------
-    async def publish(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        self._check_topic(topic)
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+    async def _publish(self, event: Event) -> None:
+        topic = event.topic
         data = event.to_json()
         nc = await self._client()
         try:
@@ -749,7 +733,6 @@ class NatsBus(Bus):
         except (nerr.Error, OSError) as exc:
             raise BusUnavailable(f"publish on {topic!r} failed: {_describe(exc)}") from exc
         self._published += 1
-        return event
 
     def subscribe(self, pattern: str) -> Subscription:
         if self._closed:
@@ -865,27 +848,15 @@ class NatsBus(Bus):
             raise BusUnavailable(f"NATS round trip failed: {_describe(exc)}") from exc
 
     # -- durable -----------------------------------------------------------------------------
-    async def publish_durable(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-        timeout: float = 5.0,
-    ) -> Event:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        self._check_topic(topic)
+    def _check_durable(self, topic: str) -> None:
         if not any(matches(s, topic) for s in self._stream_subjects):
             raise BusUnavailable(
                 f"topic {topic!r} is not captured by stream {self._stream} "
                 f"({', '.join(self._stream_subjects)})"
             )
-        event = self._make_event(topic, payload, event_type, event_id, ts)
+
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        topic = event.topic
         data = event.to_json()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -929,7 +900,6 @@ class NatsBus(Bus):
             self._durable_duplicates += 1
         self._durable_published += 1
         self._published += 1
-        return event
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         if self._closed:

@@ -56,16 +56,13 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from decnet_attr.bus.base import (
     Bus,
-    BusError,
     BusPayloadTooLarge,
     BusUnavailable,
-    Delivery,
     DurableConsumer,
     Event,
     QueueSubscription,
@@ -73,12 +70,11 @@ from decnet_attr.bus.base import (
     Subscription,
 )
 from decnet_attr.bus.helpers import batch_observations
+from decnet_attr.bus.local import DurableCounts, Entry, LocalGroup, await_acks, join_group
 from decnet_attr.topics import (
     is_observation_batch,
     matches,
     validate_pattern,
-    validate_segment,
-    validate_topic,
 )
 
 __all__ = [
@@ -310,41 +306,13 @@ class _UnixSubscription(QueueSubscription):
         await self._bus.flush(5.0 if timeout is None else timeout)
 
 
-class _Entry:
-    """One event in a durable group (queued, in flight or done)."""
-
-    __slots__ = ("deliveries", "done", "event", "future")
-
-    def __init__(self, event: Event, future: asyncio.Future[bool] | None) -> None:
-        self.event = event
-        self.future = future
-        self.deliveries = 0
-        self.done = False
-
-    def settle(self, ok: bool) -> None:
-        self.done = True
-        fut = self.future
-        if fut is not None and not fut.done():
-            fut.set_result(ok)
-
-
-class _Group:
-    """A durable group: one bounded local queue shared by its consumers."""
+class _Group(LocalGroup):
+    """A durable group fed by the broker's EVT frames and local publishes;
+    when full, the oldest queued event is dropped (the broker does not wait)."""
 
     def __init__(self, bus: UnixBus, name: str, pattern: str, maxsize: int) -> None:
+        super().__init__(bus._durable, name, pattern, maxsize)
         self.bus = bus
-        self.name = name
-        self.pattern = pattern
-        self.maxsize = maxsize
-        self.ready: deque[_Entry] = deque()
-        self.inflight = 0
-        self.consumers: dict[_UnixDurableConsumer, None] = {}
-        self.items = asyncio.Event()
-        self.space = asyncio.Event()
-        self.closed = False
-
-    def __len__(self) -> int:
-        return len(self.ready) + self.inflight
 
     def push(self, event: Event, future: asyncio.Future[bool] | None = None) -> None:
         """Queue *event*; when full, the oldest queued event is dropped (or,
@@ -352,137 +320,13 @@ class _Group:
         if self.closed:
             return
         if len(self) >= self.maxsize:
-            victim = self.ready.popleft() if self.ready else _Entry(event, future)
+            victim = self.ready.popleft() if self.ready else Entry(event, future)
             victim.settle(False)
             self.bus._note_group_drop(self, victim.event)
             if victim.event is event:
                 return
-        self.ready.append(_Entry(event, future))
+        self.ready.append(Entry(event, future))
         self.items.set()
-
-    def take(self, consumer: _UnixDurableConsumer, limit: int) -> list[Delivery]:
-        out: list[Delivery] = []
-        ready = self.ready
-        while ready and len(out) < limit:
-            entry = ready.popleft()
-            if entry.done:  # acked late, after it had been queued again
-                continue
-            entry.deliveries += 1
-            out.append(_UnixDelivery(self, consumer, entry))
-        if not ready:
-            self.items.clear()
-        if out:
-            self.inflight += len(out)
-            self.bus._durable_delivered += len(out)
-            asyncio.get_running_loop().call_later(consumer.ack_wait, self._expire, out)
-        return out
-
-    def _expire(self, deliveries: list[Delivery]) -> None:
-        late = 0
-        for d in deliveries:
-            assert isinstance(d, _UnixDelivery)
-            if d.settle():
-                self.requeue(d.entry)
-                late += 1
-        if late:
-            logger.debug("durable %r: %d delivery(ies) not acked in time", self.name, late)
-
-    def acked(self, entry: _Entry) -> None:
-        if entry.done:
-            return
-        entry.settle(True)
-        self.bus._durable_acked += 1
-        self.space.set()
-
-    def requeue(self, entry: _Entry, delay: float | None = None) -> None:
-        if entry.done or self.closed:
-            return
-        if delay:
-            asyncio.get_running_loop().call_later(delay, self.requeue, entry, None)
-            return
-        self.ready.appendleft(entry)
-        self.bus._durable_redelivered += 1
-        self.items.set()
-
-    def close(self) -> None:
-        self.closed = True
-        for entry in self.ready:
-            entry.settle(False)
-        self.ready.clear()
-        self.items.set()
-        self.space.set()
-
-
-class _UnixDelivery(Delivery):
-    __slots__ = ("consumer", "entry", "event", "group", "settled")
-
-    def __init__(self, group: _Group, consumer: _UnixDurableConsumer, entry: _Entry) -> None:
-        self.group = group
-        self.consumer = consumer
-        self.entry = entry
-        self.event = entry.event
-        self.settled = False
-        consumer.inflight[self] = None
-
-    @property
-    def redelivered(self) -> bool:
-        return self.entry.deliveries > 1
-
-    def settle(self) -> bool:
-        """Leave the in-flight set; False if this delivery already had."""
-        if self.settled:
-            return False
-        self.settled = True
-        self.consumer.inflight.pop(self, None)
-        self.group.inflight -= 1
-        return True
-
-    async def ack(self) -> None:
-        # a late ack (after ack_wait queued it again) still counts: it was committed
-        self.settle()
-        self.group.acked(self.entry)
-
-    async def nak(self, delay: float | None = None) -> None:
-        if self.settle():
-            self.group.requeue(self.entry, delay)
-
-
-class _UnixDurableConsumer(DurableConsumer):
-    def __init__(self, group: _Group, ack_wait: float) -> None:
-        self.group = group
-        self.pattern = group.pattern
-        self.durable = group.name
-        self.ack_wait = ack_wait
-        self.inflight: dict[_UnixDelivery, None] = {}
-        self._closed = False
-
-    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
-        if max_messages < 1:
-            raise ValueError("max_messages must be >= 1")
-        group = self.group
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(float(timeout), 0.0)
-        while True:
-            if self._closed or group.closed:
-                raise BusError("durable consumer closed" if self._closed else "bus closed")
-            out = group.take(self, max_messages)
-            if out:
-                return out
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            group.items.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(group.items.wait(), remaining)
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.group.consumers.pop(self, None)
-        for delivery in list(self.inflight):
-            await delivery.nak()
-        self.group.items.set()
 
 
 # ------------------------------------------------------------------------------------------
@@ -625,11 +469,7 @@ class UnixBus(Bus):
         self._oversized = 0
         self._reconnects = 0
         self._disconnects = 0
-        self._durable_published = 0
-        self._durable_delivered = 0
-        self._durable_acked = 0
-        self._durable_redelivered = 0
-        self._durable_dropped = 0
+        self._durable = DurableCounts()
 
     @property
     def url(self) -> str:
@@ -877,7 +717,7 @@ class UnixBus(Bus):
         self._dropped += n
 
     def _note_group_drop(self, group: _Group, event: Event) -> None:
-        self._durable_dropped += 1
+        self._durable.dropped += 1
         self._dropped += 1
         _rl.warning(
             "unix-durable:" + group.name,
@@ -886,7 +726,7 @@ class UnixBus(Bus):
             group.maxsize,
             event.id,
             event.topic,
-            self._durable_dropped,
+            self._durable.dropped,
         )
 
     def _use_pattern(self, pattern: str) -> None:
@@ -919,36 +759,12 @@ class UnixBus(Bus):
             )
         return encode_frame(PUB, event.topic, body)
 
-    def _prepare(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        event_type: str,
-        event_id: str | None,
-        ts: float | None,
-    ) -> tuple[Event, bytes]:
-        if self._closed:
-            raise RuntimeError("bus is closed")
-        validate_topic(topic)
-        event = self._make_event(topic, payload, event_type, event_id, ts)
-        return event, self._encode_pub(event)
-
-    async def publish(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-    ) -> Event:
+    async def _publish(self, event: Event) -> None:
         """PUB to the broker (queued in the outbox while it is away) and deliver
         to this process's matching subscribers and durable groups. Never waits."""
-        event, frame = self._prepare(topic, payload, event_type, event_id, ts)
-        self._send_pub(frame)
+        self._send_pub(self._encode_pub(event))
         self._published += 1
         self._dispatch(event)
-        return event
 
     def subscribe(self, pattern: str) -> Subscription:
         if self._closed:
@@ -1007,42 +823,27 @@ class UnixBus(Bus):
                 probe.close(bye=True)
 
     # -- durable -----------------------------------------------------------------------------
-    async def publish_durable(
-        self,
-        topic: str,
-        payload: dict[str, Any],
-        *,
-        event_type: str = "",
-        event_id: str | None = None,
-        ts: float | None = None,
-        timeout: float = 5.0,
-    ) -> Event:
-        """Queue for this process's durable groups and wait for their acks (the
-        broker offers no durability); PUB to the broker as well, so DECNET's
-        subscribers see the event. :class:`BusUnavailable` without a consumer
-        in this process, or without an ack within *timeout*."""
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        event, frame = self._prepare(topic, payload, event_type, event_id, ts)
+    def _check_durable(self, topic: str) -> None:
         _subs, groups = self._targets(topic)
-        live = [g for g in groups if g.consumers]
-        if not live:
+        if not any(g.consumers for g in groups):
             raise BusUnavailable(
                 f"no durable consumer for {topic!r} in this process: the DECNET bus "
                 "(unix://) acknowledges nothing, so durable publishes need the worker here"
             )
+
+    async def _publish_durable(self, event: Event, timeout: float) -> None:
+        """Queue for this process's durable groups and wait for their acks (the
+        broker offers no durability); PUB to the broker as well, so DECNET's
+        subscribers see the event. :class:`BusUnavailable` without an ack
+        within *timeout*."""
+        topic = event.topic
+        frame = self._encode_pub(event)  # too large for the broker: refused before anything
+        _subs, groups = self._targets(topic)
+        live = [g for g in groups if g.consumers]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for group in live:  # backpressure: wait for room rather than drop
-            while len(group) >= group.maxsize and not group.closed:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise BusUnavailable(
-                        f"durable queue {group.name!r} full ({group.maxsize} events)"
-                    )
-                group.space.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(group.space.wait(), remaining)
+            await group.wait_for_space(deadline)
         futures: list[asyncio.Future[bool]] = []
         for group in groups:
             fut: asyncio.Future[bool] | None = None
@@ -1058,39 +859,24 @@ class UnixBus(Bus):
         else:
             self._send_pub(frame)
         self._published += 1
-        self._durable_published += 1
+        self._durable.published += 1
         self._dispatch(event, skip_groups=True)
-        waiting = [f for f in futures if not f.done()]
-        if waiting:
-            _done, not_done = await asyncio.wait(waiting, timeout=max(deadline - loop.time(), 0))
-            if not_done:
-                raise BusUnavailable(
-                    f"durable event {event.id} on {topic!r} not acknowledged within {timeout}s"
-                )
-        if not all(f.result() for f in futures):
-            raise BusUnavailable(f"durable event {event.id} on {topic!r} was dropped")
-        return event
+        dropped = f"durable event {event.id} on {topic!r} was dropped"
+        await await_acks(futures, event, deadline, timeout, dropped)
 
     def durable_consumer(self, pattern: str, *, durable: str) -> DurableConsumer:
         """Join the local durable group *durable* (created, and its pattern
         subscribed at the broker, on first use; kept until :meth:`close`)."""
         if self._closed:
             raise RuntimeError("bus is closed")
-        validate_pattern(pattern)
-        validate_segment(durable)
-        group = self._groups.get(durable)
-        if group is None:
-            encode_frame(SUB, pattern)
+
+        def create() -> _Group:
+            encode_frame(SUB, pattern)  # ASCII and size, before anything changes
             group = _Group(self, durable, pattern, self._durable_queue_size)
-            self._groups[durable] = group
             self._use_pattern(pattern)
-        elif group.pattern != pattern:
-            raise ValueError(
-                f"durable consumer {durable!r} already reads {group.pattern!r}, not {pattern!r}"
-            )
-        consumer = _UnixDurableConsumer(group, self._ack_wait)
-        group.consumers[consumer] = None
-        return consumer
+            return group
+
+        return join_group(self._groups, pattern, durable, self._ack_wait, create)
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -1105,11 +891,11 @@ class UnixBus(Bus):
             "malformed": self._malformed,
             "oversized": self._oversized,
             "subscriptions": len(self._subs),
-            "durable_published": self._durable_published,
-            "durable_delivered": self._durable_delivered,
-            "durable_acked": self._durable_acked,
-            "durable_redelivered": self._durable_redelivered,
-            "durable_dropped": self._durable_dropped,
+            "durable_published": self._durable.published,
+            "durable_delivered": self._durable.delivered,
+            "durable_acked": self._durable.acked,
+            "durable_redelivered": self._durable.redelivered,
+            "durable_dropped": self._durable.dropped,
             "durable_pending": sum(len(g) for g in groups),
             "durable_consumers": sum(len(g.consumers) for g in self._groups.values()),
             "reconnects": self._reconnects,

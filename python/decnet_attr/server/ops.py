@@ -18,11 +18,15 @@
     say why events may be missing.
 ``GET /metrics``
     The Prometheus text format (``text/plain; version=0.0.4``) of a
-    per-application :class:`~prometheus_client.CollectorRegistry`. One
-    collector reads the live objects (worker stats, ``bus.stats()``,
-    ``SseHub.stats()``, the app's ``COUNTERS``, the request counts) when it is
-    scraped, so nothing is global and several apps can share a process. The
-    standard ``process_*`` metrics come from :class:`ProcessCollector`.
+    per-application :class:`~prometheus_client.CollectorRegistry`. Each
+    component brings its own collector, which reads its live numbers when
+    scraped: the bus (``bus/metrics.py``), the worker (``worker/metrics.py``),
+    the SSE relay (``server/sse_metrics.py``), the API counters and the
+    connection guard (``server/api_metrics.py``); the request counts, the
+    version and the store's dead letters are this module's. Nothing is global,
+    so several apps can share a process. The standard ``process_*`` metrics
+    come from :class:`ProcessCollector`. A collector that fails is logged and
+    left out of that scrape.
 
 None of the three asks for authentication. ``/healthz`` and ``/readyz`` show
 only booleans and the bus counters. ``/metrics`` shows counters and gauges. It has no user,
@@ -41,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from time import monotonic
@@ -49,15 +52,13 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from decnet_attr.bus.metrics import BusCollector
 from decnet_attr.logs import RepeatFilter
+from decnet_attr.metrics import PREFIX
+from decnet_attr.server.api_metrics import ApiCollector, ConnectionsCollector
 from decnet_attr.server.app import (
     BUS,
     COUNTERS,
@@ -68,6 +69,9 @@ from decnet_attr.server.app import (
     WORKER,
 )
 from decnet_attr.server.errors import json_response
+from decnet_attr.server.sse_metrics import HasStats, SseCollector
+from decnet_attr.worker.metrics import WorkerCollector
+from decnet_attr.worker.worker import AttributionWorker
 
 log = logging.getLogger(__name__)
 #: Per-probe / per-scrape failures (collapsed); readiness changes go to ``log``.
@@ -78,7 +82,7 @@ __all__ = [
     "CONTENT_TYPE",
     "OPS",
     "PING_TIMEOUT",
-    "AppCollector",
+    "GuardedCollector",
     "OpsState",
     "healthz",
     "metrics",
@@ -86,7 +90,6 @@ __all__ = [
     "setup_ops",
 ]
 
-PREFIX = "decnet_attr"
 #: The Prometheus text exposition format ``generate_latest`` writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds ``/readyz`` waits for ``store.ping()`` before calling the store down.
@@ -129,7 +132,8 @@ def setup_ops(app: web.Application) -> CollectorRegistry:
     app's registry. Call it once, before the app starts."""
     registry = CollectorRegistry(auto_describe=False)
     state = OpsState(registry=registry)
-    registry.register(AppCollector(app, state))
+    for name, collector in _collectors(app, state):
+        registry.register(GuardedCollector(name, collector))
     ProcessCollector(registry=registry)
     app[OPS] = state
     app.middlewares.insert(0, _request_counter(state.requests))
@@ -239,16 +243,13 @@ async def _ping(app: web.Application) -> bool:
 
 def _worker_ok(app: web.Application) -> bool | None:
     """None: no worker in this process; else running with a fresh heartbeat."""
-    worker = app[WORKER]
+    worker: AttributionWorker | None = app[WORKER]
     if worker is None:
         return None
-    if not bool(getattr(worker, "running", True)):
+    if not worker.running:
         return False
-    beat = getattr(worker, "last_heartbeat", None)
-    if not isinstance(beat, (int, float)):
-        return True  # a worker without a heartbeat: running is all we know
     limit = HEARTBEAT_FACTOR * max(1.0, float(app[SETTINGS].heartbeat_interval))
-    return monotonic() - float(beat) < limit
+    return monotonic() - worker.last_heartbeat < limit
 
 
 def _note_readiness(state: OpsState, ok: bool, checks: Mapping[str, bool | None]) -> None:
@@ -284,172 +285,65 @@ async def _dead_letters(app: web.Application) -> int | None:
     return None
 
 
-_NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
+class GuardedCollector(Collector):
+    """A component's collector as registered here: when it fails, the
+    failure is logged (``metrics: _<name> failed``, rate-limited) and its
+    families are left out of this scrape; the others still answer."""
 
-#: Worker counters: WorkerStats attribute -> (metric name without prefix/_total, help)
-WORKER_COUNTERS: dict[str, tuple[str, str]] = {
-    "received": ("worker_observations_received", "Observation events the worker received."),
-    "merged": ("worker_observations_merged", "Observations stored and merged into the engine."),
-    "rejected": ("worker_observations_rejected", "Observation events that failed validation."),
-    "dead_lettered": (
-        "worker_observations_dead_lettered",
-        "Rejected events stored as dead letters.",
-    ),
-    "duplicates": ("worker_observations_duplicate", "Observations dropped as already stored."),
-    "redelivered": ("worker_observations_redelivered", "Observation events delivered again."),
-    "pending_merged": ("worker_observations_pending_merged", "Stored-but-unmerged rows merged."),
-    "batches": ("worker_batches", "Micro-batches committed."),
-    "batch_failures": ("worker_batch_failures", "Failed micro-batch commit attempts."),
-    "published": ("worker_events_published", "Events the worker published after commits."),
-    "state_changes": ("worker_state_changes", "Attribution state changes."),
-    "multi_actor_fired": ("worker_multi_actor_suspected", "multi_actor_suspected events fired."),
-    "identities_formed": ("worker_identities_formed", "Stub identities created."),
-    "identities_merged": (
-        "worker_identities_merged",
-        "Identity merges (attackers moved into another identity).",
-    ),
-    "identities_unmerged": (
-        "worker_identities_unmerged",
-        "Identity un-merges (attackers given back to a revived identity).",
-    ),
-    "attackers_observed": ("worker_attackers_observed", "attacker.observed events registered."),
-}
-
-BUS_GAUGES = frozenset({"subscriptions", "durable_pending", "durable_consumers", "outbox_pending"})
-BUS_HELP: dict[str, str] = {
-    "published": "Events published on the bus by this process.",
-    "delivered": "Events delivered to this process's subscribers.",
-    "dropped": "Events dropped because a queue (subscriber, durable group, outbox) was full.",
-    "reconnects": "Reconnections of the bus transport.",
-    "disconnects": "Losses of the bus connection.",
-    "received": "Events received from the broker (unix://).",
-    "malformed": "Malformed frames or events from the broker, skipped (unix://).",
-    "oversized": "Oversized frames from the broker, skipped (unix://).",
-    "outbox_pending": "Events waiting to be sent to the broker (unix://).",
-    "outbox_dropped": "Events dropped because the outbox to the broker was full (unix://).",
-    "durable_dropped": "Events dropped because a durable queue was full.",
-    "subscriptions": "Open bus subscriptions.",
-    "durable_pending": "Durable deliveries not acknowledged yet.",
-}
-
-SSE_RENAME = {"frames_sent": "events_sent", "frames_dropped": "events_dropped"}
-SSE_GAUGES = frozenset({"streams_open", "channels", "identities", "users", "handlers"})
-SSE_HELP: dict[str, str] = {
-    "streams_open": "Open SSE streams.",
-    "events_sent": "SSE frames written to streams.",
-    "events_dropped": "SSE frames dropped for slow streams.",
-    "gaps": "SSE gap notices sent after drops.",
-    "stale": "SSE stale notices (cursor not resumable, or resync).",
-}
-
-API_HELP: dict[str, str] = {
-    "auth_failures_total": "Requests refused for missing or invalid credentials.",
-    "login_failures_total": "Failed logins.",
-    "logins_total": "Successful logins.",
-    "rate_limited_total": "Requests refused by a rate limit (429).",
-    "tickets_minted_total": "SSE tickets issued.",
-    "tickets_redeemed_total": "SSE tickets redeemed.",
-    "observations_accepted_total": "Observations accepted by POST /api/v1/observations.",
-    "observations_rejected_total": "Observations refused by POST /api/v1/observations.",
-    "ingest_unavailable_total": "Ingest requests answered 503 (bus unavailable).",
-    "ingest_backpressure_total": "Ingest requests answered 503 because the pipeline is behind.",
-    "ingest_inflight": "Observations handed to the bus and not yet acknowledged durable.",
-    "observations_duplicate_total": "Observations sent again that were already stored (202 duplicates).",
-    "http_5xx_total": "Responses with a 5xx status.",
-}
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
-
-
-def _base(name: str) -> str:
-    name = _NAME_RE.sub("_", name)
-    return name[: -len("_total")] if name.endswith("_total") else name
-
-
-def histogram_family(name: str, doc: str, hist: Any) -> HistogramMetricFamily:
-    """A worker ``Histogram`` (bounds in ``buckets``; ``counts`` per bucket,
-    the last one above every bound) as cumulative Prometheus buckets."""
-    buckets: list[tuple[str, float]] = []
-    running = 0
-    for bound, n in zip(hist.buckets, hist.counts):
-        running += int(n)
-        buckets.append((repr(float(bound)), float(running)))
-    buckets.append(("+Inf", float(max(running, int(hist.count)))))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=float(hist.sum))
-
-
-class AppCollector(Collector):
-    """Reads the application's live objects at scrape time. A section that
-    fails is logged and left out; the scrape still answers."""
-
-    def __init__(self, app: web.Application, state: OpsState) -> None:
-        self.app = app
-        self.state = state
+    def __init__(self, name: str, collector: Collector) -> None:
+        self.name = name
+        self.collector = collector
 
     def collect(self) -> Iterable[Metric]:
-        sections: tuple[Callable[[], Iterator[Metric]], ...] = (
-            self._info,
-            self._api,
-            self._duplicates,
-            self._http,
-            self._bus,
-            self._worker,
-            self._sse,
-            self._store,
-            self._connections,
-        )
-        for section in sections:
-            try:
-                families = list(section())
-            except Exception:
-                _noisy.warning("metrics: %s failed", section.__name__, exc_info=True)
-                continue
-            yield from families
+        try:
+            return list(self.collector.collect())
+        except Exception:
+            _noisy.warning("metrics: _%s failed", self.name, exc_info=True)
+            return []
 
-    # -- sections ------------------------------------------------------------------------
-    def _info(self) -> Iterator[Metric]:
+
+def _collectors(app: web.Application, state: OpsState) -> Iterator[tuple[str, Collector]]:
+    """Every component's collector, in the order of the scrape."""
+    yield "info", InfoCollector(app)
+    counters: dict[str, int] = app[COUNTERS]
+    by_sensor: dict[str, int] = app[DUPLICATES_BY_SENSOR]
+    yield "api", ApiCollector(counters, by_sensor)
+    yield "http", RequestCollector(state)
+    yield "bus", BusCollector(app[BUS])
+    worker = app[WORKER]
+    if worker is not None:
+        yield "worker", WorkerCollector(worker)
+    hub = app.get(SSE_HUB)
+    if isinstance(hub, HasStats):
+        yield "sse", SseCollector(hub)
+    yield "store", StoreCollector(state)
+    yield "connections", ConnectionsCollector(app)
+
+
+class InfoCollector(Collector):
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
         from decnet_attr import __version__
 
-        store = self.app[STORE]
         info = GaugeMetricFamily(
             f"{PREFIX}_info",
             "decnet-attr version and backends (value 1).",
             labels=["version", "bus", "store"],
         )
-        info.add_metric(
-            [str(__version__), str(self.app[BUS].name), str(getattr(store, "dialect", ""))], 1.0
-        )
+        store = self.app[STORE]
+        info.add_metric([str(__version__), str(self.app[BUS].name), str(store.dialect)], 1.0)
         yield info
 
-    def _api(self) -> Iterator[Metric]:
-        counters = self.app[COUNTERS]
-        for key, value in sorted(counters.items()):
-            v = _number(value)
-            if v is None:
-                continue
-            doc = API_HELP.get(key, f"API counter {key}.")
-            if key.endswith("_total"):
-                yield CounterMetricFamily(f"{PREFIX}_api_{_base(key)}", doc, value=v)
-            else:  # a level, not a count
-                yield GaugeMetricFamily(f"{PREFIX}_api_{key}", doc, value=v)
 
-    def _duplicates(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            f"{PREFIX}_api_observations_duplicate_by_sensor",
-            "Observations a sensor sent again (already stored), by sensor.",
-            labels=["sensor"],
-        )
-        for sensor, n in sorted(self.app[DUPLICATES_BY_SENSOR].items()):
-            family.add_metric([sensor], float(n))
-        yield family
+class RequestCollector(Collector):
+    """The requests the middleware counted."""
 
-    def _http(self) -> Iterator[Metric]:
+    def __init__(self, state: OpsState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             f"{PREFIX}_http_requests",
             "HTTP requests answered, by route template, method and status.",
@@ -459,129 +353,15 @@ class AppCollector(Collector):
             family.add_metric([route, method, status], float(n))
         yield family
 
-    def _bus(self) -> Iterator[Metric]:
-        bus = self.app[BUS]
-        yield GaugeMetricFamily(
-            f"{PREFIX}_bus_connected",
-            "1 while the bus transport is usable.",
-            value=_flag(bus.connected),
-        )
-        for key, value in sorted(bus.stats().items()):
-            v = _number(value)
-            if v is None:
-                continue
-            base = _base(key)
-            doc = BUS_HELP.get(key, f"Bus statistic {key}.")
-            if key in BUS_GAUGES:
-                yield GaugeMetricFamily(f"{PREFIX}_bus_{base}", doc, value=v)
-            else:
-                yield CounterMetricFamily(f"{PREFIX}_bus_{base}", doc, value=v)
 
-    def _worker(self) -> Iterator[Metric]:
-        worker = self.app[WORKER]
-        if worker is None:
-            return
-        yield GaugeMetricFamily(
-            f"{PREFIX}_worker_running",
-            "1 while the in-process attribution worker runs.",
-            value=_flag(getattr(worker, "running", False)),
-        )
-        beat = getattr(worker, "last_heartbeat", None)
-        if isinstance(beat, (int, float)) and beat > 0:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_worker_heartbeat_age_seconds",
-                "Seconds since the worker's consumer loop last turned.",
-                value=max(0.0, monotonic() - float(beat)),
-            )
-        engine = getattr(worker, "engine", None)
-        if engine is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_engine_keys",
-                "(identity, primitive) keys held by the engine.",
-                value=float(len(engine)),
-            )
-        stats = getattr(worker, "stats", None)
-        if stats is None:
-            return
-        for attr, (name, doc) in WORKER_COUNTERS.items():
-            v = _number(getattr(stats, attr, None))
-            if v is not None:
-                yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=v)
-        lag = _number(getattr(stats, "lag_seconds", None))
-        if lag is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_worker_lag_seconds",
-                "Commit time minus the newest observation ts of the last batch.",
-                value=lag,
-            )
-        last = _number(getattr(stats, "last_batch_at", None))
-        if last:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_worker_last_batch_timestamp_seconds",
-                "Unix time of the last committed batch.",
-                value=last,
-            )
-        for attr, name, doc in (
-            ("batch_size", "worker_batch_size", "Events per micro-batch."),
-            ("merge_seconds", "worker_merge_seconds", "Seconds to store and merge one batch."),
-        ):
-            hist = getattr(stats, attr, None)
-            if hist is not None:
-                yield histogram_family(f"{PREFIX}_{name}", doc, hist)
+class StoreCollector(Collector):
+    """The dead letters the handler counted before the scrape (none when
+    the store did not answer in time)."""
 
-    def _sse(self) -> Iterator[Metric]:
-        hub: Any = self.app.get(SSE_HUB)
-        if hub is None:
-            return
-        closed = CounterMetricFamily(
-            f"{PREFIX}_sse_streams_closed",
-            "SSE streams closed by the server, by reason.",
-            labels=["reason"],
-        )
-        for key, value in sorted(hub.stats().items()):
-            v = _number(value)
-            if v is None:
-                continue
-            if key.startswith("closed_"):
-                closed.add_metric([key[len("closed_") :]], v)
-                continue
-            name = SSE_RENAME.get(key, key)
-            doc = SSE_HELP.get(name, f"SSE relay statistic {key}.")
-            if key in SSE_GAUGES or isinstance(value, bool):
-                yield GaugeMetricFamily(f"{PREFIX}_sse_{_base(name)}", doc, value=v)
-            else:
-                yield CounterMetricFamily(f"{PREFIX}_sse_{_base(name)}", doc, value=v)
-        yield closed
+    def __init__(self, state: OpsState) -> None:
+        self.state = state
 
-    def _connections(self) -> Iterator[Metric]:
-        from decnet_attr.server.connections import CONNECTIONS
-
-        guard = self.app.get(CONNECTIONS)
-        if guard is None:  # not served by make_runner (tests, embedding)
-            return
-        stats = guard.stats()
-        yield GaugeMetricFamily(
-            f"{PREFIX}_http_connections_open",
-            "Open HTTP connections.",
-            value=float(stats["connections_open"]),
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_http_connections_max",
-            "The cap on open HTTP connections.",
-            value=float(stats["connections_max"]),
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_http_connections_refused",
-            "Connections refused over the total or per-address cap.",
-            value=float(stats["connections_refused"]),
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_http_connections_header_timeouts",
-            "Connections closed for not sending a request head in time.",
-            value=float(stats["connections_header_timeouts"]),
-        )
-
-    def _store(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Metric]:
         count = self.state.dead_letters
         if count is not None:
             yield GaugeMetricFamily(
@@ -589,7 +369,3 @@ class AppCollector(Collector):
                 "Dead letters (rejected events) held by the store.",
                 value=float(count),
             )
-
-
-def _flag(value: Any) -> float:
-    return 1.0 if value else 0.0

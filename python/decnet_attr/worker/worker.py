@@ -33,8 +33,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -72,6 +71,7 @@ from decnet_attr.topics import (
     primitive_from_topic,
 )
 from decnet_attr.worker.identities import IdentityRollup
+from decnet_attr.worker.metrics import WorkerStats
 from decnet_attr.worker.recompute import feed_series
 
 log = logging.getLogger(__name__)
@@ -83,57 +83,6 @@ Key = tuple[str, str]
 CHECKPOINT_KEYS = 5000
 #: Most state rows the worker remembers to skip reading them back (lazy mode).
 MAX_CACHED_ROWS = 1_000_000
-
-
-class Histogram:
-    """Cumulative-bucket histogram (Prometheus style)."""
-
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, v: float) -> None:
-        self.sum += v
-        self.count += 1
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
-
-
-@dataclass
-class WorkerStats:
-    received: int = 0
-    merged: int = 0
-    duplicates: int = 0
-    rejected: int = 0
-    dead_lettered: int = 0
-    batches: int = 0
-    batch_failures: int = 0
-    redelivered: int = 0
-    published: int = 0
-    state_changes: int = 0
-    multi_actor_fired: int = 0
-    identities_formed: int = 0
-    identities_merged: int = 0
-    identities_unmerged: int = 0
-    attackers_observed: int = 0
-    pending_merged: int = 0
-    windows_saved: int = 0
-    pruned: int = 0
-    lag_seconds: float = 0.0
-    last_batch_at: float = 0.0
-    batch_size: Histogram = field(
-        default_factory=lambda: Histogram((1, 10, 50, 100, 500, 1000, 2000, 5000))
-    )
-    merge_seconds: Histogram = field(
-        default_factory=lambda: Histogram(
-            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-        )
-    )
 
 
 # counted inside a transaction attempt; rolled back with it
