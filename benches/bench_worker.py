@@ -92,7 +92,9 @@ async def _publish_all(bus: Bus, events: list[dict[str, Any]], shape: str) -> No
         for i in range(0, len(events), API_BATCH):
             part = events[i : i + API_BATCH]
             text = "".join(orjson.dumps(o).decode() + "\n" for o in part)
-            await bus.publish(
+            # as the API hands a body over: durably (into the ingest journal
+            # on the embedded default, a JetStream ack on NATS)
+            await bus.publish_durable(
                 OBSERVATION_BATCH,
                 {"ndjson": text, "count": len(part)},
                 event_type=EVENT_TYPE_OBSERVATION_BATCH,

@@ -235,7 +235,10 @@ async def deployment(
     )
     store = store_for(settings)
     await store.open()
-    bus = get_bus(settings.bus_url, **({} if bus_url else {"durable_queue_size": 1_000_000}))
+    options = settings.bus_options()  # as `serve` builds it (the ingest journal included)
+    if not bus_url:
+        options["durable_queue_size"] = 1_000_000
+    bus = get_bus(settings.bus_url, **options)
     await bus.connect()
     try:
         yield settings, bus, store

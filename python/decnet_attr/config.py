@@ -34,6 +34,10 @@ def _bool(v: str) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
+#: The smallest per-subscriber queue of a bus built from the settings.
+SUBSCRIBER_QUEUE_MIN = 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     # --- where ------------------------------------------------------------
@@ -303,7 +307,13 @@ class Settings:
 
     def bus_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`decnet_attr.bus.get_bus`."""
-        options: dict[str, Any] = {"ack_wait": self.ack_wait}
+        # a worker batch publishes one event per touched key at once (up to
+        # batch_max), before any subscriber gets to run: a subscriber's queue
+        # (the SSE relay's) takes two batches' worth without dropping
+        options: dict[str, Any] = {
+            "ack_wait": self.ack_wait,
+            "queue_size": max(SUBSCRIBER_QUEUE_MIN, 2 * self.batch_max),
+        }
         if self.ingest_journal and self.bus_url.strip().lower().startswith("memory:"):
             options["journal"] = Path(self.data_dir) / "journal"
             options["journal_fsync"] = self.journal_fsync

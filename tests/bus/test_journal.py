@@ -178,3 +178,35 @@ async def test_no_consumer_is_refused_before_writing(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j")
     assert j.open() == []
     j.close()
+
+
+@pytest.mark.parametrize("can_truncate", [True, False])
+async def test_a_failed_write_does_not_hide_later_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, can_truncate: bool
+) -> None:
+    import os
+
+    j = Journal(tmp_path / "j")
+    j.open()
+    await j.append(Event(TOPIC, {"x": 1}, id="before"))
+    real_write = os.write
+
+    def half_then_fail(fd: int, data: bytes) -> int:
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_fail)
+    if not can_truncate:
+
+        def no_truncate(fd: int, size: int) -> None:
+            raise OSError(5, "I/O error")
+
+        monkeypatch.setattr(os, "ftruncate", no_truncate)
+    with pytest.raises(OSError, match="No space"):
+        await j.append(Event(TOPIC, {"x": 2}, id="failed"))
+    monkeypatch.undo()
+    await j.append(Event(TOPIC, {"x": 3}, id="after"))
+    j.close()
+    again = Journal(tmp_path / "j")
+    assert [e.id for _s, e in again.open()] == ["before", "after"]
+    again.close()

@@ -528,3 +528,33 @@ async def test_a_conflicting_transaction_is_run_again_not_split(
     assert calls["n"] == 2  # once more, whole: not split into halves
     assert worker.stats.merged == 3 and worker.stats.batch_failures == 1
     assert await store.dead_letter_count() == 0
+
+
+async def test_a_subscriber_on_the_configured_bus_takes_a_whole_batch_of_events(
+    settings: Settings, store: Store
+) -> None:
+    """One batch touching more keys than a default subscriber queue holds
+    publishes one event per key at once: a subscriber of the bus ``serve``
+    builds (the SSE relay is one) must take them all without dropping."""
+    from decnet_attr.bus import get_bus
+
+    bus = get_bus("memory://", **settings.bus_options())
+    await bus.connect()
+    worker = AttributionWorker(settings, bus, store)
+    await worker.start()
+    sub = bus.subscribe("attribution.>")
+    try:
+        n = settings.batch_max
+        items = [
+            mk_obs(f"wide-{i:05d}", "environmental.shell_type", "bash", 1_000_000.0 + i)
+            for i in range(n)
+        ]
+        text = "".join(orjson.dumps(o).decode() + "\n" for o in items)
+        await bus.publish(OBSERVATION_BATCH, {"ndjson": text, "count": n}, event_id="wide")
+        await wait_for(lambda: worker.stats.merged == n, timeout=30)
+        await asyncio.sleep(0.05)
+        assert sub.dropped == 0
+    finally:
+        await sub.aclose()
+        await worker.stop()
+        await bus.close()

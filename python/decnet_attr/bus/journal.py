@@ -73,6 +73,7 @@ class Journal:
         self._lock_fd = -1
         self._fd = -1
         self._size = 0
+        self._torn = False  # a failed write could not be cut off
         self._segments: list[tuple[int, Path]] = []  # (first seq, path), oldest first
         self._next = 1
         self._acked = 0  # every seq <= this is acknowledged
@@ -146,17 +147,26 @@ class Journal:
         if self._fd < 0:
             raise JournalError("ingest journal is closed")
         body = event.to_json()
-        if self._size >= self.segment_bytes:
+        if self._size >= self.segment_bytes or self._torn:
             if self._syncing is not None:
                 await asyncio.shield(self._syncing)
             self._rotate()
         seq = self._next
-        self._next += 1
         record = _HEADER.pack(seq, len(body), zlib.crc32(body)) + body
         view = memoryview(record)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            # (disk full, I/O error) a part of the record may be on disk: cut
+            # it off, or records written after it could not be read back
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._torn = True  # the next append starts a new segment
+            raise
+        self._next += 1
         self._size += len(record)
         w = _weight(event)
         self._unacked[seq] = w
@@ -252,6 +262,7 @@ class Journal:
         path = self.directory / f"{self._next:020d}{_SUFFIX}"
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
+        self._torn = False
         if not self._segments or self._segments[-1][1] != path:
             self._segments.append((self._next, path))
         if self.fsync:

@@ -90,17 +90,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def _chunks(batch: ValidatedBatch, positions: list[int]) -> list[list[int]]:
+def _chunks(batch: ValidatedBatch, positions: list[int]) -> list[tuple[list[int], bytes]]:
     """``positions`` cut so that each part's NDJSON stays under
-    :data:`BATCH_CHUNK_BYTES` (sizes estimated from one encoding)."""
+    :data:`BATCH_CHUNK_BYTES` (sizes estimated from one encoding), each with
+    its NDJSON."""
     n = len(positions)
     if n == 0:
         return []
-    total = len(batch.ndjson(positions))
-    if total <= BATCH_CHUNK_BYTES:
-        return [positions]
-    per = max(1, int(n * BATCH_CHUNK_BYTES / total))
-    return [positions[i : i + per] for i in range(0, n, per)]
+    whole = batch.ndjson(positions)
+    if len(whole) <= BATCH_CHUNK_BYTES:
+        return [(positions, whole)]
+    per = max(1, int(n * BATCH_CHUNK_BYTES / len(whole)))
+    return [
+        (part, batch.ndjson(part)) for part in (positions[i : i + per] for i in range(0, n, per))
+    ]
 
 
 def _destinations(batch: ValidatedBatch, partitions: int) -> list[tuple[str, list[int]]]:
@@ -278,13 +281,13 @@ async def hand_over(
     indexes = batch.indexes
     accepted: list[str] = []
     parts = [
-        (topic, chunk)
+        (topic, chunk, ndjson)
         for topic, positions in _destinations(batch, partitions)
-        for chunk in _chunks(batch, positions)
+        for chunk, ndjson in _chunks(batch, positions)
     ]
-    for topic, part in parts:
+    for topic, part, ndjson in parts:
         part_ids = [ids[p] for p in part]
-        payload = {"ndjson": batch.ndjson(part).decode(), "count": len(part)}
+        payload = {"ndjson": ndjson.decode(), "count": len(part)}
         try:
             await bus.publish_durable(
                 topic,
