@@ -1,7 +1,8 @@
 # decnet-attr — the entry points the README names.
 #   make run    set up if needed, then run the main job (embedded default)
 #   make test   set up if needed, then cargo test + pytest
-#   make lint   ruff, mypy, cargo fmt --check, cargo clippy -D warnings
+#   make lint   ruff, mypy, stubtest (_core.pyi against the built module),
+#               cargo fmt --check, cargo clippy -D warnings
 #   make bench  benchmarks (pytest-benchmark + criterion); see benches/RESULTS.md
 
 SHELL := /bin/bash
@@ -70,6 +71,7 @@ lint: setup
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest decnet_attr._core
 	cargo fmt --check
 	cargo clippy --release --all-targets -q -- -D warnings
 	cargo clippy --release --features extension-module -q -- -D warnings

@@ -1,6 +1,6 @@
 """A DECNET-style baseline in pure Python: per observation, the whole
 (identity, primitive) series is reloaded and the v0 merger recomputed
-(reference §4.8, §9). The merger itself is the project's oracle
+(docs/decnet.md#attribution-worker). The merger itself is the project's oracle
 (tests/oracle.py), written from the same rules."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Engine benchmarks (issue: foundation §6). Run with ``make bench``.
+"""Engine benchmarks. Run with ``make bench``.
 
 - ``Engine.ingest_json`` and ``Engine.ingest`` throughput with batches of 1k
   and 10k observations over 10k, 100k and 1M distinct keys, next to

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DELIVERIES_PER_S = 20_000
 STREAMS_PER_ATTACKER = 10
 RUN_SECONDS = 3.0
-#: A session end emits up to 38 observations for one attacker at once (reference §3.3).
+#: A session end emits up to 38 observations for one attacker at once (docs/decnet.md#session-burst).
 BURST = 38
 CONNECT_CONCURRENCY = 256
 

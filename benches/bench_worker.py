@@ -1,4 +1,4 @@
-"""End-to-end worker benchmarks (issue: worker §6). Run with ``make bench``.
+"""End-to-end worker benchmarks. Run with ``make bench``.
 
 publish → stored → ``attribution.profile.*`` published, for the embedded
 default (in-process bus + SQLite) and for NATS JetStream + PostgreSQL:
@@ -9,7 +9,7 @@ default (in-process bus + SQLite) and for NATS JetStream + PostgreSQL:
   event announcing the key's new state, p50/p99;
 - a DECNET-style baseline worker on the same SQLite store: per event, load
   the key's full series from the database, recompute in Python, upsert,
-  commit (reference §4.8).
+  commit (docs/decnet.md#attribution-worker).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A pure-Python oracle of DECNET's v0 mergers, written from the rules in
-reference §4.3–4.6 (not from the Rust code), plus our one deliberate
+docs/decnet.md#merge-dispatch to #merge-hash (not from the Rust code), plus our one deliberate
 difference: list and dict values are compared by canonical JSON (sorted
 keys, compact) instead of crashing.
 

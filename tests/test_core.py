@@ -32,7 +32,7 @@ def agg(values: list[Any], kind: str | None = None) -> AttributionState:
     return aggregate_observations(series(*values), value_kind=kind)
 
 
-# --- dispatcher (§4.3) ---------------------------------------------------
+# --- dispatcher (docs/decnet.md#merge-dispatch) -------------------------
 
 
 def test_empty_is_unknown_even_with_a_bogus_kind() -> None:
@@ -47,7 +47,7 @@ def test_unknown_kind_is_value_error() -> None:
         aggregate_observations(series("a"), value_kind="bogus")
 
 
-# --- categorical (§4.4) --------------------------------------------------
+# --- categorical (docs/decnet.md#merge-categorical) ------------------
 
 
 def test_categorical_floor_returns_last_raw_value() -> None:
@@ -98,7 +98,7 @@ def test_ties_go_to_first_occurrence_in_window() -> None:
 
 
 def test_lists_and_dicts_get_a_state() -> None:
-    # DECNET raises TypeError here (§10.1.1); we compare by canonical JSON.
+    # DECNET raises TypeError here (docs/decnet.md#canonical-values); we compare by canonical JSON.
     hist = [0, 1, 5, 2]
     s = agg([hist, list(hist), [0, 1, 5, 2], [0, 1, 5, 2]])
     assert (s.state, s.current_value) == ("stable", hist)
@@ -113,7 +113,7 @@ def test_unicode_values() -> None:
     assert agg(["日本", "日本", "日本"]).current_value == "日本"
 
 
-# --- numeric (§4.5) -------------------------------------------------------
+# --- numeric (docs/decnet.md#merge-numeric) ---------------------------
 
 
 def test_numeric_floor_converts_last_value() -> None:
@@ -162,7 +162,7 @@ def test_non_numeric_string_is_a_typed_error() -> None:
         agg(["fast", 1, 2], "numeric")
 
 
-# --- hash (§4.6) ----------------------------------------------------------
+# --- hash (docs/decnet.md#merge-hash) ---------------------------------
 
 
 def test_hash_rules() -> None:

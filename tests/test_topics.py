@@ -24,7 +24,7 @@ from decnet_attr.topics import (
     validate_topic,
 )
 
-# Reference §1.3 truth table: all 16 rows.
+# The truth table of docs/decnet.md#topic-matching: all 16 rows.
 TRUTH_TABLE = [
     ("topology.abc.mutation.applied", "topology.abc.mutation.applied", True),
     ("topology.*.mutation.applied", "topology.abc.mutation.applied", True),
@@ -217,7 +217,7 @@ def test_attacker_observation_is_stricter_than_decnet(bad: str) -> None:
 
 
 def test_compatibility_topics() -> None:
-    # Reference §10.5: topics decnet_attr must keep.
+    # docs/decnet.md#compatibility-surface: topics decnet_attr must keep.
     assert T.ATTACKER_OBSERVATION_PREFIX == "attacker.observation"
     assert T.OBSERVATION_PATTERN == "attacker.observation.>"
     assert T.ATTRIBUTION_PROFILE_STATE_CHANGED == "attribution.profile.state_changed"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from decnet_attr._core import (
     REGISTRY_VERSION,
+    STATES,
     AttributionState,
     ChangeRecord,
     DecnetAttrError,
@@ -24,8 +25,6 @@ from decnet_attr._core import (
 from decnet_attr.registry import value_kind_for
 
 Sequence.register(IngestResult)
-
-STATES = ("unknown", "stable", "drifting", "conflicted", "multi_actor")
 
 __all__ = [
     "REGISTRY_VERSION",

@@ -2,12 +2,42 @@
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, Literal, final
+from typing import Any, Literal, Self, final
 
-ValueKind = Literal["categorical", "numeric", "hash"]
-StateName = Literal["unknown", "stable", "drifting", "conflicted", "multi_actor"]
+__all__ = [
+    "ATTACKER_UUID_MAX",
+    "REGISTRY_VERSION",
+    "STATES",
+    "AttributionState",
+    "ChangeRecord",
+    "Clusterer",
+    "DecnetAttrError",
+    "Dedupe",
+    "Engine",
+    "IngestResult",
+    "InvalidJSONError",
+    "RejectedItem",
+    "SqliteConnection",
+    "Thresholds",
+    "TooManyItemsError",
+    "ValidatedBatch",
+    "__version__",
+    "aggregate_observations",
+    "all_pairs_components",
+    "is_attacker_uuid",
+    "normalise_ip",
+    "observation_lines",
+    "partition_of",
+    "rejection_codes",
+    "validate_observations",
+]
+
+_ValueKind = Literal["categorical", "numeric", "hash"]
+_StateName = Literal["unknown", "stable", "drifting", "conflicted", "multi_actor"]
 
 REGISTRY_VERSION: str
+#: The state names, in the engine's order (the only list of them).
+STATES: tuple[str, ...]
 __version__: str
 
 class DecnetAttrError(ValueError): ...
@@ -15,8 +45,8 @@ class InvalidJSONError(DecnetAttrError): ...
 
 @final
 class Thresholds:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         window_n: int = 5,
         min_observations: int = 3,
@@ -33,8 +63,8 @@ class Thresholds:
         multi_actor_min_primitives: int = 2,
         multi_actor_tick_secs: float = 60.0,
         per_primitive: Mapping[str, Mapping[str, float | int]] | None = None,
-        per_kind: Mapping[ValueKind, Mapping[str, float | int]] | None = None,
-    ) -> None: ...
+        per_kind: Mapping[_ValueKind, Mapping[str, float | int]] | None = None,
+    ) -> Self: ...
     @property
     def window_n(self) -> int: ...
     @property
@@ -68,22 +98,22 @@ class Thresholds:
     @property
     def per_kind(self) -> dict[str, dict[str, float | int]]: ...
     def to_dict(self) -> dict[str, Any]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 @final
 class AttributionState:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         current_value: Any,
-        state: StateName,
+        state: _StateName,
         confidence: float,
         observation_count: int,
         last_observation_ts: float,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def current_value(self) -> Any: ...
     @property
-    def state(self) -> StateName: ...
+    def state(self) -> _StateName: ...
     @property
     def confidence(self) -> float: ...
     @property
@@ -91,7 +121,7 @@ class AttributionState:
     @property
     def last_observation_ts(self) -> float: ...
     def to_dict(self) -> dict[str, Any]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
@@ -127,21 +157,23 @@ class IngestResult(Sequence[ChangeRecord]):
     def changed(self) -> list[ChangeRecord]: ...
     def rows(
         self,
-    ) -> list[tuple[str, str, StateName, float, int, float, Any, str, StateName | None, bool]]: ...
+    ) -> list[
+        tuple[str, str, _StateName, float, int, float, Any, str, _StateName | None, bool]
+    ]: ...
     def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> ChangeRecord: ...  # type: ignore[override]
+    def __getitem__(self, index: int, /) -> ChangeRecord: ...  # type: ignore[override]
     def __iter__(self) -> Iterator[ChangeRecord]: ...
 
 @final
 class Engine:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         thresholds: Thresholds | None = None,
         *,
         max_value_bytes: int = 8192,
         max_name_bytes: int = 256,
-        kinds: Mapping[str, ValueKind] | None = None,
-    ) -> None: ...
+        kinds: Mapping[str, _ValueKind] | None = None,
+    ) -> Self: ...
     @property
     def thresholds(self) -> Thresholds: ...
     def ingest(self, batch: Iterable[Mapping[str, Any]]) -> IngestResult: ...
@@ -151,7 +183,7 @@ class Engine:
     def get(self, identity_uuid: str, primitive: str) -> AttributionState | None: ...
     def get_many(self, keys: Iterable[tuple[str, str]]) -> list[AttributionState | None]: ...
     def __len__(self) -> int: ...
-    def __contains__(self, key: tuple[str, str]) -> bool: ...
+    def __contains__(self, key: tuple[str, str], /) -> bool: ...
     def keys(self) -> list[tuple[str, str]]: ...
     def missing(self, keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]: ...
     def evict(self, keys: Iterable[tuple[str, str]]) -> int: ...
@@ -172,7 +204,7 @@ class TooManyItemsError(DecnetAttrError): ...
 
 @final
 class Dedupe:
-    def __init__(self, capacity: int) -> None: ...
+    def __new__(cls, capacity: int) -> Self: ...
     def admit_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[int]: ...
     def admit_batch(self, batch: ValidatedBatch) -> list[int]: ...
     def seen_batch(self, batch: ValidatedBatch) -> list[int]: ...
@@ -186,15 +218,15 @@ class Dedupe:
 
 @final
 class Clusterer:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         weights: Sequence[tuple[str, float]],
         simhash: Sequence[str],
         threshold: float = 1.0,
         full_share: int = 6,
         max_share: int = 32,
         hamming_max: int = 3,
-    ) -> None: ...
+    ) -> Self: ...
     def add_batch(
         self, batch: ValidatedBatch, select: Sequence[int] | None = None
     ) -> list[str]: ...
@@ -218,7 +250,7 @@ def all_pairs_components(
     hamming_max: int = 3,
 ) -> list[list[str]]: ...
 
-ObservationRowTuple = tuple[
+_ObservationRowTuple = tuple[
     str,
     str | None,
     str,
@@ -260,7 +292,7 @@ class ValidatedBatch:
         identity_of: Mapping[str, str] | None = None,
         select: Sequence[int] | None = None,
         merged: bool = True,
-    ) -> list[ObservationRowTuple]: ...
+    ) -> list[_ObservationRowTuple]: ...
     def keys(
         self, identity_of: Mapping[str, str] | None = None, select: Sequence[int] | None = None
     ) -> list[tuple[str, str]]: ...
@@ -297,18 +329,19 @@ def aggregate_observations(
     thresholds: Thresholds | None = None,
 ) -> AttributionState: ...
 
-SqlValue = None | int | float | str | bytes
+_SqlValue = None | int | float | str | bytes
 
+@final
 class SqliteConnection:
     """A SQLite connection (the system libsqlite3) whose statements run with
     the GIL released; errors are the ``sqlite3`` module's exception classes."""
 
-    def __init__(self, path: str, timeout: float = 30.0) -> None: ...
+    def __new__(cls, path: str, timeout: float = 30.0) -> Self: ...
     def execute(
-        self, sql: str, params: Sequence[SqlValue] | None = None
+        self, sql: str, params: Sequence[_SqlValue] | None = None
     ) -> list[tuple[Any, ...]]: ...
-    def executemany(self, sql: str, seq: Iterable[Sequence[SqlValue]]) -> None: ...
-    def executemany_changes(self, sql: str, seq: Iterable[Sequence[SqlValue]]) -> list[int]: ...
+    def executemany(self, sql: str, seq: Iterable[Sequence[_SqlValue]]) -> None: ...
+    def executemany_changes(self, sql: str, seq: Iterable[Sequence[_SqlValue]]) -> list[int]: ...
     def insert_validated(
         self,
         sql: str,

@@ -1,7 +1,7 @@
 """The BEHAVE primitive registry, shipped as data (``data/primitives.json``).
 
 Names, value kinds and allowed values are facts of ``behave-shell`` 0.1.4
-(reference §3.4). The Rust engine compiles in the same file, so Python and
+(docs/decnet.md#primitive-registry). The Rust engine compiles in the same file, so Python and
 Rust can never disagree about a primitive's kind.
 
 An unknown primitive is not silent: it is counted (:func:`unknown_primitives`)

@@ -20,10 +20,10 @@ The leaf builders (:func:`attacker`, :func:`attribution`, :func:`identity`,
 topic: ``identity("observation.linked") == IDENTITY_OBSERVATION_LINKED``. Do not
 pass a full-topic constant to a leaf builder.
 
-Validation is stricter than DECNET's (reference §1.10 / §10.3.2): every token of
+Validation is stricter than DECNET's (docs/decnet.md#topic-validation): every token of
 a built or published topic must be non-empty and free of ``.``, ``*``, ``>``,
 whitespace and control characters. :func:`matches` itself keeps DECNET's exact
-semantics (§1.3) and never validates.
+semantics (docs/decnet.md#topic-matching) and never validates.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ __all__ = [
     "ROOTS",
     "SYSTEM_ATTRIBUTION_CONTROL",
     "SYSTEM_ATTRIBUTION_HEALTH",
+    "SYSTEM_AUTH_REVOKED",
     "SYSTEM_BUS_HEALTH",
     "SYSTEM_CONTROL_PATTERN",
     "SYSTEM_CONTROL_SUFFIX",
@@ -120,7 +121,7 @@ SMTP_ROOT = "smtp"
 EMAIL_ROOT = "email"
 TTP_ROOT = "ttp"
 
-#: DECNET's root prefixes (reference §1.10), in catalogue order.
+#: DECNET's root prefixes (docs/decnet.md#topic-catalogue), in catalogue order.
 ROOTS: tuple[str, ...] = (
     TOPOLOGY_ROOT,
     DECKY_ROOT,
@@ -181,7 +182,7 @@ ATTACKER_PATTERN = "attacker.>"
 ATTRIBUTION_PROFILE_PREFIX = "attribution.profile"
 ATTRIBUTION_PROFILE_STATE_CHANGED = "attribution.profile.state_changed"
 ATTRIBUTION_PROFILE_MULTI_ACTOR_SUSPECTED = "attribution.profile.multi_actor_suspected"
-#: Our addition (reference §10.1.12): current value / confidence / count changed.
+#: Our addition (docs/decnet.md#profile-updated): current value / confidence / count changed.
 ATTRIBUTION_PROFILE_UPDATED = "attribution.profile.updated"
 ATTRIBUTION_PATTERN = "attribution.>"
 
@@ -201,6 +202,10 @@ SYSTEM_CONTROL_SUFFIX = "control"
 SYSTEM_HEALTH_PATTERN = "system.*.health"
 SYSTEM_CONTROL_PATTERN = "system.*.control"
 WEBHOOK_SUBSCRIPTIONS_CHANGED = "system.webhook.subscriptions_changed"
+#: Our addition: an account's tokens were revoked (logout, password change,
+#: role change, disabling). Every API process drops its cached sessions of
+#: that user and the SSE relay ends the user's streams.
+SYSTEM_AUTH_REVOKED = "system.auth.revoked"
 #: The worker name the attribution engine uses in ``system.<worker>.*`` topics.
 ATTRIBUTION_WORKER = "attribution"
 SYSTEM_ATTRIBUTION_HEALTH = "system.attribution.health"
@@ -210,7 +215,7 @@ SYSTEM_ATTRIBUTION_CONTROL = "system.attribution.control"
 WORKER_CONTROL_STOP = "stop"
 WORKER_CONTROL_START = "start"
 
-# -- envelope ``type`` discriminators used by the engine (reference §2) ----------------------
+# -- envelope ``type`` discriminators used by the engine (docs/decnet.md#engine-events) ----
 EVENT_TYPE_STATE_CHANGED = "profile.state_changed"
 EVENT_TYPE_MULTI_ACTOR_SUSPECTED = "profile.multi_actor_suspected"
 EVENT_TYPE_PROFILE_UPDATED = "profile.updated"
@@ -313,7 +318,7 @@ def is_pattern(pattern: str) -> bool:
 # matching
 # ------------------------------------------------------------------------------------------
 def matches(pattern: str, topic: str) -> bool:
-    """NATS-style wildcard match with DECNET's exact semantics (reference §1.3).
+    """NATS-style wildcard match with DECNET's exact semantics (docs/decnet.md#topic-matching).
 
     Tokens are compared in order; ``*`` matches exactly one non-empty token;
     ``>`` matches one or more trailing tokens (anything after it in the pattern
@@ -420,7 +425,7 @@ _SSE_NAMES: dict[str, str] = {
 
 
 def sse_event_name(topic: str) -> str:
-    """SSE ``event:`` name for a bus topic (reference §6.6, plus ``attribution.updated``)."""
+    """SSE ``event:`` name for a bus topic (docs/decnet.md#sse-relay)."""
     if topic.startswith(_OBS_PREFIX_DOT):
         return "observation"
     return _SSE_NAMES.get(topic, topic)

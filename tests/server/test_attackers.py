@@ -1,4 +1,4 @@
-"""Attackers and the attribution endpoint (reference §6.5, exact shapes)."""
+"""Attackers and the attribution endpoint (docs/decnet.md#attribution-endpoint, exact shapes)."""
 
 from __future__ import annotations
 

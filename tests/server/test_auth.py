@@ -1,5 +1,5 @@
-"""Authentication, roles, rate limits and SSE tickets (reference §6.1 to §6.4,
-with the gaps of §10.3.1 closed)."""
+"""Authentication, roles, rate limits and SSE tickets (docs/decnet.md#auth-tokens
+to #sse-connection-cap, with the gaps of #sse-ticket-hardening closed)."""
 
 from __future__ import annotations
 

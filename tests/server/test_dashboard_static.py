@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from decnet_attr import STATES
 from decnet_attr.server.dashboard import (
+    CONFIG_PATH,
     CONTENT_SECURITY_POLICY,
     STATIC_DIR,
     load_assets,
     setup_dashboard,
 )
-from tests.server.conftest import Harness
+from tests.server.conftest import Harness, HarnessFactory, bearer
 
 SECURITY = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -203,9 +205,44 @@ async def test_no_inline_script(harness: Harness, source: str) -> None:
     assert audit.problems == []
 
 
-def test_script_never_parses_html() -> None:
+SCRIPTS = sorted(p.name for p in STATIC_DIR.glob("*.js"))
+IMPORT = re.compile(r'^import\s[^;]*?from\s+"\./([\w.-]+\.js)";', re.MULTILINE | re.DOTALL)
+
+
+def test_the_script_is_modules() -> None:
+    """app.js is the entry point; every other script is a module it reaches."""
+    assert "app.js" in SCRIPTS and len(SCRIPTS) > 2
+    seen: set[str] = set()
+    todo = ["app.js"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(IMPORT.findall((STATIC_DIR / name).read_text()))
+    assert seen == set(SCRIPTS)
+
+
+def test_script_modules_have_no_import_cycle() -> None:
+    graph = {n: IMPORT.findall((STATIC_DIR / n).read_text()) for n in SCRIPTS}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, " -> ".join((*path, name))
+        if name in done:
+            return
+        for dep in graph[name]:
+            assert dep in graph, f"{name} imports a missing module {dep}"
+            visit(dep, (*path, name))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_never_parses_html(script: str) -> None:
     """The script builds the DOM from text only (values come from attackers)."""
-    source = (STATIC_DIR / "app.js").read_text()
+    source = (STATIC_DIR / script).read_text()
     js = re.sub(r"^\s*//.*$", "", source, flags=re.MULTILINE)  # code, not comments
     for sink in (
         "innerHTML",
@@ -240,3 +277,38 @@ def test_missing_static_dir_leaves_the_api(tmp_path: Path) -> None:
     app = web.Application()
     setup_dashboard(app, tmp_path / "does-not-exist")
     assert [r.resource.canonical for r in app.router.routes() if r.resource] == []
+
+
+async def test_every_script_is_served_as_javascript(harness: Harness) -> None:
+    for name in SCRIPTS:
+        resp = await harness.client.get(f"/static/{name}")
+        assert resp.status == 200, name
+        assert resp.headers["Content-Type"] == "text/javascript; charset=utf-8", name
+        assert_security_headers(resp.headers)
+
+
+async def test_page_config_needs_a_reader(harness: Harness) -> None:
+    resp = await harness.client.get(CONFIG_PATH)
+    assert resp.status == 401
+    sensor = await harness.token("sensor1", "sensor")
+    assert (await harness.client.get(CONFIG_PATH, headers=bearer(sensor))).status == 403
+
+
+async def test_page_config_gives_the_servers_facts(make_harness: HarnessFactory) -> None:
+    """The script's state names and multi-actor minimum come from the server."""
+    default = await make_harness()
+    token = await default.token("viewer1")
+    resp = await default.client.get(CONFIG_PATH, headers=bearer(token))
+    assert resp.status == 200
+    assert await resp.json() == {
+        "states": list(STATES),
+        "multi_actor_min_primitives": default.settings.make_thresholds().multi_actor_min_primitives,
+    }
+    tuned = await make_harness(thresholds='{"multi_actor_min_primitives": 3}')
+    token = await tuned.token("viewer2")
+    body = await (await tuned.client.get(CONFIG_PATH, headers=bearer(token))).json()
+    assert body["multi_actor_min_primitives"] == 3
+    for script in SCRIPTS:
+        source = (STATIC_DIR / script).read_text()
+        assert "MULTI_ACTOR_MIN_PRIMITIVES =" not in source or script == "facts.js", script
+        assert '"conflicted"' not in source, script

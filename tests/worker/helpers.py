@@ -20,7 +20,7 @@ _counter = 0
 def mk_obs(
     attacker: str, primitive: str, value: Any, ts: float, *, ip: str | None = None
 ) -> dict[str, Any]:
-    """An observation event payload as DECNET's profiler publishes it (§3.2)."""
+    """An observation event payload as DECNET's profiler publishes it (docs/decnet.md#observation-event)."""
     global _counter
     _counter += 1
     oid = f"o{_counter:08d}"

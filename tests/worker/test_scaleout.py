@@ -106,9 +106,10 @@ async def test_one_worker_on_nats_and_postgres(
     wl = Workload(6, tag="one")
     assert len(wl.distinct) >= 300
 
-    async with Collector(pub, "attribution.profile.multi_actor_suspected") as ma, Collector(
-        pub, "identity.formed"
-    ) as formed:
+    async with (
+        Collector(pub, "attribution.profile.multi_actor_suspected") as ma,
+        Collector(pub, "identity.formed") as formed,
+    ):
         await _run_workload(wl, pub, store)
 
         async def alerts_in() -> bool:
@@ -162,9 +163,10 @@ async def test_two_workers_share_the_stream_and_the_database(
     store = await make_store(pg_dsn)
     wl = Workload(8, tag="two")
     t0 = time.monotonic()
-    async with Collector(pub, "attribution.profile.multi_actor_suspected") as ma, Collector(
-        pub, "identity.formed"
-    ) as formed:
+    async with (
+        Collector(pub, "attribution.profile.multi_actor_suspected") as ma,
+        Collector(pub, "identity.formed") as formed,
+    ):
         await _run_workload(wl, pub, store)
         await asyncio.sleep(0.5)  # late (duplicate) alerts would arrive now
     elapsed = time.monotonic() - t0

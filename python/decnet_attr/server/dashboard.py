@@ -9,7 +9,14 @@ file system, so there is no path to traverse.
 Caching: the page is ``no-cache`` (revalidated with its ETag every time); its
 references to the assets carry ``?v=<content hash>`` (rewritten at start-up),
 and an asset requested with its current hash is ``immutable`` for a year. An
-asset requested without (or with an old) hash is ``no-cache`` + ETag.
+asset requested without (or with an old) hash is ``no-cache`` + ETag; that is
+how the modules ``app.js`` imports are fetched, so a browser revalidates them
+(a 304 while unchanged) and never mixes old and new modules.
+
+The page's facts: ``GET /api/v1/dashboard/config`` (viewer or admin) answers
+``{"states": [...], "multi_actor_min_primitives": n}``, the state names and
+the multi-actor minimum this deployment runs with, so that the script holds
+no copy of either.
 
 Every dashboard response carries a strict Content-Security-Policy (no inline
 script or style, nothing from another origin, no framing), ``nosniff``,
@@ -28,11 +35,15 @@ from typing import Final
 
 from aiohttp import web
 
-from decnet_attr.server.errors import not_found
+from decnet_attr import STATES
+from decnet_attr.server.app import SETTINGS
+from decnet_attr.server.auth import READ_ROLES, Principal, require
+from decnet_attr.server.errors import json_response, not_found
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CONFIG_PATH",
     "CONTENT_SECURITY_POLICY",
     "SECURITY_HEADERS",
     "STATIC_DIR",
@@ -44,6 +55,8 @@ __all__ = [
 #: Where the page and its assets live (packaged data).
 STATIC_DIR: Final = Path(__file__).with_name("static")
 INDEX: Final = "index.html"
+#: The page's facts (state names, multi-actor minimum), read by facts.js.
+CONFIG_PATH: Final = "/api/v1/dashboard/config"
 
 CONTENT_SECURITY_POLICY: Final = "; ".join(
     [
@@ -154,8 +167,21 @@ def _respond(request: web.Request, asset: Asset, cache_control: str) -> web.Resp
     return web.Response(body=asset.body, status=200, headers=headers)
 
 
+@require(*READ_ROLES)
+async def page_config(request: web.Request, principal: Principal) -> web.StreamResponse:
+    """The facts the dashboard's script needs from the server."""
+    thresholds = request.app[SETTINGS].make_thresholds()
+    return json_response(
+        {
+            "states": list(STATES),
+            "multi_actor_min_primitives": int(thresholds.multi_actor_min_primitives),
+        }
+    )
+
+
 def setup_dashboard(app: web.Application, directory: Path = STATIC_DIR) -> None:
-    """Register ``GET /`` and ``GET /static/{name}`` on ``app``.
+    """Register ``GET /``, ``GET /static/{name}`` and ``GET`` :data:`CONFIG_PATH`
+    on ``app``.
 
     A missing static directory is logged and the dashboard is left out (the
     API works without it)."""
@@ -177,3 +203,4 @@ def setup_dashboard(app: web.Application, directory: Path = STATIC_DIR) -> None:
 
     app.router.add_get("/", page, name="dashboard")
     app.router.add_get("/static/{name}", static, name="dashboard_static")
+    app.router.add_get(CONFIG_PATH, page_config, name="dashboard_config")

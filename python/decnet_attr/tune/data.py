@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-STATES = ("unknown", "stable", "drifting", "conflicted", "multi_actor")
+from decnet_attr import STATES as STATES
 
 #: Under this many observations of a key the truth is "unknown": too little
 #: evidence for anyone to call it (DECNET's own scenario: two observations

@@ -938,7 +938,7 @@ class AttributionWorker:
             events.extend(await self._multi_actor(tx, sorted(multi_touch), now))
         return events
 
-    # ---- multi-actor (reference §4.9 with BUG-10 semantics, persisted) ---------------
+    # ---- multi-actor (docs/decnet.md#multi-actor, persisted) ----------------------------
     async def _multi_actor(
         self, tx: Tx, identities: list[str], now: float
     ) -> list[tuple[str, dict[str, Any], str]]:
@@ -1088,7 +1088,7 @@ class AttributionWorker:
     # ---- catch-up ----------------------------------------------------------------------
     async def merge_pending(self, limit: int = 5000) -> int:
         """Merge observations stored but not merged yet (bulk imports, or
-        rows written by another tool): reference §10.1.11."""
+        rows written by another tool): docs/decnet.md#recompute."""
         total = 0
         after = 0
         while True:

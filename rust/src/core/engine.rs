@@ -1058,7 +1058,7 @@ pub struct WindowIn<'a> {
     pub hash_window: Vec<(ValueRef<'a>, f64)>,
 }
 
-/// `aggregate_observations` over a whole series given in order (§4.3):
+/// `aggregate_observations` over a whole series given in order (docs/decnet.md#merge-dispatch):
 /// positional, like DECNET — `current_value` and `last_observation_ts`
 /// come from the last element and the hash window is anchored on it.
 pub fn aggregate(

@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 
-use super::json::{check_fields, AnyIn, Fields, ParsedObs};
+use super::obs::{check_fields, AnyIn, Fields, ParsedObs};
 
 /// Nesting allowed while skipping unknown fields (serde_json's default).
 const MAX_SKIP_DEPTH: usize = 128;

@@ -3,7 +3,8 @@
 
 use proptest::prelude::*;
 
-use super::json::{parse_batch, parse_batch_serde, ParsedObs};
+use super::json::{parse_batch, parse_batch_serde};
+use super::obs::ParsedObs;
 use super::value::ValueRef;
 
 fn json_string() -> impl Strategy<Value = String> {

@@ -1,4 +1,5 @@
-//! The three v0 mergers (reference §4.4–4.6), written once over the retained
+//! The three v0 mergers (docs/decnet.md#merge-categorical and the two
+//! sections after it), written once over the retained
 //! window so that the stateless `aggregate_observations` and the incremental
 //! engine share every rule.
 //!
@@ -9,7 +10,7 @@
 
 use super::intern::Id;
 
-/// Merger thresholds. The defaults are DECNET's constants (§4.1).
+/// Merger thresholds. The defaults are DECNET's constants (docs/decnet.md#thresholds).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Thresholds {
     /// `CATEGORICAL_WINDOW_N`: recent window size (also numeric and
@@ -218,6 +219,15 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in the order the Python package lists them.
+    pub const ALL: [State; 5] = [
+        State::Unknown,
+        State::Stable,
+        State::Drifting,
+        State::Conflicted,
+        State::MultiActor,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Unknown => "unknown",
@@ -408,7 +418,7 @@ fn alternation(th: &Thresholds, recent: &[Id]) -> (bool, usize, usize, usize) {
     (alt, d, flips, repeats)
 }
 
-/// Categorical merger (§4.4). `canon` holds the classes of the last
+/// Categorical merger (docs/decnet.md#merge-categorical). `canon` holds the classes of the last
 /// `min(n, 2N)` observations in series order; `n >= 1`.
 pub fn categorical(th: &Thresholds, n: u64, canon: &[Id]) -> Outcome {
     let len = canon.len();
@@ -497,7 +507,7 @@ pub fn ewma(alpha: f64, vals: &[f64]) -> f64 {
     it.fold(first, |s, &v| alpha * v + keep * s)
 }
 
-/// Numeric merger (§4.5). `vals` are the last `min(n, 2N)` values already
+/// Numeric merger (docs/decnet.md#merge-numeric). `vals` are the last `min(n, 2N)` values already
 /// converted to float, in series order; `n >= 1`.
 pub fn numeric(th: &Thresholds, n: u64, vals: &[f64]) -> Outcome {
     let len = vals.len();
@@ -576,7 +586,7 @@ pub fn numeric(th: &Thresholds, n: u64, vals: &[f64]) -> Outcome {
     }
 }
 
-/// Hash merger (§4.6) from the number of distinct non-null classes seen
+/// Hash merger (docs/decnet.md#merge-hash) from the number of distinct non-null classes seen
 /// in the window `[last_ts - hash_window_secs, last_ts]`; `n >= 1`.
 /// `current_value` is always the last raw value (`last_index`).
 pub fn hash(th: &Thresholds, distinct_in_window: usize, last_index: usize) -> Outcome {

@@ -9,6 +9,7 @@ pub mod hashwin;
 pub mod intern;
 pub mod json;
 pub mod merge;
+pub mod obs;
 pub mod registry;
 pub mod slots;
 pub mod validate;

@@ -32,8 +32,8 @@ use std::net::IpAddr;
 
 use serde_json::{Map, Value as J};
 
-use super::json::{canonical_json, ValueIn};
 use super::merge::Kind;
+use super::obs::{canonical_json, ValueIn};
 use super::registry::Registry;
 use super::value::{write_float, write_json_str};
 

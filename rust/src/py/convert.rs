@@ -12,8 +12,8 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyList, PyLong, PyString, PyTuple};
 use pyo3::AsPyPointer;
 
 use crate::core::engine::Obs;
-use crate::core::json::{canonical_json, MAX_DEPTH};
 use crate::core::merge::Kind;
+use crate::core::obs::{canonical_json, MAX_DEPTH};
 use crate::core::value::{Value, ValueRef};
 
 extern "C" {

@@ -493,7 +493,7 @@ fn explanation(py: Python<'_>, th: &Thresholds, e: &Explanation) -> PyResult<PyO
     Ok(d.into_py(py))
 }
 
-/// DECNET's v0 dispatcher over a whole series given in order (§4.3).
+/// DECNET's v0 dispatcher over a whole series given in order (docs/decnet.md#merge-dispatch).
 #[pyfunction(observations, "*", value_kind = "None", thresholds = "None")]
 pub fn aggregate_observations(
     py: Python<'_>,
@@ -519,7 +519,7 @@ pub fn aggregate_observations(
         return Err(DecnetAttrError::new_err(e));
     }
     if items.is_empty() {
-        // Emptiness is checked before the kind (§4.3).
+        // Emptiness is checked before the kind (docs/decnet.md#merge-dispatch).
         return Ok(PyState {
             inner: StateOut::empty(),
         });

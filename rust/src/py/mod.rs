@@ -11,7 +11,9 @@ mod types;
 mod validate;
 
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
+use crate::core::merge::State;
 use crate::core::registry::Registry;
 
 #[pymodule]
@@ -47,6 +49,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
         "InvalidJSONError",
         py.get_type::<errors::InvalidJSONError>(),
     )?;
+    m.add("STATES", PyTuple::new(py, State::ALL.map(State::as_str)))?;
     m.add("REGISTRY_VERSION", Registry::get().version.as_str())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

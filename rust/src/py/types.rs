@@ -20,96 +20,146 @@ pub struct PyThresholds {
     pub inner: Thresholds,
 }
 
-const FIELDS: [&str; 14] = [
-    "window_n",
-    "min_observations",
-    "majority",
-    "alternation_min_len",
-    "ewma_alpha",
-    "stable_dispersion_pct",
-    "drift_mean_shift_pct",
-    "conflict_dispersion_pct",
-    "numeric_conflict_confidence",
-    "hash_drift_max",
-    "hash_window_secs",
-    "multi_actor_max_confidence",
-    "multi_actor_min_primitives",
-    "multi_actor_tick_secs",
-];
+/// The thresholds Python sees, declared once: each `name: type` becomes a
+/// getter of `Thresholds`, an entry of `FIELDS` (`to_dict`, `repr`, error
+/// messages) and an arm of `set_field` (the constructor's keywords). The
+/// class's other methods are passed through into the same `#[pymethods]`.
+macro_rules! py_thresholds {
+    (fields { $($name:ident: $ty:ty),+ $(,)? } methods { $($methods:tt)* }) => {
+        const FIELDS: &[&str] = &[$(stringify!($name)),+];
 
-#[pymethods]
+        #[pymethods]
+        impl PyThresholds {
+            $(
+                #[getter]
+                fn $name(&self) -> $ty {
+                    self.inner.$name
+                }
+            )+
+
+            // written here, not passed in: pyo3 0.17's `**kwargs` handling
+            // needs the signature and its attribute to come from one place
+            #[new]
+            #[args(kwargs = "**")]
+            fn new(kwargs: Option<&PyDict>) -> PyResult<Self> {
+                Self::from_kwargs(kwargs)
+            }
+
+            $($methods)*
+        }
+
+        fn set_field(t: &mut Thresholds, key: &str, v: &PyAny) -> PyResult<()> {
+            match key {
+                $(stringify!($name) => t.$name = v.extract()?,)+
+                other => {
+                    return Err(DecnetAttrError::new_err(format!(
+                        "unknown threshold {other:?}; known: {}, per_primitive, per_kind",
+                        FIELDS.join(", ")
+                    )))
+                }
+            }
+            Ok(())
+        }
+    };
+}
+
+py_thresholds! {
+    fields {
+        window_n: usize,
+        min_observations: u64,
+        majority: usize,
+        alternation_min_len: usize,
+        ewma_alpha: f64,
+        stable_dispersion_pct: f64,
+        drift_mean_shift_pct: f64,
+        conflict_dispersion_pct: f64,
+        numeric_conflict_confidence: f64,
+        hash_drift_max: u64,
+        hash_window_secs: f64,
+        multi_actor_max_confidence: f64,
+        multi_actor_min_primitives: usize,
+        multi_actor_tick_secs: f64,
+    }
+    methods {
+        /// Overrides per primitive: ``{primitive: {field: value}}``.
+        #[getter]
+        fn per_primitive<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
+            scoped_dict(py, &self.inner.per_primitive)
+        }
+        /// Overrides per value kind: ``{"numeric": {field: value}}``.
+        #[getter]
+        fn per_kind<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
+            scoped_dict(py, &self.inner.per_kind)
+        }
+
+        /// All thresholds as a dict.
+        fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
+            let d = PyDict::new(py);
+            let me = Py::new(py, self.clone())?;
+            for &f in FIELDS {
+                d.set_item(f, me.getattr(py, f)?)?;
+            }
+            // only when set, so a plain configuration keeps its flat shape
+            if !self.inner.per_primitive.is_empty() {
+                d.set_item("per_primitive", self.per_primitive(py)?)?;
+            }
+            if !self.inner.per_kind.is_empty() {
+                d.set_item("per_kind", self.per_kind(py)?)?;
+            }
+            Ok(d)
+        }
+
+        fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+            let d = self.to_dict(py)?;
+            let mut parts: Vec<String> = FIELDS
+                .iter()
+                .map(|f| -> PyResult<String> {
+                    let v = d
+                        .get_item(f)
+                        .map(|v| v.repr().map(|r| r.to_string()))
+                        .transpose()?;
+                    Ok(format!("{f}={}", v.unwrap_or_default()))
+                })
+                .collect::<PyResult<Vec<String>>>()?;
+            for key in ["per_primitive", "per_kind"] {
+                if let Some(v) = d.get_item(key) {
+                    parts.push(format!("{key}={}", v.repr()?));
+                }
+            }
+            Ok(format!("Thresholds({})", parts.join(", ")))
+        }
+
+        fn __richcmp__(
+            &self,
+            other: PyRef<'_, PyThresholds>,
+            op: CompareOp,
+            py: Python<'_>,
+        ) -> PyObject {
+            match op {
+                CompareOp::Eq => (self.inner == other.inner).into_py(py),
+                CompareOp::Ne => (self.inner != other.inner).into_py(py),
+                _ => py.NotImplemented(),
+            }
+        }
+
+        fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(PyObject, &'py PyTuple)> {
+            let cls = py
+                .get_type::<PyThresholds>()
+                .getattr("_from_dict")?
+                .into_py(py);
+            Ok((cls, PyTuple::new(py, [self.to_dict(py)?])))
+        }
+
+        #[staticmethod]
+        fn _from_dict(d: &PyDict) -> PyResult<Self> {
+            PyThresholds::from_kwargs(Some(d))
+        }
+    }
+}
+
 impl PyThresholds {
-    #[getter]
-    fn window_n(&self) -> usize {
-        self.inner.window_n
-    }
-    #[getter]
-    fn min_observations(&self) -> u64 {
-        self.inner.min_observations
-    }
-    #[getter]
-    fn majority(&self) -> usize {
-        self.inner.majority
-    }
-    #[getter]
-    fn alternation_min_len(&self) -> usize {
-        self.inner.alternation_min_len
-    }
-    #[getter]
-    fn ewma_alpha(&self) -> f64 {
-        self.inner.ewma_alpha
-    }
-    #[getter]
-    fn stable_dispersion_pct(&self) -> f64 {
-        self.inner.stable_dispersion_pct
-    }
-    #[getter]
-    fn drift_mean_shift_pct(&self) -> f64 {
-        self.inner.drift_mean_shift_pct
-    }
-    #[getter]
-    fn conflict_dispersion_pct(&self) -> f64 {
-        self.inner.conflict_dispersion_pct
-    }
-    #[getter]
-    fn numeric_conflict_confidence(&self) -> f64 {
-        self.inner.numeric_conflict_confidence
-    }
-    #[getter]
-    fn hash_drift_max(&self) -> u64 {
-        self.inner.hash_drift_max
-    }
-    #[getter]
-    fn hash_window_secs(&self) -> f64 {
-        self.inner.hash_window_secs
-    }
-    #[getter]
-    fn multi_actor_max_confidence(&self) -> f64 {
-        self.inner.multi_actor_max_confidence
-    }
-    #[getter]
-    fn multi_actor_min_primitives(&self) -> usize {
-        self.inner.multi_actor_min_primitives
-    }
-    #[getter]
-    fn multi_actor_tick_secs(&self) -> f64 {
-        self.inner.multi_actor_tick_secs
-    }
-
-    /// Overrides per primitive: ``{primitive: {field: value}}``.
-    #[getter]
-    fn per_primitive<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
-        scoped_dict(py, &self.inner.per_primitive)
-    }
-    /// Overrides per value kind: ``{"numeric": {field: value}}``.
-    #[getter]
-    fn per_kind<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
-        scoped_dict(py, &self.inner.per_kind)
-    }
-
-    #[new]
-    #[args(kwargs = "**")]
-    fn new(kwargs: Option<&PyDict>) -> PyResult<Self> {
+    /// The constructor's work: DECNET's defaults, then the keyword overrides.
+    fn from_kwargs(kwargs: Option<&PyDict>) -> PyResult<Self> {
         let mut t = Thresholds::default();
         let mut scoped: Vec<(&str, &PyAny)> = Vec::new();
         if let Some(kw) = kwargs {
@@ -181,95 +231,6 @@ impl PyThresholds {
         t.validate().map_err(DecnetAttrError::new_err)?;
         Ok(PyThresholds { inner: t })
     }
-
-    /// All thresholds as a dict.
-    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<&'py PyDict> {
-        let d = PyDict::new(py);
-        let me = Py::new(py, self.clone())?;
-        for f in FIELDS {
-            d.set_item(f, me.getattr(py, f)?)?;
-        }
-        // only when set, so a plain configuration keeps its flat shape
-        if !self.inner.per_primitive.is_empty() {
-            d.set_item("per_primitive", self.per_primitive(py)?)?;
-        }
-        if !self.inner.per_kind.is_empty() {
-            d.set_item("per_kind", self.per_kind(py)?)?;
-        }
-        Ok(d)
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let d = self.to_dict(py)?;
-        let mut parts: Vec<String> = FIELDS
-            .iter()
-            .map(|f| -> PyResult<String> {
-                let v = d
-                    .get_item(f)
-                    .map(|v| v.repr().map(|r| r.to_string()))
-                    .transpose()?;
-                Ok(format!("{f}={}", v.unwrap_or_default()))
-            })
-            .collect::<PyResult<Vec<String>>>()?;
-        for key in ["per_primitive", "per_kind"] {
-            if let Some(v) = d.get_item(key) {
-                parts.push(format!("{key}={}", v.repr()?));
-            }
-        }
-        Ok(format!("Thresholds({})", parts.join(", ")))
-    }
-
-    fn __richcmp__(
-        &self,
-        other: PyRef<'_, PyThresholds>,
-        op: CompareOp,
-        py: Python<'_>,
-    ) -> PyObject {
-        match op {
-            CompareOp::Eq => (self.inner == other.inner).into_py(py),
-            CompareOp::Ne => (self.inner != other.inner).into_py(py),
-            _ => py.NotImplemented(),
-        }
-    }
-
-    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(PyObject, &'py PyTuple)> {
-        let cls = py
-            .get_type::<PyThresholds>()
-            .getattr("_from_dict")?
-            .into_py(py);
-        Ok((cls, PyTuple::new(py, [self.to_dict(py)?])))
-    }
-
-    #[staticmethod]
-    fn _from_dict(d: &PyDict) -> PyResult<Self> {
-        PyThresholds::new(Some(d))
-    }
-}
-
-fn set_field(t: &mut Thresholds, key: &str, v: &PyAny) -> PyResult<()> {
-    match key {
-        "window_n" => t.window_n = v.extract()?,
-        "min_observations" => t.min_observations = v.extract()?,
-        "majority" => t.majority = v.extract()?,
-        "alternation_min_len" => t.alternation_min_len = v.extract()?,
-        "ewma_alpha" => t.ewma_alpha = v.extract()?,
-        "stable_dispersion_pct" => t.stable_dispersion_pct = v.extract()?,
-        "drift_mean_shift_pct" => t.drift_mean_shift_pct = v.extract()?,
-        "conflict_dispersion_pct" => t.conflict_dispersion_pct = v.extract()?,
-        "numeric_conflict_confidence" => t.numeric_conflict_confidence = v.extract()?,
-        "hash_drift_max" => t.hash_drift_max = v.extract()?,
-        "hash_window_secs" => t.hash_window_secs = v.extract()?,
-        "multi_actor_max_confidence" => t.multi_actor_max_confidence = v.extract()?,
-        "multi_actor_min_primitives" => t.multi_actor_min_primitives = v.extract()?,
-        "multi_actor_tick_secs" => t.multi_actor_tick_secs = v.extract()?,
-        other => {
-            return Err(DecnetAttrError::new_err(format!(
-                "unknown threshold {other:?}; known: {}, per_primitive, per_kind",
-                FIELDS.join(", ")
-            )))
-        }
-    }
-    Ok(())
 }
 
 /// The given fields of each override, as ``{name: {field: value}}``.
