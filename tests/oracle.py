@@ -14,6 +14,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 WINDOW_N = 5
@@ -102,7 +103,7 @@ def is_alternation(values: list[Any], t: OThresholds = DEFAULT) -> bool:
         return False
     if len({_Key(v) for v in r}) != 2:
         return False
-    flips = sum(1 for a, b in zip(r, r[1:]) if _Key(a) != _Key(b))
+    flips = sum(1 for a, b in pairwise(r) if _Key(a) != _Key(b))
     repeats = (len(r) - 1) - flips
     return flips >= 2 * max(repeats, 1)
 

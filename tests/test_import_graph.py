@@ -10,10 +10,10 @@ points at ``pkg.name`` when that is a module, else at ``pkg``.
 from __future__ import annotations
 
 import ast
+import graphlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import graphlib
 import pytest
 
 import decnet_attr

@@ -380,7 +380,7 @@ class RawClient:
             while not self.eof:
                 await self._recv(timeout)
                 self._dechunk()
-        except (EOFError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, EOFError, ConnectionError):
             pass
         self._dechunk()
 

@@ -51,6 +51,8 @@ ROUTES = [
     ("GET", "/", "dashboard"),
     ("HEAD", "/static/{name}", "dashboard_static"),
     ("GET", "/static/{name}", "dashboard_static"),
+    ("HEAD", "/api/v1/dashboard/config", "dashboard_config"),
+    ("GET", "/api/v1/dashboard/config", "dashboard_config"),
     ("HEAD", "/healthz", "healthz"),
     ("GET", "/healthz", "healthz"),
     ("HEAD", "/readyz", "readyz"),

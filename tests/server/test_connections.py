@@ -100,7 +100,7 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool
                 return True
     except (ConnectionError, OSError):
         return True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
 
 
@@ -119,7 +119,7 @@ async def test_slow_and_silent_clients_cannot_starve_the_server(serve: Start) ->
     async def first_bytes(reader: asyncio.StreamReader) -> bytes | None:
         try:
             return await asyncio.wait_for(reader.read(12), 0.1)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None  # nothing: admitted, waiting for a request
 
     heads = await asyncio.gather(*(first_bytes(r) for r, _w in held))

@@ -147,7 +147,7 @@ async def _read_admin_password(proc: asyncio.subprocess.Process, log_path: Path)
     while time.monotonic() < deadline:
         try:
             raw = await asyncio.wait_for(proc.stdout.readline(), deadline - time.monotonic())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         if not raw:
             break

@@ -289,7 +289,7 @@ class _NatsDurableConsumer(DurableConsumer):
             return []
         try:
             msgs = inner.result()
-        except asyncio.TimeoutError:  # includes nats.errors.TimeoutError
+        except TimeoutError:  # includes nats.errors.TimeoutError
             return []
         except nerr.ConnectionClosedError as exc:
             self._check_open()
@@ -844,7 +844,7 @@ class NatsBus(Bus):
                     msg = await self._sync_sub.next_msg(timeout=remaining)
                     if msg.data == token:
                         return
-        except (nerr.Error, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nerr.Error, OSError) as exc:
             raise BusUnavailable(f"NATS round trip failed: {_describe(exc)}") from exc
 
     # -- durable -----------------------------------------------------------------------------

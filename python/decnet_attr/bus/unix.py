@@ -807,7 +807,7 @@ class UnixBus(Bus):
                             loop.create_unix_connection(lambda: _Connection(self), str(self.path)),
                             remaining,
                         )
-                    except (OSError, asyncio.TimeoutError):
+                    except (TimeoutError, OSError):
                         probe = None
                         await asyncio.sleep(min(0.05, max(remaining, 0)))
                         continue

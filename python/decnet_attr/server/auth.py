@@ -1,5 +1,5 @@
-"""Authentication and authorisation (reference §6.1 to §6.4, with the gaps of
-§10.3.1 closed).
+"""Authentication and authorisation (docs/decnet.md#auth-tokens to
+docs/decnet.md#sse-connection-cap, with docs/decnet.md#sse-ticket-hardening).
 
 - HS256 access tokens (PyJWT) carrying ``uuid, jti, iat, exp, iss, aud,
   typ="access"``; decoding pins ``iss``/``aud``/``typ`` and requires every one
@@ -68,7 +68,7 @@ from decnet_attr.server.keys import AUTH
 from decnet_attr.server.password_policy import password_problem
 from decnet_attr.server.ratelimit import LoginThrottle, SlidingWindowLimiter, client_ip
 from decnet_attr.store import Store, StoreError, TicketRow, UserRow
-from decnet_attr.topics import system
+from decnet_attr.topics import SYSTEM_AUTH_REVOKED
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ REGISTER_ROLES: tuple[str, ...] = (ROLE_ADMIN, ROLE_SENSOR)
 #: Published on logout (``{"user_uuid", "jti"}``: that token) and on a password
 #: change (``jti`` null: every older token of the user). Every API process
 #: drops its cached entries; the SSE relay closes the streams concerned.
-AUTH_REVOKED_TOPIC = system("auth.revoked")
+AUTH_REVOKED_TOPIC = SYSTEM_AUTH_REVOKED  # the name this module has always exported
 
 TOKEN_TYPE = "access"
 JWT_ALGORITHM = "HS256"
@@ -153,7 +153,7 @@ DECODED_CACHE_SIZE = 4096
 
 # ---- the JWT secret ------------------------------------------------------------------------
 def check_jwt_secret(secret: str, *, source: str = "jwt_secret") -> None:
-    """:class:`ConfigError` for a known-bad or short secret (reference §6.1)."""
+    """:class:`ConfigError` for a known-bad or short secret (docs/decnet.md#auth-tokens)."""
     if secret.strip().lower() in WEAK_SECRETS:
         raise ConfigError(f"{source}: the JWT secret is a known default value; set a random one")
     if len(secret) < MIN_SECRET_LENGTH:
@@ -507,7 +507,7 @@ class Authenticator:
         return iat is None or not iat >= user.tokens_valid_from
 
     async def resolve_token(self, token: str) -> tuple[Principal, UserRow]:
-        """Reference §6.1 token resolution; 401 on any failure."""
+        """Token resolution (docs/decnet.md#auth-tokens); 401 on any failure."""
         claims = self.decode(token)
         user = await self.get_user(claims["uuid"])
         if user is None or user.disabled:
@@ -776,7 +776,7 @@ def require(*roles: str, allow_must_change: bool = False) -> Callable[[AuthedHan
 
 
 async def authenticate_stream(request: web.Request) -> Principal:
-    """``require_stream_role("viewer", "admin")`` (reference §6.3): a Bearer
+    """``require_stream_role("viewer", "admin")`` (docs/decnet.md#sse-tickets): a Bearer
     header (full resolution, must-change 403, role 403), else ``?ticket=``
     (redeemed and re-validated), else 401."""
     auth = _auth(request.app)

@@ -36,9 +36,9 @@ from typing import Final
 from aiohttp import web
 
 from decnet_attr import STATES
-from decnet_attr.server.app import SETTINGS
 from decnet_attr.server.auth import READ_ROLES, Principal, require
 from decnet_attr.server.errors import json_response, not_found
+from decnet_attr.server.keys import SETTINGS
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""JSON error bodies (``{"detail": ...}``, FastAPI's shape, reference §6) and the
+"""JSON error bodies (``{"detail": ...}``, FastAPI's shape, docs/decnet.md#http-errors) and the
 middlewares that make every error of the API look like that.
 
 Handlers raise the helpers below (aiohttp :class:`~aiohttp.web.HTTPException`
@@ -28,7 +28,7 @@ _rl = RateLimitedLog(log, interval=10.0)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# ---- the exact detail strings of the contract (reference §6) -------------------------------
+# ---- the exact detail strings of the contract (docs/decnet.md#http-errors) -----------------
 CREDENTIALS_DETAIL = "Could not validate credentials"
 BAD_LOGIN_DETAIL = "Invalid username or password"
 MUST_CHANGE_DETAIL = "Password change required before accessing this resource"
@@ -250,7 +250,7 @@ def is_json_type(mimetype: str) -> bool:
 
 def make_content_type_middleware(own_checks: Collection[str] = ()) -> Middleware:
     """The middleware answering 415 to a POST/PUT/PATCH body that is not JSON,
-    as in DECNET (§6.2).
+    as in DECNET (docs/decnet.md#rate-limits).
 
     ``own_checks``: the names of the routes that accept more than JSON and
     check the content type themselves (after authentication); they are

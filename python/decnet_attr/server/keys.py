@@ -19,6 +19,7 @@ from decnet_attr.store import Store
 if TYPE_CHECKING:
     from decnet_attr.server.auth import Authenticator
     from decnet_attr.server.connections import ConnectionGuard
+    from decnet_attr.server.ops import OpsState
     from decnet_attr.server.sse import SseHub
     from decnet_attr.worker import AttributionWorker
 
@@ -29,6 +30,7 @@ __all__ = [
     "COUNTERS",
     "COUNTER_NAMES",
     "DUPLICATES_BY_SENSOR",
+    "OPS",
     "SETTINGS",
     "SSE_HUB",
     "STORE",
@@ -51,6 +53,8 @@ SSE_HUB: web.AppKey[SseHub] = web.AppKey("sse_hub")
 #: The serving guard (connection caps), set by ``connections.make_runner``;
 #: absent when the app is served some other way (tests, embedding).
 CONNECTIONS: web.AppKey[ConnectionGuard] = web.AppKey("connections")
+#: Probes, request counts and the metrics registry (``server/ops.py``).
+OPS: web.AppKey[OpsState] = web.AppKey("ops")
 
 #: The keys of ``app[COUNTERS]``, all counts (``_total``).
 COUNTER_NAMES = (

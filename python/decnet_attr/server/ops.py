@@ -64,6 +64,7 @@ from decnet_attr.server.keys import (
     BUS,
     COUNTERS,
     DUPLICATES_BY_SENSOR,
+    OPS,
     SETTINGS,
     SSE_HUB,
     STORE,
@@ -120,9 +121,6 @@ class OpsState:
     ping_task: asyncio.Task[bool] | None = None
     #: The last readiness answer (to log changes only)
     ready: bool | None = None
-
-
-OPS = web.AppKey("ops", OpsState)
 
 
 # ---- set-up --------------------------------------------------------------------------------
@@ -234,7 +232,7 @@ async def _store_ok(app: web.Application, state: OpsState) -> bool:
 async def _ping(app: web.Application) -> bool:
     try:
         return bool(await asyncio.wait_for(app[STORE].ping(), PING_TIMEOUT))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _noisy.warning("readiness: store ping timed out after %.1f s", PING_TIMEOUT)
     except Exception as exc:
         _noisy.warning("readiness: store ping failed: %s", exc)
@@ -278,7 +276,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def _dead_letters(app: web.Application) -> int | None:
     try:
         return int(await asyncio.wait_for(app[STORE].dead_letter_count(), DEAD_LETTER_TIMEOUT))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         _noisy.warning("metrics: dead_letter_count timed out after %.1f s", DEAD_LETTER_TIMEOUT)
     except Exception as exc:
         _noisy.warning("metrics: dead_letter_count failed: %s", exc)

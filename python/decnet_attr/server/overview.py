@@ -147,7 +147,7 @@ class Overview:
         self._counts_at = loop_now
         try:
             self._counts = await asyncio.wait_for(self._store.overview_counts(), COUNTS_TIMEOUT)
-        except (StoreError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, StoreError) as exc:
             self.changed = True
             self.counts_failures += 1
             log.debug("overview: store totals unavailable: %s", exc)

@@ -1,6 +1,6 @@
 """In-memory sliding-window rate limits (per process, bounded memory).
 
-Like DECNET's slowapi ``memory://`` limiter (reference §6.2): each process
+Like DECNET's slowapi ``memory://`` limiter (docs/decnet.md#rate-limits): each process
 counts on its own, so with several API processes the effective limit is the
 per-process limit times the number of processes. Keys are the TCP peer IP
 (``X-Forwarded-For`` only when the operator says a trusted proxy sets it), a

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -20,11 +20,7 @@ def iso_utc(ts: float | None) -> str | None:
     (``1970-01-01T00:00:50.000000Z``); None stays None."""
     if ts is None:
         return None
-    return (
-        datetime.fromtimestamp(ts, timezone.utc)
-        .isoformat(timespec="microseconds")
-        .replace("+00:00", "Z")
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def attribution_row(row: AttributionView | StateRow) -> dict[str, Any]:

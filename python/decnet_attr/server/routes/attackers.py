@@ -1,5 +1,5 @@
 """``/api/v1/attackers``: list, detail, registration and the attribution
-endpoint (reference §6.5, byte-compatible)."""
+endpoint (docs/decnet.md#attribution-endpoint, byte-compatible)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ event to the channels (attacker, identity, overview) whose streams want it,
 and keeps each stream's queue. The bytes on the wire (frames, keepalives,
 cursors, the resume buffer) are :mod:`decnet_attr.server.sse.wire`'s.
 
-Wire-compatible with DECNET's relay (reference §6.6 / §7): the same event names,
+Wire-compatible with DECNET's relay (docs/decnet.md#sse-relay, docs/decnet.md#dashboard-contract): the same event names,
 ``{topic, type, ts, payload}`` data for live events and a bare snapshot object,
 plus what DECNET lacks:
 
@@ -17,18 +17,18 @@ plus what DECNET lacks:
 - **The identity follows the attacker**: ``identity.formed`` / ``identity.merged``
   and the ``attacker_uuids`` of attribution payloads update the index, so a
   page opened before the attacker had an identity starts receiving
-  attribution events once it forms (reference §10.1.13).
+  attribution events once it forms (docs/decnet.md#sse-identity-follow).
 - **Resumable**: every event frame has an ``id: <epoch>-<seq>``; a bounded
   per-attacker resume buffer replays what a reconnecting client
   (``Last-Event-ID``) missed; an unknown cursor gets ``event: stale`` and a
-  fresh snapshot, never a silent skip (§10.1.18).
+  fresh snapshot, never a silent skip (docs/decnet.md#sse-resume).
 - **Slow clients never stall others**: the router never awaits a stream. A
   stream that keeps up is written to directly; one that does not gets a
   bounded queue, and on overflow ``event: gap`` + a fresh snapshot (closed if
   it overflows again soon).
 - **Everything that can fail is answered before the 200 headers**: 401/403
   (the ``authenticate`` callable), 404, the per-user cap (429 with
-  ``Retry-After``; reference §6.4's bug fixed), 503.
+  ``Retry-After``; docs/decnet.md#sse-connection-cap), 503.
 - **Streams end** on ``system.auth.revoked``, when ``still_valid`` says so (every
   few seconds), at the token's ``exp`` and at :meth:`SseHub.stop`.
 - **Bus outages**: streams stay open with keepalives while the relay
@@ -91,6 +91,7 @@ from decnet_attr.server.sse.wire import (
 )
 from decnet_attr.server.wire import attribution_row, identity_entry
 from decnet_attr.store.base import AttackerRow, Store, StoreError
+from decnet_attr.topics import SYSTEM_AUTH_REVOKED
 
 __all__ = [
     "PATTERNS",
@@ -102,8 +103,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 _rl = RateLimitedLog(logger)
 
-#: Published by the auth layer on logout / user disabled: ``{user_uuid, jti}``.
-SYSTEM_AUTH_REVOKED: Final = "system.auth.revoked"
 
 #: The relay's bus subscriptions (one set per process).
 PATTERNS: Final[tuple[str, ...]] = (
@@ -508,7 +507,7 @@ class SseHub:
         if done is not None and not done.is_set():
             try:
                 await asyncio.wait_for(done.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.warning("SSE hub stop: %d handler(s) still running", self._handlers)
         self._by_attacker.clear()
         self._by_identity.clear()
@@ -773,7 +772,7 @@ class SseHub:
                 # the write deadline: a client that stops reading (or vanished)
                 # gives its slot back instead of holding it until TCP gives up
                 await asyncio.wait_for(writer.drain(), self._settings.sse_write_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._close(stream, "slow")
                 raise ConnectionResetError("client stopped reading") from None
             finally:
