@@ -34,6 +34,22 @@ def _bool(v: str) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
+def _json_object(name: str, text: str) -> dict[str, Any]:
+    """A setting holding a JSON object (empty: ``{}``); :class:`ConfigError`
+    otherwise."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object")
+    return value
+
+
 #: The smallest per-subscriber queue of a bus built from the settings.
 SUBSCRIBER_QUEUE_MIN = 1024
 
@@ -320,30 +336,10 @@ class Settings:
         return options
 
     def threshold_overrides(self) -> dict[str, Any]:
-        import json
-
-        if not self.thresholds:
-            return {}
-        try:
-            value = json.loads(self.thresholds)
-        except ValueError as exc:
-            raise ConfigError(f"thresholds is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ConfigError("thresholds must be a JSON object")
-        return value
+        return _json_object("thresholds", self.thresholds)
 
     def cluster_overrides(self) -> dict[str, Any]:
-        import json
-
-        if not self.cluster:
-            return {}
-        try:
-            value = json.loads(self.cluster)
-        except ValueError as exc:
-            raise ConfigError(f"cluster is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ConfigError("cluster must be a JSON object")
-        return value
+        return _json_object("cluster", self.cluster)
 
     def cluster_config(self) -> Any:
         """The clusterer's :class:`~decnet_attr.clustering.ClusterConfig`."""
