@@ -8,6 +8,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from decnet_attr.bus import BusUnavailable, Event
 from decnet_attr.bus.journal import Journal, JournalError
@@ -213,9 +215,6 @@ async def test_a_failed_write_does_not_hide_later_records(
 
 
 # ---- any sequence of appends, acks, rotations and restarts -----------------------------------
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _OPS = st.lists(
     st.one_of(
