@@ -228,7 +228,7 @@ _OPS = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(ops=_OPS)
 def test_a_restart_redelivers_every_unacked_record_in_order(ops: list[tuple[str, int]]) -> None:
     """Whatever happened before a restart: every record not acknowledged

@@ -102,6 +102,8 @@ class Journal:
         self._lock_fd = fd
         self._acked, above = self._read_acked()
         self._acked_written = self._acked
+        self._above = {s for s in above if s > self._acked}  # kept until the position passes them
+        self._above_written = frozenset(self._above)
         pending: list[tuple[int, Event]] = []
         last = self._acked
         for first, path in self._list_segments():
