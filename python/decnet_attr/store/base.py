@@ -109,7 +109,8 @@ class Tx(ABC):
     async def upsert_state_values(self, rows: Sequence[StateRow]) -> None:
         """:meth:`upsert_states` without the windows: a new row gets no window
         (``window_seq`` 0: replay its whole series), an existing row keeps
-        the window it has. Only stores with ``lazy_windows``."""
+        the window it has. At most one row per key (the engine's change
+        records are). Only stores with ``lazy_windows``."""
         raise NotImplementedError
 
     async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:

@@ -433,7 +433,7 @@ class SqliteTx(SqlTx):
         now = time.time()
         new: list[tuple[Any, ...]] = []
         old: list[tuple[Any, ...]] = []
-        for r in dedupe_states(rows):
+        for r in rows:  # one per key (the contract): no de-duplication pass
             values = (
                 r.current_value_json,
                 r.state,

@@ -785,7 +785,7 @@ class AttributionWorker:
         if self.lazy:
             # the single writer knows the rows it wrote: read only the others
             rows = self._rows
-            prior = {k: rows[k] for k in keys if k in rows}
+            prior = {k: r for k in keys if (r := rows.get(k)) is not None}
             if len(prior) < len(keys):
                 prior.update(await tx.load_states([k for k in keys if k not in prior]))
         else:
@@ -845,8 +845,9 @@ class AttributionWorker:
         keys = [(c[0], c[1]) for c in changes]
         if self.lazy:
             windows: list[str | None] = [None] * len(keys)
-            for k in keys:
-                self._dirty.setdefault(k, now)
+            dirty = self._dirty
+            # a key already waiting keeps its first time (it is written by then)
+            dirty.update(dict.fromkeys([k for k in keys if k not in dirty], now))
         else:
             windows = self.engine.export_windows(keys)
         rows: list[StateRow] = []
