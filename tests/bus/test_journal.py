@@ -282,3 +282,16 @@ def test_a_restart_redelivers_every_unacked_record_in_order(ops: list[tuple[str,
 
     with tempfile.TemporaryDirectory() as d:
         asyncio.run(run(Path(d) / "j"))
+
+
+async def test_the_journal_is_private_to_its_user(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j")
+    j.open()
+    seq = await j.append(Event(TOPIC, {"secret": "observations"}, id="e"))
+    j.ack(seq)
+    j.flush()
+    j.close()
+    assert (tmp_path / "j").stat().st_mode & 0o777 == 0o700
+    files = list((tmp_path / "j").iterdir())
+    assert {p.name for p in files} >= {"acked", "lock"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}

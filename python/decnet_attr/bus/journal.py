@@ -118,8 +118,8 @@ class Journal:
             self._unacked[seq] = w
             self._backlog += w
         self._synced = last
-        self._drop_acked_segments()
         self._rotate()  # new records go to a fresh segment
+        self._drop_acked_segments()
         if pending:
             log.info("ingest journal: %d unacknowledged event(s) to redeliver", len(pending))
         return pending
@@ -296,7 +296,8 @@ class Journal:
         if self._acked == self._acked_written and self._above == self._above_written and not force:
             return
         tmp = self.directory / (_ACKED + ".tmp")
-        with open(tmp, "w") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as fh:
             fh.write(" ".join(map(str, [self._acked, *sorted(self._above)])))
             if self.fsync:
                 fh.flush()
