@@ -295,3 +295,27 @@ async def test_the_journal_is_private_to_its_user(tmp_path: Path) -> None:
     files = list((tmp_path / "j").iterdir())
     assert {p.name for p in files} >= {"acked", "lock"}
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}
+
+
+async def test_a_torn_record_at_the_start_of_the_newest_segment(tmp_path: Path) -> None:
+    """The newest segment is named after the next number: a crash during its
+    first write leaves it holding only a torn record, and the journal opened
+    afterwards writes that same segment again. The torn bytes must go, or
+    every record written after them would be unreadable."""
+    j = Journal(tmp_path / "j")
+    j.open()
+    await j.append(Event(TOPIC, {"x": 1}, id="a"))
+    j.close()
+    j = Journal(tmp_path / "j")
+    j.open()  # starts segment 2
+    await j.append(Event(TOPIC, {"x": 2}, id="b"))
+    j.close()
+    newest = sorted((tmp_path / "j").glob("*.log"))[-1]
+    newest.write_bytes(newest.read_bytes()[:10])  # b's write was cut short
+    j = Journal(tmp_path / "j")
+    assert [e.id for _s, e in j.open()] == ["a"]
+    await j.append(Event(TOPIC, {"x": 3}, id="c"))
+    j.close()
+    j = Journal(tmp_path / "j")
+    assert [e.id for _s, e in j.open()] == ["a", "c"]
+    j.close()

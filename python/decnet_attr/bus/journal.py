@@ -106,13 +106,16 @@ class Journal:
         self._above_written = frozenset(self._above)
         pending: list[tuple[int, Event]] = []
         last = self._acked
-        for first, path in self._list_segments():
+        segments = self._list_segments()
+        for first, path in segments:
             self._segments.append((first, path))
-            for seq, event in self._read_segment(path):
+            for seq, event in self._read_segment(path, newest=path == segments[-1][1]):
                 last = max(last, seq)
                 if seq > self._acked and seq not in above:
                     pending.append((seq, event))
-        self._next = last + 1
+        # a number acknowledged out of order is never given out again, even
+        # if its record was lost with a damaged segment
+        self._next = max(last, *above, 0) + 1
         for seq, event in pending:
             w = _weight(event)
             self._unacked[seq] = w
@@ -230,7 +233,7 @@ class Journal:
                 out.append((int(p.stem), p))
         return sorted(out)
 
-    def _read_segment(self, path: Path) -> list[tuple[int, Event]]:
+    def _read_segment(self, path: Path, *, newest: bool) -> list[tuple[int, Event]]:
         data = path.read_bytes()
         out: list[tuple[int, Event]] = []
         pos = 0
@@ -250,10 +253,16 @@ class Journal:
                 log.error("ingest journal %s: unreadable record %d skipped: %s", path, seq, exc)
         if pos < len(data):
             log.warning(
-                "ingest journal %s: %d byte(s) of a torn record at the end ignored",
+                "ingest journal %s: %d unreadable byte(s) after record %d%s",
                 path.name,
                 len(data) - pos,
+                out[-1][0] if out else 0,
+                " cut off" if newest else " left in place",
             )
+            if newest:
+                # a write the process did not finish; new records may be
+                # appended to this segment and must not sit behind it
+                os.truncate(path, pos)
         return out
 
     def _rotate(self) -> None:
