@@ -223,6 +223,9 @@ _OPS = st.lists(
         st.tuples(st.just("flush"), st.just(0)),
         st.tuples(st.just("restart"), st.just(0)),
         st.tuples(st.just("crash"), st.just(0)),
+        # the process dies in the middle of writing a record (this many bytes
+        # of it reach the file): that append never returned
+        st.tuples(st.just("crash_mid_write"), st.integers(1, 60)),
     ),
     max_size=60,
 )
@@ -260,11 +263,13 @@ def test_a_restart_redelivers_every_unacked_record_in_order(ops: list[tuple[str,
             elif op == "flush":
                 j.flush()
                 acked_flushed |= acked
-            elif op in ("restart", "crash"):
+            elif op in ("restart", "crash", "crash_mid_write"):
                 if op == "restart":
                     j.close()  # a graceful stop writes every ack down
                     acked_flushed |= acked
                 else:  # the process dies: nothing more is written
+                    if op == "crash_mid_write":
+                        os.write(j._fd, b"\x00" * arg)  # the start of a record
                     os.close(j._fd)
                     os.close(j._lock_fd)
                 j = Journal(directory, segment_bytes=600)
