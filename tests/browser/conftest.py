@@ -11,28 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.serveproc import BIN, WAIT, ServeProcess, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
-BIN = Path(sys.executable).with_name("decnet-attr")
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
@@ -44,8 +38,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--disable-dev-shm-usage",
 ]
-#: Longest single wait of the tests (start-up, a badge, a reconnect).
-WAIT = 10.0
 
 requires_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(),
@@ -74,130 +66,7 @@ def artifact_path(request: pytest.FixtureRequest, suffix: str) -> Path:
     return ARTIFACTS / f"{name}{suffix}"
 
 
-# ---- the server process --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DECNET_ATTR_")}
-    env.update(extra)
-    return env
-
-
-@dataclass
-class ServeProcess:
-    """``decnet-attr serve`` on 127.0.0.1:``port`` with ``data_dir``."""
-
-    data_dir: Path
-    port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    admin_password: str | None = None
-    #: extra ``DECNET_ATTR_*`` settings for the process
-    env: dict[str, str] = field(default_factory=dict)
-    _lines: list[str] = field(default_factory=list)
-    _password_seen: threading.Event = field(default_factory=threading.Event)
-    _reader: threading.Thread | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, *, expect_password: bool) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        self._password_seen.clear()
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(BIN),
-                    "serve",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=clean_env(DECNET_ATTR_LOG_LEVEL="INFO", **self.env),
-            )
-        self._reader = threading.Thread(target=self._read_stdout, args=(self.proc,), daemon=True)
-        self._reader.start()
-        if expect_password:
-            if not self._password_seen.wait(WAIT):
-                raise AssertionError(f"no admin password printed: {self._lines!r}\n{self.log()}")
-        self.wait_ready()
-
-    def _read_stdout(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            self._lines.append(line)
-            m = re.search(r"initial admin password: (\S+)", line)
-            if m:
-                self.admin_password = m.group(1)
-                self._password_seen.set()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"{self.base}/healthz", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            time.sleep(0.05)
-        raise AssertionError(f"serve not ready within {WAIT} s:\n{self.log()}")
-
-    def stop(self, *, timeout: float = WAIT) -> int:
-        """SIGTERM, then wait (SIGKILL after ``timeout``); the exit code."""
-        proc = self.proc
-        if proc is None:
-            return 0
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(WAIT)
-        if self._reader is not None:
-            self._reader.join(WAIT)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        return int(proc.returncode)
-
-    def kill(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(WAIT)
-        self.stop()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def users_cli(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        """``decnet-attr users --data-dir D …`` (common flags before the action)."""
-        return subprocess.run(
-            [str(BIN), "users", "--data-dir", str(self.data_dir), *argv],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            env=clean_env(),
-            check=False,
-        )
+# ---- the server process: tests/serveproc.py -------------------------------------------------
 
 
 @pytest.fixture
