@@ -324,3 +324,27 @@ async def test_a_torn_record_at_the_start_of_the_newest_segment(tmp_path: Path) 
     j = Journal(tmp_path / "j")
     assert [e.id for _s, e in j.open()] == ["a", "c"]
     j.close()
+
+
+async def test_each_partition_gets_its_own_records_back(tmp_path: Path) -> None:
+    """With ingest partitions every owner is a durable group of its own: a
+    restart hands each the unacknowledged records of its subject only."""
+    bus = InProcessBus(journal=tmp_path / "j")
+    await bus.connect()
+    p0 = bus.durable_consumer("attacker.ingest.0", durable="attribution-p0")
+    p1 = bus.durable_consumer("attacker.ingest.1", durable="attribution-p1")
+    zero = [await bus.publish_durable("attacker.ingest.0", batch(1, f"z{i}")) for i in range(2)]
+    one = [await bus.publish_durable("attacker.ingest.1", batch(1, f"o{i}")) for i in range(2)]
+    (first_zero, _), _ = await p0.fetch(10, timeout=0.5), await p1.fetch(10, timeout=0.5)
+    await first_zero.ack()  # only p0's first record is done
+    await bus.close()
+
+    again = InProcessBus(journal=tmp_path / "j")
+    await again.connect()
+    try:
+        p1 = again.durable_consumer("attacker.ingest.1", durable="attribution-p1")
+        assert [d.event.id for d in await p1.fetch(10, timeout=0.5)] == [e.id for e in one]
+        p0 = again.durable_consumer("attacker.ingest.0", durable="attribution-p0")
+        assert [d.event.id for d in await p0.fetch(10, timeout=0.5)] == [zero[1].id]
+    finally:
+        await again.close()
