@@ -21,7 +21,13 @@ from decnet_attr._core import (
 )
 from decnet_attr.config import Settings
 
+#: Input at least this large (an HTTP body, a worker's fetch) is validated
+#: on a thread: the Rust pass releases the GIL, so the event loop goes on
+#: serving meanwhile; below it, the hop to a thread costs more than it frees.
+OFF_LOOP_BYTES = 64 * 1024
+
 __all__ = [
+    "OFF_LOOP_BYTES",
     "InvalidJSONError",
     "TooManyItemsError",
     "ValidatedBatch",

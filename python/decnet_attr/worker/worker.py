@@ -44,7 +44,7 @@ from decnet_attr.bus.base import UNDECODABLE
 from decnet_attr.bus.helpers import run_control_listener, run_health_heartbeat
 from decnet_attr.config import Settings
 from decnet_attr.logs import RepeatFilter
-from decnet_attr.observations import ValidatedBatch, validate
+from decnet_attr.observations import OFF_LOOP_BYTES, ValidatedBatch, validate
 from decnet_attr.registry import value_kind_for
 from decnet_attr.store.base import (
     DeadLetter,
@@ -122,10 +122,6 @@ class _Prepared:
     origin: list[tuple[int, str, str]]  # (delivery, topic, event id) per line
     refused: list[tuple[int, DeadLetter]]  # kept in delivery order
     now: float
-
-
-#: A fetch at least this large is validated on a thread.
-OFF_LOOP_BYTES = 64 * 1024
 
 
 def _dead(topic: str, reason: str, payload: str, event_id: str, now: float) -> DeadLetter:
@@ -493,14 +489,10 @@ class AttributionWorker:
         prep = self._prepare(deliveries)
         if isinstance(prep, _Batch):
             return prep
+        check = functools.partial(validate, prep.body, self.settings, envelopes=prep.envelopes)
         if len(prep.body) < OFF_LOOP_BYTES:
-            return self._conclude(
-                prep, validate(prep.body, self.settings, envelopes=prep.envelopes)
-            )
-        valid = await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(validate, prep.body, self.settings, envelopes=prep.envelopes)
-        )
-        return self._conclude(prep, valid)
+            return self._conclude(prep, check())
+        return self._conclude(prep, await asyncio.get_running_loop().run_in_executor(None, check))
 
     def _prepare(self, deliveries: list[Delivery]) -> _Prepared | _Batch:
         """The fetch as NDJSON lines for the validator (or, when nothing is

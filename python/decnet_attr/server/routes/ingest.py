@@ -35,7 +35,13 @@ from aiohttp import web
 
 from decnet_attr.bus import Bus, BusError, BusPayloadTooLarge
 from decnet_attr.config import Settings
-from decnet_attr.observations import InvalidJSONError, TooManyItemsError, ValidatedBatch, validate
+from decnet_attr.observations import (
+    OFF_LOOP_BYTES,
+    InvalidJSONError,
+    TooManyItemsError,
+    ValidatedBatch,
+    validate,
+)
 from decnet_attr.server.auth import INGEST_ROLES, Principal, require
 from decnet_attr.server.errors import (
     JSON_CONTENT_TYPE,
@@ -61,9 +67,6 @@ ACCEPTED_TYPES = frozenset({JSON_CONTENT_TYPE}) | NDJSON_TYPES
 #: Largest NDJSON handed to the bus in one message (NATS' default
 #: max_payload is 1 MiB, and the text is escaped once more in the envelope).
 BATCH_CHUNK_BYTES = 384 * 1024
-
-#: Bodies at least this large are validated off the event loop.
-OFF_LOOP_BYTES = 64 * 1024
 
 #: Counter (in the app's counters) of observations handed to the bus and not
 #: yet acknowledged durable, across requests.
