@@ -146,3 +146,58 @@ async def test_store_writes_a_file_through_the_native_connection(tmp_path: Path)
         assert not isinstance(mem._w, NativeConnection) and mem._r is mem._w
     finally:
         await mem.close()
+
+
+async def test_a_failed_deferred_write_fails_its_commit_and_nothing_after(tmp_path: Path) -> None:
+    """Deferred writes run on the writer thread while the caller goes on; if
+    one fails, every later call raises its error (the COMMIT too) until a
+    ROLLBACK, so the transaction cannot commit without it."""
+    conn = await NativeConnection.connect(str(tmp_path / "x.db"), 5.0)
+    await conn.execute("CREATE TABLE t (a NOT NULL)")
+    await conn.execute("BEGIN IMMEDIATE")
+    conn.defer("INSERT INTO t VALUES (?)", [(1,), (2,)])
+    conn.defer("INSERT INTO t VALUES (?)", [(3,), (None,)])  # fails
+    conn.defer("INSERT INTO t VALUES (?)", [(4,)])  # skipped
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        await conn.execute("SELECT count(*) FROM t")
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        await conn.execute("COMMIT")
+    await conn.rollback()
+    assert await conn.execute("SELECT count(*) FROM t") == [(0,)]
+    # the connection works again, deferred writes included
+    await conn.execute("BEGIN IMMEDIATE")
+    conn.defer("INSERT INTO t VALUES (?)", [(5,)])
+    await conn.execute("COMMIT")
+    assert await conn.execute("SELECT a FROM t") == [(5,)]
+    await conn.close()
+    with pytest.raises(ValueError, match="no active connection"):
+        conn.defer("INSERT INTO t VALUES (?)", [(6,)])
+
+
+async def test_a_transaction_whose_deferred_write_fails_commits_nothing(tmp_path: Path) -> None:
+    from decnet_attr.store.base import StateRow, StoreIntegrity
+    from decnet_attr.store.sqlite import SqliteStore
+
+    st = SqliteStore(tmp_path / "attr.db")
+    await st.open()
+    try:
+        async with st.transaction() as tx:
+            await tx.ensure_attackers([("a1", None, 1.0)])
+            ident = (await tx.ensure_identities(["a1"], 1.0))[0]["a1"]
+        prim = "motor.input_modality"
+        good = StateRow(ident, prim, '"typed"', "stable", 0.9, 3, 1.0, 2.0)
+        bad = StateRow(ident, prim, '"typed"', None, 0.9, 3, 1.0, 2.0, version=2)  # type: ignore[arg-type]
+        with pytest.raises(StoreIntegrity):
+            async with st.transaction() as tx:
+                await tx.ensure_attackers([("a2", None, 1.0)])
+                await tx.upsert_state_values([good])
+                await tx.upsert_state_values([bad])  # deferred: fails on the writer thread
+        # nothing of that transaction was committed, and the store goes on
+        assert await st.get_state(ident, prim) is None
+        assert await st.get_attacker("a2") is None
+        async with st.transaction() as tx:
+            await tx.upsert_state_values([good])
+        row = await st.get_state(ident, prim)
+        assert row is not None and row.state == "stable"
+    finally:
+        await st.close()

@@ -11,6 +11,13 @@ GIL released (aiosqlite's driver takes the GIL back for every row of an
 several processes on one file serialise instead of deadlocking;
 ``busy_timeout`` (30 s) makes them wait for each other.
 
+Writes whose result a batch does not need (the observation rows, the state
+values, the windows, the attackers) are *deferred*: queued on the writer
+thread while the event loop builds the rest of the transaction, instead of
+awaited one by one. Calls still run in order; a failed deferred write makes
+every later call, the ``COMMIT`` included, raise its error until the
+``ROLLBACK`` (:meth:`NativeConnection.defer`).
+
 Batch writes use ``executemany`` with one prepared statement; id lists are
 passed as one JSON array parameter and expanded with ``json_each`` so the
 SQL text (and so the prepared statement) does not depend on the list size.
@@ -174,6 +181,10 @@ class NativeConnection:
         self._conn = conn
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._closed = False
+        # The error of a deferred write (set and read on the writer thread):
+        # until a ROLLBACK, every later call on the connection raises it, so
+        # a transaction with a failed deferred write can never commit.
+        self._failed: BaseException | None = None
 
     @classmethod
     async def connect(cls, path: str, timeout: float) -> NativeConnection:
@@ -188,7 +199,59 @@ class NativeConnection:
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
         if self._closed:
             raise ConnectionClosed("no active connection")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._unless_failed, fn, *args
+        )
+
+    def _unless_failed(self, fn: Callable[..., R], *args: Any) -> R:
+        """On the writer thread: ``fn`` unless a deferred write failed."""
+        if self._failed is not None:
+            raise self._failed
+        return fn(*args)
+
+    def _deferred(self, fn: Callable[..., Any], *args: Any) -> None:
+        """On the writer thread: a deferred write, its error kept."""
+        if self._failed is None:
+            try:
+                fn(*args)
+            except BaseException as exc:
+                self._failed = exc
+
+    def _reset(self, fn: Callable[..., R], *args: Any) -> R:
+        """On the writer thread: ``fn`` (a rollback), which clears a failure."""
+        self._failed = None
+        return fn(*args)
+
+    def defer(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """Queue an ``executemany`` whose result nobody waits for: the caller
+        goes on (the loop builds the transaction's next rows) while the
+        writer thread runs it. Calls run in order, so a later read sees it;
+        if it fails, every later call raises its error until a ROLLBACK, so
+        the COMMIT of its transaction fails rather than commit without it."""
+        if self._closed:
+            raise ConnectionClosed("no active connection")
+        self._thread.submit(self._deferred, self._conn.executemany, sql, params)
+
+    def defer_validated(
+        self,
+        sql: str,
+        batch: ValidatedBatch,
+        identity_of: Mapping[str, str],
+        select: Sequence[int],
+    ) -> None:
+        """:meth:`insert_validated`, deferred as :meth:`defer` is."""
+        if self._closed:
+            raise ConnectionClosed("no active connection")
+        self._thread.submit(
+            self._deferred, self._conn.insert_validated, sql, batch, identity_of, select
+        )
+
+    async def rollback(self) -> None:
+        if self._closed:
+            raise ConnectionClosed("no active connection")
+        await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._reset, self._conn.execute, "ROLLBACK", None
+        )
 
     async def execute(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         return await self._run(self._conn.execute, sql, params)
@@ -215,7 +278,9 @@ class NativeConnection:
         if self._closed:
             return
         try:
-            await self._run(self._conn.close)
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._reset, self._conn.close
+            )
         finally:
             self._closed = True
             self._thread.shutdown(wait=False)
@@ -311,13 +376,22 @@ class SqliteTx(SqlTx):
         super().__init__(conn)
         self._dedupe = dedupe
 
+    @staticmethod
+    async def _write_many(conn: Any, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        """A write whose result the batch does not need: deferred on the
+        native writer (its error surfaces at the latest at COMMIT)."""
+        if isinstance(conn, NativeConnection):
+            conn.defer(sql, params)
+        else:
+            await conn.executemany(sql, params)
+
     @guard
     async def ensure_attackers(self, items: Sequence[tuple[str, str | None, float]]) -> None:
         conn = self._c()
         params = merge_attacker_items(items)
         if not params:
             return
-        await conn.executemany(_SQL_ENSURE_ATTACKER, params)
+        await self._write_many(conn, _SQL_ENSURE_ATTACKER, params)
 
     @guard
     async def ensure_identities(
@@ -401,7 +475,7 @@ class SqliteTx(SqlTx):
         new = self._dedupe.admit_batch(batch)
         if new:
             if isinstance(conn, NativeConnection):
-                await conn.insert_validated(_SQL_INSERT_OBS, batch, identity_of, new)
+                conn.defer_validated(_SQL_INSERT_OBS, batch, identity_of, new)
             else:
                 await conn.executemany(_SQL_INSERT_OBS, batch.rows(identity_of, new))
         return new
@@ -453,15 +527,17 @@ class SqliteTx(SqlTx):
             else:
                 new.append((r.identity_uuid, r.primitive, *values))
         if old:
-            await conn.executemany(_SQL_UPDATE_STATE_VALUES, old)
+            await self._write_many(conn, _SQL_UPDATE_STATE_VALUES, old)
         if new:
-            await conn.executemany(_SQL_UPSERT_STATE_VALUES, new)
+            await self._write_many(conn, _SQL_UPSERT_STATE_VALUES, new)
 
     @guard
     async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:
         conn = self._c()
         if windows:
-            await conn.executemany(_SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows])
+            await self._write_many(
+                conn, _SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows]
+            )
 
     @guard
     async def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None:
@@ -711,7 +787,10 @@ class SqliteStore(SqlStore):
         the awaiting task was cancelled, so a cancelled ``BEGIN``/statement may
         still be pending: this ``ROLLBACK`` is queued behind it and undoes it."""
         try:
-            await conn.execute("ROLLBACK")
+            if isinstance(conn, NativeConnection):
+                await conn.rollback()
+            else:
+                await conn.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:
             # SQLITE_ERROR: no transaction is active (nothing to undo)
             if _code_family(exc) != "SQLITE_ERROR":
