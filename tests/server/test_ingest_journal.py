@@ -98,3 +98,43 @@ async def test_what_a_202_accepted_comes_back_after_a_restart(
         ]
     finally:
         await again.close()
+
+
+async def test_a_resent_observation_still_waiting_in_the_journal_is_a_duplicate(
+    make_harness: HarnessFactory,
+) -> None:
+    """A 202 tells the truth per item: an observation accepted before and not
+    merged yet (it waits in the journal) comes back as a duplicate when a
+    sensor sends it again, by id or by (evidence_ref, primitive), and is not
+    handed over twice."""
+    h = await make_harness(ingest_journal=True)
+    token = await h.token("probe-1", "sensor")
+    consumer = h.bus.durable_consumer("attacker.observation.>", durable="attribution")
+    resp = await post(h, token, body(3))
+    assert resp.status == 202
+    assert (await resp.json())["accepted"] == 3
+    # the same three, plus one new; nothing was merged meanwhile
+    resp = await post(h, token, body(4))
+    assert resp.status == 202
+    doc = await resp.json()
+    assert doc["accepted"] == 1 and doc["ids"] == ["obs-3"]
+    assert doc["duplicates"] == [{"index": i, "id": f"obs-{i}"} for i in range(3)]
+    assert h.bus.backlog() == 4
+    assert h.counters["observations_duplicate_total"] == 3
+    # a new id with an (evidence_ref, primitive) already accepted
+    same_evidence = orjson.dumps(
+        {
+            "attacker_uuid": "att-1",
+            "primitive": SHELL,
+            "value": "bash",
+            "ts": 1_700_000_100.0,
+            "id": "obs-other",
+            "evidence_ref": "ev-1",
+        }
+    )
+    first = orjson.loads(same_evidence)
+    first["id"] = "obs-first"
+    assert (await post(h, token, orjson.dumps(first))).status == 202
+    doc = await (await post(h, token, same_evidence)).json()
+    assert doc["accepted"] == 0 and doc["duplicates"] == [{"index": 0, "id": "obs-other"}]
+    await consumer.aclose()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from decnet_attr._core import Dedupe
 from decnet_attr.bus import Bus, get_bus
 from decnet_attr.config import Settings
 from decnet_attr.server import routes
@@ -43,6 +44,7 @@ from decnet_attr.server.keys import (
     COUNTER_NAMES,
     COUNTERS,
     DUPLICATES_BY_SENSOR,
+    HANDED_OVER,
     SETTINGS,
     SSE_HUB,
     STORE,
@@ -131,6 +133,9 @@ def create_app(
     app[AUTH] = auth
     app[COUNTERS] = counters
     app[DUPLICATES_BY_SENSOR] = {}
+    # what waits to be merged is bounded by ingest_queue_max (back-pressure),
+    # so twice that covers every observation accepted and not merged yet
+    app[HANDED_OVER] = Dedupe(2 * settings.ingest_queue_max)
     app[WORKER] = the_worker
     app[SSE_HUB] = hub
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from decnet_attr._core import Dedupe
 from decnet_attr.bus import Bus
 from decnet_attr.config import Settings
 from decnet_attr.store import Store
@@ -30,6 +31,7 @@ __all__ = [
     "COUNTERS",
     "COUNTER_NAMES",
     "DUPLICATES_BY_SENSOR",
+    "HANDED_OVER",
     "OPS",
     "SETTINGS",
     "SSE_HUB",
@@ -46,6 +48,10 @@ AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
 COUNTERS: web.AppKey[dict[str, int]] = web.AppKey("counters")
 #: Observations a sensor sent again (already stored), by sensor user name.
 DUPLICATES_BY_SENSOR: web.AppKey[dict[str, int]] = web.AppKey("duplicates_by_sensor")
+#: What ingest handed over lately (ids and ``(evidence_ref, primitive)``
+#: pairs), so that a retry of an observation accepted but not merged yet
+#: is answered as a duplicate too (``routes/ingest.py``).
+HANDED_OVER: web.AppKey[Dedupe] = web.AppKey("handed_over")
 #: The in-process attribution worker, or None when it runs elsewhere.
 WORKER: web.AppKey[AttributionWorker | None] = web.AppKey("worker")
 #: The SSE relay.

@@ -535,9 +535,7 @@ class SqliteTx(SqlTx):
     async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:
         conn = self._c()
         if windows:
-            await self._write_many(
-                conn, _SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows]
-            )
+            await self._write_many(conn, _SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows])
 
     @guard
     async def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None:

@@ -7,13 +7,15 @@ uses); the accepted items go to the bus as ONE unit on
 is larger than :data:`BATCH_CHUNK_BYTES`), never one message per
 observation; with ingest partitions, one unit per partition the body
 touches, on ``attacker.ingest.<k>``. The bus is the only path: the API never writes observations to
-the store, the worker does (and acks), so a 202 means *durably accepted*:
-for the in-process bus the worker has committed the batch, for NATS
-JetStream has stored the message.
+the store, the worker does (and acks), so a 202 means *durably accepted*: on the
+in-process bus the body is written to the ingest journal (without the
+journal: the worker has committed the batch), on NATS JetStream has stored
+the message.
 
 Answers: 202 ``{"accepted", "ids", "rejected": [{"index", "code",
 "reason"}], "duplicates": [{"index", "id"}]}`` when at least one item was
-accepted or was a duplicate of an observation stored before (a retry); 422 ``{"detail": [{"index",
+accepted or was a duplicate of an observation accepted before (a retry,
+stored or still waiting to be merged); 422 ``{"detail": [{"index",
 "code", "reason"}]}`` when none was; 400 for a body that is not JSON; 413
 for a body or a batch too large; 415 for another content type; 503 (+
 ``Retry-After``) when the bus cannot accept durably right now or the
@@ -33,6 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
+from decnet_attr._core import Dedupe
 from decnet_attr.bus import Bus, BusError, BusPayloadTooLarge
 from decnet_attr.config import Settings
 from decnet_attr.observations import (
@@ -52,7 +55,14 @@ from decnet_attr.server.errors import (
     unprocessable,
     unsupported_media_type,
 )
-from decnet_attr.server.keys import BUS, COUNTERS, DUPLICATES_BY_SENSOR, SETTINGS, STORE
+from decnet_attr.server.keys import (
+    BUS,
+    COUNTERS,
+    DUPLICATES_BY_SENSOR,
+    HANDED_OVER,
+    SETTINGS,
+    STORE,
+)
 from decnet_attr.store import StoreError
 from decnet_attr.topics import EVENT_TYPE_OBSERVATION_BATCH, OBSERVATION_BATCH, ingest_partition
 
@@ -194,13 +204,18 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     _count(counters, "observations_rejected_total", len(rejected))
     if not len(batch):
         raise unprocessable(rejected)
-    # observations stored before (a retry, or an id another sensor used):
-    # reported as such, not published again
+    # observations stored before, or accepted before and not merged yet (a
+    # retry, or an id another sensor used): reported as such, not handed
+    # over again
     duplicates: list[dict[str, Any]] = []
+    handed = request.app[HANDED_OVER]
     try:
         known = await request.app[STORE].stored_positions(batch)
     except StoreError:
         known = []  # the worker's own dedupe still keeps them out
+    pending = handed.seen_batch(batch)
+    if pending:
+        known = sorted(set(known).union(pending))
     if known:
         ids, indexes = batch.ids, batch.indexes
         duplicates = [{"index": indexes[p], "id": ids[p]} for p in known]
@@ -232,6 +247,7 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
         accepted_ids, failure = await _publish(request, batch, rejected)
     finally:
         counters[INFLIGHT] -= len(batch)
+    _remember(handed, batch, accepted_ids)
     _count(counters, "observations_accepted_total", len(accepted_ids))
     if failure is not None:
         _count(counters, "ingest_unavailable_total", 1)
@@ -259,6 +275,21 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
         },
         status=202,
     )
+
+
+def _remember(handed: Dedupe, batch: ValidatedBatch, accepted_ids: list[str]) -> None:
+    """Note what the bus took. Checked before the hand-over and noted after
+    it (no await in between here), so a body the bus refused can be sent
+    again; two bodies with the same ids racing each other are both handed
+    over, and the worker's exactly-once admission keeps one."""
+    if not accepted_ids:
+        return
+    if len(accepted_ids) < len(batch):
+        took = set(accepted_ids)
+        ids = batch.ids
+        batch = batch.take([p for p in range(len(batch)) if ids[p] in took])
+    handed.admit_batch(batch)
+    handed.commit()
 
 
 def _count(counters: dict[str, int], name: str, n: int) -> None:
