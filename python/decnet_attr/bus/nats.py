@@ -179,6 +179,20 @@ class _NatsDelivery(Delivery):
         return f"<_NatsDelivery {self.event.topic} id={self.event.id}>"
 
 
+def _queued(psub: JetStreamContext.PullSubscription) -> list[Msg]:
+    """The JetStream messages waiting in a pull subscription's queue (taken
+    out of it; status messages, which carry no reply subject, are dropped)."""
+    queue = getattr(getattr(psub, "_sub", None), "_pending_queue", None)
+    out: list[Msg] = []
+    if queue is None:
+        return out
+    while not queue.empty():
+        msg = queue.get_nowait()
+        if msg.reply:
+            out.append(msg)
+    return out
+
+
 class _NatsDurableConsumer(DurableConsumer):
     def __init__(self, bus: NatsBus, pattern: str, durable: str) -> None:
         self.bus = bus
@@ -354,6 +368,14 @@ class _NatsDurableConsumer(DurableConsumer):
             if psub is not None:
                 with contextlib.suppress(Exception):
                     await psub.unsubscribe()
+                # A pull that timed out before reading everything it asked
+                # for leaves the rest in the subscription's queue: delivered
+                # as far as the server knows, so hand those back too, or they
+                # wait for ack_wait. nats-py has no public call that takes
+                # queued messages without pulling more, hence its queue.
+                for msg in _queued(psub):
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
         self._psub = None
 
     def __repr__(self) -> str:
