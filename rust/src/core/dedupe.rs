@@ -13,8 +13,39 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
 
 use ahash::RandomState;
+
+/// An observation's two admission keys: its id, and its `(evidence_ref,
+/// primitive)` pair, each a 128-bit hash.
+pub type Keys = (u128, u128);
+
+/// The hash keys of this process (random, chosen once): every [`Dedupe`]
+/// of the process derives the same [`Keys`] from an observation, so a batch
+/// hashes its items once however many admissions look at it.
+fn seeds() -> &'static (RandomState, RandomState) {
+    static SEEDS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
+    SEEDS.get_or_init(|| (RandomState::new(), RandomState::new()))
+}
+
+fn h(parts: &[&str]) -> u128 {
+    let (a, b) = seeds();
+    let mut x = a.build_hasher();
+    let mut y = b.build_hasher();
+    for p in parts {
+        x.write(p.as_bytes());
+        x.write_u8(0xff);
+        y.write(p.as_bytes());
+        y.write_u8(0xff);
+    }
+    (u128::from(x.finish()) << 64) | u128::from(y.finish())
+}
+
+/// The admission keys of an observation.
+pub fn keys_of(id: &str, evidence_ref: &str, primitive: &str) -> Keys {
+    (h(&["id", id]), h(&["ev", evidence_ref, primitive]))
+}
 
 pub struct Dedupe {
     keys: HashSet<u128, BuildU128>,
@@ -23,8 +54,6 @@ pub struct Dedupe {
     /// Admitted by the open transaction.
     pending: Vec<(u128, u128)>,
     capacity: usize,
-    a: RandomState,
-    b: RandomState,
 }
 
 /// The keys are already uniform hashes: use their low bits as they are.
@@ -64,35 +93,15 @@ impl Dedupe {
             order: VecDeque::new(),
             pending: Vec::new(),
             capacity: capacity.max(1),
-            a: RandomState::new(),
-            b: RandomState::new(),
         }
     }
 
-    fn h(&self, parts: &[&str]) -> u128 {
-        let mut x = self.a.build_hasher();
-        let mut y = self.b.build_hasher();
-        for p in parts {
-            x.write(p.as_bytes());
-            x.write_u8(0xff);
-            y.write(p.as_bytes());
-            y.write_u8(0xff);
-        }
-        (u128::from(x.finish()) << 64) | u128::from(y.finish())
-    }
-
-    fn keys_of(&self, id: &str, evidence_ref: &str, primitive: &str) -> (u128, u128) {
-        // the tags keep an id from ever equalling an evidence pair
-        (
-            self.h(&["id", id]),
-            self.h(&["ev", evidence_ref, primitive]),
-        )
-    }
-
-    /// Admit one observation into the open transaction: false when it is a
-    /// duplicate (of an admitted one, or of one earlier in this transaction).
     pub fn admit(&mut self, id: &str, evidence_ref: &str, primitive: &str) -> bool {
-        let (k1, k2) = self.keys_of(id, evidence_ref, primitive);
+        self.admit_keys(keys_of(id, evidence_ref, primitive))
+    }
+
+    /// [`Dedupe::admit`] with the keys already made ([`keys_of`]).
+    pub fn admit_keys(&mut self, (k1, k2): Keys) -> bool {
         if self.keys.contains(&k1) || self.keys.contains(&k2) {
             return false;
         }
@@ -102,13 +111,15 @@ impl Dedupe {
         true
     }
 
-    /// True when the observation would be refused as a duplicate now.
     pub fn seen(&self, id: &str, evidence_ref: &str, primitive: &str) -> bool {
-        let (k1, k2) = self.keys_of(id, evidence_ref, primitive);
+        self.seen_keys(keys_of(id, evidence_ref, primitive))
+    }
+
+    /// [`Dedupe::seen`] with the keys already made ([`keys_of`]).
+    pub fn seen_keys(&self, (k1, k2): Keys) -> bool {
         self.keys.contains(&k1) || self.keys.contains(&k2)
     }
 
-    /// Keep what the transaction admitted; forget the oldest beyond capacity.
     pub fn commit(&mut self) {
         self.order.extend(self.pending.drain(..));
         while self.order.len() > self.capacity {
@@ -160,6 +171,20 @@ mod tests {
         assert!(d.admit("c", "e1", "q"), "same evidence, other primitive");
         d.commit();
         assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn keys_made_once_serve_every_dedupe_of_the_process() {
+        let k = keys_of("a", "e", "p");
+        assert_eq!(k, keys_of("a", "e", "p"));
+        assert_ne!(k.0, keys_of("b", "e", "p").0);
+        assert_ne!(k.1, keys_of("a", "e", "q").1);
+        // "id" and "ev" keep the two kinds of key apart
+        assert_ne!(keys_of("x", "", "").0, keys_of("", "x", "").1);
+        let (mut d1, mut d2) = (Dedupe::new(10), Dedupe::new(10));
+        assert!(d1.admit_keys(k));
+        assert!(d2.admit_keys(k));
+        assert!(d1.seen("a", "other", "p") && !d1.seen("b", "other", "p"));
     }
 
     #[test]

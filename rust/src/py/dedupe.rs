@@ -41,30 +41,40 @@ impl PyDedupe {
         Ok(out)
     }
 
-    /// Admit the accepted items of a `ValidatedBatch` into the open
-    /// transaction; returns the positions of the new ones.
-    fn admit_batch(&self, batch: PyRef<'_, PyValidated>) -> Vec<usize> {
-        let mut d = self.inner.lock();
-        batch
-            .valid
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| d.admit(&v.id, &v.evidence_ref, &v.primitive))
-            .map(|(i, _)| i)
-            .collect()
+    /// Admit the accepted items of a `ValidatedBatch` (those at the
+    /// positions `select`, or all) into the open transaction; returns the
+    /// positions of the new ones. Runs without the GIL.
+    #[args(batch, select = "None")]
+    fn admit_batch(
+        &self,
+        py: Python<'_>,
+        batch: PyRef<'_, PyValidated>,
+        select: Option<Vec<usize>>,
+    ) -> PyResult<Vec<usize>> {
+        let keys = batch.dedupe_keys(py);
+        if let Some(bad) = select.iter().flatten().find(|&&i| i >= keys.len()) {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                "no accepted item at position {bad}"
+            )));
+        }
+        Ok(py.allow_threads(|| {
+            let mut d = self.inner.lock();
+            match select {
+                Some(sel) => sel.into_iter().filter(|&i| d.admit_keys(keys[i])).collect(),
+                None => (0..keys.len()).filter(|&i| d.admit_keys(keys[i])).collect(),
+            }
+        }))
     }
 
     /// Positions of the batch's accepted items that are duplicates of
-    /// observations admitted before (nothing is admitted).
-    fn seen_batch(&self, batch: PyRef<'_, PyValidated>) -> Vec<usize> {
-        let d = self.inner.lock();
-        batch
-            .valid
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| d.seen(&v.id, &v.evidence_ref, &v.primitive))
-            .map(|(i, _)| i)
-            .collect()
+    /// observations admitted before (nothing is admitted). Runs without
+    /// the GIL.
+    fn seen_batch(&self, py: Python<'_>, batch: PyRef<'_, PyValidated>) -> Vec<usize> {
+        let keys = batch.dedupe_keys(py);
+        py.allow_threads(|| {
+            let d = self.inner.lock();
+            (0..keys.len()).filter(|&i| d.seen_keys(keys[i])).collect()
+        })
     }
 
     /// Remember `(id, evidence_ref, primitive)` triples as committed

@@ -4,12 +4,13 @@
 //! the engine's input); nothing is converted per observation in Python.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use super::errors::{DecnetAttrError, InvalidJSONError};
+use crate::core::dedupe::{keys_of, Keys};
 use crate::core::validate::{self, Envelope, Options, Rejection, Valid, Validated};
 
 /// Accepted observations of one batch plus the refused ones.
@@ -20,6 +21,43 @@ pub struct PyValidated {
     pub rejected: Arc<Vec<Rejection>>,
     pub items: usize,
     pub duplicates: usize,
+    /// The accepted items' admission keys, made once on first use.
+    pub keys: OnceLock<Arc<Vec<Keys>>>,
+}
+
+impl PyValidated {
+    pub fn new(
+        valid: Vec<Valid>,
+        rejected: Vec<Rejection>,
+        items: usize,
+        duplicates: usize,
+    ) -> PyValidated {
+        PyValidated {
+            valid: Arc::new(valid),
+            rejected: Arc::new(rejected),
+            items,
+            duplicates,
+            keys: OnceLock::new(),
+        }
+    }
+
+    /// The admission keys of the accepted items ([`keys_of`]), hashed once
+    /// per batch (without the GIL).
+    pub fn dedupe_keys(&self, py: Python<'_>) -> Arc<Vec<Keys>> {
+        if let Some(k) = self.keys.get() {
+            return k.clone();
+        }
+        let valid = self.valid.clone();
+        let made = py.allow_threads(move || {
+            Arc::new(
+                valid
+                    .iter()
+                    .map(|v| keys_of(&v.id, &v.evidence_ref, &v.primitive))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        self.keys.get_or_init(|| made).clone()
+    }
 }
 
 /// `{attacker_uuid: identity_uuid}` from a Python mapping.
@@ -229,12 +267,8 @@ impl PyValidated {
     /// A batch of the selected accepted items only (positions).
     fn take(&self, select: Vec<usize>) -> PyResult<PyValidated> {
         let valid: Vec<Valid> = self.selected(Some(select))?.into_iter().cloned().collect();
-        Ok(PyValidated {
-            items: valid.len(),
-            valid: Arc::new(valid),
-            rejected: Arc::new(Vec::new()),
-            duplicates: 0,
-        })
+        let n = valid.len();
+        Ok(PyValidated::new(valid, Vec::new(), n, 0))
     }
 
     fn __repr__(&self) -> String {
@@ -247,12 +281,7 @@ impl PyValidated {
 }
 
 fn into_py(v: Validated) -> PyValidated {
-    PyValidated {
-        valid: Arc::new(v.valid),
-        rejected: Arc::new(v.rejected),
-        items: v.items,
-        duplicates: v.duplicates,
-    }
+    PyValidated::new(v.valid, v.rejected, v.items, v.duplicates)
 }
 
 /// Validate a body (JSON array, one object, or NDJSON) of observations.

@@ -161,19 +161,20 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     counters = request.app[COUNTERS]
     mimetype = _check_content_type(request)
     body = await read_body(request, settings.max_body_bytes)
+    handed = request.app[HANDED_OVER]
     check = functools.partial(
-        validate,
+        _check_body,
+        handed,
         body,
         settings,
         source=f"api:{principal.username}",
         id_prefix=uuid_mod.uuid4().hex[:24],
-        api=True,
-        max_items=settings.max_batch_items,
     )
     try:
-        # the Rust pass releases the GIL: a large body is validated on a
-        # thread while the event loop serves the other clients
-        batch = (
+        # the Rust passes release the GIL: a large body is validated (and
+        # checked against what was handed over) on a thread while the event
+        # loop serves the other clients
+        batch, pending = (
             await asyncio.get_running_loop().run_in_executor(None, check)
             if len(body) >= OFF_LOOP_BYTES
             else check()
@@ -208,12 +209,10 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     # retry, or an id another sensor used): reported as such, not handed
     # over again
     duplicates: list[dict[str, Any]] = []
-    handed = request.app[HANDED_OVER]
     try:
         known = await request.app[STORE].stored_positions(batch)
     except StoreError:
         known = []  # the worker's own dedupe still keeps them out
-    pending = handed.seen_batch(batch)
     if pending:
         known = sorted(set(known).union(pending))
     if known:
@@ -277,6 +276,22 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
     )
 
 
+def _check_body(
+    handed: Dedupe, body: bytes, settings: Settings, *, source: str, id_prefix: str
+) -> tuple[ValidatedBatch, list[int]]:
+    """The body validated, and the positions of its accepted items that were
+    handed over before (accepted, maybe not merged yet)."""
+    batch = validate(
+        body,
+        settings,
+        source=source,
+        id_prefix=id_prefix,
+        api=True,
+        max_items=settings.max_batch_items,
+    )
+    return batch, handed.seen_batch(batch)
+
+
 def _remember(handed: Dedupe, batch: ValidatedBatch, accepted_ids: list[str]) -> None:
     """Note what the bus took. Checked before the hand-over and noted after
     it (no await in between here), so a body the bus refused can be sent
@@ -284,11 +299,12 @@ def _remember(handed: Dedupe, batch: ValidatedBatch, accepted_ids: list[str]) ->
     over, and the worker's exactly-once admission keeps one."""
     if not accepted_ids:
         return
+    select = None
     if len(accepted_ids) < len(batch):
         took = set(accepted_ids)
         ids = batch.ids
-        batch = batch.take([p for p in range(len(batch)) if ids[p] in took])
-    handed.admit_batch(batch)
+        select = [p for p in range(len(batch)) if ids[p] in took]
+    handed.admit_batch(batch, select)
     handed.commit()
 
 
