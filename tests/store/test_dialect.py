@@ -4,6 +4,7 @@ interfaces ``Store`` is made of, and what the backends themselves hold."""
 from __future__ import annotations
 
 import inspect
+import json
 
 from decnet_attr.store import Store
 from decnet_attr.store.base import (
@@ -31,6 +32,8 @@ def test_shared_sql_in_each_dialect() -> None:
     assert POSTGRES.sql("a = ?1 OR b = ?1 AND NOT_MERGED") == "a = $1 OR b = $1 AND NOT merged"
     assert SQLITE.sql("GREATEST(a, b)") == "max(a, b)"
     assert SQLITE.list_param(["a", "b"]) == '["a","b"]'
+    # non-ASCII as it is; a lone surrogate (no UTF-8 for it) escaped
+    assert json.loads(SQLITE.list_param(["é", "\ud800"])) == ["é", "\ud800"]
     assert POSTGRES.list_param(("a", "b")) == ["a", "b"]
 
 

@@ -44,6 +44,7 @@ from os import PathLike
 from typing import Any, TypeVar
 
 import aiosqlite
+import orjson
 
 from decnet_attr._core import Dedupe, SqliteConnection, ValidatedBatch
 from decnet_attr.identifiers import ip_key
@@ -129,7 +130,7 @@ class SqliteDialect(Dialect):
     }
 
     def list_param(self, values: Sequence[Any]) -> Any:
-        return json.dumps(list(values), separators=(",", ":"))
+        return _json_list(list(values))
 
     def flag(self, value: Any) -> Any:
         return int(bool(value))
@@ -166,6 +167,16 @@ class SqliteDialect(Dialect):
         if isinstance(exc, OSError):
             return StoreUnavailable(f"sqlite unavailable: {exc}")
         return None
+
+
+def _json_list(values: list[Any]) -> str:
+    """A JSON array parameter (for ``json_each``); orjson, which is much
+    faster on the thousands of keys of a batch, unless a text holds a lone
+    surrogate (which UTF-8 cannot encode)."""
+    try:
+        return orjson.dumps(values).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(values, separators=(",", ":"))
 
 
 SQLITE = SqliteDialect()
@@ -486,7 +497,7 @@ class SqliteTx(SqlTx):
         if not keys:
             return {}
         # The writer already holds the database write lock (BEGIN IMMEDIATE).
-        rows = await conn.execute_fetchall(_SQL_LOAD_STATES, (json.dumps(sorted(set(keys))),))
+        rows = await conn.execute_fetchall(_SQL_LOAD_STATES, (_json_list(list(set(keys))),))
         return {(r[0], r[1]): state_from_row(r) for r in rows}
 
     @guard
