@@ -51,18 +51,14 @@ impl PyDedupe {
         batch: PyRef<'_, PyValidated>,
         select: Option<Vec<usize>>,
     ) -> PyResult<Vec<usize>> {
+        let chosen = batch.positions(select)?;
         let keys = batch.dedupe_keys(py);
-        if let Some(bad) = select.iter().flatten().find(|&&i| i >= keys.len()) {
-            return Err(pyo3::exceptions::PyIndexError::new_err(format!(
-                "no accepted item at position {bad}"
-            )));
-        }
         Ok(py.allow_threads(|| {
             let mut d = self.inner.lock();
-            match select {
-                Some(sel) => sel.into_iter().filter(|&i| d.admit_keys(keys[i])).collect(),
-                None => (0..keys.len()).filter(|&i| d.admit_keys(keys[i])).collect(),
-            }
+            chosen
+                .into_iter()
+                .filter(|&i| d.admit_keys(keys[i]))
+                .collect()
         }))
     }
 

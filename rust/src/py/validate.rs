@@ -72,22 +72,30 @@ pub fn identity_map(obj: Option<&PyDict>) -> PyResult<HashMap<String, String>> {
 }
 
 impl PyValidated {
+    /// The positions `select` checked against the accepted list (all of
+    /// them when `select` is None).
+    pub fn positions(&self, select: Option<Vec<usize>>) -> PyResult<Vec<usize>> {
+        match select {
+            None => Ok((0..self.valid.len()).collect()),
+            Some(sel) => {
+                if let Some(bad) = sel.iter().find(|&&i| i >= self.valid.len()) {
+                    return Err(pyo3::exceptions::PyIndexError::new_err(format!(
+                        "no accepted item at position {bad}"
+                    )));
+                }
+                Ok(sel)
+            }
+        }
+    }
+
     /// The selected accepted items (positions into the accepted list; all
     /// when `select` is None).
     pub fn selected(&self, select: Option<Vec<usize>>) -> PyResult<Vec<&Valid>> {
-        match select {
-            None => Ok(self.valid.iter().collect()),
-            Some(sel) => sel
-                .into_iter()
-                .map(|i| {
-                    self.valid.get(i).ok_or_else(|| {
-                        pyo3::exceptions::PyIndexError::new_err(format!(
-                            "no accepted item at position {i}"
-                        ))
-                    })
-                })
-                .collect(),
-        }
+        Ok(self
+            .positions(select)?
+            .into_iter()
+            .map(|i| &self.valid[i])
+            .collect())
     }
 }
 
@@ -163,15 +171,59 @@ impl PyValidated {
     }
 
     /// The accepted items as NDJSON of DECNET's observation payload.
+    /// Encoded without the GIL.
     #[args(select = "None")]
     fn ndjson<'py>(&self, py: Python<'py>, select: Option<Vec<usize>>) -> PyResult<&'py PyBytes> {
-        let sel = self.selected(select)?;
-        let mut out = String::with_capacity(sel.len() * 256);
-        for v in sel {
-            v.write_payload(&mut out);
-            out.push('\n');
-        }
+        let chosen = self.positions(select)?;
+        let valid = self.valid.clone();
+        let out = py.allow_threads(move || {
+            let mut out = String::with_capacity(chosen.len() * 256);
+            for i in chosen {
+                valid[i].write_payload(&mut out);
+                out.push('\n');
+            }
+            out
+        });
         Ok(PyBytes::new(py, out.as_bytes()))
+    }
+
+    /// The selected accepted items (all when `select` is None) as NDJSON
+    /// cut into parts of at most `max_bytes` (a part holds at least one
+    /// item, however large): `[(positions, ndjson)]`, in order. Each item
+    /// is encoded once, without the GIL.
+    #[args(max_bytes, select = "None")]
+    fn ndjson_chunks<'py>(
+        &self,
+        py: Python<'py>,
+        max_bytes: usize,
+        select: Option<Vec<usize>>,
+    ) -> PyResult<Vec<(Vec<usize>, &'py PyBytes)>> {
+        let chosen = self.positions(select)?;
+        let valid = self.valid.clone();
+        let parts = py.allow_threads(move || {
+            let mut parts: Vec<(Vec<usize>, String)> = Vec::new();
+            let mut line = String::with_capacity(512);
+            for i in chosen {
+                line.clear();
+                valid[i].write_payload(&mut line);
+                line.push('\n');
+                let fits = parts
+                    .last()
+                    .map(|(_, text)| text.len() + line.len() <= max_bytes)
+                    .unwrap_or(false);
+                if !fits {
+                    parts.push((Vec::new(), String::with_capacity(max_bytes.min(1 << 20))));
+                }
+                let (positions, text) = parts.last_mut().expect("a part was just pushed");
+                positions.push(i);
+                text.push_str(&line);
+            }
+            parts
+        });
+        Ok(parts
+            .into_iter()
+            .map(|(positions, text)| (positions, PyBytes::new(py, text.as_bytes())))
+            .collect())
     }
 
     /// One accepted item's payload as JSON text.

@@ -101,22 +101,6 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def _chunks(batch: ValidatedBatch, positions: list[int]) -> list[tuple[list[int], bytes]]:
-    """``positions`` cut so that each part's NDJSON stays under
-    :data:`BATCH_CHUNK_BYTES` (sizes estimated from one encoding), each with
-    its NDJSON."""
-    n = len(positions)
-    if n == 0:
-        return []
-    whole = batch.ndjson(positions)
-    if len(whole) <= BATCH_CHUNK_BYTES:
-        return [(positions, whole)]
-    per = max(1, int(n * BATCH_CHUNK_BYTES / len(whole)))
-    return [
-        (part, batch.ndjson(part)) for part in (positions[i : i + per] for i in range(0, n, per))
-    ]
-
-
 def _destinations(batch: ValidatedBatch, partitions: int) -> list[tuple[str, list[int]]]:
     """Where the accepted items go: one batch topic, or with ingest
     partitions each attacker's partition subject."""
@@ -126,6 +110,18 @@ def _destinations(batch: ValidatedBatch, partitions: int) -> list[tuple[str, lis
         (ingest_partition(k), positions)
         for k, positions in enumerate(batch.partition(partitions))
         if positions
+    ]
+
+
+def _parts(batch: ValidatedBatch, partitions: int) -> list[tuple[str, list[int], bytes]]:
+    """The bus messages for the accepted items: ``(topic, positions,
+    NDJSON)`` per destination, cut so that each NDJSON stays under
+    :data:`BATCH_CHUNK_BYTES` (each item encoded once, in Rust, without the
+    GIL: a large body's parts are made on a thread)."""
+    return [
+        (topic, chunk, ndjson)
+        for topic, positions in _destinations(batch, partitions)
+        for chunk, ndjson in batch.ndjson_chunks(BATCH_CHUNK_BYTES, positions)
     ]
 
 
@@ -243,7 +239,15 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
         )
     counters[INFLIGHT] = inflight + len(batch)
     try:
-        accepted_ids, failure = await _publish(request, batch, rejected)
+        split = functools.partial(_parts, batch, settings.partitions)
+        parts = (
+            await asyncio.get_running_loop().run_in_executor(None, split)
+            if len(body) >= OFF_LOOP_BYTES
+            else split()
+        )
+        accepted_ids, failure = await hand_over(
+            request.app[BUS], batch, settings.partitions, rejected, parts
+        )
     finally:
         counters[INFLIGHT] -= len(batch)
     _remember(handed, batch, accepted_ids)
@@ -312,27 +316,23 @@ def _count(counters: dict[str, int], name: str, n: int) -> None:
     counters[name] = counters.get(name, 0) + n
 
 
-async def _publish(
-    request: web.Request, batch: ValidatedBatch, rejected: list[dict[str, Any]]
-) -> tuple[list[str], str | None]:
-    return await hand_over(request.app[BUS], batch, request.app[SETTINGS].partitions, rejected)
-
-
 async def hand_over(
-    bus: Bus, batch: ValidatedBatch, partitions: int, rejected: list[dict[str, Any]]
+    bus: Bus,
+    batch: ValidatedBatch,
+    partitions: int,
+    rejected: list[dict[str, Any]],
+    parts: list[tuple[str, list[int], bytes]] | None = None,
 ) -> tuple[list[str], str | None]:
     """Hand the accepted items to the bus: one message per destination and
-    chunk (usually one); stop at the first the bus could not take. Items the
-    bus refuses as too large are added to ``rejected``. Returns the accepted
-    ids and the failure (None: all accepted)."""
+    chunk (usually one; ``parts``, made by :func:`_parts` when not given);
+    stop at the first the bus could not take. Items the bus refuses as too
+    large are added to ``rejected``. Returns the accepted ids and the
+    failure (None: all accepted)."""
     ids = batch.ids
     indexes = batch.indexes
     accepted: list[str] = []
-    parts = [
-        (topic, chunk, ndjson)
-        for topic, positions in _destinations(batch, partitions)
-        for chunk, ndjson in _chunks(batch, positions)
-    ]
+    if parts is None:
+        parts = _parts(batch, partitions)
     for topic, part, ndjson in parts:
         part_ids = [ids[p] for p in part]
         payload = {"ndjson": ndjson.decode(), "count": len(part)}
