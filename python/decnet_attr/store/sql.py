@@ -107,6 +107,11 @@ class SqlTx(Tx):
     async def _execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         await self._dialect.execute(self._c(), self._dialect.sql(sql), params)
 
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose result nobody reads: :meth:`_execute`, which a
+        backend may defer until the commit (SQLite's native writer)."""
+        await self._execute(sql, params)
+
     @guard
     async def max_observation_seq(self) -> int:
         rows = await self._rows("SELECT coalesce(max(seq), 0) FROM observations")
@@ -147,11 +152,11 @@ class SqlTx(Tx):
         self, identity_uuid: str, primitives: Sequence[str] | None, now: float
     ) -> None:
         if primitives is None:
-            await self._execute(
+            await self._write(
                 "DELETE FROM multi_actor_log WHERE identity_uuid = ?", (identity_uuid,)
             )
             return
-        await self._execute(
+        await self._write(
             "INSERT INTO multi_actor_log (identity_uuid, primitives, fired_at) VALUES (?, ?, ?) "
             "ON CONFLICT (identity_uuid) DO UPDATE SET primitives = excluded.primitives, "
             "fired_at = excluded.fired_at",

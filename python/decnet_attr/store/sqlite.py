@@ -387,6 +387,9 @@ class SqliteTx(SqlTx):
         super().__init__(conn)
         self._dedupe = dedupe
 
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._write_many(self._c(), self._dialect.sql(sql), [params])
+
     @staticmethod
     async def _write_many(conn: Any, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """A write whose result the batch does not need: deferred on the

@@ -81,6 +81,8 @@ Key = tuple[str, str]
 
 #: Most retained windows one batch's transaction writes (lazy windows).
 CHECKPOINT_KEYS = 5000
+#: Events published between two turns of the event loop (after a commit).
+PUBLISH_SLICE = 256
 #: Most state rows the worker remembers to skip reading them back (lazy mode).
 MAX_CACHED_ROWS = 1_000_000
 
@@ -96,6 +98,29 @@ _ATTEMPT_COUNTERS = (
     "state_changes",
     "multi_actor_fired",
 )
+
+
+#: An identity's flagged primitives and its fired signature (see
+#: ``AttributionWorker._multi_actor``), identity -> primitives each.
+_MultiActorKnown = tuple[dict[str, list[str]], dict[str, list[str]]]
+
+
+def _with_batch(
+    known: _MultiActorKnown, identities: set[str], rows: list[StateRow]
+) -> _MultiActorKnown:
+    """``known`` (read before the batch) with the batch's state rows applied:
+    a key the batch wrote is flagged as its new row says."""
+    flagged_before, fired = known
+    flagged = {i: set(flagged_before.get(i, ())) for i in identities}
+    for r in rows:
+        prims = flagged.get(r.identity_uuid)
+        if prims is None:
+            continue
+        if r.state == "multi_actor":
+            prims.add(r.primitive)
+        else:
+            prims.discard(r.primitive)
+    return {i: sorted(p) for i, p in flagged.items()}, fired
 
 
 def _printable(text: str) -> str:
@@ -152,6 +177,14 @@ class AttributionWorker:
         self._tasks: list[asyncio.Task[Any]] = []
         self._consumers: list[asyncio.Task[None]] = []
         self._consumer_done = asyncio.Event()
+        # Set while no batch is building its transaction on the loop: a
+        # committed batch publishes its events once the next one has queued
+        # all its writes (the store's writer then runs them meanwhile)
+        self._queued = asyncio.Event()
+        self._queued.set()
+        # the next batch, validated and waiting for the one in hand to commit:
+        # resolved when it begins its transaction
+        self._next_begun: asyncio.Future[None] | None = None
         self._running = False
         self.last_heartbeat = 0.0  # monotonic time of the last loop turn
         self._attackers_by_identity: OrderedDict[str, set[str]] = OrderedDict()
@@ -334,10 +367,20 @@ class AttributionWorker:
                     continue
                 for group in self._groups(msgs):
                     batch = await self._check_off_loop(group)
-                    if committed is not None:
-                        await asyncio.shield(committed)
-                    committed = asyncio.get_running_loop().create_future()
-                    inflight = asyncio.create_task(self._finish(batch, committed, inflight))
+                    loop = asyncio.get_running_loop()
+                    begun = self._next_begun = loop.create_future()
+                    try:
+                        if committed is not None:
+                            await asyncio.shield(committed)
+                        committed = loop.create_future()
+                        inflight = asyncio.create_task(
+                            self._finish(batch, committed, inflight, begun)
+                        )
+                    except BaseException:
+                        if not begun.done():
+                            begun.set_result(None)  # nobody waits for it
+                        self._next_begun = None
+                        raise
         finally:
             if inflight is not None:
                 await asyncio.shield(inflight)
@@ -388,24 +431,40 @@ class AttributionWorker:
         batch: _Batch,
         committed: asyncio.Future[None] | None = None,
         previous: asyncio.Task[None] | None = None,
+        begun: asyncio.Future[None] | None = None,
     ) -> None:
         """Commit one batch, then ack and publish. ``committed`` is resolved as
         soon as the transaction is over (committed or not), so the next batch
         can start its own; ``previous`` (the task of the batch before) is
         awaited before this one's acks and events go out, which keeps the
-        publications in commit order."""
+        publications in commit order; ``begun`` is resolved as this batch
+        begins (see :attr:`_next_begun`)."""
         deliveries = batch.deliveries
         failure: Exception | None = None
         published: list[tuple[str, dict[str, Any], str]] = []
+        if begun is not None:
+            if not begun.done():
+                begun.set_result(None)
+            if self._next_begun is begun:
+                self._next_begun = None
+        self._queued.clear()
         try:
             published = await self._commit_resilient(batch)
         except (StoreError, OSError) as exc:
             failure = exc
         finally:
+            self._queued.set()
             if committed is not None and not committed.done():
                 committed.set_result(None)
         if previous is not None:
             await asyncio.shield(previous)
+        if published:
+            # the next batch, if one is ready, builds its transaction first:
+            # its writes then keep the store's writer busy while these
+            # events go out (the loop runs one thing at a time)
+            if (after := self._next_begun) is not None:
+                await asyncio.shield(after)
+            await self._queued.wait()
         if failure is not None:
             log.warning("batch of %d failed (%s); redelivering later", len(deliveries), failure)
             for d in deliveries:
@@ -414,9 +473,14 @@ class AttributionWorker:
             return
         for d in deliveries:
             await d.ack()
-        for topic, payload, etype in published:
+        # the events go out a slice at a time, letting the loop run between
+        # slices: the next batch's transaction, waiting for the store's
+        # writer most of the time, goes on meanwhile
+        for n, (topic, payload, etype) in enumerate(published, 1):
             if await self._publish(topic, payload, etype):
                 self.stats.published += 1
+            if not n % PUBLISH_SLICE:
+                await asyncio.sleep(0)
 
     async def _commit_resilient(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
         """Commit a batch, retrying transient store failures; a batch the
@@ -587,6 +651,7 @@ class AttributionWorker:
                 if batch.dead:
                     await tx.insert_dead_letters(batch.dead)
                 events = await self._merge_in_tx(tx, batch.valid, now, touched)
+                self._queued.set()  # what is left is the writer's: the COMMIT
         except BaseException:
             # the engine may hold merges the store never committed, and the
             # counters counted an attempt that did not happen
@@ -646,6 +711,15 @@ class AttributionWorker:
         # stored observations its window does not cover, and this batch's
         # must not be among them
         prior = await self._load_windows(tx, valid.keys(identity_of), touched)
+        known: _MultiActorKnown | None = None
+        if self.lazy:
+            # read now, before this batch's writes are queued on the writer:
+            # a read after them would wait until they have all run
+            idents = sorted(set(identity_of.values()))
+            known = (
+                await tx.multi_actor_primitives(idents),
+                await tx.multi_actor_signatures(idents),
+            )
         if already_stored:
             new_pos = list(range(len(valid)))
         else:
@@ -665,7 +739,7 @@ class AttributionWorker:
                 f"engine rejected {len(result.errors)} checked observations: {result.errors[0].reason}"
             )
         self.stats.merged += len(new_pos)
-        events.extend(await self._write_states(tx, result, prior, now))
+        events.extend(await self._write_states(tx, result, prior, now, known))
         if self.rollup is not None:
             events.extend(await self.rollup.apply(tx, valid, new_pos, now, touched))
         if self.lazy and self._dirty:
@@ -830,7 +904,12 @@ class AttributionWorker:
         log.info("rebuilt %s/%s from %d stored observations", identity, primitive, len(series))
 
     async def _write_states(
-        self, tx: Tx, result: IngestResult, prior: dict[Key, StateRow], now: float
+        self,
+        tx: Tx,
+        result: IngestResult,
+        prior: dict[Key, StateRow],
+        now: float,
+        known: _MultiActorKnown | None = None,
     ) -> list[tuple[str, dict[str, Any], str]]:
         events: list[tuple[str, dict[str, Any], str]] = []
         changes = result.rows()  # plain tuples, value JSON made in Rust
@@ -928,16 +1007,28 @@ class AttributionWorker:
         else:
             await tx.upsert_states(rows)
         if multi_touch:
-            events.extend(await self._multi_actor(tx, sorted(multi_touch), now))
+            if known is not None:
+                known = _with_batch(known, multi_touch, rows)
+            events.extend(await self._multi_actor(tx, sorted(multi_touch), now, known))
         return events
 
     # ---- multi-actor (docs/decnet.md#multi-actor, persisted) ----------------------------
     async def _multi_actor(
-        self, tx: Tx, identities: list[str], now: float
+        self,
+        tx: Tx,
+        identities: list[str],
+        now: float,
+        known: _MultiActorKnown | None = None,
     ) -> list[tuple[str, dict[str, Any], str]]:
+        """Fire (or re-arm) the identities' multi-actor alert. ``known``: the
+        flagged primitives and fired signatures as they stand in this
+        transaction, when the caller has them (else they are read)."""
         need = self.thresholds.multi_actor_min_primitives
-        flagged = await tx.multi_actor_primitives(identities)
-        fired = await tx.multi_actor_signatures(identities, lock=self.shared)
+        if known is not None:
+            flagged, fired = known
+        else:
+            flagged = await tx.multi_actor_primitives(identities)
+            fired = await tx.multi_actor_signatures(identities, lock=self.shared)
         events = []
         for ident in identities:
             prims = sorted(flagged.get(ident, []))
