@@ -922,10 +922,11 @@ class AttributionWorker:
         else:
             windows = self.engine.export_windows(keys)
         rows: list[StateRow] = []
+        before: list[str | None] = []  # each key's state before the batch
         multi_touch: set[str] = set()
-        attackers: dict[str, list[str]] = {}
         kinds = self._kinds
         append_row = rows.append
+        append_before = before.append
         get_prior = prior.get
         for (
             ident,
@@ -934,22 +935,27 @@ class AttributionWorker:
             conf,
             count,
             last_ts,
-            current,
+            _cur,
             current_json,
             _o,
             _c,
         ), key, window in zip(changes, keys, windows):
             old = get_prior(key)
             if old is None:
-                changed = True
                 last_change = last_ts
                 version = 1
                 previous = None
+                append_before(None)
             else:
                 changed = old.state != state
                 last_change = last_ts if changed else old.last_change_ts
                 version = old.version + 1
                 previous = old.state if changed else old.previous_state
+                append_before(old.state)
+                if old.state == "multi_actor":
+                    multi_touch.add(ident)
+            if state == "multi_actor":
+                multi_touch.add(ident)
             kind = kinds.get(prim)
             if kind is None:
                 kind = kinds[prim] = value_kind_for(prim)
@@ -971,33 +977,8 @@ class AttributionWorker:
                     previous,
                 )
             )
-            if state == "multi_actor" or (old is not None and old.state == "multi_actor"):
-                multi_touch.add(ident)
-            who = attackers.get(ident)
-            if who is None:
-                who = attackers[ident] = self._attackers_of(ident)
-            payload = {
-                "identity_uuid": ident,
-                "primitive": prim,
-                "old_state": old.state if old else None,
-                "new_state": state,
-                "current_value": current,
-                "confidence": conf,
-                "observation_count": count,
-                "ts": last_ts,
-                "attacker_uuids": who,
-                "last_change_ts": last_change,
-                "last_observation_ts": last_ts,
-                "emitted_at": now,
-                "version": version,
-            }
-            if changed:
-                self.stats.state_changes += 1
-                events.append(
-                    (ATTRIBUTION_PROFILE_STATE_CHANGED, payload, EVENT_TYPE_STATE_CHANGED)
-                )
-            else:
-                events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
+        # the rows go to the store first: its writer runs them while the
+        # events are built
         if self.lazy:
             await tx.upsert_state_values(rows)
             if len(self._rows) > MAX_CACHED_ROWS:
@@ -1006,6 +987,36 @@ class AttributionWorker:
             self._rows.update(zip(keys, rows))
         else:
             await tx.upsert_states(rows)
+        attackers: dict[str, list[str]] = {}
+        for row, old_state, change in zip(rows, before, changes):
+            ident = row.identity_uuid
+            who = attackers.get(ident)
+            if who is None:
+                who = attackers[ident] = self._attackers_of(ident)
+            new_state = row.state
+            last_ts = row.last_observation_ts
+            payload = {
+                "identity_uuid": ident,
+                "primitive": row.primitive,
+                "old_state": old_state,
+                "new_state": new_state,
+                "current_value": change[6],
+                "confidence": row.confidence,
+                "observation_count": row.observation_count,
+                "ts": last_ts,
+                "attacker_uuids": who,
+                "last_change_ts": row.last_change_ts,
+                "last_observation_ts": last_ts,
+                "emitted_at": now,
+                "version": row.version,
+            }
+            if old_state != new_state:
+                self.stats.state_changes += 1
+                events.append(
+                    (ATTRIBUTION_PROFILE_STATE_CHANGED, payload, EVENT_TYPE_STATE_CHANGED)
+                )
+            else:
+                events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
         if multi_touch:
             if known is not None:
                 known = _with_batch(known, multi_touch, rows)
