@@ -458,10 +458,12 @@ class AttributionWorker:
                 committed.set_result(None)
         if previous is not None:
             await asyncio.shield(previous)
-        if published:
+        if published and self.lazy:
             # the next batch, if one is ready, builds its transaction first:
-            # its writes then keep the store's writer busy while these
-            # events go out (the loop runs one thing at a time)
+            # its writes (deferred on the store's writer) then keep the
+            # writer busy while these events go out (the loop runs one thing
+            # at a time). Not on a shared store, whose statements are awaited
+            # one by one: the events would wait for a whole transaction.
             if (after := self._next_begun) is not None:
                 await asyncio.shield(after)
             await self._queued.wait()
