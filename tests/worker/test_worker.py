@@ -530,6 +530,45 @@ async def test_a_conflicting_transaction_is_run_again_not_split(
     assert await store.dead_letter_count() == 0
 
 
+async def test_a_row_the_store_refuses_in_a_deferred_write_dead_letters_only_it(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    """On SQLite a batch's observation rows are written on the writer thread
+    while the worker goes on (a deferred write). If the store refuses one,
+    the COMMIT fails, nothing of the batch is kept, the batch is split, and
+    only that observation becomes a dead letter: the others are stored once
+    and merged as the oracle says."""
+    import sqlite3
+
+    assert store.dialect == "sqlite"
+    await store._w.execute(  # type: ignore[attr-defined]
+        "CREATE TRIGGER poison BEFORE INSERT ON observations WHEN NEW.id = 'obs-poison' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
+    )
+    obs = [mk_obs(A, "environmental.shell_type", v, float(i)) for i, v in enumerate("abbabb")]
+    obs[3]["id"] = "obs-poison"
+    await bus.publish_durable(
+        OBSERVATION_BATCH,
+        {"ndjson": "".join(orjson.dumps(o).decode() + "\n" for o in obs), "count": len(obs)},
+        event_id="poison-1",
+    )
+    assert worker.stats.merged == 5 and worker.stats.batch_failures >= 1
+    db = sqlite3.connect(store.path)  # type: ignore[attr-defined]
+    try:
+        (letter,) = db.execute("SELECT event_id, reason FROM dead_letters").fetchall()
+        ids = sorted(r[0] for r in db.execute("SELECT id FROM observations"))
+    finally:
+        db.close()
+    assert letter[0] == "obs-poison" and letter[1].startswith("store_refused: ")
+    assert "poisoned row" in letter[1]
+    kept = [o for o in obs if o["id"] != "obs-poison"]
+    assert ids == sorted(o["id"] for o in kept)
+    want = oracle_states(kept)
+    got = await stored_states(store, [A])
+    for key, st in want.items():
+        assert oracle.same(got[key], st), key
+
+
 async def test_a_subscriber_on_the_configured_bus_takes_a_whole_batch_of_events(
     settings: Settings, store: Store
 ) -> None:
