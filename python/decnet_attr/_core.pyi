@@ -25,6 +25,7 @@ __all__ = [
     "aggregate_observations",
     "all_pairs_components",
     "is_attacker_uuid",
+    "ndjson_lines",
     "normalise_ip",
     "observation_lines",
     "partition_of",
@@ -314,7 +315,9 @@ def validate_observations(
     default_source: str | None = None,
     fill_defaults: bool = False,
     max_items: int | None = None,
+    ndjson: bool = False,
 ) -> ValidatedBatch: ...
+def ndjson_lines(data: bytes) -> list[bytes]: ...
 def rejection_codes() -> list[str]: ...
 def normalise_ip(text: str) -> str | None: ...
 def is_attacker_uuid(text: str) -> bool: ...

@@ -15,6 +15,7 @@ from decnet_attr._core import (
     InvalidJSONError,
     TooManyItemsError,
     ValidatedBatch,
+    ndjson_lines,
     normalise_ip,
     rejection_codes,
     validate_observations,
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidJSONError",
     "TooManyItemsError",
     "ValidatedBatch",
+    "ndjson_lines",
     "normalise_ip",
     "rejection_codes",
     "validate",
@@ -47,8 +49,11 @@ def validate(
     api: bool = False,
     max_items: int | None = None,
     now: float | None = None,
+    ndjson: bool = False,
 ) -> ValidatedBatch:
-    """Validate ``data`` (JSON array, one object or NDJSON).
+    """Validate ``data`` (JSON array, one object or NDJSON; with ``ndjson``,
+    NDJSON whatever it starts with: each line of ``ndjson_lines`` one item,
+    and never an error for the body as a whole).
 
     ``api=True`` is the HTTP API's form: missing ids come from ``id_prefix``,
     evidence refs default to ``api:<id>``, ``confidence`` to 1.0 and
@@ -69,4 +74,5 @@ def validate(
         default_source=source,
         fill_defaults=api,
         max_items=max_items,
+        ndjson=ndjson,
     )

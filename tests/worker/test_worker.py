@@ -530,6 +530,51 @@ async def test_a_conflicting_transaction_is_run_again_not_split(
     assert await store.dead_letter_count() == 0
 
 
+@pytest.mark.parametrize(
+    "ndjson",
+    [
+        "[1, 2]",  # a JSON array, not NDJSON
+        "5",  # one line, not an object
+        '  \n[{"a": 1}]',
+        "\x0c\n{}",
+        "{}\n \t\n[]\n7",  # a whitespace-only line among bad items
+    ],
+)
+async def test_a_malformed_batch_message_is_dead_lettered_and_the_worker_lives(
+    worker: AttributionWorker, bus: Bus, store: Store, ndjson: str
+) -> None:
+    """A batch message on the bus is NDJSON: each non-blank line is one
+    item. Whatever a publisher puts there (an array, a scalar, odd
+    whitespace), every bad line is dead-lettered with its own text, the good
+    lines of the same message are merged, and the worker goes on."""
+    import sqlite3
+
+    good = mk_obs(A, "environmental.shell_type", "bash", 1.0)
+    text = ndjson + "\n" + orjson.dumps(good).decode() + "\n"
+    await asyncio.wait_for(
+        bus.publish_durable(OBSERVATION_BATCH, {"ndjson": text, "count": 2}, event_id="bad-1"),
+        5,
+    )
+    assert worker.running
+    assert worker.stats.merged == 1
+    bad = [ln for ln in ndjson.split("\n") if ln.strip(" \t\r\x0c")]
+    assert worker.stats.rejected == len(bad) and await store.dead_letter_count() == len(bad)
+    db = sqlite3.connect(store.path)  # type: ignore[attr-defined]
+    try:
+        letters = db.execute("SELECT payload FROM dead_letters ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    assert [p for (p,) in letters] == bad  # each with its own line
+    # and the next message is processed as usual
+    later = mk_obs(A, "environmental.shell_type", "zsh", 2.0)
+    await bus.publish_durable(
+        OBSERVATION_BATCH,
+        {"ndjson": orjson.dumps(later).decode(), "count": 1},
+        event_id="good-2",
+    )
+    assert worker.stats.merged == 2
+
+
 async def test_a_row_the_store_refuses_in_a_deferred_write_dead_letters_only_it(
     worker: AttributionWorker, bus: Bus, store: Store
 ) -> None:

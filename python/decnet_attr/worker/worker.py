@@ -44,7 +44,7 @@ from decnet_attr.bus.base import UNDECODABLE
 from decnet_attr.bus.helpers import run_control_listener, run_health_heartbeat
 from decnet_attr.config import Settings
 from decnet_attr.logs import RepeatFilter
-from decnet_attr.observations import OFF_LOOP_BYTES, ValidatedBatch, validate
+from decnet_attr.observations import OFF_LOOP_BYTES, ValidatedBatch, ndjson_lines, validate
 from decnet_attr.registry import value_kind_for
 from decnet_attr.store.base import (
     DeadLetter,
@@ -546,7 +546,9 @@ class AttributionWorker:
         prep = self._prepare(deliveries)
         if isinstance(prep, _Batch):
             return prep
-        return self._conclude(prep, validate(prep.body, self.settings, envelopes=prep.envelopes))
+        return self._conclude(
+            prep, validate(prep.body, self.settings, envelopes=prep.envelopes, ndjson=True)
+        )
 
     async def _check_off_loop(self, deliveries: list[Delivery]) -> _Batch:
         """:meth:`_check`, with the Rust pass of a large fetch on a thread (it
@@ -555,7 +557,9 @@ class AttributionWorker:
         prep = self._prepare(deliveries)
         if isinstance(prep, _Batch):
             return prep
-        check = functools.partial(validate, prep.body, self.settings, envelopes=prep.envelopes)
+        check = functools.partial(
+            validate, prep.body, self.settings, envelopes=prep.envelopes, ndjson=True
+        )
         if len(prep.body) < OFF_LOOP_BYTES:
             return self._conclude(prep, check())
         return self._conclude(prep, await asyncio.get_running_loop().run_in_executor(None, check))
@@ -581,7 +585,7 @@ class AttributionWorker:
                         (pos, self._refuse(ev.topic, ev.id, "not_object", reason, payload, now))
                     )
                     continue
-                part = [ln for ln in text.encode().split(b"\n") if ln]
+                part = ndjson_lines(text.encode())  # the items, as the validator counts them
                 lines.extend(part)
                 envelopes.extend([(None, None)] * len(part))
                 origin.extend([(pos, ev.topic, ev.id)] * len(part))
@@ -1235,7 +1239,7 @@ class AttributionWorker:
             )
             for r in rows
         ]
-        valid = validate(b"\n".join(lines), self.settings)
+        valid = validate(b"\n".join(lines), self.settings, ndjson=True)
         if valid.rejected:
             index, code, reason = valid.rejected[0]
             raise StoreError(f"stored observation {rows[index].id} is invalid: {code}: {reason}")

@@ -582,9 +582,27 @@ fn check_one(
     })
 }
 
-/// The items of a body: a JSON array, one object, or NDJSON (blank lines
-/// skipped; a line that is not JSON is an `invalid_json` item). `Err` when
-/// the body as a whole is unusable (a broken array, a scalar).
+/// The lines of an NDJSON body that are items, in order: a leading UTF-8
+/// BOM dropped, blank lines (ASCII whitespace only) skipped.
+pub fn ndjson_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+    data.split(|b| *b == b'\n')
+        .filter(|line| !line.iter().all(|b| b.is_ascii_whitespace()))
+}
+
+/// The items of an NDJSON body, one per line of [`ndjson_lines`] (a line
+/// that is not JSON is an `invalid_json` item, a JSON value that is not an
+/// object a `not_object` one): what a bus batch holds, whatever it starts
+/// with.
+pub fn split_ndjson(data: &[u8]) -> Vec<Result<J, String>> {
+    ndjson_lines(data)
+        .map(|line| serde_json::from_slice::<J>(line).map_err(|e| format!("invalid JSON: {e}")))
+        .collect()
+}
+
+/// The items of a body: a JSON array, one object, or NDJSON (see
+/// [`split_ndjson`]). `Err` when the body as a whole is unusable (a broken
+/// array, a scalar).
 pub fn split_items(data: &[u8]) -> Result<Vec<Result<J, String>>, String> {
     let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
     let first = data.iter().copied().find(|b| !b.is_ascii_whitespace());
@@ -595,15 +613,8 @@ pub fn split_items(data: &[u8]) -> Result<Vec<Result<J, String>>, String> {
             _ => Err("the body must be a JSON array of observations (or one observation)".into()),
         };
     }
-    let mut out = Vec::new();
-    let mut lines = 0usize;
-    for line in data.split(|b| *b == b'\n') {
-        if line.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        lines += 1;
-        out.push(serde_json::from_slice::<J>(line).map_err(|e| format!("invalid JSON: {e}")));
-    }
+    let out = split_ndjson(data);
+    let lines = out.len();
     if lines == 1 {
         // one object (or a scalar) on its own: a batch of one, or unusable
         if let Some(Ok(v)) = out.first() {
@@ -770,6 +781,23 @@ mod tests {
             seen[partition_of(&format!("attacker-{i}"), 4) as usize] += 1;
         }
         assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
+    }
+
+    #[test]
+    fn ndjson_is_ndjson_whatever_it_starts_with() {
+        let body = b"\xEF\xBB\xBF[1, 2]\n \t\x0c\n5\n\n{\"a\": 1}\r\nnot json";
+        let lines: Vec<&[u8]> = ndjson_lines(body).collect();
+        assert_eq!(
+            lines,
+            vec![&b"[1, 2]"[..], b"5", b"{\"a\": 1}\r", b"not json"]
+        );
+        let items = split_ndjson(body);
+        assert_eq!(items.len(), 4);
+        assert!(matches!(&items[0], Ok(J::Array(_))));
+        assert!(matches!(&items[2], Ok(J::Object(_))));
+        assert!(items[3].is_err());
+        // the same body read as an API body is one array, then unusable
+        assert!(split_items(body).is_err());
     }
 
     #[test]

@@ -31,6 +31,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<cluster::PyClusterer>()?;
     m.add_function(wrap_pyfunction!(cluster::all_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(validate::validate_observations, m)?)?;
+    m.add_function(wrap_pyfunction!(validate::ndjson_lines, m)?)?;
     m.add_function(wrap_pyfunction!(validate::rejection_codes, m)?)?;
     m.add_function(wrap_pyfunction!(validate::normalise_ip, m)?)?;
     m.add_function(wrap_pyfunction!(validate::is_attacker_uuid, m)?)?;

@@ -339,6 +339,8 @@ fn into_py(v: Validated) -> PyValidated {
 /// Validate a body (JSON array, one object, or NDJSON) of observations.
 /// `envelopes`: per item `(topic primitive or None, event id or None)`.
 /// Raises `InvalidJSONError` for a body that is unusable as a whole.
+/// `ndjson=True`: the body is NDJSON whatever it starts with, every line of
+/// `ndjson_lines` one item (never an error for the whole body).
 #[pyfunction(
     data,
     "*",
@@ -350,7 +352,8 @@ fn into_py(v: Validated) -> PyValidated {
     evidence_prefix = "\"obs:\"",
     default_source = "None",
     fill_defaults = "false",
-    max_items = "None"
+    max_items = "None",
+    ndjson = "false"
 )]
 #[allow(clippy::too_many_arguments)]
 pub fn validate_observations(
@@ -365,6 +368,7 @@ pub fn validate_observations(
     default_source: Option<String>,
     fill_defaults: bool,
     max_items: Option<usize>,
+    ndjson: bool,
 ) -> PyResult<PyValidated> {
     let opts = Options {
         max_value_bytes,
@@ -384,7 +388,11 @@ pub fn validate_observations(
             .collect()
     });
     let res = py.allow_threads(|| {
-        let items = validate::split_items(data).map_err(|e| (false, e))?;
+        let items = if ndjson {
+            validate::split_ndjson(data)
+        } else {
+            validate::split_items(data).map_err(|e| (false, e))?
+        };
         if let Some(max) = max_items {
             if items.len() > max {
                 return Err((
@@ -430,6 +438,15 @@ struct Head<'a> {
     primitive: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     id: std::borrow::Cow<'a, str>,
+}
+
+/// The lines of an NDJSON body that are items, as the validator counts
+/// them with `ndjson=True` (blank lines skipped).
+#[pyfunction]
+pub fn ndjson_lines<'py>(py: Python<'py>, data: &[u8]) -> Vec<&'py PyBytes> {
+    validate::ndjson_lines(data)
+        .map(|line| PyBytes::new(py, line))
+        .collect()
 }
 
 /// The lines of a batch's NDJSON whose attacker is in `attackers`:
