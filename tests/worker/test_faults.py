@@ -458,11 +458,11 @@ async def test_stats_do_not_count_rolled_back_attempts(
     real = PostgresTx.upsert_states
     calls = {"n": 0}
 
-    async def flaky(self: PostgresTx, rows: Any) -> None:
+    async def flaky(self: PostgresTx, rows: Any, **kw: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise StoreUnavailable("postgresql unavailable: connection lost (injected)")
-        await real(self, rows)
+        await real(self, rows, **kw)
 
     monkeypatch.setattr(PostgresTx, "upsert_states", flaky)
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn)

@@ -20,7 +20,7 @@ Both backends implement them through one SQL store written over a dialect
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -103,8 +103,18 @@ class Tx(ABC):
         SQLite transaction already holds the write lock)."""
 
     @abstractmethod
-    async def upsert_states(self, rows: Sequence[StateRow]) -> None:
-        """Insert or replace these rows (``version`` is written as given)."""
+    async def upsert_states(
+        self, rows: Sequence[StateRow], *, created: Collection[Key] = ()
+    ) -> None:
+        """Insert or replace these rows (``version`` is written as given).
+
+        ``created``: the keys the caller found without a row (under the
+        transaction's locks) and now creates. On a store several workers
+        write, a row that appeared meanwhile for one of them (another worker
+        created it: there was no row to lock) raises :class:`StoreConflict`,
+        so that the batch runs again on the row as it is now, instead of
+        replacing it and losing the other worker's observations. A store
+        with one writer has nobody to race."""
 
     async def upsert_state_values(self, rows: Sequence[StateRow]) -> None:
         """:meth:`upsert_states` without the windows: a new row gets no window

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -192,6 +192,8 @@ SELECT u.identity_uuid, u.primitive, u.current_value, u.state, u.confidence,
 {_STATE_UNNEST}
 ORDER BY u.identity_uuid, u.primitive
 """
+
+_SQL_CREATE_STATES = _SQL_INSERT_STATES + "ON CONFLICT DO NOTHING RETURNING 1"
 
 _SQL_UPSERT_STATES = (
     _SQL_INSERT_STATES
@@ -383,10 +385,23 @@ class PostgresTx(SqlTx):
         return {(r[0], r[1]): state_from_row(r) for r in rows}
 
     @guard
-    async def upsert_states(self, rows: Sequence[StateRow]) -> None:
+    async def upsert_states(
+        self, rows: Sequence[StateRow], *, created: Collection[Key] = ()
+    ) -> None:
         conn = self._c()
         if not rows:
             return
+        new = set(created)
+        fresh = [r for r in rows if (r.identity_uuid, r.primitive) in new] if new else []
+        if fresh:
+            # rows nobody had: inserted only if still nobody has them (another
+            # worker may have created one since this batch found none)
+            made = await conn.fetch(_SQL_CREATE_STATES, *_state_arrays(fresh))
+            if len(made) < len({(r.identity_uuid, r.primitive) for r in fresh}):
+                raise StoreConflict("a state row was created by another writer meanwhile")
+            rows = [r for r in rows if (r.identity_uuid, r.primitive) not in new]
+            if not rows:
+                return
         await conn.execute(_SQL_UPSERT_STATES, *_state_arrays(rows))
 
     @guard

@@ -37,7 +37,7 @@ import logging
 import sqlite3
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from os import PathLike
@@ -504,7 +504,10 @@ class SqliteTx(SqlTx):
         return {(r[0], r[1]): state_from_row(r) for r in rows}
 
     @guard
-    async def upsert_states(self, rows: Sequence[StateRow]) -> None:
+    async def upsert_states(
+        self, rows: Sequence[StateRow], *, created: Collection[Key] = ()
+    ) -> None:
+        # one writer per file: nobody creates a row meanwhile (``created``)
         conn = self._c()
         if not rows:
             return

@@ -992,7 +992,9 @@ class AttributionWorker:
             # dropped again with the batch's keys if it does not commit
             self._rows.update(zip(keys, rows))
         else:
-            await tx.upsert_states(rows)
+            # a key with no row had nothing to lock: if another worker created
+            # its row meanwhile, the store says so and the batch runs again
+            await tx.upsert_states(rows, created=[k for k in keys if k not in prior])
         attackers: dict[str, list[str]] = {}
         for row, old_state, change in zip(rows, before, changes):
             ident = row.identity_uuid
