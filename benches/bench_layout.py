@@ -37,6 +37,8 @@ import pytest
 from benches.conftest import record
 from decnet_attr._core import SqliteConnection
 from decnet_attr.benchkit import as_events
+from decnet_attr.config import Settings
+from decnet_attr.observations import validate
 from decnet_attr.store.sqlite import _SQL_INSERT_OBS, _SQL_UPSERT_STATE_VALUES, SqliteStore
 
 N = 100_000
@@ -106,25 +108,9 @@ def _statements(layout: str, part: list[dict[str, Any]], now: float) -> list[tup
         for o in part
     ]
     if layout == "rows":
-        rows = [
-            (
-                o["id"],
-                None,
-                o["primitive"],
-                orjson.dumps(o["value"]).decode(),
-                1.0,
-                None,
-                None,
-                "api:bench",
-                o["evidence_ref"],
-                1,
-                o["ts"],
-                o["attacker_uuid"],
-                o["attacker_uuid"],
-                1,
-            )
-            for o in part
-        ]
+        # the observation rows as the store writes them (its column order)
+        batch = validate(b"\n".join(orjson.dumps(o) for o in part), Settings())
+        rows = batch.rows({o["attacker_uuid"]: o["attacker_uuid"] for o in part})
         return [(_SQL_INSERT_OBS, rows), (_SQL_UPSERT_STATE_VALUES, states)]
     by_attacker: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for o in part:

@@ -250,7 +250,8 @@ class NativeConnection:
         identity_of: Mapping[str, str],
         select: Sequence[int],
     ) -> None:
-        """:meth:`insert_validated`, deferred as :meth:`defer` is."""
+        """``SqliteConnection.insert_validated`` (rows bound straight from the
+        batch), deferred as :meth:`defer` is."""
         if self._closed:
             raise ConnectionClosed("no active connection")
         self._thread.submit(
@@ -275,15 +276,6 @@ class NativeConnection:
     async def executemany_changes(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
         """Rows changed by each parameter set."""
         return await self._run(self._conn.executemany_changes, sql, params)
-
-    async def insert_validated(
-        self,
-        sql: str,
-        batch: ValidatedBatch,
-        identity_of: Mapping[str, str],
-        select: Sequence[int],
-    ) -> int:
-        return await self._run(self._conn.insert_validated, sql, batch, identity_of, select)
 
     async def close(self) -> None:
         if self._closed:
