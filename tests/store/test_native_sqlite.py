@@ -150,28 +150,88 @@ async def test_store_writes_a_file_through_the_native_connection(tmp_path: Path)
 
 async def test_a_failed_deferred_write_fails_its_commit_and_nothing_after(tmp_path: Path) -> None:
     """Deferred writes run on the writer thread while the caller goes on; if
-    one fails, every later call raises its error (the COMMIT too) until a
-    ROLLBACK, so the transaction cannot commit without it."""
+    one fails, its transaction is rolled back at once and every later call
+    of it raises its error (the COMMIT too), so it cannot commit without it;
+    once settled, the next transaction runs."""
     conn = await NativeConnection.connect(str(tmp_path / "x.db"), 5.0)
     await conn.execute("CREATE TABLE t (a NOT NULL)")
-    await conn.execute("BEGIN IMMEDIATE")
+    seq = conn.number()
+    await conn.begin(seq)
     conn.defer("INSERT INTO t VALUES (?)", [(1,), (2,)])
     conn.defer("INSERT INTO t VALUES (?)", [(3,), (None,)])  # fails
     conn.defer("INSERT INTO t VALUES (?)", [(4,)])  # skipped
     with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
         await conn.execute("SELECT count(*) FROM t")
     with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
-        await conn.execute("COMMIT")
-    await conn.rollback()
-    assert await conn.execute("SELECT count(*) FROM t") == [(0,)]
+        await conn.commit(seq)
+    assert conn.settle(seq) and not conn.settle(seq)  # settled once
+    await conn.rollback(seq)  # already rolled back: nothing to do
     # the connection works again, deferred writes included
-    await conn.execute("BEGIN IMMEDIATE")
+    seq = conn.number()
+    await conn.begin(seq, deferred=True)
+    assert await conn.execute("SELECT count(*) FROM t") == [(0,)]
     conn.defer("INSERT INTO t VALUES (?)", [(5,)])
-    await conn.execute("COMMIT")
+    await conn.commit(seq)
     assert await conn.execute("SELECT a FROM t") == [(5,)]
     await conn.close()
     with pytest.raises(ValueError, match="no active connection"):
         conn.defer("INSERT INTO t VALUES (?)", [(6,)])
+
+
+async def test_a_transaction_built_on_one_that_fails_fails_too(tmp_path: Path) -> None:
+    """Pipelined: the second transaction is begun and written while the
+    first one's COMMIT is still queued. When the first fails, the second
+    (built on its outcome) fails with StoreConflict and leaves nothing,
+    until the failure is settled; a transaction begun after that commits."""
+    from decnet_attr.store.errors import StoreConflict
+
+    conn = await NativeConnection.connect(str(tmp_path / "x.db"), 5.0)
+    await conn.execute("CREATE TABLE t (a NOT NULL)")
+    first = conn.number()
+    await conn.begin(first, deferred=True)
+    conn.defer("INSERT INTO t VALUES (?)", [(1,), (None,)])  # fails
+    first_done = conn.commit(first)
+    second = conn.number()
+    await conn.begin(second, deferred=True)
+    conn.defer("INSERT INTO t VALUES (?)", [(2,)])
+    second_done = conn.commit(second)
+    with pytest.raises(sqlite3.IntegrityError):
+        await first_done
+    with pytest.raises(StoreConflict, match="earlier transaction"):
+        await second_done
+    assert conn.settle(second) and not conn.settle(first)  # one failure, settled once
+    await conn.rollback(first)
+    await conn.rollback(second)
+    third = conn.number()
+    await conn.begin(third, deferred=True)
+    conn.defer("INSERT INTO t VALUES (?)", [(3,)])
+    await conn.commit(third)
+    assert await conn.execute("SELECT a FROM t") == [(3,)]
+    await conn.close()
+
+
+async def test_a_compare_and_set_that_finds_the_row_changed_fails_the_transaction(
+    tmp_path: Path,
+) -> None:
+    from decnet_attr.store.errors import StoreConflict
+
+    conn = await NativeConnection.connect(str(tmp_path / "x.db"), 5.0)
+    await conn.execute("CREATE TABLE t (k PRIMARY KEY, v)")
+    await conn.executemany("INSERT INTO t VALUES (?, ?)", [(1, None), (2, "taken")])
+    seq = conn.number()
+    await conn.begin(seq, deferred=True)
+    conn.defer_expecting("UPDATE t SET v = ? WHERE k = ? AND v IS NULL", [("x", 1)], "row")
+    await conn.commit(seq)
+    seq = conn.number()
+    await conn.begin(seq, deferred=True)
+    conn.defer_expecting(
+        "UPDATE t SET v = ? WHERE k = ? AND v IS NULL", [("y", 1), ("y", 2)], "row"
+    )
+    with pytest.raises(StoreConflict, match="row changed meanwhile"):
+        await conn.commit(seq)
+    conn.settle(seq)
+    assert await conn.execute("SELECT k, v FROM t ORDER BY k") == [(1, "x"), (2, "taken")]
+    await conn.close()
 
 
 async def test_a_transaction_whose_deferred_write_fails_commits_nothing(tmp_path: Path) -> None:

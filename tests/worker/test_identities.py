@@ -139,6 +139,33 @@ async def test_a_shared_fingerprint_merges_identities_exactly(
     assert worker.stats.identities_merged == 1 and worker.stats.identities_unmerged == 0
 
 
+async def test_a_batch_after_a_merge_builds_on_the_rebuilt_rows(
+    worker: AttributionWorker, bus: Bus, store: Store
+) -> None:
+    """A merge rewrites the winner's state rows; the next batch on those keys
+    starts from the rewritten rows (one version further), not from what the
+    worker wrote before the merge."""
+    a, b = "att-a", "att-b"
+    obs = [mk_obs(a, MODALITY, v, 1.0 + i) for i, v in enumerate(["typed", "typed", "typed"])]
+    obs += [mk_obs(b, MODALITY, v, 1.5 + i) for i, v in enumerate(["pasted", "pasted"])]
+    async with Collector(bus, "identity.>") as col:
+        await publish_all(bus, obs)
+        link = [mk_obs(a, HASSH, "c0ffee", 5.0), mk_obs(b, HASSH, "c0ffee", 6.0)]
+        await publish_all(bus, link)
+        obs += link
+        await wait_for(lambda: bool(col.of("identity.merged")))
+    ident = await identity_of(store, a)
+    assert ident == await identity_of(store, b)
+    rebuilt = {r.primitive: r for r in await store.attribution_for_identity(ident)}[MODALITY]
+    more = [mk_obs(a, MODALITY, "typed", 9.0)]
+    await publish_all(bus, more)
+    obs += more
+    after = {r.primitive: r for r in await store.attribution_for_identity(ident)}[MODALITY]
+    assert after.observation_count == rebuilt.observation_count + 1
+    assert after.version == rebuilt.version + 1, (rebuilt.version, after.version)
+    await assert_states_equal_oracle(store, obs)
+
+
 async def test_a_value_turning_ubiquitous_unmerges_and_recomputes_both_sides(
     worker: AttributionWorker, bus: Bus, store: Store
 ) -> None:

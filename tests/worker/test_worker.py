@@ -614,6 +614,61 @@ async def test_a_row_the_store_refuses_in_a_deferred_write_dead_letters_only_it(
         assert oracle.same(got[key], st), key
 
 
+async def test_a_refused_row_with_later_batches_in_flight_costs_only_it(
+    settings: Settings, bus: Bus, store: Store
+) -> None:
+    """On SQLite the next batch is built while the store commits the one
+    before (pipelined). If a row of one batch is refused, the batches built
+    on it fail too and run again: in the end only the refused observation is
+    a dead letter, every other one is stored once, and the states equal the
+    oracle."""
+    import dataclasses
+    import sqlite3
+
+    worker = AttributionWorker(dataclasses.replace(settings, batch_max=30), bus, store)
+    assert worker.pipelined
+    await store._w.execute(  # type: ignore[attr-defined]
+        "CREATE TRIGGER poison BEFORE INSERT ON observations WHEN NEW.id = 'obs-poison' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
+    )
+    attackers = [f"att-{i}" for i in range(4)]
+    obs = [
+        mk_obs(attackers[i % 4], "environmental.shell_type", "ab"[(i // 4) % 2], float(i))
+        for i in range(240)
+    ]
+    obs[100]["id"] = "obs-poison"
+    messages = [obs[i : i + 30] for i in range(0, len(obs), 30)]
+    await worker.start()
+    try:
+        await asyncio.gather(
+            *(
+                bus.publish_durable(
+                    OBSERVATION_BATCH,
+                    {"ndjson": "".join(orjson.dumps(o).decode() + "\n" for o in m), "count": 30},
+                    event_id=f"msg-{n}",
+                )
+                for n, m in enumerate(messages)
+            )
+        )
+        await wait_for(lambda: worker.stats.merged == len(obs) - 1, timeout=30)
+    finally:
+        await worker.stop()
+    db = sqlite3.connect(store.path)  # type: ignore[attr-defined]
+    try:
+        (letter,) = db.execute("SELECT event_id FROM dead_letters").fetchall()
+        ids = [r[0] for r in db.execute("SELECT id FROM observations")]
+    finally:
+        db.close()
+    assert letter == ("obs-poison",)
+    kept = [o for o in obs if o["id"] != "obs-poison"]
+    assert sorted(ids) == sorted(o["id"] for o in kept)  # each once
+    want = oracle_states(kept)
+    got = await stored_states(store, attackers)
+    assert set(got) == set(want)
+    for key, st in want.items():
+        assert oracle.same(got[key], st), key
+
+
 async def test_a_subscriber_on_the_configured_bus_takes_a_whole_batch_of_events(
     settings: Settings, store: Store
 ) -> None:

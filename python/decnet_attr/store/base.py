@@ -77,6 +77,24 @@ class Tx(ABC):
         Identity uuids are 32 lowercase hex chars.
         """
 
+    def committed_reads(self) -> Tx:
+        """Reads of what is committed, which need not wait for this
+        transaction's writer (a pipelined store: its COMMITs in flight are
+        not visible there, so the caller overlays what it wrote since).
+        Others: the transaction itself."""
+        return self
+
+    async def form_identities(
+        self, attacker_uuids: Sequence[str], known: Mapping[str, str], now: float
+    ) -> tuple[dict[str, str], list[str]]:
+        """:meth:`ensure_identities` for the store's only writer, which knows
+        the identities of the attackers in ``known`` (its own writes,
+        committed or in flight): the others are read committed and the
+        missing ones formed without waiting for the writer; an attacker
+        given an identity meanwhile by anybody else fails the transaction
+        with :class:`StoreConflict`. By default, :meth:`ensure_identities`."""
+        return await self.ensure_identities(attacker_uuids, now)
+
     async def insert_observations(self, rows: Sequence[ObservationRow]) -> list[int]:
         """Insert observations; duplicates (same ``id``, or same
         ``(evidence_ref, primitive)``) are skipped. Returns the indexes into
@@ -123,9 +141,10 @@ class Tx(ABC):
         records are). Only stores with ``lazy_windows``."""
         raise NotImplementedError
 
-    async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:
+    async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int | None) -> None:
         """Write ``(identity, primitive, window_json)`` as covering the keys'
-        observations up to ``seq``. Only stores with ``lazy_windows``."""
+        observations up to ``seq`` (None: every observation stored so far,
+        this transaction's included). Only stores with ``lazy_windows``."""
         raise NotImplementedError
 
     async def max_observation_seq(self) -> int:

@@ -3,10 +3,11 @@
 Two connections: a *writer* (every write, every :meth:`transaction`, under an
 asyncio lock so one coroutine at a time owns it) and a *reader* for the API's
 reads (WAL readers never block the writer). The reader is aiosqlite; the
-writer of a database file is :class:`NativeConnection`, the Rust
-``SqliteConnection`` on a thread of its own, which runs each call with the
-GIL released (aiosqlite's driver takes the GIL back for every row of an
-``executemany``, so a big batch mostly waits for the event loop). Transactions are
+writer of a database file is :class:`NativeConnection`, over the Rust
+``SqliteWriter``: a thread of its own that runs the calls in order and never
+takes the GIL (aiosqlite's driver takes the GIL back for every row of an
+``executemany``, and any Python thread needs it around every call, so a
+writer thread mostly waits for the event loop). Transactions are
 ``BEGIN IMMEDIATE`` so the database write lock is taken up front and
 several processes on one file serialise instead of deadlocking;
 ``busy_timeout`` (30 s) makes them wait for each other.
@@ -14,9 +15,10 @@ several processes on one file serialise instead of deadlocking;
 Writes whose result a batch does not need (the observation rows, the state
 values, the windows, the attackers) are *deferred*: queued on the writer
 thread while the event loop builds the rest of the transaction, instead of
-awaited one by one. Calls still run in order; a failed deferred write makes
-every later call, the ``COMMIT`` included, raise its error until the
-``ROLLBACK`` (:meth:`NativeConnection.defer`).
+awaited one by one. Calls still run in order; a failed deferred write fails
+its transaction, the ``COMMIT`` included (:meth:`NativeConnection.defer`).
+The worker's batch transactions are pipelined: the next one is built while
+the writer commits the one before (:meth:`SqliteStore.transaction`).
 
 Batch writes use ``executemany`` with one prepared statement; id lists are
 passed as one JSON array parameter and expanded with ``json_each`` so the
@@ -32,21 +34,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import os
 import sqlite3
 import time
 import uuid as uuid_mod
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from os import PathLike
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 import orjson
 
-from decnet_attr._core import Dedupe, SqliteConnection, ValidatedBatch
+from decnet_attr._core import Dedupe, SqliteWriter, ValidatedBatch
 from decnet_attr.identifiers import ip_key
 from decnet_attr.store.dialect import Dialect, driver_errors, guard
 from decnet_attr.store.errors import (
@@ -81,8 +84,6 @@ from decnet_attr.store.rows import (
 )
 from decnet_attr.store.schema import migrate_sqlite
 from decnet_attr.store.sql import SqlStore, SqlTx
-
-R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -184,64 +185,110 @@ SQLITE = SqliteDialect()
 
 class NativeConnection:
     """The subset of aiosqlite's connection API the store uses, over the Rust
-    :class:`~decnet_attr._core.SqliteConnection`, with every call run in
-    order on one dedicated thread. As with aiosqlite, a call whose awaiting
-    task is cancelled may still run: a later ``ROLLBACK`` undoes it."""
+    :class:`~decnet_attr._core.SqliteWriter`: every call is a job run in
+    order on the writer's own thread, which never takes the GIL; results
+    come back through a pipe the event loop watches. As with aiosqlite, a
+    call whose awaiting task is cancelled may still run: a later
+    ``ROLLBACK`` undoes it.
 
-    def __init__(self, conn: SqliteConnection) -> None:
-        self._conn = conn
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+    Transactions are numbered (:meth:`number`) and every call carries the
+    number of the latest one, so a transaction can be pipelined: its
+    ``COMMIT`` queued (:meth:`commit`) while the next one is already being
+    built on the loop. A write that fails without anyone waiting for it
+    (:meth:`defer`) or a failed ``COMMIT`` rolls its transaction back at
+    once and *dooms* it and every later one: their calls raise (the failed
+    transaction's own error, :class:`StoreConflict` for the later ones,
+    which were built on its outcome) until the store has dealt with the
+    failure (:meth:`settle`). So no transaction can commit without one of
+    its writes, nor on top of one that did not commit."""
+
+    def __init__(self, writer: SqliteWriter, pipe: tuple[int, int]) -> None:
+        self._w = writer
+        self._pipe = pipe
         self._closed = False
-        # The error of a deferred write (set and read on the writer thread):
-        # until a ROLLBACK, every later call on the connection raises it, so
-        # a transaction with a failed deferred write can never commit.
-        self._failed: BaseException | None = None
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(pipe[0], self._ready)
 
     @classmethod
     async def connect(cls, path: str, timeout: float) -> NativeConnection:
         loop = asyncio.get_running_loop()
-        conn = await loop.run_in_executor(None, SqliteConnection, path, timeout)
-        return cls(conn)
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)  # a full pipe delays a byte, never the writer
+        try:
+            writer = await loop.run_in_executor(None, SqliteWriter, path, w, timeout)
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        return cls(writer, (r, w))
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    async def _run(self, fn: Callable[..., R], *args: Any) -> R:
+    def _ready(self) -> None:
+        """Results are ready (the writer wrote to the pipe)."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            os.read(self._pipe[0], 1 << 16)
+        waiting = self._waiting
+        for ticket, rows, err in self._w.take():
+            fut = waiting.pop(ticket, None)
+            if fut is None or fut.done():
+                continue
+            if err is None:
+                fut.set_result(rows)
+            else:
+                fut.set_exception(err)
+
+    def _check(self) -> None:
         if self._closed:
             raise ConnectionClosed("no active connection")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._unless_failed, fn, *args
-        )
 
-    def _unless_failed(self, fn: Callable[..., R], *args: Any) -> R:
-        """On the writer thread: ``fn`` unless a deferred write failed."""
-        if self._failed is not None:
-            raise self._failed
-        return fn(*args)
+    def _future(self, ticket: int) -> asyncio.Future[Any]:
+        fut = self._loop.create_future()
+        self._waiting[ticket] = fut
+        return fut
 
-    def _deferred(self, fn: Callable[..., Any], *args: Any) -> None:
-        """On the writer thread: a deferred write, its error kept."""
-        if self._failed is None:
-            try:
-                fn(*args)
-            except BaseException as exc:
-                self._failed = exc
+    def number(self) -> int:
+        """The number of a new transaction: later calls belong to it."""
+        return self._w.number()
 
-    def _reset(self, fn: Callable[..., R], *args: Any) -> R:
-        """On the writer thread: ``fn`` (a rollback), which clears a failure."""
-        self._failed = None
-        return fn(*args)
+    async def begin(self, seq: int, *, deferred: bool = False) -> None:
+        """``BEGIN IMMEDIATE`` of transaction ``seq`` (:meth:`number`).
+        ``deferred``: queued, not awaited (if it fails, the transaction is
+        doomed and its next call raises)."""
+        self._check()
+        ticket = self._w.begin(seq, not deferred)
+        if ticket is not None:
+            await self._future(ticket)
+
+    def commit(self, seq: int) -> asyncio.Future[None]:
+        """Queue the ``COMMIT`` of transaction ``seq``; its outcome."""
+        self._check()
+        return self._future(self._w.commit(seq))
+
+    def settle(self, seq: int) -> bool:
+        """The store has dealt with the failure that doomed transaction
+        ``seq``: calls from now on run again. False if there was nothing to
+        settle (``seq`` not doomed, or settled before)."""
+        return self._w.settle(seq)
 
     def defer(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """Queue an ``executemany`` whose result nobody waits for: the caller
         goes on (the loop builds the transaction's next rows) while the
-        writer thread runs it. Calls run in order, so a later read sees it;
-        if it fails, every later call raises its error until a ROLLBACK, so
-        the COMMIT of its transaction fails rather than commit without it."""
-        if self._closed:
-            raise ConnectionClosed("no active connection")
-        self._thread.submit(self._deferred, self._conn.executemany, sql, params)
+        writer runs it. Calls run in order, so a later read sees it; if it
+        fails, the transaction is doomed (see the class)."""
+        self._check()
+        self._w.execute(self._w.current, sql, params, False)
+
+    def defer_expecting(self, sql: str, params: Sequence[Sequence[Any]], what: str) -> None:
+        """:meth:`defer` of a compare-and-set: each parameter set must change
+        exactly one row, or the transaction is doomed with
+        :class:`StoreConflict` (someone else changed the row first)."""
+        self._check()
+        self._w.execute(self._w.current, sql, params, False, what)
 
     def defer_validated(
         self,
@@ -250,43 +297,53 @@ class NativeConnection:
         identity_of: Mapping[str, str],
         select: Sequence[int],
     ) -> None:
-        """``SqliteConnection.insert_validated`` (rows bound straight from the
-        batch), deferred as :meth:`defer` is."""
-        if self._closed:
-            raise ConnectionClosed("no active connection")
-        self._thread.submit(
-            self._deferred, self._conn.insert_validated, sql, batch, identity_of, select
-        )
+        """The insert of a batch's selected items (rows bound straight from
+        the batch, see ``SqliteConnection.insert_validated``), deferred as
+        :meth:`defer` is."""
+        self._check()
+        self._w.insert_validated(self._w.current, sql, batch, dict(identity_of), list(select))
 
-    async def rollback(self) -> None:
-        if self._closed:
-            raise ConnectionClosed("no active connection")
-        await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._reset, self._conn.execute, "ROLLBACK", None
-        )
+    async def rollback(self, seq: int | None = None) -> None:
+        """``ROLLBACK`` of transaction ``seq`` if it is still open (None:
+        whatever is open)."""
+        self._check()
+        await self._future(self._w.rollback(seq))
 
     async def execute(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        return await self._run(self._conn.execute, sql, params)
+        self._check()
+        sets = None if params is None else [params]
+        ticket = self._w.execute(self._w.current, sql, sets, True)
+        assert ticket is not None  # waited for: always a ticket
+        rows: list[tuple[Any, ...]] = await self._future(ticket)
+        return rows
 
     execute_fetchall = execute
 
     async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        await self._run(self._conn.executemany, sql, params)
-
-    async def executemany_changes(self, sql: str, params: Sequence[Sequence[Any]]) -> list[int]:
-        """Rows changed by each parameter set."""
-        return await self._run(self._conn.executemany_changes, sql, params)
+        self._check()
+        ticket = self._w.execute(self._w.current, sql, params, True)
+        assert ticket is not None  # waited for: always a ticket
+        await self._future(ticket)
 
     async def close(self) -> None:
         if self._closed:
             return
+        self._closed = True
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._thread, self._reset, self._conn.close
-            )
+            ticket = self._w.close()
+            if ticket is not None:
+                with contextlib.suppress(Exception):
+                    await self._future(ticket)
+            await self._loop.run_in_executor(None, self._w.join)
         finally:
-            self._closed = True
-            self._thread.shutdown(wait=False)
+            # the writer thread has ended: nobody writes to the pipe any more
+            self._loop.remove_reader(self._pipe[0])
+            for fd in self._pipe:
+                os.close(fd)
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionClosed("no active connection"))
+            self._waiting.clear()
 
 
 # ---- SQL -----------------------------------------------------------------------------------
@@ -354,8 +411,23 @@ WHERE identity_uuid = ? AND primitive = ?
 """
 
 _SQL_SAVE_WINDOW = (
-    'UPDATE attribution_state SET "window" = ?, window_seq = ? '
-    "WHERE identity_uuid = ? AND primitive = ?"
+    'UPDATE attribution_state SET "window" = ?1, '
+    "window_seq = coalesce(?2, (SELECT coalesce(max(seq), 0) FROM observations)) "
+    "WHERE identity_uuid = ?3 AND primitive = ?4"
+)
+
+# an identity formed by the only writer (form_identities): its times are its
+# attacker's, as ensure_attackers has just written them
+_SQL_FORM_IDENTITY = (
+    "INSERT INTO attacker_identities (uuid, schema_version, first_seen_at, last_seen_at, "
+    "created_at, updated_at, observation_count) "
+    "SELECT ?1, 1, first_seen, last_seen, ?3, ?3, 1 FROM attackers WHERE uuid = ?2"
+)
+_SQL_CLAIM_IDENTITY = (
+    "UPDATE attackers SET identity_id = ?1 WHERE uuid = ?2 AND identity_id IS NULL"
+)
+_SQL_IDENTITIES_OF = (
+    "SELECT uuid, identity_id FROM attackers WHERE uuid IN (SELECT value FROM json_each(?))"
 )
 
 _SQL_LOAD_STATES = (
@@ -375,9 +447,52 @@ class SqliteTx(SqlTx):
 
     _dialect = SQLITE
 
-    def __init__(self, conn: Any, dedupe: Dedupe) -> None:
+    def __init__(self, conn: Any, dedupe: Dedupe, reader: Any = None) -> None:
         super().__init__(conn)
         self._dedupe = dedupe
+        # the store's reader, when this transaction is pipelined
+        self._reader = reader
+
+    def committed_reads(self) -> SqliteTx:
+        if self._reader is None:
+            return self
+        return SqliteTx(self._reader, self._dedupe)
+
+    @guard
+    async def form_identities(
+        self, attacker_uuids: Sequence[str], known: Mapping[str, str], now: float
+    ) -> tuple[dict[str, str], list[str]]:
+        conn = self._c()
+        if self._reader is None or not isinstance(conn, NativeConnection):
+            return await self.ensure_identities(attacker_uuids, now)
+        mapping: dict[str, str] = {}
+        missing: list[str] = []
+        for a in attacker_uuids:
+            ident = known.get(a)
+            if ident is None:
+                missing.append(a)
+            else:
+                mapping[a] = ident
+        if not missing:
+            return mapping, []
+        missing = sorted(set(missing))
+        rows = await self._reader.execute_fetchall(
+            _SQL_IDENTITIES_OF, (SQLITE.list_param(missing),)
+        )
+        stored = {a: i for a, i in rows if i is not None}
+        formed: list[str] = []
+        claims: list[tuple[str, str]] = []
+        for a in missing:
+            ident = stored.get(a)
+            if ident is None:
+                ident = uuid_mod.uuid4().hex
+                formed.append(ident)
+                claims.append((ident, a))
+            mapping[a] = ident
+        if claims:
+            conn.defer(_SQL_FORM_IDENTITY, [(i, a, now) for i, a in claims])
+            conn.defer_expecting(_SQL_CLAIM_IDENTITY, claims, "an attacker's identity")
+        return mapping, formed
 
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
         await self._write_many(self._c(), self._dialect.sql(sql), [params])
@@ -541,7 +656,7 @@ class SqliteTx(SqlTx):
             await self._write_many(conn, _SQL_UPSERT_STATE_VALUES, new)
 
     @guard
-    async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int) -> None:
+    async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int | None) -> None:
         conn = self._c()
         if windows:
             await self._write_many(conn, _SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows])
@@ -612,6 +727,10 @@ class SqliteStore(SqlStore):
         self._r: Any = None
         self._wlock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
+        # the COMMITs queued and not done yet (pipelined transactions)
+        self._pending: list[asyncio.Future[None]] = []
+        #: Run when a failed transaction doomed others (see :meth:`_failed`).
+        self.on_failure: Callable[[], None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self.dedupe = Dedupe(self.dedupe_window)
 
@@ -721,6 +840,8 @@ class SqliteStore(SqlStore):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
             self._checkpointer = None
+        if self._pending:  # COMMITs still queued
+            await asyncio.wait(list(self._pending))
         if self._background:  # rollbacks of cancelled BEGINs still queued
             await asyncio.gather(*self._background, return_exceptions=True)
         w, r = self._w, self._r
@@ -742,60 +863,158 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable("sqlite store is not open")
         return self._r
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether :meth:`transaction` can pipeline (``handover``): a file
+        written through the native connection, read through another."""
+        return isinstance(self._w, NativeConnection)
+
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqliteTx]:
+    async def transaction(
+        self,
+        handover: Callable[[asyncio.Future[None]], None] | None = None,
+    ) -> AsyncIterator[SqliteTx]:
+        """A write transaction (``BEGIN IMMEDIATE``).
+
+        With ``handover`` (and :attr:`pipelined`), the transaction is
+        pipelined: its ``BEGIN`` is queued rather than awaited, and at the end
+        its ``COMMIT`` is queued, ``handover`` gets the future of its outcome
+        and the next transaction may begin at once, built on top of this one
+        while the writer commits it; leaving the block still waits for the
+        commit. If a transaction fails, the later ones already begun fail too
+        (with :class:`StoreConflict`), and :attr:`on_failure` runs before any
+        new one begins: the caller drops what it holds in memory about the
+        transactions in flight. At most one COMMIT is pending when a
+        transaction begins."""
         conn = self._writer()
+        native = isinstance(conn, NativeConnection)
+        pipe = handover is not None and native
         await self._wlock.acquire()
         release = True
+        seq = 0
         try:
+            while len(self._pending) > 1:
+                await asyncio.wait([self._pending[0]])
             try:
-                await conn.execute("BEGIN IMMEDIATE")
+                if native:
+                    seq = conn.number()
+                    await conn.begin(seq, deferred=pipe)
+                else:
+                    await conn.execute("BEGIN IMMEDIATE")
             except BaseException as exc:
-                if not isinstance(exc, sqlite3.Error):
+                if not isinstance(exc, (sqlite3.Error, StoreError)):
                     # Cancelled while BEGIN waits for the database lock: it still runs
                     # in the driver thread. Roll it back in the background, keeping
                     # the writer locked until then, so the caller returns at once.
                     release = False
-                    task = asyncio.ensure_future(self._rollback_then_release(conn))
+                    task = asyncio.ensure_future(self._rollback_then_release(conn, seq or None))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
+                elif native and seq:
+                    await self._failed(conn, seq)
                 with driver_errors(self):
                     raise
-            tx = SqliteTx(conn, self.dedupe)
+            self.dedupe.begin(seq)
+            tx = SqliteTx(conn, self.dedupe, self._r if pipe else None)
             try:
                 yield tx
             except BaseException:
                 tx._open = False
-                self.dedupe.rollback()
-                await self._rollback(conn)
+                await self._failed(conn, seq)
                 raise
             tx._open = False
+            if not native:
+                try:
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await self._failed(conn, seq)
+                    with driver_errors(self):
+                        raise
+                self.dedupe.commit()
+                return
+            done = conn.commit(seq)
+            self._pending.append(done)
+            done.add_done_callback(functools.partial(self._settled, seq))
+            if pipe:
+                assert handover is not None
+                handover(done)
+                self._wlock.release()
+                release = False
             try:
-                await conn.execute("COMMIT")
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                # the COMMIT still runs: a failure is dealt with all the same
+                watch = asyncio.ensure_future(self._watch(conn, seq, done))
+                self._background.add(watch)
+                watch.add_done_callback(self._background.discard)
+                raise
             except BaseException:
-                self.dedupe.rollback()
-                await self._rollback(conn)
+                if release:
+                    await self._failed(conn, seq)
+                else:
+                    async with self._wlock:
+                        await self._failed(conn, seq)
                 with driver_errors(self):
                     raise
-            self.dedupe.commit()
         finally:
             if release:
                 self._wlock.release()
 
-    async def _rollback_then_release(self, conn: Any) -> None:
-        try:
+    async def _watch(
+        self,
+        conn: Any,
+        seq: int,
+        done: asyncio.Future[None],
+    ) -> None:
+        with contextlib.suppress(BaseException):
+            await done
+        if done.cancelled() or done.exception() is not None:
+            async with self._wlock:
+                await self._failed(conn, seq)
+
+    def _settled(self, seq: int, done: asyncio.Future[None]) -> None:
+        """A COMMIT's outcome, whoever still waits for it."""
+        with contextlib.suppress(ValueError):
+            self._pending.remove(done)
+        if done.cancelled() or done.exception() is not None:
+            self.dedupe.rollback(seq)
+        else:
+            self.dedupe.commit(seq)
+
+    async def _failed(self, conn: Any, seq: int) -> None:
+        """Transaction ``seq`` failed (the writer lock held): once every
+        COMMIT in flight has its outcome, let new transactions run and roll
+        back. If the failure doomed transactions (see
+        :class:`NativeConnection`), :attr:`on_failure` runs first, once per
+        failure: whoever pipelines drops what it holds in memory about the
+        transactions in flight."""
+        if not isinstance(conn, NativeConnection):
+            self.dedupe.rollback()
             await self._rollback(conn)
+            return
+        self.dedupe.rollback(seq)
+        others = [f for f in self._pending if not f.done()]
+        if others:
+            await asyncio.wait(others)
+        if conn.settle(seq) and self.on_failure is not None:
+            self.on_failure()
+        await self._rollback(conn, seq)
+
+    async def _rollback_then_release(self, conn: Any, seq: int | None = None) -> None:
+        try:
+            await self._rollback(conn, seq)
         finally:
             self._wlock.release()
 
     @staticmethod
-    async def _rollback(conn: Any) -> None:
-        """Roll back unconditionally. aiosqlite runs queued statements even when
-        the awaiting task was cancelled, so a cancelled ``BEGIN``/statement may
-        still be pending: this ``ROLLBACK`` is queued behind it and undoes it."""
+    async def _rollback(conn: Any, seq: int | None = None) -> None:
+        """Roll back (on the native writer: transaction ``seq`` if it is still
+        open). aiosqlite runs queued statements even when the awaiting task
+        was cancelled, so a cancelled ``BEGIN``/statement may still be
+        pending: this ``ROLLBACK`` is queued behind it and undoes it."""
         try:
             if isinstance(conn, NativeConnection):
-                await conn.rollback()
+                await conn.rollback(seq)
             else:
                 await conn.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:

@@ -185,6 +185,22 @@ class AttributionWorker:
         # the next batch, validated and waiting for the one in hand to commit:
         # resolved when it begins its transaction
         self._next_begun: asyncio.Future[None] | None = None
+        # pipelined store (see ``pipelined``): the next batch may begin as soon
+        # as this one's COMMIT is queued (resolves _finish's ``committed``)
+        self._committed: asyncio.Future[None] | None = None
+        # the batches whose transaction is in flight: id -> (generation, keys)
+        self._inflight: dict[int, tuple[int, list[Key]]] = {}
+        # bumped when a failed transaction doomed those in flight
+        self._generation = 0
+        # the COMMIT the next batch's reads of committed rows wait for (this
+        # batch wrote what the worker keeps no copy of: multi-actor flags, a
+        # roll-up's rows), and whether the batch being built sets it
+        self._barrier: asyncio.Future[None] | None = None
+        self._needs_barrier = False
+        # pipelined: the multi-actor flags and signatures this worker wrote
+        # (in flight or committed), over what the committed reads return
+        self._flags: dict[str, dict[str, bool]] = {}  # identity -> primitive -> flagged
+        self._fired: dict[str, list[str] | None] = {}  # identity -> signature (None: re-armed)
         self._running = False
         self.last_heartbeat = 0.0  # monotonic time of the last loop turn
         self._attackers_by_identity: OrderedDict[str, set[str]] = OrderedDict()
@@ -204,6 +220,37 @@ class AttributionWorker:
         self.rollup = (
             IdentityRollup(self, settings.cluster_config().make()) if settings.clustering else None
         )
+
+    @property
+    def pipelined(self) -> bool:
+        """Batch transactions overlap: the next one is built while the store's
+        writer commits this one (the single-writer store; its reads of
+        committed rows come from another connection, overlaid with what the
+        worker holds of the transactions in flight: the state rows, the
+        identities)."""
+        return self.lazy and bool(getattr(self.store, "pipelined", False))
+
+    def _handover(self, done: asyncio.Future[None]) -> None:
+        """The batch's COMMIT is queued: the next batch may begin."""
+        if self._needs_barrier:
+            self._barrier = done
+            self._needs_barrier = False
+        fut = self._committed
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _drop_inflight(self) -> None:
+        """A failed transaction doomed every one in flight: forget what they
+        changed in memory (they load from the store again)."""
+        self._generation += 1
+        for _gen, keys in self._inflight.values():
+            self._evict(keys)
+        self._inflight.clear()
+        self._identity_cache.clear()
+        self._flags.clear()
+        self._fired.clear()
+        self._barrier = None
+        self._needs_barrier = False
 
     async def _publish(self, topic: str, payload: dict[str, Any], etype: str) -> bool:
         """Publish after a commit; never raises. Event ids are this worker's
@@ -232,6 +279,8 @@ class AttributionWorker:
         self.last_heartbeat = time.monotonic()
         if self.rollup is not None and not len(self.rollup.clusterer):
             await self.rollup.load(self.store)
+        if self.pipelined:
+            self.store.on_failure = self._drop_inflight  # type: ignore[attr-defined]
         await self.merge_pending()
         s = self.settings
         # join the durable group now, so that events published as soon as
@@ -448,6 +497,7 @@ class AttributionWorker:
             if self._next_begun is begun:
                 self._next_begun = None
         self._queued.clear()
+        self._committed = committed
         try:
             published = await self._commit_resilient(batch)
         except (StoreError, OSError) as exc:
@@ -651,20 +701,48 @@ class AttributionWorker:
         t0 = time.perf_counter()
         now = time.time()
         touched: list[Key] = []
-        counted = {f: getattr(self.stats, f) for f in _ATTEMPT_COUNTERS}
+        # the counters as this attempt begins (with the store's writer held,
+        # so no other batch counts meanwhile), and what it counted
+        counted: dict[str, int] = {}
+        counts: dict[str, int] | None = None
+        pipelined = self.pipelined
+        generation = self._generation
+        if pipelined:
+            if (barrier := self._barrier) is not None and not barrier.done():
+                await asyncio.wait([barrier])
+            self._inflight[id(touched)] = (generation, touched)
+            self._needs_barrier = False
         try:
-            async with self.store.transaction() as tx:
+            async with (
+                self.store.transaction(self._handover)  # type: ignore[call-arg]
+                if pipelined
+                else self.store.transaction()
+            ) as tx:
+                counted = {f: getattr(self.stats, f) for f in _ATTEMPT_COUNTERS}
                 if batch.dead:
                     await tx.insert_dead_letters(batch.dead)
                 events = await self._merge_in_tx(tx, batch.valid, now, touched)
+                # this attempt's counts (pipelined, another batch may count
+                # while this one's COMMIT runs: only these are taken back)
+                counts = {f: getattr(self.stats, f) - counted[f] for f in _ATTEMPT_COUNTERS}
                 self._queued.set()  # what is left is the writer's: the COMMIT
         except BaseException:
             # the engine may hold merges the store never committed, and the
-            # counters counted an attempt that did not happen
-            self._evict(touched)
-            for f, v in counted.items():
-                setattr(self.stats, f, v)
+            # counters counted an attempt that did not happen (unless a
+            # failure before has already dropped everything in flight)
+            if generation == self._generation:
+                self._evict(touched)
+                if pipelined:  # nothing else is in flight: read committed again
+                    self._identity_cache.clear()
+                    self._flags.clear()
+                    self._fired.clear()
+            if counts is None:
+                counts = {f: getattr(self.stats, f) - n for f, n in counted.items()}
+            for f, n in counts.items():
+                setattr(self.stats, f, getattr(self.stats, f) - n)
             raise
+        finally:
+            self._inflight.pop(id(touched), None)
         self.stats.dead_lettered += len(batch.dead)
         self.stats.batches += 1
         if batch.size:
@@ -695,9 +773,15 @@ class AttributionWorker:
         events: list[tuple[str, dict[str, Any], str]] = []
         attackers = valid.attackers()
         await tx.ensure_attackers(attackers)
-        identity_of, formed = await tx.ensure_identities([a for a, _ip, _ts in attackers], now)
+        if self.pipelined:
+            identity_of, formed = await tx.form_identities(
+                [a for a, _ip, _ts in attackers], self._identity_cache, now
+            )
+        else:
+            identity_of, formed = await tx.ensure_identities([a for a, _ip, _ts in attackers], now)
         if len(self._identity_cache) > 200_000:
             self._identity_cache.clear()
+            self._needs_barrier = True  # identities in flight are read again
         self._identity_cache.update(identity_of)
         if identities is not None:
             identities.update(identity_of)
@@ -722,10 +806,13 @@ class AttributionWorker:
             # read now, before this batch's writes are queued on the writer:
             # a read after them would wait until they have all run
             idents = sorted(set(identity_of.values()))
+            reads = tx.committed_reads()
             known = (
-                await tx.multi_actor_primitives(idents),
-                await tx.multi_actor_signatures(idents),
+                await reads.multi_actor_primitives(idents),
+                await reads.multi_actor_signatures(idents),
             )
+            if self.pipelined:
+                known = self._overlaid(idents, known)
         if already_stored:
             new_pos = list(range(len(valid)))
         else:
@@ -747,10 +834,37 @@ class AttributionWorker:
         self.stats.merged += len(new_pos)
         events.extend(await self._write_states(tx, result, prior, now, known))
         if self.rollup is not None:
+            before = len(touched)
             events.extend(await self.rollup.apply(tx, valid, new_pos, now, touched))
+            if len(touched) > before:
+                # a roll-up rewrote rows the worker keeps no copy of
+                self._needs_barrier = True
         if self.lazy and self._dirty:
             await self._checkpoint(tx, now, touched)
         return events
+
+    def _overlaid(self, idents: list[str], known: _MultiActorKnown) -> _MultiActorKnown:
+        """Committed multi-actor flags and signatures with this worker's own
+        writes (some maybe still in flight) applied."""
+        flagged, fired = known
+        flags, signatures = self._flags, self._fired
+        for ident in idents:
+            mine = flags.get(ident)
+            if mine:
+                prims = set(flagged.get(ident, ()))
+                for p, on in mine.items():
+                    if on:
+                        prims.add(p)
+                    else:
+                        prims.discard(p)
+                flagged[ident] = sorted(prims)
+            if ident in signatures:
+                sig = signatures[ident]
+                if sig is None:
+                    fired.pop(ident, None)
+                else:
+                    fired[ident] = sig
+        return flagged, fired
 
     async def _checkpoint(
         self, tx: Tx, now: float, touched: list[Key], *, everything: bool = False
@@ -768,7 +882,8 @@ class AttributionWorker:
         if not keys:
             return
         windows = self.engine.export_windows(keys)
-        seq = await tx.max_observation_seq()
+        # pipelined: the newest seq as the writer runs this (a read would wait)
+        seq = None if self.pipelined else await tx.max_observation_seq()
         await tx.save_windows(
             [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
         )
@@ -859,7 +974,10 @@ class AttributionWorker:
             rows = self._rows
             prior = {k: r for k in keys if (r := rows.get(k)) is not None}
             if len(prior) < len(keys):
-                prior.update(await tx.load_states([k for k in keys if k not in prior]))
+                # pipelined, these are read committed: a key written by a
+                # transaction in flight has its row in _rows
+                reads = tx.committed_reads()
+                prior.update(await reads.load_states([k for k in keys if k not in prior]))
         else:
             prior = await tx.load_states(keys, lock=self.shared)
         refresh = keys if self.shared else self.engine.missing(keys)
@@ -989,6 +1107,7 @@ class AttributionWorker:
             await tx.upsert_state_values(rows)
             if len(self._rows) > MAX_CACHED_ROWS:
                 self._rows.clear()
+                self._needs_barrier = True  # the rows in flight are read again
             # dropped again with the batch's keys if it does not commit
             self._rows.update(zip(keys, rows))
         else:
@@ -1026,10 +1145,28 @@ class AttributionWorker:
             else:
                 events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
         if multi_touch:
+            if self.pipelined:
+                self._note_flags(multi_touch, rows, before)
             if known is not None:
                 known = _with_batch(known, multi_touch, rows)
             events.extend(await self._multi_actor(tx, sorted(multi_touch), now, known))
         return events
+
+    def _note_flags(
+        self, identities: set[str], rows: list[StateRow], before: list[str | None]
+    ) -> None:
+        """Remember the multi-actor flags the batch's rows set or cleared."""
+        flags = self._flags
+        if len(flags) > MAX_CACHED_ROWS // 10:
+            flags.clear()
+            self._needs_barrier = True  # the flags in flight are read again
+        for row, old in zip(rows, before):
+            ident = row.identity_uuid
+            if ident not in identities:
+                continue
+            on = row.state == "multi_actor"
+            if on or old == "multi_actor":
+                flags.setdefault(ident, {})[row.primitive] = on
 
     # ---- multi-actor (docs/decnet.md#multi-actor, persisted) ----------------------------
     async def _multi_actor(
@@ -1055,10 +1192,12 @@ class AttributionWorker:
             if len(prims) < need:
                 if last is not None:
                     await tx.set_multi_actor_signature(ident, None, now)  # re-arm
+                    self._note_signature(ident, None)
                 continue
             if last is not None and sorted(last) == prims:
                 continue
             await tx.set_multi_actor_signature(ident, prims, now)
+            self._note_signature(ident, prims)
             self.stats.multi_actor_fired += 1
             events.append(
                 (
@@ -1068,6 +1207,14 @@ class AttributionWorker:
                 )
             )
         return events
+
+    def _note_signature(self, ident: str, prims: list[str] | None) -> None:
+        if not self.pipelined:
+            return
+        if len(self._fired) > MAX_CACHED_ROWS // 10:
+            self._fired.clear()
+            self._needs_barrier = True  # the signatures in flight are read again
+        self._fired[ident] = prims
 
     def _suspicion(self, ident: str, prims: list[str], now: float) -> dict[str, Any]:
         evidence: dict[str, Any] = {}
@@ -1143,9 +1290,11 @@ class AttributionWorker:
             self._identity_cache[a] = identity
 
     def forget_dirty(self, keys: list[Key]) -> None:
-        """Keys rewritten with complete windows need no lazy write."""
+        """Keys rewritten with complete windows need no lazy write, and their
+        rows are read from the store again."""
         for k in keys:
             self._dirty.pop(k, None)
+            self._rows.pop(k, None)
 
     async def reevaluate_multi_actor(
         self, tx: Tx, identities: list[str], now: float

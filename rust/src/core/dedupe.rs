@@ -51,8 +51,11 @@ pub struct Dedupe {
     keys: HashSet<u128, BuildU128>,
     /// Committed admissions, oldest first: (id key, evidence key).
     order: VecDeque<(u128, u128)>,
-    /// Admitted by the open transaction.
-    pending: Vec<(u128, u128)>,
+    /// Admitted by open transactions, each admission with its
+    /// transaction's tag (several may be open on a pipelined writer).
+    pending: Vec<(u64, u128, u128)>,
+    /// The tag of the transaction admitting now ([`Dedupe::begin`]).
+    tag: u64,
     capacity: usize,
 }
 
@@ -92,6 +95,7 @@ impl Dedupe {
             keys: HashSet::with_hasher(BuildU128),
             order: VecDeque::new(),
             pending: Vec::new(),
+            tag: 0,
             capacity: capacity.max(1),
         }
     }
@@ -107,7 +111,7 @@ impl Dedupe {
         }
         self.keys.insert(k1);
         self.keys.insert(k2);
-        self.pending.push((k1, k2));
+        self.pending.push((self.tag, k1, k2));
         true
     }
 
@@ -120,8 +124,31 @@ impl Dedupe {
         self.keys.contains(&k1) || self.keys.contains(&k2)
     }
 
+    /// Later admissions belong to the transaction `tag`.
+    pub fn begin(&mut self, tag: u64) {
+        self.tag = tag;
+    }
+
+    /// Keep what every open transaction admitted.
     pub fn commit(&mut self) {
-        self.order.extend(self.pending.drain(..));
+        self.order
+            .extend(self.pending.drain(..).map(|(_, k1, k2)| (k1, k2)));
+        self.trim();
+    }
+
+    /// Keep what the transaction `tag` admitted; the others stay open.
+    pub fn commit_tag(&mut self, tag: u64) {
+        let (mine, rest) = self
+            .pending
+            .drain(..)
+            .partition::<Vec<_>, _>(|p| p.0 == tag);
+        self.pending = rest;
+        self.order
+            .extend(mine.into_iter().map(|(_, k1, k2)| (k1, k2)));
+        self.trim();
+    }
+
+    fn trim(&mut self) {
         while self.order.len() > self.capacity {
             if let Some((k1, k2)) = self.order.pop_front() {
                 self.keys.remove(&k1);
@@ -130,9 +157,22 @@ impl Dedupe {
         }
     }
 
-    /// Take back what the transaction admitted.
+    /// Take back what every open transaction admitted.
     pub fn rollback(&mut self) {
-        for (k1, k2) in self.pending.drain(..) {
+        for (_, k1, k2) in self.pending.drain(..) {
+            self.keys.remove(&k1);
+            self.keys.remove(&k2);
+        }
+    }
+
+    /// Take back what the transaction `tag` admitted; the others stay open.
+    pub fn rollback_tag(&mut self, tag: u64) {
+        let (mine, rest) = self
+            .pending
+            .drain(..)
+            .partition::<Vec<_>, _>(|p| p.0 == tag);
+        self.pending = rest;
+        for (_, k1, k2) in mine {
             self.keys.remove(&k1);
             self.keys.remove(&k2);
         }
@@ -195,6 +235,23 @@ mod tests {
         assert!(d.admit("a", "e", "p"));
         d.commit();
         assert!(!d.admit("a", "e", "p"));
+    }
+
+    #[test]
+    fn tagged_transactions_commit_and_roll_back_apart() {
+        let mut d = Dedupe::new(10);
+        d.begin(1);
+        assert!(d.admit("a", "e1", "p"));
+        d.begin(2);
+        assert!(d.admit("b", "e2", "p"));
+        assert!(!d.admit("a", "e9", "p")); // pending admissions count as seen
+        d.rollback_tag(1);
+        assert!(!d.seen("a", "e1", "p"));
+        assert!(d.seen("b", "e2", "p"));
+        d.commit_tag(2);
+        assert_eq!(d.len(), 1);
+        d.rollback_tag(2); // nothing of 2 is pending any more
+        assert!(d.seen("b", "e2", "p"));
     }
 
     #[test]

@@ -83,12 +83,29 @@ impl PyDedupe {
         d.commit();
     }
 
-    fn commit(&self) {
-        self.inner.lock().commit();
+    /// Later admissions belong to the transaction `tag` (see `commit`).
+    fn begin(&self, tag: u64) {
+        self.inner.lock().begin(tag);
     }
 
-    fn rollback(&self) {
-        self.inner.lock().rollback();
+    /// Keep the admissions of the transaction `tag` (all open ones: None).
+    #[args(tag = "None")]
+    fn commit(&self, tag: Option<u64>) {
+        let mut d = self.inner.lock();
+        match tag {
+            Some(t) => d.commit_tag(t),
+            None => d.commit(),
+        }
+    }
+
+    /// Take back the admissions of the transaction `tag` (all open ones: None).
+    #[args(tag = "None")]
+    fn rollback(&self, tag: Option<u64>) {
+        let mut d = self.inner.lock();
+        match tag {
+            Some(t) => d.rollback_tag(t),
+            None => d.rollback(),
+        }
     }
 
     fn clear(&self) {

@@ -9,6 +9,7 @@ mod errors;
 mod sqlite;
 mod types;
 mod validate;
+mod writer;
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -25,6 +26,7 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<types::PyIngestResult>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<sqlite::PySqlite>()?;
+    m.add_class::<writer::PyWriter>()?;
     m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
     m.add_class::<validate::PyValidated>()?;
     m.add_class::<dedupe::PyDedupe>()?;

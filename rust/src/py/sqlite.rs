@@ -13,7 +13,7 @@
 //! `sqlite_errorcode` and `sqlite_errorname` set as CPython 3.11 sets them,
 //! so callers handle both drivers alike.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyOverflowError, PyTypeError};
@@ -23,6 +23,7 @@ use rusqlite::types::Value;
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
 use super::validate::{identity_map, PyValidated};
+use crate::core::validate::Valid;
 
 /// Statements kept prepared per connection (the store uses a few dozen).
 const STATEMENT_CACHE: usize = 128;
@@ -39,7 +40,7 @@ struct Open {
     checked: HashSet<String>,
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Sqlite(rusqlite::Error),
     Closed,
 }
@@ -50,7 +51,7 @@ impl From<rusqlite::Error> for Failure {
     }
 }
 
-fn error_name(code: i32) -> &'static str {
+pub(crate) fn error_name(code: i32) -> &'static str {
     match code & 0xff {
         ffi::SQLITE_ERROR => "SQLITE_ERROR",
         ffi::SQLITE_INTERNAL => "SQLITE_INTERNAL",
@@ -78,8 +79,14 @@ fn error_name(code: i32) -> &'static str {
 }
 
 /// The `sqlite3` exception a failure maps to, as CPython would raise it.
-fn to_py(py: Python<'_>, f: Failure) -> PyErr {
-    let (class, message, code) = match f {
+pub(crate) fn to_py(py: Python<'_>, f: Failure) -> PyErr {
+    let (class, message, code) = describe(f);
+    raise_as(py, "sqlite3", class, message, code)
+}
+
+/// The `sqlite3` exception class, message and extended code of a failure.
+pub(crate) fn describe(f: Failure) -> (&'static str, String, Option<i32>) {
+    match f {
         Failure::Closed => (
             "ProgrammingError",
             "Cannot operate on a closed database.".to_string(),
@@ -110,9 +117,20 @@ fn to_py(py: Python<'_>, f: Failure) -> PyErr {
             ),
             other => ("OperationalError", other.to_string(), None),
         },
-    };
+    }
+}
+
+/// An exception of `module.class(message)`, with the SQLite code set as
+/// CPython's `sqlite3` sets it.
+pub(crate) fn raise_as(
+    py: Python<'_>,
+    module: &str,
+    class: &str,
+    message: String,
+    code: Option<i32>,
+) -> PyErr {
     let build = || -> PyResult<PyErr> {
-        let module = py.import("sqlite3")?;
+        let module = py.import(module)?;
         let exc = module.getattr(class)?.call1((message.clone(),))?;
         if let Some(code) = code {
             exc.setattr("sqlite_errorcode", code)?;
@@ -147,7 +165,7 @@ fn value_of(obj: &PyAny, index: usize) -> PyResult<Value> {
     }
 }
 
-fn params_of(params: Option<&PyAny>) -> PyResult<Vec<Value>> {
+pub(crate) fn params_of(params: Option<&PyAny>) -> PyResult<Vec<Value>> {
     let Some(p) = params else {
         return Ok(Vec::new());
     };
@@ -165,7 +183,7 @@ fn params_of(params: Option<&PyAny>) -> PyResult<Vec<Value>> {
     ))
 }
 
-fn row_to_py(py: Python<'_>, row: Vec<Value>) -> PyObject {
+pub(crate) fn row_to_py(py: Python<'_>, row: Vec<Value>) -> PyObject {
     let items: Vec<PyObject> = row
         .into_iter()
         .map(|v| match v {
@@ -213,7 +231,7 @@ fn has_tail(conn: &Connection, sql: &str) -> Result<bool, Failure> {
 
 /// The prepared (cached) statement for `sql`, refused if the text holds a
 /// second statement; texts already checked are remembered in `checked`.
-fn prepare<'c>(
+pub(crate) fn prepare<'c>(
     conn: &'c Connection,
     checked: &mut HashSet<String>,
     sql: &str,
@@ -230,7 +248,7 @@ fn prepare<'c>(
 }
 
 /// Run one statement per parameter set; return the rows of the last one.
-fn run(
+pub(crate) fn run(
     conn: &Connection,
     checked: &mut HashSet<String>,
     sql: &str,
@@ -254,6 +272,62 @@ fn run(
         }
     }
     Ok(out)
+}
+
+/// Insert the `chosen` accepted items of a validated batch with `sql` (see
+/// `SqliteConnection.insert_validated`).
+pub(crate) fn insert_rows(
+    c: &Connection,
+    k: &mut HashSet<String>,
+    sql: &str,
+    valid: &[Valid],
+    ids: &HashMap<String, String>,
+    chosen: &[usize],
+    merged: bool,
+) -> Result<usize, Failure> {
+    let mut stmt = prepare(c, k, sql)?;
+    for &i in chosen {
+        let v = &valid[i];
+        let (ws, we) = match v.window {
+            Some((s, e)) => (Some(s), Some(e)),
+            None => (None, None),
+        };
+        stmt.execute(rusqlite::params![
+            v.id,
+            v.identity_ref,
+            v.primitive,
+            v.value_json,
+            v.confidence,
+            ws,
+            we,
+            v.source,
+            v.evidence_ref,
+            1i64,
+            v.ts,
+            v.attacker_uuid,
+            ids.get(&v.attacker_uuid),
+            i64::from(merged),
+        ])?;
+    }
+    Ok(chosen.len())
+}
+
+/// Open (creating if needed) the database file at `path`, in autocommit
+/// mode, with `busy_timeout` set to `timeout` seconds (without the GIL).
+pub(crate) fn open(py: Python<'_>, path: &str, timeout: f64) -> PyResult<Connection> {
+    py.allow_threads(|| -> Result<Connection, Failure> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let c = Connection::open_with_flags(path, flags)?;
+        c.busy_timeout(std::time::Duration::from_secs_f64(
+            timeout.clamp(0.0, 3600.0),
+        ))?;
+        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(c)
+    })
+    .map_err(|e| to_py(py, e))
 }
 
 impl PySqlite {
@@ -280,21 +354,7 @@ impl PySqlite {
     #[new]
     #[args(path, timeout = "30.0")]
     fn new(py: Python<'_>, path: String, timeout: f64) -> PyResult<Self> {
-        let p = path.clone();
-        let conn = py
-            .allow_threads(move || -> Result<Connection, Failure> {
-                let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | OpenFlags::SQLITE_OPEN_CREATE
-                    | OpenFlags::SQLITE_OPEN_URI
-                    | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-                let c = Connection::open_with_flags(&p, flags)?;
-                c.busy_timeout(std::time::Duration::from_secs_f64(
-                    timeout.clamp(0.0, 3600.0),
-                ))?;
-                c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-                Ok(c)
-            })
-            .map_err(|e| to_py(py, e))?;
+        let conn = open(py, &path, timeout)?;
         Ok(PySqlite {
             conn: Mutex::new(Some(Open {
                 conn,
@@ -379,31 +439,7 @@ impl PySqlite {
             return Ok(0);
         }
         self.with_conn(py, move |c, k| {
-            let mut stmt = prepare(c, k, sql)?;
-            for &i in &chosen {
-                let v = &valid[i];
-                let (ws, we) = match v.window {
-                    Some((s, e)) => (Some(s), Some(e)),
-                    None => (None, None),
-                };
-                stmt.execute(rusqlite::params![
-                    v.id,
-                    v.identity_ref,
-                    v.primitive,
-                    v.value_json,
-                    v.confidence,
-                    ws,
-                    we,
-                    v.source,
-                    v.evidence_ref,
-                    1i64,
-                    v.ts,
-                    v.attacker_uuid,
-                    ids.get(&v.attacker_uuid),
-                    i64::from(merged),
-                ])?;
-            }
-            Ok(chosen.len())
+            insert_rows(c, k, sql, &valid, &ids, &chosen, merged)
         })
     }
 
