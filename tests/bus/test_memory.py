@@ -67,6 +67,41 @@ async def test_fifo_order(memory_bus: InProcessBus) -> None:
     assert [(await next_event(sub)).payload["i"] for _ in range(50)] == list(range(50))
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["in-process", "generic"])
+async def test_publish_many_sends_each_in_order_and_skips_what_cannot_go(
+    memory_bus: InProcessBus, one_pass: bool
+) -> None:
+    """The worker publishes a batch's events in one call: each goes out as
+    publish would send it (topic, type, id, payload), in order; an invalid
+    topic or a payload that is not a dict is skipped and logged, and the
+    others still go. The in-process bus's one-pass version and the generic
+    one (publish each) agree."""
+    from decnet_attr.bus.base import Bus
+
+    sub = memory_bus.subscribe("attribution.>")
+    other = memory_bus.subscribe("identity.>")
+    events = [
+        ("attribution.profile.updated", {"i": 0}, "profile.updated", "e0"),
+        ("attribution.profile.>", {"i": 1}, "bad", "e1"),  # a wildcard is no topic
+        ("identity.formed", {"i": 2}, "formed", "e2"),
+        ("attribution.profile.updated", ["not", "a", "dict"], "x", "e3"),
+        ("attribution.profile.state_changed", {"i": 4}, "state_changed", "e4"),
+    ]
+    publish_many = memory_bus.publish_many if one_pass else Bus.publish_many.__get__(memory_bus)
+    assert await publish_many(events) == 3  # type: ignore[arg-type]
+    got = [await next_event(sub), await next_event(sub)]
+    assert [(e.topic, e.type, e.id, e.payload) for e in got] == [
+        ("attribution.profile.updated", "profile.updated", "e0", {"i": 0}),
+        ("attribution.profile.state_changed", "state_changed", "e4", {"i": 4}),
+    ]
+    assert (await next_event(other)).id == "e2"
+    await assert_empty(sub)
+    assert memory_bus.stats()["published"] == 3
+    await memory_bus.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await publish_many(events[:1])  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "topic", ["attacker.observation.>", "attacker.*", "", "a..b", "a b", "a.", ">", "x" * 600]
 )

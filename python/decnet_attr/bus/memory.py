@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from decnet_attr.bus.base import (
+    EVENT_SCHEMA_VERSION,
     Bus,
     BusUnavailable,
     DurableConsumer,
@@ -249,6 +253,36 @@ class InProcessBus(Bus):
                 groups = self._groups_for(topic)
             if groups:
                 self._offer_untracked(event, groups)
+
+    async def publish_many(self, events: Sequence[tuple[str, dict[str, Any], str, str]]) -> int:
+        """:meth:`Bus.publish_many` in one pass: each topic is routed once,
+        and the events of one call share their time."""
+        if self._closed:
+            raise RuntimeError("bus is closed")
+        now = time.time()
+        routes: dict[str, tuple[list[QueueSubscription], list[_Group]]] = {}
+        sent = 0
+        for topic, payload, etype, eid in events:
+            route = routes.get(topic)
+            if route is None:
+                try:
+                    subs = self._route_for(topic)  # validates a topic it has not seen
+                except ValueError as exc:
+                    logger.warning("publish on %s failed: %s", topic[:200], exc)
+                    continue
+                route = routes[topic] = (subs, self._groups_for(topic) if self._groups else [])
+            if not isinstance(payload, dict):
+                logger.warning("publish on %s failed: the payload is not a dict", topic[:200])
+                continue
+            event = Event(topic, payload, etype, EVENT_SCHEMA_VERSION, now, eid)
+            self._published += 1
+            subs, groups = route
+            if subs:
+                self._fanout(event, subs)
+            if groups:
+                self._offer_untracked(event, groups)
+            sent += 1
+        return sent
 
     def _offer_untracked(self, event: Event, groups: list[_Group]) -> None:
         """A plain publish on a durable topic also reaches the durable groups (as

@@ -528,10 +528,18 @@ class AttributionWorker:
         # the events go out a slice at a time, letting the loop run between
         # slices: the next batch's transaction, waiting for the store's
         # writer most of the time, goes on meanwhile
-        for n, (topic, payload, etype) in enumerate(published, 1):
-            if await self._publish(topic, payload, etype):
-                self.stats.published += 1
-            if not n % PUBLISH_SLICE:
+        prefix = self._id_prefix
+        for start in range(0, len(published), PUBLISH_SLICE):
+            chunk = published[start : start + PUBLISH_SLICE]
+            seq = self._event_seq
+            self._event_seq += len(chunk)
+            try:
+                self.stats.published += await self.bus.publish_many(
+                    [(t, p, e, f"{prefix}{seq + i:x}") for i, (t, p, e) in enumerate(chunk, 1)]
+                )
+            except Exception as exc:  # a publish must not fail the committed batch
+                log.warning("publishing %d events failed: %s", len(chunk), exc)
+            if start + PUBLISH_SLICE < len(published):
                 await asyncio.sleep(0)
 
     async def _commit_resilient(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
