@@ -134,6 +134,9 @@ class _Batch:
     valid: ValidatedBatch | None  # the accepted observations
     dead: list[DeadLetter]
     size: int = 0  # observations received (accepted, refused and duplicates)
+    # pipelined store: resolved once the batch's COMMIT is queued (the next
+    # batch may begin), see AttributionWorker._finish
+    committed: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)
@@ -185,9 +188,6 @@ class AttributionWorker:
         # the next batch, validated and waiting for the one in hand to commit:
         # resolved when it begins its transaction
         self._next_begun: asyncio.Future[None] | None = None
-        # pipelined store (see ``pipelined``): the next batch may begin as soon
-        # as this one's COMMIT is queued (resolves _finish's ``committed``)
-        self._committed: asyncio.Future[None] | None = None
         # the batches whose transaction is in flight: id -> (generation, keys)
         self._inflight: dict[int, tuple[int, list[Key]]] = {}
         # bumped when a failed transaction doomed those in flight
@@ -230,12 +230,12 @@ class AttributionWorker:
         identities)."""
         return self.lazy and bool(getattr(self.store, "pipelined", False))
 
-    def _handover(self, done: asyncio.Future[None]) -> None:
+    def _handover(self, batch: _Batch, done: asyncio.Future[None]) -> None:
         """The batch's COMMIT is queued: the next batch may begin."""
         if self._needs_barrier:
             self._barrier = done
             self._needs_barrier = False
-        fut = self._committed
+        fut = batch.committed
         if fut is not None and not fut.done():
             fut.set_result(None)
 
@@ -497,7 +497,7 @@ class AttributionWorker:
             if self._next_begun is begun:
                 self._next_begun = None
         self._queued.clear()
-        self._committed = committed
+        batch.committed = committed
         try:
             published = await self._commit_resilient(batch)
         except (StoreError, OSError) as exc:
@@ -587,13 +587,25 @@ class AttributionWorker:
                         now,
                     )
                 )
-            return await self._commit(_Batch(batch.deliveries, None, dead))
+            return await self._commit(
+                _Batch(batch.deliveries, None, dead, committed=batch.committed)
+            )
         mid = n // 2
         first = await self._commit_resilient(
-            _Batch(batch.deliveries, valid.take(list(range(mid))), batch.dead)
+            _Batch(
+                batch.deliveries,
+                valid.take(list(range(mid))),
+                batch.dead,
+                committed=batch.committed,
+            )
         )
         second = await self._commit_resilient(
-            _Batch(batch.deliveries, valid.take(list(range(mid, n))), [])
+            _Batch(
+                batch.deliveries,
+                valid.take(list(range(mid, n))),
+                [],
+                committed=batch.committed,
+            )
         )
         return first + second
 
@@ -722,7 +734,9 @@ class AttributionWorker:
             self._needs_barrier = False
         try:
             async with (
-                self.store.transaction(self._handover)  # type: ignore[call-arg]
+                self.store.transaction(  # type: ignore[call-arg]
+                    functools.partial(self._handover, batch)
+                )
                 if pipelined
                 else self.store.transaction()
             ) as tx:
@@ -1257,8 +1271,13 @@ class AttributionWorker:
             return 0
         events: list[tuple[str, dict[str, Any], str]] = []
         now = time.time()
-        async with self.store.transaction() as tx:
-            events = await self._multi_actor(tx, sorted(candidates), now)
+        fired = dict(self._fired)
+        try:
+            async with self.store.transaction() as tx:
+                events = await self._multi_actor(tx, sorted(candidates), now)
+        except BaseException:
+            self._fired = fired  # what the tick noted did not commit
+            raise
         for topic, payload, etype in events:
             if await self._publish(topic, payload, etype):
                 self.stats.published += 1
