@@ -725,6 +725,9 @@ class SqliteStore(SqlStore):
         self._memory = self.path == ":memory:" or self.path == ""
         self._w: Any = None
         self._r: Any = None
+        # the committed reads of pipelined transactions: a native connection
+        # too, so they never wait for the GIL (see transaction)
+        self._cr: NativeConnection | None = None
         self._wlock = asyncio.Lock()
         self._background: set[asyncio.Future[None]] = set()
         # the COMMITs queued and not done yet (pipelined transactions)
@@ -794,6 +797,8 @@ class SqliteStore(SqlStore):
             self._w = await self._connect(native=self.native_writer and not self._memory)
             await migrate_sqlite(self._w)
             self._r = self._w if self._memory else await self._connect()
+            if isinstance(self._w, NativeConnection):
+                self._cr = await self._connect(native=True)
             await self._load_dedupe()
         except Exception:
             await self.close()
@@ -844,9 +849,9 @@ class SqliteStore(SqlStore):
             await asyncio.wait(list(self._pending))
         if self._background:  # rollbacks of cancelled BEGINs still queued
             await asyncio.gather(*self._background, return_exceptions=True)
-        w, r = self._w, self._r
-        self._w = self._r = None
-        for conn in (r, w) if r is not w else (w,):
+        w, r, cr = self._w, self._r, self._cr
+        self._w = self._r = self._cr = None
+        for conn in (cr, r, w) if r is not w else (w,):
             if conn is not None:
                 try:
                     await conn.close()
@@ -867,7 +872,7 @@ class SqliteStore(SqlStore):
     def pipelined(self) -> bool:
         """Whether :meth:`transaction` can pipeline (``handover``): a file
         written through the native connection, read through another."""
-        return isinstance(self._w, NativeConnection)
+        return self._cr is not None
 
     @asynccontextmanager
     async def transaction(
@@ -915,7 +920,7 @@ class SqliteStore(SqlStore):
                 with driver_errors(self):
                     raise
             self.dedupe.begin(seq)
-            tx = SqliteTx(conn, self.dedupe, self._r if pipe else None)
+            tx = SqliteTx(conn, self.dedupe, self._cr if pipe else None)
             try:
                 yield tx
             except BaseException:

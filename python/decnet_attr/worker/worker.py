@@ -822,19 +822,26 @@ class AttributionWorker:
         # stored: a key loaded from a lazily written window replays the
         # stored observations its window does not cover, and this batch's
         # must not be among them
-        prior = await self._load_windows(tx, valid.keys(identity_of), touched)
         known: _MultiActorKnown | None = None
         if self.lazy:
-            # read now, before this batch's writes are queued on the writer:
-            # a read after them would wait until they have all run
+            # read now, before this batch's writes are queued on the writer
+            # (a read after them would wait until they have all run), and,
+            # pipelined, while the keys load: the reads go to another
+            # connection
             idents = sorted(set(identity_of.values()))
             reads = tx.committed_reads()
-            known = (
-                await reads.multi_actor_primitives(idents),
-                await reads.multi_actor_signatures(idents),
+            both = asyncio.gather(
+                reads.multi_actor_primitives(idents), reads.multi_actor_signatures(idents)
             )
+            try:
+                prior = await self._load_windows(tx, valid.keys(identity_of), touched)
+            finally:
+                flagged, fired = await both
+            known = (flagged, fired)
             if self.pipelined:
                 known = self._overlaid(idents, known)
+        else:
+            prior = await self._load_windows(tx, valid.keys(identity_of), touched)
         if already_stored:
             new_pos = list(range(len(valid)))
         else:
