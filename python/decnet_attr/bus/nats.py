@@ -485,6 +485,11 @@ class NatsBus(Bus):
         self._dropped = 0
         self._invalid = 0
         self._reconnects = 0
+        # between a disconnect and our reconnect callback: nats-py is
+        # connected again a moment before it calls back, and until then the
+        # reconnect is not counted (connected waits for it, so readiness
+        # and the metrics agree)
+        self._down = False
         self._disconnects = 0
         self._durable_published = 0
         self._durable_duplicates = 0
@@ -638,7 +643,7 @@ class NatsBus(Bus):
     @property
     def connected(self) -> bool:
         nc = self._nc
-        return nc is not None and nc.is_connected and not self._closed
+        return nc is not None and nc.is_connected and not self._down and not self._closed
 
     @property
     def closed(self) -> bool:
@@ -657,6 +662,7 @@ class NatsBus(Bus):
     async def _on_disconnected(self) -> None:
         try:
             if not self._closed and self._nc is not None:
+                self._down = True
                 self._disconnects += 1
                 logger.warning("disconnected from NATS at %s; reconnecting", self.url)
         except Exception:
@@ -665,6 +671,7 @@ class NatsBus(Bus):
     async def _on_reconnected(self) -> None:
         try:
             self._reconnects += 1
+            self._down = False
             logger.info("reconnected to NATS at %s", self.url)
             if self._manage_stream and self._js is not None and not self._closed:
                 self._spawn(self._ensure_stream_quietly())

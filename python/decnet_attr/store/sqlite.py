@@ -18,7 +18,8 @@ thread while the event loop builds the rest of the transaction, instead of
 awaited one by one. Calls still run in order; a failed deferred write fails
 its transaction, the ``COMMIT`` included (:meth:`NativeConnection.defer`).
 The worker's batch transactions are pipelined: the next one is built while
-the writer commits the one before (:meth:`SqliteStore.transaction`).
+the writer commits the one before (:meth:`SqliteStore.transaction`); its reads
+of committed rows go to a third connection, native too.
 
 Batch writes use ``executemany`` with one prepared statement; id lists are
 passed as one JSON array parameter and expanded with ``json_each`` so the
