@@ -330,10 +330,20 @@ class Settings:
             "ack_wait": self.ack_wait,
             "queue_size": max(SUBSCRIBER_QUEUE_MIN, 2 * self.batch_max),
         }
-        if self.ingest_journal and self.bus_url.strip().lower().startswith("memory:"):
+        if self.ingest_journal and self.in_process_bus:
             options["journal"] = Path(self.data_dir) / "journal"
             options["journal_fsync"] = self.journal_fsync
         return options
+
+    @property
+    def in_process_bus(self) -> bool:
+        return self.bus_url.strip().lower().startswith("memory:")
+
+    @property
+    def ingest_waits_for_merge(self) -> bool:
+        """Whether a 202 waits for the worker's commit: the in-process bus
+        without its journal (otherwise the journal or NATS takes the body)."""
+        return self.in_process_bus and not self.ingest_journal
 
     def threshold_overrides(self) -> dict[str, Any]:
         return _json_object("thresholds", self.thresholds)

@@ -45,12 +45,14 @@ from decnet_attr.server.keys import (
     COUNTERS,
     DUPLICATES_BY_SENSOR,
     HANDED_OVER,
+    INGEST_FIRST,
     SETTINGS,
     SSE_HUB,
     STORE,
     WORKER,
 )
 from decnet_attr.server.ops import setup_ops
+from decnet_attr.server.routes.ingest import INFLIGHT, IngestFirst
 from decnet_attr.server.sse import SseHub
 from decnet_attr.store import Store, store_for
 from decnet_attr.worker import AttributionWorker
@@ -137,6 +139,13 @@ def create_app(
     # so twice that covers every observation accepted and not merged yet
     app[HANDED_OVER] = Dedupe(2 * settings.ingest_queue_max)
     app[WORKER] = the_worker
+    # sensors first while what waits to be merged has room under the bound
+    app[INGEST_FIRST] = IngestFirst(
+        lambda: the_bus.backlog() + counters.get(INFLIGHT, 0) < settings.ingest_queue_max
+    )
+    if the_worker is not None and not settings.ingest_waits_for_merge:
+        # (a 202 that waits for the merge would only wait longer)
+        the_worker.before_batch = app[INGEST_FIRST].wait
     app[SSE_HUB] = hub
 
     for table in routes.TABLES:

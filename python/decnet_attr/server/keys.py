@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from decnet_attr.server.auth import Authenticator
     from decnet_attr.server.connections import ConnectionGuard
     from decnet_attr.server.ops import OpsState
+    from decnet_attr.server.routes.ingest import IngestFirst
     from decnet_attr.server.sse import SseHub
     from decnet_attr.worker import AttributionWorker
 
@@ -32,6 +33,7 @@ __all__ = [
     "COUNTER_NAMES",
     "DUPLICATES_BY_SENSOR",
     "HANDED_OVER",
+    "INGEST_FIRST",
     "OPS",
     "SETTINGS",
     "SSE_HUB",
@@ -52,6 +54,8 @@ DUPLICATES_BY_SENSOR: web.AppKey[dict[str, int]] = web.AppKey("duplicates_by_sen
 #: pairs), so that a retry of an observation accepted but not merged yet
 #: is answered as a duplicate too (``routes/ingest.py``).
 HANDED_OVER: web.AppKey[Dedupe] = web.AppKey("handed_over")
+#: Sensors' bodies go first while the journal has room (routes/ingest.py).
+INGEST_FIRST: web.AppKey[IngestFirst] = web.AppKey("ingest_first")
 #: The in-process attribution worker, or None when it runs elsewhere.
 WORKER: web.AppKey[AttributionWorker | None] = web.AppKey("worker")
 #: The SSE relay.

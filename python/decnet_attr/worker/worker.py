@@ -33,6 +33,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,10 @@ class AttributionWorker:
         # (in flight or committed), over what the committed reads return
         self._flags: dict[str, dict[str, bool]] = {}  # identity -> primitive -> flagged
         self._fired: dict[str, list[str] | None] = {}  # identity -> signature (None: re-armed)
+        #: Awaited before each batch is built: ``serve`` lets the sensors'
+        #: requests go first while the ingest journal has room
+        #: (``server.routes.ingest.IngestFirst``).
+        self.before_batch: Callable[[], Awaitable[None]] | None = None
         self._running = False
         self.last_heartbeat = 0.0  # monotonic time of the last loop turn
         self._attackers_by_identity: OrderedDict[str, set[str]] = OrderedDict()
@@ -725,6 +730,8 @@ class AttributionWorker:
         # so no other batch counts meanwhile), and what it counted
         counted: dict[str, int] = {}
         counts: dict[str, int] | None = None
+        if self.before_batch is not None:
+            await self.before_batch()
         pipelined = self.pipelined
         generation = self._generation
         if pipelined:

@@ -27,10 +27,12 @@ to end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import uuid as uuid_mod
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -60,6 +62,7 @@ from decnet_attr.server.keys import (
     COUNTERS,
     DUPLICATES_BY_SENSOR,
     HANDED_OVER,
+    INGEST_FIRST,
     SETTINGS,
     STORE,
 )
@@ -154,9 +157,22 @@ def _check_content_type(request: web.Request) -> str:
 @require(*INGEST_ROLES)
 async def ingest(request: web.Request, principal: Principal) -> web.StreamResponse:
     settings: Settings = request.app[SETTINGS]
-    counters = request.app[COUNTERS]
     mimetype = _check_content_type(request)
     body = await read_body(request, settings.max_body_bytes)
+    checking = request.app[INGEST_FIRST].enter()
+    try:
+        return await _ingest(request, principal, mimetype, body, checking)
+    finally:
+        checking.leave()
+
+
+async def _ingest(
+    request: web.Request, principal: Principal, mimetype: str, body: bytes, checking: Checking
+) -> web.StreamResponse:
+    """:func:`ingest` once the body is read (``checking`` is left as the
+    body goes to the bus)."""
+    settings: Settings = request.app[SETTINGS]
+    counters = request.app[COUNTERS]
     handed = request.app[HANDED_OVER]
     check = functools.partial(
         _check_body,
@@ -245,6 +261,7 @@ async def ingest(request: web.Request, principal: Principal) -> web.StreamRespon
             if len(body) >= OFF_LOOP_BYTES
             else split()
         )
+        checking.leave()  # the bus may wait for the worker: do not hold it back
         accepted_ids, failure = await hand_over(
             request.app[BUS], batch, settings.partitions, rejected, parts
         )
@@ -294,6 +311,60 @@ def _check_body(
         max_items=settings.max_batch_items,
     )
     return batch, handed.seen_batch(batch)
+
+
+class Checking:
+    """One body being checked (see :class:`IngestFirst`); :meth:`leave` is
+    idempotent."""
+
+    __slots__ = ("_first", "_in")
+
+    def __init__(self, first: IngestFirst) -> None:
+        self._first = first
+        self._in = True
+
+    def leave(self) -> None:
+        if self._in:
+            self._in = False
+            self._first._leave()
+
+
+class IngestFirst:
+    """Sensors first, while the journal has room. In ``serve`` the API and
+    the worker share one event loop, and a worker with a backlog would
+    take most of it: each step of a sensor's request (validation on a
+    thread, the duplicate check, the hand-over) would wait behind a batch
+    being built, and the 202s would come at the merge's pace. So while a
+    body is being checked (from the end of its upload to its hand-over),
+    the worker waits before building its next batch, at most ``most``
+    seconds, unless ``room()`` says what waits to be merged has reached the
+    bound (``DECNET_ATTR_INGEST_QUEUE_MAX``): a burst is taken at the
+    journal's speed and merged right after it; under a sustained flood the
+    worker still builds a batch every ``most`` seconds, and at the bound it
+    no longer waits at all (ingest answers 503 there)."""
+
+    def __init__(self, room: Callable[[], bool], most: float = 0.05) -> None:
+        self.room = room
+        self.most = most
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> Checking:
+        self.active += 1
+        self._idle.clear()
+        return Checking(self)
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
+
+    async def wait(self) -> None:
+        """The worker's turn (awaited before each batch)."""
+        if self.active and self.room():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.most)
 
 
 def _remember(handed: Dedupe, batch: ValidatedBatch, accepted_ids: list[str]) -> None:
