@@ -614,8 +614,9 @@ async def test_a_row_the_store_refuses_in_a_deferred_write_dead_letters_only_it(
         assert oracle.same(got[key], st), key
 
 
+@pytest.mark.parametrize("poisoned", [(100,), (37, 100, 181, 239)], ids=["one", "four"])
 async def test_a_refused_row_with_later_batches_in_flight_costs_only_it(
-    settings: Settings, bus: Bus, store: Store
+    settings: Settings, bus: Bus, store: Store, poisoned: tuple[int, ...]
 ) -> None:
     """On SQLite the next batch is built while the store commits the one
     before (pipelined). If a row of one batch is refused, the batches built
@@ -628,7 +629,7 @@ async def test_a_refused_row_with_later_batches_in_flight_costs_only_it(
     worker = AttributionWorker(dataclasses.replace(settings, batch_max=30), bus, store)
     assert worker.pipelined
     await store._w.execute(  # type: ignore[attr-defined]
-        "CREATE TRIGGER poison BEFORE INSERT ON observations WHEN NEW.id = 'obs-poison' "
+        "CREATE TRIGGER poison BEFORE INSERT ON observations WHEN NEW.id LIKE 'obs-poison%' "
         "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
     )
     attackers = [f"att-{i}" for i in range(4)]
@@ -636,7 +637,8 @@ async def test_a_refused_row_with_later_batches_in_flight_costs_only_it(
         mk_obs(attackers[i % 4], "environmental.shell_type", "ab"[(i // 4) % 2], float(i))
         for i in range(240)
     ]
-    obs[100]["id"] = "obs-poison"
+    for n in poisoned:
+        obs[n]["id"] = f"obs-poison-{n}"
     messages = [obs[i : i + 30] for i in range(0, len(obs), 30)]
     await worker.start()
     try:
@@ -650,17 +652,17 @@ async def test_a_refused_row_with_later_batches_in_flight_costs_only_it(
                 for n, m in enumerate(messages)
             )
         )
-        await wait_for(lambda: worker.stats.merged == len(obs) - 1, timeout=30)
+        await wait_for(lambda: worker.stats.merged == len(obs) - len(poisoned), timeout=30)
     finally:
         await worker.stop()
     db = sqlite3.connect(store.path)  # type: ignore[attr-defined]
     try:
-        (letter,) = db.execute("SELECT event_id FROM dead_letters").fetchall()
+        letters = [r[0] for r in db.execute("SELECT event_id FROM dead_letters")]
         ids = [r[0] for r in db.execute("SELECT id FROM observations")]
     finally:
         db.close()
-    assert letter == ("obs-poison",)
-    kept = [o for o in obs if o["id"] != "obs-poison"]
+    assert sorted(letters) == sorted(f"obs-poison-{n}" for n in poisoned)
+    kept = [o for o in obs if not o["id"].startswith("obs-poison")]
     assert sorted(ids) == sorted(o["id"] for o in kept)  # each once
     want = oracle_states(kept)
     got = await stored_states(store, attackers)

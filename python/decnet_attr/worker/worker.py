@@ -730,15 +730,11 @@ class AttributionWorker:
         # so no other batch counts meanwhile), and what it counted
         counted: dict[str, int] = {}
         counts: dict[str, int] | None = None
+        # the failures seen when this attempt took the writer (see _drop_inflight)
+        generation: int | None = None
         if self.before_batch is not None:
             await self.before_batch()
         pipelined = self.pipelined
-        generation = self._generation
-        if pipelined:
-            if (barrier := self._barrier) is not None and not barrier.done():
-                await asyncio.wait([barrier])
-            self._inflight[id(touched)] = (generation, touched)
-            self._needs_barrier = False
         try:
             async with (
                 self.store.transaction(  # type: ignore[call-arg]
@@ -747,6 +743,13 @@ class AttributionWorker:
                 if pipelined
                 else self.store.transaction()
             ) as tx:
+                # from here until the handover no other batch runs
+                generation = self._generation
+                if pipelined:
+                    if (barrier := self._barrier) is not None and not barrier.done():
+                        await asyncio.wait([barrier])
+                    self._inflight[id(touched)] = (generation, touched)
+                    self._needs_barrier = False
                 counted = {f: getattr(self.stats, f) for f in _ATTEMPT_COUNTERS}
                 if batch.dead:
                     await tx.insert_dead_letters(batch.dead)
@@ -759,7 +762,7 @@ class AttributionWorker:
             # the engine may hold merges the store never committed, and the
             # counters counted an attempt that did not happen (unless a
             # failure before has already dropped everything in flight)
-            if generation == self._generation:
+            if generation is None or generation == self._generation:
                 self._evict(touched)
                 if pipelined:  # nothing else is in flight: read committed again
                     self._identity_cache.clear()
