@@ -548,13 +548,10 @@ class SqliteTx(SqlTx):
             )
             # Compare-and-set: only an attacker still without identity takes ours.
             await conn.executemany(
-                "UPDATE attackers SET identity_id = ? WHERE uuid = ? AND identity_id IS NULL",
-                [(ident, auuid) for auuid, ident in proposed.items()],
+                _SQL_CLAIM_IDENTITY, [(ident, auuid) for auuid, ident in proposed.items()]
             )
             final = await conn.execute_fetchall(
-                "SELECT uuid, identity_id FROM attackers "
-                "WHERE uuid IN (SELECT value FROM json_each(?))",
-                (SQLITE.list_param(sorted(proposed)),),
+                _SQL_IDENTITIES_OF, (SQLITE.list_param(sorted(proposed)),)
             )
             losers: list[str] = []
             won = dict(final)
