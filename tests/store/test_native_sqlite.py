@@ -115,6 +115,76 @@ def test_statements_run_without_the_gil(tmp_path: Path) -> None:
     c.close()
 
 
+def test_the_writer_runs_and_answers_while_python_holds_the_gil(tmp_path: Path) -> None:
+    """The writer's thread never takes the GIL: a job queued to it runs to
+    its end, result and all, while this thread holds the GIL in one long C
+    call (a sort, which never lets another thread in), and the result is
+    there to take before this thread lets go of the GIL. A writer that
+    needed the GIL at any point could not have queued it yet (the control:
+    ``SqliteConnection`` called from a Python thread)."""
+    import os
+    import select
+    import sys
+    import time
+
+    from decnet_attr._core import SqliteWriter
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    writer = SqliteWriter(str(tmp_path / "x.db"), w)
+    sql = (
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 300000) "
+        "SELECT count(*) FROM n"
+    )
+    try:
+        t0 = time.perf_counter()
+        writer.execute(writer.current, sql, None, True)
+        select.select([r], [], [], 10)
+        job = time.perf_counter() - t0
+        os.read(r, 64)
+        writer.take()
+        # a sort of ints in scrambled order: one C call that never runs
+        # Python code, so no other thread gets the GIL until it returns;
+        # sized to take well over the job's time
+        n = 250_000
+        while True:
+            data = [(i * 2654435761) % 1_000_003 for i in range(n)]
+            t0 = time.perf_counter()
+            sorted(data)
+            took = time.perf_counter() - t0
+            if took > 5 * job or n >= 16_000_000:
+                break
+            n *= 2
+        # with a long switch interval this thread keeps the GIL from the
+        # sort to the check even if another thread asks for it
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(100.0)
+        try:
+            # the control: the same job on a Python thread, which needs the
+            # GIL to hand its result over, has not done so by then
+            plain = SqliteConnection(str(tmp_path / "y.db"))
+            handed: list[object] = []
+            thread = threading.Thread(target=lambda: handed.append(plain.execute(sql)))
+            thread.start()
+            sorted(data)
+            control = list(handed)
+            ticket = writer.execute(writer.current, sql, None, True)
+            sorted(data)  # holds the GIL throughout
+            got = writer.take()
+        finally:
+            sys.setswitchinterval(switch)
+        thread.join()
+        plain.close()
+        assert control == [] and handed == [[(300001,)]]
+        assert got == [(ticket, [(300001,)], None)], (job, took)
+        assert select.select([r], [], [], 0)[0]  # and it said so on the pipe
+        writer.close()
+        writer.join()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 async def test_facade_orders_calls_and_closes(tmp_path: Path) -> None:
     conn = await NativeConnection.connect(str(tmp_path / "x.db"), 5.0)
     await conn.execute("CREATE TABLE t (a)")
