@@ -257,18 +257,24 @@ class AttributionWorker:
         self._barrier = None
         self._needs_barrier = False
 
-    async def _publish(self, topic: str, payload: dict[str, Any], etype: str) -> bool:
-        """Publish after a commit; never raises. Event ids are this worker's
-        prefix plus a counter: unique, and much cheaper than a uuid4 each."""
-        self._event_seq += 1
-        try:
-            await self.bus.publish(
-                topic, payload, event_type=etype, event_id=f"{self._id_prefix}{self._event_seq:x}"
-            )
-        except Exception as exc:  # a publish must not fail the committed batch
-            log.warning("publish on %s failed: %s", topic, exc)
-            return False
-        return True
+    async def _publish(self, events: list[tuple[str, dict[str, Any], str]]) -> None:
+        """Publish after a commit; never raises. A slice at a time, letting
+        the loop run between slices (the next batch's transaction goes on
+        meanwhile). Event ids are this worker's prefix plus a counter:
+        unique, and much cheaper than a uuid4 each."""
+        prefix = self._id_prefix
+        for start in range(0, len(events), PUBLISH_SLICE):
+            chunk = events[start : start + PUBLISH_SLICE]
+            seq = self._event_seq
+            self._event_seq += len(chunk)
+            try:
+                self.stats.published += await self.bus.publish_many(
+                    [(t, p, e, f"{prefix}{seq + i:x}") for i, (t, p, e) in enumerate(chunk, 1)]
+                )
+            except Exception as exc:  # a publish must not fail the committed batch
+                log.warning("publishing %d events failed: %s", len(chunk), exc)
+            if start + PUBLISH_SLICE < len(events):
+                await asyncio.sleep(0)
 
     # ---- lifecycle -----------------------------------------------------------------
     @property
@@ -530,22 +536,7 @@ class AttributionWorker:
             return
         for d in deliveries:
             await d.ack()
-        # the events go out a slice at a time, letting the loop run between
-        # slices: the next batch's transaction, waiting for the store's
-        # writer most of the time, goes on meanwhile
-        prefix = self._id_prefix
-        for start in range(0, len(published), PUBLISH_SLICE):
-            chunk = published[start : start + PUBLISH_SLICE]
-            seq = self._event_seq
-            self._event_seq += len(chunk)
-            try:
-                self.stats.published += await self.bus.publish_many(
-                    [(t, p, e, f"{prefix}{seq + i:x}") for i, (t, p, e) in enumerate(chunk, 1)]
-                )
-            except Exception as exc:  # a publish must not fail the committed batch
-                log.warning("publishing %d events failed: %s", len(chunk), exc)
-            if start + PUBLISH_SLICE < len(published):
-                await asyncio.sleep(0)
+        await self._publish(published)
 
     async def _commit_resilient(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
         """Commit a batch, retrying transient store failures; a batch the
@@ -1295,9 +1286,7 @@ class AttributionWorker:
         except BaseException:
             self._fired = fired  # what the tick noted did not commit
             raise
-        for topic, payload, etype in events:
-            if await self._publish(topic, payload, etype):
-                self.stats.published += 1
+        await self._publish(events)
         return len(events)
 
     async def _tick_loop(self) -> None:
@@ -1412,8 +1401,7 @@ class AttributionWorker:
             except BaseException:
                 self.engine.evict(touched)
                 raise
-            for topic, payload, etype in events:
-                await self._publish(topic, payload, etype)
+            await self._publish(events)
             total += len(rows)
             self.stats.pending_merged += len(rows)
             after = max((r.seq or 0) for r in rows)

@@ -129,26 +129,21 @@ impl Dedupe {
         self.tag = tag;
     }
 
-    /// Keep what every open transaction admitted.
-    pub fn commit(&mut self) {
-        self.order
-            .extend(self.pending.drain(..).map(|(_, k1, k2)| (k1, k2)));
-        self.trim();
-    }
-
-    /// Keep what the transaction `tag` admitted; the others stay open.
-    pub fn commit_tag(&mut self, tag: u64) {
-        let (mine, rest) = self
-            .pending
-            .drain(..)
-            .partition::<Vec<_>, _>(|p| p.0 == tag);
+    /// The admissions of the transaction `tag` (of every open one: None),
+    /// no longer pending.
+    fn settle(&mut self, tag: Option<u64>) -> Vec<(u128, u128)> {
+        let (mine, rest) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition::<Vec<_>, _>(|p| tag.is_none_or(|t| p.0 == t));
         self.pending = rest;
-        self.order
-            .extend(mine.into_iter().map(|(_, k1, k2)| (k1, k2)));
-        self.trim();
+        mine.into_iter().map(|(_, k1, k2)| (k1, k2)).collect()
     }
 
-    fn trim(&mut self) {
+    /// Keep what the transaction `tag` admitted (every open one: None); the
+    /// others stay open.
+    pub fn commit(&mut self, tag: Option<u64>) {
+        let kept = self.settle(tag);
+        self.order.extend(kept);
         while self.order.len() > self.capacity {
             if let Some((k1, k2)) = self.order.pop_front() {
                 self.keys.remove(&k1);
@@ -157,22 +152,10 @@ impl Dedupe {
         }
     }
 
-    /// Take back what every open transaction admitted.
-    pub fn rollback(&mut self) {
-        for (_, k1, k2) in self.pending.drain(..) {
-            self.keys.remove(&k1);
-            self.keys.remove(&k2);
-        }
-    }
-
-    /// Take back what the transaction `tag` admitted; the others stay open.
-    pub fn rollback_tag(&mut self, tag: u64) {
-        let (mine, rest) = self
-            .pending
-            .drain(..)
-            .partition::<Vec<_>, _>(|p| p.0 == tag);
-        self.pending = rest;
-        for (_, k1, k2) in mine {
+    /// Take back what the transaction `tag` admitted (every open one: None);
+    /// the others stay open.
+    pub fn rollback(&mut self, tag: Option<u64>) {
+        for (k1, k2) in self.settle(tag) {
             self.keys.remove(&k1);
             self.keys.remove(&k2);
         }
@@ -209,7 +192,7 @@ mod tests {
         assert!(!d.admit("a", "e2", "p"), "same id");
         assert!(!d.admit("b", "e1", "p"), "same evidence and primitive");
         assert!(d.admit("c", "e1", "q"), "same evidence, other primitive");
-        d.commit();
+        d.commit(None);
         assert_eq!(d.len(), 2);
     }
 
@@ -231,9 +214,9 @@ mod tests {
     fn a_rollback_takes_admissions_back() {
         let mut d = Dedupe::new(10);
         assert!(d.admit("a", "e", "p"));
-        d.rollback();
+        d.rollback(None);
         assert!(d.admit("a", "e", "p"));
-        d.commit();
+        d.commit(None);
         assert!(!d.admit("a", "e", "p"));
     }
 
@@ -245,12 +228,12 @@ mod tests {
         d.begin(2);
         assert!(d.admit("b", "e2", "p"));
         assert!(!d.admit("a", "e9", "p")); // pending admissions count as seen
-        d.rollback_tag(1);
+        d.rollback(Some(1));
         assert!(!d.seen("a", "e1", "p"));
         assert!(d.seen("b", "e2", "p"));
-        d.commit_tag(2);
+        d.commit(Some(2));
         assert_eq!(d.len(), 1);
-        d.rollback_tag(2); // nothing of 2 is pending any more
+        d.rollback(Some(2)); // nothing of 2 is pending any more
         assert!(d.seen("b", "e2", "p"));
     }
 
@@ -259,7 +242,7 @@ mod tests {
         let mut d = Dedupe::new(2);
         for id in ["a", "b", "c"] {
             assert!(d.admit(id, id, "p"));
-            d.commit();
+            d.commit(None);
         }
         assert_eq!(d.len(), 2);
         assert!(d.admit("a", "a", "p"), "forgotten beyond the horizon");

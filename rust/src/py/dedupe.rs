@@ -80,7 +80,7 @@ impl PyDedupe {
         for (id, ev, prim) in keys {
             d.admit(id, ev, prim);
         }
-        d.commit();
+        d.commit(None);
     }
 
     /// Later admissions belong to the transaction `tag` (see `commit`).
@@ -91,21 +91,13 @@ impl PyDedupe {
     /// Keep the admissions of the transaction `tag` (all open ones: None).
     #[args(tag = "None")]
     fn commit(&self, tag: Option<u64>) {
-        let mut d = self.inner.lock();
-        match tag {
-            Some(t) => d.commit_tag(t),
-            None => d.commit(),
-        }
+        self.inner.lock().commit(tag);
     }
 
     /// Take back the admissions of the transaction `tag` (all open ones: None).
     #[args(tag = "None")]
     fn rollback(&self, tag: Option<u64>) {
-        let mut d = self.inner.lock();
-        match tag {
-            Some(t) => d.rollback_tag(t),
-            None => d.rollback(),
-        }
+        self.inner.lock().rollback(tag);
     }
 
     fn clear(&self) {
