@@ -1,8 +1,10 @@
 """Type stubs for the Rust extension ``decnet_attr._core``."""
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, Literal, Self, final
+from typing import Any, Literal, Self, TypeVar, final
+
+_R = TypeVar("_R")
 
 __all__ = [
     "ATTACKER_UUID_MAX",
@@ -339,6 +341,50 @@ def aggregate_observations(
 
 _SqlValue = None | int | float | str | bytes
 
+#: The columns ``StateWrite`` binds a state row's values to, in order.
+STATE_VALUE_COLUMNS: tuple[str, ...]
+
+@final
+class StateTable:
+    """Per key, what the state row this process last wrote says."""
+
+    def __new__(cls, kind_of: Callable[[str], str]) -> Self: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: tuple[str, str]) -> bool: ...
+    def version(self, identity_uuid: str, primitive: str) -> int | None: ...
+    def clear(self) -> None: ...
+    def missing(self, keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]: ...
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None: ...
+    def write(
+        self,
+        result: IngestResult,
+        loaded: Mapping[tuple[str, str], Any] | None,
+        now: float,
+        remember: bool = True,
+        limit: int | None = None,
+    ) -> StateWrite: ...
+
+@final
+class StateWrite:
+    """One batch's state rows, one per key it touched."""
+
+    @property
+    def now(self) -> float: ...
+    @property
+    def cleared(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def keys(self) -> list[tuple[str, str]]: ...
+    def identities(self) -> list[str]: ...
+    def multi(self) -> list[tuple[str, str, str, str | None]]: ...
+    def params(self) -> tuple[list[tuple[_SqlValue, ...]], list[tuple[_SqlValue, ...]]]: ...
+    def rows(self, cls: Callable[..., _R], windows: Sequence[str | None] | None = None) -> list[_R]: ...
+    def events(
+        self,
+        attackers: Mapping[str, list[str]],
+        changed: tuple[str, str],
+        updated: tuple[str, str],
+    ) -> tuple[list[tuple[str, dict[str, Any], str]], int]: ...
+
 @final
 class SqliteWriter:
     def __new__(cls, path: str, notify: int, timeout: float = 30.0) -> Self: ...
@@ -361,6 +407,9 @@ class SqliteWriter:
         batch: ValidatedBatch,
         identity_of: Mapping[str, str] | None,
         select: Sequence[int] | None,
+    ) -> None: ...
+    def execute_states(
+        self, seq: int, update_sql: str, insert_sql: str, states: StateWrite
     ) -> None: ...
     def begin(self, seq: int, wait: bool) -> int | None: ...
     def commit(self, seq: int) -> int: ...

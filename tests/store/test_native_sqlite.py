@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -305,7 +306,10 @@ async def test_a_compare_and_set_that_finds_the_row_changed_fails_the_transactio
 
 
 async def test_a_transaction_whose_deferred_write_fails_commits_nothing(tmp_path: Path) -> None:
-    from decnet_attr.store.base import StateRow, StoreIntegrity
+    from decnet_attr import Engine
+    from decnet_attr._core import StateTable
+    from decnet_attr.registry import value_kind_for
+    from decnet_attr.store.base import StoreIntegrity
     from decnet_attr.store.sqlite import SqliteStore
 
     st = SqliteStore(tmp_path / "attr.db")
@@ -315,19 +319,25 @@ async def test_a_transaction_whose_deferred_write_fails_commits_nothing(tmp_path
             await tx.ensure_attackers([("a1", None, 1.0)])
             ident = (await tx.ensure_identities(["a1"], 1.0))[0]["a1"]
         prim = "motor.input_modality"
-        good = StateRow(ident, prim, '"typed"', "stable", 0.9, 3, 1.0, 2.0)
-        bad = StateRow(ident, prim, '"typed"', None, 0.9, 3, 1.0, 2.0, version=2)  # type: ignore[arg-type]
+
+        def states_of(identity: str) -> Any:
+            engine = Engine()
+            obs = {"identity_uuid": identity, "primitive": prim, "value": "typed", "ts": 2.0}
+            return StateTable(value_kind_for).write(engine.ingest([obs]), None, 3.0)
+
+        good = states_of(ident)
+        bad = states_of("no-such-identity")  # its row breaks the foreign key
         with pytest.raises(StoreIntegrity):
             async with st.transaction() as tx:
                 await tx.ensure_attackers([("a2", None, 1.0)])
-                await tx.upsert_state_values([good])
-                await tx.upsert_state_values([bad])  # deferred: fails on the writer thread
+                await tx.upsert_state_values(good)
+                await tx.upsert_state_values(bad)  # deferred: fails on the writer thread
         # nothing of that transaction was committed, and the store goes on
         assert await st.get_state(ident, prim) is None
         assert await st.get_attacker("a2") is None
         async with st.transaction() as tx:
-            await tx.upsert_state_values([good])
+            await tx.upsert_state_values(good)
         row = await st.get_state(ident, prim)
-        assert row is not None and row.state == "stable"
+        assert row is not None and (row.version, row.current_value_json) == (1, '"typed"')
     finally:
         await st.close()

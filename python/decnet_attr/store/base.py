@@ -47,7 +47,7 @@ from decnet_attr.store.models import (
 from decnet_attr.store.rows import ObsParams, obs_params
 
 if TYPE_CHECKING:
-    from decnet_attr._core import ValidatedBatch
+    from decnet_attr._core import StateWrite, ValidatedBatch
     from decnet_attr.store.identities import IdentityOps, IdentityReads
 
 
@@ -134,11 +134,11 @@ class Tx(ABC):
         replacing it and losing the other worker's observations. A store
         with one writer has nobody to race."""
 
-    async def upsert_state_values(self, rows: Sequence[StateRow]) -> None:
-        """:meth:`upsert_states` without the windows: a new row gets no window
-        (``window_seq`` 0: replay its whole series), an existing row keeps
-        the window it has. At most one row per key (the engine's change
-        records are). Only stores with ``lazy_windows``."""
+    async def upsert_state_values(self, states: StateWrite) -> None:
+        """A batch's state rows (see ``StateWrite``) without their windows:
+        a new row gets no window (``window_seq`` 0: replay its whole series),
+        an existing row keeps the window it has. Only stores with
+        ``lazy_windows``."""
         raise NotImplementedError
 
     async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int | None) -> None:

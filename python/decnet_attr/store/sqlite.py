@@ -50,7 +50,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from decnet_attr._core import Dedupe, SqliteWriter, ValidatedBatch
+from decnet_attr._core import STATE_VALUE_COLUMNS, Dedupe, SqliteWriter, StateWrite, ValidatedBatch
 from decnet_attr.identifiers import ip_key
 from decnet_attr.store.dialect import Dialect, driver_errors, guard
 from decnet_attr.store.errors import (
@@ -291,6 +291,13 @@ class NativeConnection:
         self._check()
         self._w.execute(self._w.current, sql, params, False, what)
 
+    def defer_states(self, update_sql: str, insert_sql: str, states: StateWrite) -> None:
+        """The rows of a batch's ``StateWrite`` (bound in Rust), deferred as
+        :meth:`defer` is: ``update_sql`` for the rows written before,
+        ``insert_sql`` for the new ones."""
+        self._check()
+        self._w.execute_states(self._w.current, update_sql, insert_sql, states)
+
     def defer_validated(
         self,
         sql: str,
@@ -371,18 +378,8 @@ ON CONFLICT DO NOTHING
 """
 
 #: A state row's values: every column but the key and the retained window.
-_STATE_VALUE_COLS = (
-    "current_value",
-    "state",
-    "confidence",
-    "observation_count",
-    "last_change_ts",
-    "last_observation_ts",
-    "kind",
-    "version",
-    "updated_at",
-    "previous_state",
-)
+# the order StateWrite binds a state row's values in (written once, in Rust)
+_STATE_VALUE_COLS = STATE_VALUE_COLUMNS
 _SET_VALUES = ",\n    ".join(f"{c} = excluded.{c}" for c in _STATE_VALUE_COLS)
 
 _SQL_INSERT_STATE = f"""
@@ -622,36 +619,20 @@ class SqliteTx(SqlTx):
         )
 
     @guard
-    async def upsert_state_values(self, rows: Sequence[StateRow]) -> None:
+    async def upsert_state_values(self, states: StateWrite) -> None:
         conn = self._c()
-        if not rows:
+        if not len(states):
             return
-        now = time.time()
-        new: list[tuple[Any, ...]] = []
-        old: list[tuple[Any, ...]] = []
-        for r in rows:  # one per key (the contract): no de-duplication pass
-            values = (
-                r.current_value_json,
-                r.state,
-                r.confidence,
-                r.observation_count,
-                r.last_change_ts,
-                r.last_observation_ts,
-                r.kind,
-                r.version,
-                r.updated_at or now,
-                r.previous_state,
-            )
-            # a row written before (version > 1) is updated in place: one
-            # primary-key probe instead of an insert attempt and then an update
-            if r.version > 1:
-                old.append((*values, r.identity_uuid, r.primitive))
-            else:
-                new.append((r.identity_uuid, r.primitive, *values))
-        if old:
-            await self._write_many(conn, _SQL_UPDATE_STATE_VALUES, old)
-        if new:
-            await self._write_many(conn, _SQL_UPSERT_STATE_VALUES, new)
+        # a row written before (version > 1) is updated in place: one
+        # primary-key probe instead of an insert attempt and then an update
+        if isinstance(conn, NativeConnection):
+            conn.defer_states(_SQL_UPDATE_STATE_VALUES, _SQL_UPSERT_STATE_VALUES, states)
+            return
+        updates, inserts = states.params()
+        if updates:
+            await conn.executemany(_SQL_UPDATE_STATE_VALUES, updates)
+        if inserts:
+            await conn.executemany(_SQL_UPSERT_STATE_VALUES, inserts)
 
     @guard
     async def save_windows(self, windows: Sequence[tuple[str, str, str]], seq: int | None) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 
 from decnet_attr import Engine, IngestResult
+from decnet_attr._core import StateTable
 from decnet_attr.bus import Bus, BusError, Delivery
 from decnet_attr.bus.base import UNDECODABLE
 from decnet_attr.bus.helpers import run_control_listener, run_health_heartbeat
@@ -104,23 +105,26 @@ _ATTEMPT_COUNTERS = (
 #: An identity's flagged primitives and its fired signature (see
 #: ``AttributionWorker._multi_actor``), identity -> primitives each.
 _MultiActorKnown = tuple[dict[str, list[str]], dict[str, list[str]]]
+#: A state row of an identity with a multi-actor row before or after a
+#: batch (``StateWrite.multi``): identity, primitive, state, state before.
+_MultiRow = tuple[str, str, str, "str | None"]
 
 
 def _with_batch(
-    known: _MultiActorKnown, identities: set[str], rows: list[StateRow]
+    known: _MultiActorKnown, identities: set[str], rows: list[_MultiRow]
 ) -> _MultiActorKnown:
     """``known`` (read before the batch) with the batch's state rows applied:
     a key the batch wrote is flagged as its new row says."""
     flagged_before, fired = known
     flagged = {i: set(flagged_before.get(i, ())) for i in identities}
-    for r in rows:
-        prims = flagged.get(r.identity_uuid)
+    for ident, prim, state, _before in rows:
+        prims = flagged.get(ident)
         if prims is None:
             continue
-        if r.state == "multi_actor":
-            prims.add(r.primitive)
+        if state == "multi_actor":
+            prims.add(prim)
         else:
-            prims.discard(r.primitive)
+            prims.discard(prim)
     return {i: sorted(p) for i, p in flagged.items()}, fired
 
 
@@ -217,9 +221,9 @@ class AttributionWorker:
         # it first changed since its window was last written, oldest first.
         self.lazy = store.lazy_windows and not self.shared
         self._dirty: dict[Key, float] = {}
-        # lazy mode: the state row last written per key the engine holds
-        self._rows: dict[Key, StateRow] = {}
-        self._kinds: dict[str, str] = {}  # primitive -> value kind (registry lookups cached)
+        # lazy mode: per key the engine holds, what the state row last
+        # written says (the next row builds on it without reading it back)
+        self._states = StateTable(value_kind_for)
         self._event_seq = 0
         # attackers sharing fingerprints roll up into one identity
         self.rollup = (
@@ -940,8 +944,7 @@ class AttributionWorker:
         """Forget keys whose stored rows may differ from memory (a batch that
         did not commit): they load from the store again."""
         self.engine.evict(keys)
-        for k in keys:
-            self._rows.pop(k, None)
+        self._states.forget(keys)
 
     # ---- retention -------------------------------------------------------------------
     async def prune_once(self, now: float | None = None) -> int:
@@ -995,19 +998,18 @@ class AttributionWorker:
     async def _load_windows(
         self, tx: Tx, keys: list[Key], touched: list[Key]
     ) -> dict[Key, StateRow]:
-        """Prior state rows of the batch's keys; makes the engine hold exactly
-        the stored windows for them (all of them on a shared store, only
-        the missing ones otherwise)."""
+        """The stored state rows of the batch's keys that must be read (in
+        lazy mode only those of keys the worker holds no row of, see
+        ``_states``); makes the engine hold exactly the stored windows for
+        them (all of them on a shared store, only the missing ones
+        otherwise)."""
         touched.extend(keys)
         if self.lazy:
             # the single writer knows the rows it wrote: read only the others
-            rows = self._rows
-            prior = {k: r for k in keys if (r := rows.get(k)) is not None}
-            if len(prior) < len(keys):
-                # pipelined, these are read committed: a key written by a
-                # transaction in flight has its row in _rows
-                reads = tx.committed_reads()
-                prior.update(await reads.load_states([k for k in keys if k not in prior]))
+            # (pipelined, these are read committed: a key written by a
+            # transaction in flight is held)
+            missing = self._states.missing(keys)
+            prior = await tx.committed_reads().load_states(missing) if missing else {}
         else:
             prior = await tx.load_states(keys, lock=self.shared)
         refresh = keys if self.shared else self.engine.missing(keys)
@@ -1021,6 +1023,8 @@ class AttributionWorker:
         for k in refresh:
             row = prior.get(k)
             if row is None:
+                if self.lazy and k in self._states:
+                    rebuild.append(k)  # written by this worker, no window at hand
                 continue
             if row.window_seq is not None:
                 replay[k] = row.window_seq  # the window stops there (0: none yet)
@@ -1061,142 +1065,59 @@ class AttributionWorker:
         self,
         tx: Tx,
         result: IngestResult,
-        prior: dict[Key, StateRow],
+        loaded: dict[Key, StateRow],
         now: float,
         known: _MultiActorKnown | None = None,
     ) -> list[tuple[str, dict[str, Any], str]]:
-        events: list[tuple[str, dict[str, Any], str]] = []
-        changes = result.rows()  # plain tuples, value JSON made in Rust
-        keys = [(c[0], c[1]) for c in changes]
-        if self.lazy:
-            windows: list[str | None] = [None] * len(keys)
+        """The batch's state rows (built in Rust from the change records,
+        each on the row held for its key or ``loaded`` from the store), and
+        its state events."""
+        lazy = self.lazy
+        states = self._states.write(result, loaded, now, remember=lazy, limit=MAX_CACHED_ROWS)
+        if states.cleared:
+            self._needs_barrier = True  # the rows in flight are read again
+        keys = states.keys()
+        # the rows go to the store first: its writer runs them while the
+        # events are built
+        if lazy:
             dirty = self._dirty
             # a key already waiting keeps its first time (it is written by then)
             dirty.update(dict.fromkeys([k for k in keys if k not in dirty], now))
-        else:
-            windows = self.engine.export_windows(keys)
-        rows: list[StateRow] = []
-        before: list[str | None] = []  # each key's state before the batch
-        multi_touch: set[str] = set()
-        kinds = self._kinds
-        append_row = rows.append
-        append_before = before.append
-        get_prior = prior.get
-        for (
-            ident,
-            prim,
-            state,
-            conf,
-            count,
-            last_ts,
-            _cur,
-            current_json,
-            _o,
-            _c,
-        ), key, window in zip(changes, keys, windows):
-            old = get_prior(key)
-            if old is None:
-                last_change = last_ts
-                version = 1
-                previous = None
-                append_before(None)
-            else:
-                changed = old.state != state
-                last_change = last_ts if changed else old.last_change_ts
-                version = old.version + 1
-                previous = old.state if changed else old.previous_state
-                append_before(old.state)
-                if old.state == "multi_actor":
-                    multi_touch.add(ident)
-            if state == "multi_actor":
-                multi_touch.add(ident)
-            kind = kinds.get(prim)
-            if kind is None:
-                kind = kinds[prim] = value_kind_for(prim)
-            # positional: the StateRow fields in their declared order
-            append_row(
-                StateRow(
-                    ident,
-                    prim,
-                    current_json,
-                    state,
-                    conf,
-                    count,
-                    last_change,
-                    last_ts,
-                    kind,
-                    window,
-                    version,
-                    now,
-                    previous,
-                )
-            )
-        # the rows go to the store first: its writer runs them while the
-        # events are built
-        if self.lazy:
-            await tx.upsert_state_values(rows)
-            if len(self._rows) > MAX_CACHED_ROWS:
-                self._rows.clear()
-                self._needs_barrier = True  # the rows in flight are read again
-            # dropped again with the batch's keys if it does not commit
-            self._rows.update(zip(keys, rows))
+            await tx.upsert_state_values(states)
         else:
             # a key with no row had nothing to lock: if another worker created
             # its row meanwhile, the store says so and the batch runs again
-            await tx.upsert_states(rows, created=[k for k in keys if k not in prior])
-        attackers: dict[str, list[str]] = {}
-        for row, old_state, change in zip(rows, before, changes):
-            ident = row.identity_uuid
-            who = attackers.get(ident)
-            if who is None:
-                who = attackers[ident] = self._attackers_of(ident)
-            new_state = row.state
-            last_ts = row.last_observation_ts
-            payload = {
-                "identity_uuid": ident,
-                "primitive": row.primitive,
-                "old_state": old_state,
-                "new_state": new_state,
-                "current_value": change[6],
-                "confidence": row.confidence,
-                "observation_count": row.observation_count,
-                "ts": last_ts,
-                "attacker_uuids": who,
-                "last_change_ts": row.last_change_ts,
-                "last_observation_ts": last_ts,
-                "emitted_at": now,
-                "version": row.version,
-            }
-            if old_state != new_state:
-                self.stats.state_changes += 1
-                events.append(
-                    (ATTRIBUTION_PROFILE_STATE_CHANGED, payload, EVENT_TYPE_STATE_CHANGED)
-                )
-            else:
-                events.append((ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED))
-        if multi_touch:
+            await tx.upsert_states(
+                states.rows(StateRow, self.engine.export_windows(keys)),
+                created=[k for k in keys if k not in loaded],
+            )
+        attackers = {ident: self._attackers_of(ident) for ident in states.identities()}
+        events, changed = states.events(
+            attackers,
+            (ATTRIBUTION_PROFILE_STATE_CHANGED, EVENT_TYPE_STATE_CHANGED),
+            (ATTRIBUTION_PROFILE_UPDATED, EVENT_TYPE_PROFILE_UPDATED),
+        )
+        self.stats.state_changes += changed
+        multi = states.multi()
+        if multi:
+            identities = {m[0] for m in multi}
             if self.pipelined:
-                self._note_flags(multi_touch, rows, before)
+                self._note_flags(multi)
             if known is not None:
-                known = _with_batch(known, multi_touch, rows)
-            events.extend(await self._multi_actor(tx, sorted(multi_touch), now, known))
+                known = _with_batch(known, identities, multi)
+            events.extend(await self._multi_actor(tx, sorted(identities), now, known))
         return events
 
-    def _note_flags(
-        self, identities: set[str], rows: list[StateRow], before: list[str | None]
-    ) -> None:
+    def _note_flags(self, rows: list[_MultiRow]) -> None:
         """Remember the multi-actor flags the batch's rows set or cleared."""
         flags = self._flags
         if len(flags) > MAX_CACHED_ROWS // 10:
             flags.clear()
             self._needs_barrier = True  # the flags in flight are read again
-        for row, old in zip(rows, before):
-            ident = row.identity_uuid
-            if ident not in identities:
-                continue
-            on = row.state == "multi_actor"
+        for ident, prim, state, old in rows:
+            on = state == "multi_actor"
             if on or old == "multi_actor":
-                flags.setdefault(ident, {})[row.primitive] = on
+                flags.setdefault(ident, {})[prim] = on
 
     # ---- multi-actor (docs/decnet.md#multi-actor, persisted) ----------------------------
     async def _multi_actor(
@@ -1327,7 +1248,7 @@ class AttributionWorker:
         rows are read from the store again."""
         for k in keys:
             self._dirty.pop(k, None)
-            self._rows.pop(k, None)
+        self._states.forget(keys)
 
     async def reevaluate_multi_actor(
         self, tx: Tx, identities: list[str], now: float

@@ -7,6 +7,7 @@ mod dedupe;
 mod engine;
 mod errors;
 mod sqlite;
+mod states;
 mod types;
 mod validate;
 mod writer;
@@ -27,6 +28,12 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<sqlite::PySqlite>()?;
     m.add_class::<writer::PyWriter>()?;
+    m.add_class::<states::PyStateTable>()?;
+    m.add_class::<states::PyStateWrite>()?;
+    m.add(
+        "STATE_VALUE_COLUMNS",
+        PyTuple::new(py, states::VALUE_COLUMNS),
+    )?;
     m.add_function(wrap_pyfunction!(engine::aggregate_observations, m)?)?;
     m.add_class::<validate::PyValidated>()?;
     m.add_class::<dedupe::PyDedupe>()?;

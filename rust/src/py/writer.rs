@@ -40,6 +40,7 @@ use rusqlite::Connection;
 use super::sqlite::{
     describe, insert_rows, open, params_of, prepare, raise_as, row_to_py, run, Failure,
 };
+use super::states::PyStateWrite;
 use super::validate::{identity_map, PyValidated};
 use crate::core::validate::Valid;
 
@@ -419,6 +420,35 @@ impl PyWriter {
                 chosen,
             },
         )
+    }
+
+    /// Queue the state rows of a batch (see `StateWrite`) as deferred
+    /// writes of `seq`: `update_sql` for the rows written before, then
+    /// `insert_sql` for the new ones, each bound as `StateWrite.params`
+    /// gives them.
+    fn execute_states(
+        &self,
+        seq: u64,
+        update_sql: String,
+        insert_sql: String,
+        states: PyRef<'_, PyStateWrite>,
+    ) -> PyResult<()> {
+        let (updates, inserts) = states.sql_sets();
+        for (sql, sets) in [(update_sql, updates), (insert_sql, inserts)] {
+            if !sets.is_empty() {
+                let expect_one = None;
+                self.send(
+                    None,
+                    seq,
+                    Kind::Exec {
+                        sql,
+                        sets,
+                        expect_one,
+                    },
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Queue `BEGIN IMMEDIATE` of transaction `seq`; its ticket, or None

@@ -1,0 +1,528 @@
+//! A batch's state rows and state events, built in one pass from the
+//! engine's change records: `StateTable` (per key, what the row this
+//! process last wrote says) and `StateWrite` (one batch's rows, their SQL
+//! parameters and their events).
+//!
+//! The worker used to build these in Python, a row object, a payload dict
+//! and an event tuple per touched key: about a third of the event loop's
+//! time at full speed. Here Python hands over the change records and gets
+//! back whole batches: the writer binds the rows straight from a
+//! `StateWrite` (no Python object per row), and the events come out as one
+//! list.
+//!
+//! The rules a row follows (one place for them):
+//! - a key without a stored row starts at version 1, its last change at
+//!   its newest observation, no previous state;
+//! - otherwise the version goes up by one; if the state differs from the
+//!   stored row's, the last change moves to the newest observation and the
+//!   previous state becomes the stored one; else both stay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use rusqlite::types::Value as Sql;
+
+use super::convert::to_py;
+use super::types::PyIngestResult;
+use crate::core::engine::Change;
+use crate::core::merge::State;
+
+/// The columns a row's values are bound to, in order: after the key
+/// (`identity_uuid`, `primitive`) for an insert, before it for an update.
+pub const VALUE_COLUMNS: [&str; 10] = [
+    "current_value",
+    "state",
+    "confidence",
+    "observation_count",
+    "last_change_ts",
+    "last_observation_ts",
+    "kind",
+    "version",
+    "updated_at",
+    "previous_state",
+];
+
+/// A state's name as a stored row gives it (a name this build does not
+/// know is kept as it is).
+#[derive(Clone, Debug, PartialEq)]
+enum Name {
+    Known(State),
+    Other(Arc<str>),
+}
+
+impl Name {
+    fn parse(s: &str) -> Name {
+        State::parse(s).map_or_else(|| Name::Other(s.into()), Name::Known)
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Name::Known(s) => s.as_str(),
+            Name::Other(s) => s,
+        }
+    }
+
+    fn is_multi(&self) -> bool {
+        *self == Name::Known(State::MultiActor)
+    }
+}
+
+/// What a stored row says that the next row of its key builds on.
+#[derive(Clone, Debug)]
+struct Stored {
+    state: Name,
+    version: i64,
+    last_change: f64,
+    previous: Option<Name>,
+}
+
+impl Stored {
+    /// The same facts from a Python `StateRow`.
+    fn of(row: &PyAny) -> PyResult<Stored> {
+        let state: &str = row.getattr(pyo3::intern!(row.py(), "state"))?.extract()?;
+        let previous: Option<&str> = row
+            .getattr(pyo3::intern!(row.py(), "previous_state"))?
+            .extract()?;
+        Ok(Stored {
+            state: Name::parse(state),
+            version: row.getattr(pyo3::intern!(row.py(), "version"))?.extract()?,
+            last_change: row
+                .getattr(pyo3::intern!(row.py(), "last_change_ts"))?
+                .extract()?,
+            previous: previous.map(Name::parse),
+        })
+    }
+
+    /// The row that follows this one (None: the key has no row yet) for
+    /// the key's new state `state`, newest observation at `last_ts`.
+    fn next(prior: Option<&Stored>, state: State, last_ts: f64) -> Stored {
+        let now = Name::Known(state);
+        match prior {
+            None => Stored {
+                state: now,
+                version: 1,
+                last_change: last_ts,
+                previous: None,
+            },
+            Some(old) if old.state != now => Stored {
+                state: now,
+                version: old.version + 1,
+                last_change: last_ts,
+                previous: Some(old.state.clone()),
+            },
+            Some(old) => Stored {
+                state: now,
+                version: old.version + 1,
+                last_change: old.last_change,
+                previous: old.previous.clone(),
+            },
+        }
+    }
+}
+
+/// A merger kind's name, for Python and for SQL.
+type Kind = (Py<PyString>, Arc<str>);
+
+/// One row of a `StateWrite`: the change record it comes from and what
+/// the store adds to it.
+struct Row {
+    change: usize,
+    current_json: String,
+    kind: Kind,
+    row: Stored,
+    /// The stored row's state before this batch (None: no row).
+    before: Option<Name>,
+}
+
+/// Per key, what the row this process last wrote says (the worker's own
+/// writes, some maybe not committed yet: the worker forgets the keys of a
+/// transaction that fails). Keys it holds need not be read back.
+#[pyclass(name = "StateTable", module = "decnet_attr._core")]
+pub struct PyStateTable {
+    rows: HashMap<Arc<str>, HashMap<Arc<str>, Stored>>,
+    len: usize,
+    /// primitive -> merger kind, asked of `kind_of` once per primitive
+    kinds: HashMap<Arc<str>, Kind>,
+    kind_of: PyObject,
+}
+
+impl PyStateTable {
+    fn get(&self, identity: &str, primitive: &str) -> Option<&Stored> {
+        self.rows.get(identity)?.get(primitive)
+    }
+
+    fn kind(&mut self, py: Python<'_>, primitive: &Arc<str>) -> PyResult<Kind> {
+        if let Some((k, name)) = self.kinds.get(primitive) {
+            return Ok((k.clone_ref(py), name.clone()));
+        }
+        let k: &PyString = self
+            .kind_of
+            .call1(py, (primitive.as_ref(),))?
+            .into_ref(py)
+            .downcast()?;
+        let name: Arc<str> = k.to_str()?.into();
+        self.kinds
+            .insert(primitive.clone(), (k.into(), name.clone()));
+        Ok((k.into(), name))
+    }
+
+    fn remember(&mut self, identity: &Arc<str>, primitive: &Arc<str>, row: Stored) {
+        let of = self.rows.entry(identity.clone()).or_default();
+        if of.insert(primitive.clone(), row).is_none() {
+            self.len += 1;
+        }
+    }
+}
+
+fn key_of(item: &PyAny) -> PyResult<(&str, &str)> {
+    item.extract()
+}
+
+#[pymethods]
+impl PyStateTable {
+    /// `kind_of(primitive)`: the merger kind a row of that primitive is
+    /// stored with (asked once per primitive).
+    #[new]
+    fn new(kind_of: PyObject) -> Self {
+        PyStateTable {
+            rows: HashMap::new(),
+            len: 0,
+            kinds: HashMap::new(),
+            kind_of,
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    fn __contains__(&self, key: (&str, &str)) -> bool {
+        self.get(key.0, key.1).is_some()
+    }
+
+    /// The version the held row of a key has (None: not held).
+    fn version(&self, identity: &str, primitive: &str) -> Option<i64> {
+        self.get(identity, primitive).map(|s| s.version)
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.len = 0;
+    }
+
+    /// Of `keys` (`(identity, primitive)` tuples), those not held, as given.
+    fn missing<'py>(&self, py: Python<'py>, keys: &'py PyAny) -> PyResult<&'py PyList> {
+        let out = PyList::empty(py);
+        for item in keys.iter()? {
+            let item = item?;
+            let (i, p) = key_of(item)?;
+            if self.get(i, p).is_none() {
+                out.append(item)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forget `keys` (their rows are read from the store again).
+    fn forget(&mut self, keys: &PyAny) -> PyResult<()> {
+        for item in keys.iter()? {
+            let (i, p) = key_of(item?)?;
+            if let Some(of) = self.rows.get_mut(i) {
+                if of.remove(p).is_some() {
+                    self.len -= 1;
+                }
+                if of.is_empty() {
+                    self.rows.remove(i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows of a batch's change records. Each key builds on the row
+    /// held for it, else on `loaded[(identity, primitive)]` (a `StateRow`
+    /// read from the store), else on none. With `remember`, the new rows
+    /// are held from now on; a table holding more than `limit` rows is
+    /// emptied first (the write's `cleared` then says so).
+    #[args(result, loaded, now, remember = "true", limit = "None")]
+    fn write(
+        &mut self,
+        py: Python<'_>,
+        result: PyRef<'_, PyIngestResult>,
+        loaded: Option<&PyDict>,
+        now: f64,
+        remember: bool,
+        limit: Option<usize>,
+    ) -> PyResult<PyStateWrite> {
+        let changes = result.changes.clone();
+        let loaded = loaded.filter(|d| !d.is_empty());
+        let mut rows = Vec::with_capacity(changes.len());
+        for (i, c) in changes.iter().enumerate() {
+            let held = self.get(&c.identity, &c.primitive).cloned();
+            let prior = match (held, loaded) {
+                (Some(s), _) => Some(s),
+                (None, Some(d)) => d
+                    .get_item((c.identity.as_ref(), c.primitive.as_ref()))
+                    .map(Stored::of)
+                    .transpose()?,
+                (None, None) => None,
+            };
+            let n = &c.new;
+            rows.push(Row {
+                change: i,
+                current_json: n.current.to_json(),
+                kind: self.kind(py, &c.primitive)?,
+                row: Stored::next(prior.as_ref(), n.state, n.last_ts),
+                before: prior.map(|p| p.state),
+            });
+        }
+        let mut cleared = false;
+        if remember {
+            if limit.is_some_and(|l| self.len > l) {
+                self.clear();
+                cleared = true;
+            }
+            for r in &rows {
+                let c = &changes[r.change];
+                self.remember(&c.identity, &c.primitive, r.row.clone());
+            }
+        }
+        Ok(PyStateWrite {
+            changes,
+            rows,
+            now,
+            cleared,
+        })
+    }
+}
+
+/// One batch's state rows (see `StateTable.write`), one per key the batch
+/// touched, in the order of its change records.
+#[pyclass(name = "StateWrite", module = "decnet_attr._core")]
+pub struct PyStateWrite {
+    changes: Arc<Vec<Change>>,
+    rows: Vec<Row>,
+    /// `updated_at` of every row.
+    #[pyo3(get)]
+    now: f64,
+    /// The table was emptied before these rows were held.
+    #[pyo3(get)]
+    cleared: bool,
+}
+
+impl PyStateWrite {
+    fn change(&self, r: &Row) -> &Change {
+        &self.changes[r.change]
+    }
+
+    /// A row's values in `VALUE_COLUMNS` order.
+    fn values(&self, r: &Row) -> [Sql; 10] {
+        let n = &self.change(r).new;
+        [
+            Sql::Text(r.current_json.clone()),
+            Sql::Text(n.state.as_str().to_owned()),
+            Sql::Real(n.confidence),
+            Sql::Integer(n.count as i64),
+            Sql::Real(r.row.last_change),
+            Sql::Real(n.last_ts),
+            Sql::Text(r.kind.1.as_ref().to_owned()),
+            Sql::Integer(r.row.version),
+            Sql::Real(self.now),
+            r.row
+                .previous
+                .as_ref()
+                .map_or(Sql::Null, |p| Sql::Text(p.as_str().to_owned())),
+        ]
+    }
+
+    /// The parameter sets of the rows: `(updates, inserts)`. A row written
+    /// before (version > 1) is an update (values, then the key), a new one
+    /// an insert (the key, then values).
+    pub(crate) fn sql_sets(&self) -> (Vec<Vec<Sql>>, Vec<Vec<Sql>>) {
+        let mut updates = Vec::new();
+        let mut inserts = Vec::new();
+        for r in &self.rows {
+            let c = self.change(r);
+            let key = [
+                Sql::Text(c.identity.as_ref().to_owned()),
+                Sql::Text(c.primitive.as_ref().to_owned()),
+            ];
+            let values = self.values(r);
+            if r.row.version > 1 {
+                updates.push(values.into_iter().chain(key).collect());
+            } else {
+                inserts.push(key.into_iter().chain(values).collect());
+            }
+        }
+        (updates, inserts)
+    }
+}
+
+fn sql_to_py(py: Python<'_>, v: Sql) -> PyObject {
+    match v {
+        Sql::Null => py.None(),
+        Sql::Integer(i) => i.into_py(py),
+        Sql::Real(f) => f.into_py(py),
+        Sql::Text(s) => s.into_py(py),
+        Sql::Blob(b) => pyo3::types::PyBytes::new(py, &b).into_py(py),
+    }
+}
+
+fn name_py(py: Python<'_>, n: &Option<Name>) -> PyObject {
+    n.as_ref().map(Name::as_str).into_py(py)
+}
+
+#[pymethods]
+impl PyStateWrite {
+    fn __len__(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// `(identity, primitive)` of every row.
+    fn keys<'py>(&self, py: Python<'py>) -> &'py PyList {
+        PyList::new(
+            py,
+            self.rows.iter().map(|r| {
+                let c = self.change(r);
+                PyTuple::new(py, [c.identity.as_ref(), c.primitive.as_ref()])
+            }),
+        )
+    }
+
+    /// The identities of the rows, each once, in order of first row.
+    fn identities(&self) -> Vec<&str> {
+        let mut seen = std::collections::HashSet::new();
+        self.rows
+            .iter()
+            .map(|r| self.change(r).identity.as_ref())
+            .filter(|i| seen.insert(*i))
+            .collect()
+    }
+
+    /// The rows of every identity that has a multi-actor row before or
+    /// after the batch: `(identity, primitive, state, state before)` each.
+    fn multi<'py>(&self, py: Python<'py>) -> &'py PyList {
+        let touched: std::collections::HashSet<&str> = self
+            .rows
+            .iter()
+            .filter(|r| r.row.state.is_multi() || r.before.as_ref().is_some_and(Name::is_multi))
+            .map(|r| self.change(r).identity.as_ref())
+            .collect();
+        let rows: Vec<PyObject> = self
+            .rows
+            .iter()
+            .filter(|r| touched.contains(self.change(r).identity.as_ref()))
+            .map(|r| {
+                let c = self.change(r);
+                (
+                    c.identity.as_ref(),
+                    c.primitive.as_ref(),
+                    c.new.state.as_str(),
+                    name_py(py, &r.before),
+                )
+                    .into_py(py)
+            })
+            .collect();
+        PyList::new(py, rows)
+    }
+
+    /// The parameter sets (see `sql_sets`) as Python tuples: `(updates,
+    /// inserts)`.
+    fn params<'py>(&self, py: Python<'py>) -> (&'py PyList, &'py PyList) {
+        let (updates, inserts) = self.sql_sets();
+        let tuples = |sets: Vec<Vec<Sql>>| {
+            PyList::new(
+                py,
+                sets.into_iter()
+                    .map(|s| PyTuple::new(py, s.into_iter().map(|v| sql_to_py(py, v)))),
+            )
+        };
+        (tuples(updates), tuples(inserts))
+    }
+
+    /// The rows as `cls` objects (the `StateRow` fields, positional),
+    /// `windows[i]` the retained window of row `i` (None: none).
+    #[args(cls, windows = "None")]
+    fn rows<'py>(
+        &self,
+        py: Python<'py>,
+        cls: &'py PyAny,
+        windows: Option<Vec<Option<String>>>,
+    ) -> PyResult<&'py PyList> {
+        let out = PyList::empty(py);
+        for (i, r) in self.rows.iter().enumerate() {
+            let c = self.change(r);
+            let n = &c.new;
+            let window = windows.as_ref().and_then(|w| w.get(i).cloned().flatten());
+            let args: Vec<PyObject> = vec![
+                c.identity.as_ref().into_py(py),
+                c.primitive.as_ref().into_py(py),
+                r.current_json.clone().into_py(py),
+                n.state.as_str().into_py(py),
+                n.confidence.into_py(py),
+                n.count.into_py(py),
+                r.row.last_change.into_py(py),
+                n.last_ts.into_py(py),
+                r.kind.0.clone_ref(py).into_py(py),
+                window.into_py(py),
+                r.row.version.into_py(py),
+                self.now.into_py(py),
+                name_py(py, &r.row.previous),
+            ];
+            out.append(cls.call1(PyTuple::new(py, args))?)?;
+        }
+        Ok(out)
+    }
+
+    /// The batch's state events, one per row, as `(topic, payload, type)`:
+    /// `changed` (a `(topic, type)`) where the state differs from the
+    /// stored row's, else `updated`. `attackers[identity]` is the list every
+    /// payload of that identity names. Returns the events and how many of
+    /// them are `changed`.
+    fn events<'py>(
+        &self,
+        py: Python<'py>,
+        attackers: &'py PyDict,
+        changed: (&'py PyString, &'py PyString),
+        updated: (&'py PyString, &'py PyString),
+    ) -> PyResult<(&'py PyList, usize)> {
+        let out = PyList::empty(py);
+        let mut transitions = 0;
+        let none_yet = PyList::empty(py);
+        let emitted_at = self.now.into_py(py);
+        for r in &self.rows {
+            let c = self.change(r);
+            let n = &c.new;
+            let identity = PyString::new(py, &c.identity);
+            let who: &PyAny = attackers.get_item(identity).unwrap_or(none_yet);
+            let old = name_py(py, &r.before);
+            let is_change = r.before.as_ref().map(Name::as_str) != Some(n.state.as_str());
+            let last_ts = n.last_ts.into_py(py);
+            let p = PyDict::new(py);
+            p.set_item(pyo3::intern!(py, "identity_uuid"), identity)?;
+            p.set_item(pyo3::intern!(py, "primitive"), c.primitive.as_ref())?;
+            p.set_item(pyo3::intern!(py, "old_state"), old)?;
+            p.set_item(pyo3::intern!(py, "new_state"), n.state.as_str())?;
+            p.set_item(pyo3::intern!(py, "current_value"), to_py(py, &n.current)?)?;
+            p.set_item(pyo3::intern!(py, "confidence"), n.confidence)?;
+            p.set_item(pyo3::intern!(py, "observation_count"), n.count)?;
+            p.set_item(pyo3::intern!(py, "ts"), &last_ts)?;
+            p.set_item(pyo3::intern!(py, "attacker_uuids"), who)?;
+            p.set_item(pyo3::intern!(py, "last_change_ts"), r.row.last_change)?;
+            p.set_item(pyo3::intern!(py, "last_observation_ts"), last_ts)?;
+            p.set_item(pyo3::intern!(py, "emitted_at"), &emitted_at)?;
+            p.set_item(pyo3::intern!(py, "version"), r.row.version)?;
+            let (topic, kind) = if is_change {
+                transitions += 1;
+                changed
+            } else {
+                updated
+            };
+            let event: [&PyAny; 3] = [topic, p, kind];
+            out.append(PyTuple::new(py, event))?;
+        }
+        Ok((out, transitions))
+    }
+}
