@@ -1,0 +1,187 @@
+"""``StateTable`` and ``StateWrite``: a batch's state rows and events built
+in Rust from the engine's change records, checked against the rules written
+out here in Python (version, last change, previous state), the column order
+the store binds, and the event payloads the worker publishes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decnet_attr import Engine
+from decnet_attr._core import STATE_VALUE_COLUMNS, StateTable
+from decnet_attr.registry import value_kind_for
+from decnet_attr.store.base import StateRow
+
+PRIM = "motor.input_modality"
+CHANGED = ("t.changed", "state_changed")
+UPDATED = ("t.updated", "profile_updated")
+
+
+def _obs(identity: str, value: Any, ts: float, primitive: str = PRIM) -> dict[str, Any]:
+    return {"identity_uuid": identity, "primitive": primitive, "value": value, "ts": ts}
+
+
+def _stored(
+    identity: str, state: str, version: int, last_change: float, previous: str | None
+) -> StateRow:
+    return StateRow(
+        identity, PRIM, '"x"', state, 0.5, 3, last_change, last_change, version=version,
+        previous_state=previous,
+    )  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from("abc"), min_size=1, max_size=6), min_size=1, max_size=12))
+def test_rows_follow_the_rules_batch_after_batch(batches: list[list[str]]) -> None:
+    """Version +1 per write; the last change and the previous state move
+    only when the state differs from the row before."""
+    engine, table = Engine(), StateTable(value_kind_for)
+    ts = 0.0
+    model: tuple[str, int, float, str | None] | None = None  # state, version, last change, previous
+    for values in batches:
+        obs = []
+        for v in values:
+            ts += 1.0
+            obs.append(_obs("i1", v, ts))
+        (row,) = table.write(engine.ingest(obs), None, 1000.0).rows(StateRow)
+        if model is None:
+            model = (row.state, 1, ts, None)
+        elif model[0] != row.state:
+            model = (row.state, model[1] + 1, ts, model[0])
+        else:
+            model = (row.state, model[1] + 1, model[2], model[3])
+        assert (row.state, row.version, row.last_change_ts, row.previous_state) == model
+        assert row.last_observation_ts == ts
+        assert ("i1", PRIM) in table
+        assert table.version("i1", PRIM) == model[1]
+
+
+def test_a_key_not_held_builds_on_the_loaded_row_and_a_held_one_on_its_own() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    loaded = {("i1", PRIM): _stored("i1", "drifting", 7, 5.0, "stable")}
+    (row,) = table.write(engine.ingest([_obs("i1", "typed", 10.0)]), loaded, 1.0).rows(StateRow)
+    assert (row.version, row.previous_state, row.last_change_ts) == (8, "drifting", 10.0)
+    # held now: the loaded row (older) is not looked at again
+    (row,) = table.write(engine.ingest([_obs("i1", "typed", 11.0)]), loaded, 2.0).rows(StateRow)
+    assert row.version == 9
+    table.forget([("i1", PRIM)])
+    assert ("i1", PRIM) not in table and len(table) == 0
+    (row,) = table.write(engine.ingest([_obs("i1", "typed", 12.0)]), loaded, 3.0).rows(StateRow)
+    assert row.version == 8
+
+
+def test_without_remember_nothing_is_held() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    table.write(engine.ingest([_obs("i1", "typed", 1.0)]), None, 1.0, remember=False)
+    assert len(table) == 0
+    assert table.missing([("i1", PRIM)]) == [("i1", PRIM)]
+
+
+def test_a_table_over_its_limit_is_emptied_before_it_holds_the_batch() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    first = table.write(engine.ingest([_obs(f"i{n}", "typed", 1.0) for n in range(5)]), None, 1.0)
+    assert not first.cleared and len(table) == 5
+    second = table.write(engine.ingest([_obs("j", "typed", 2.0)]), None, 2.0, limit=3)
+    assert second.cleared and len(table) == 1
+    assert table.missing([("i0", PRIM), ("j", PRIM)]) == [("i0", PRIM)]
+
+
+def test_params_bind_the_columns_in_order_updates_apart_from_inserts() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    loaded = {("old", PRIM): _stored("old", "stable", 2, 5.0, None)}
+    batch = [_obs("old", "typed", 10.0), _obs("new", {"k": [1, 2]}, 11.0, "environmental.locale")]
+    states = table.write(engine.ingest(batch), loaded, 99.0)
+    updates, inserts = states.params()
+    (update,) = updates
+    (insert,) = inserts
+    cols = len(STATE_VALUE_COLUMNS)
+    assert update[cols:] == ("old", PRIM)
+    assert insert[:2] == ("new", "environmental.locale")
+    up = dict(zip(STATE_VALUE_COLUMNS, update[:cols], strict=True))
+    ins = dict(zip(STATE_VALUE_COLUMNS, insert[2:], strict=True))
+    rows = {r.identity_uuid: r for r in states.rows(StateRow)}
+    for got, row in ((up, rows["old"]), (ins, rows["new"])):
+        assert got == {
+            "current_value": row.current_value_json,
+            "state": row.state,
+            "confidence": row.confidence,
+            "observation_count": row.observation_count,
+            "last_change_ts": row.last_change_ts,
+            "last_observation_ts": row.last_observation_ts,
+            "kind": value_kind_for(row.primitive),
+            "version": row.version,
+            "updated_at": 99.0,
+            "previous_state": row.previous_state,
+        }
+    assert ins["current_value"] == '{"k":[1,2]}'
+    assert up["version"] == 3
+
+
+def test_rows_carry_the_windows_given() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    states = table.write(engine.ingest([_obs("a", 1, 1.0), _obs("b", 2, 1.0)]), None, 1.0)
+    rows = states.rows(StateRow, ["w-a", None])
+    assert [(r.identity_uuid, r.window_json) for r in rows] == [("a", "w-a"), ("b", None)]
+    assert states.keys() == [("a", PRIM), ("b", PRIM)]
+    assert states.identities() == ["a", "b"]
+
+
+def test_events_say_changed_only_where_the_state_differs_from_the_row_before() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    state = engine.ingest([_obs("same", "typed", 1.0)])[0].state.state
+    loaded = {("same", PRIM): _stored("same", state, 4, 0.5, None)}
+    batch = [_obs("same", "typed", 1.0), _obs("fresh", "typed", 2.0)]
+    engine = Engine()
+    states = table.write(engine.ingest(batch), loaded, 50.0)
+    who = ["a1", "a2"]
+    events, changed = states.events({"same": who}, CHANGED, UPDATED)
+    assert changed == 1
+    (t1, same, e1), (t2, fresh, e2) = events
+    assert (t1, e1) == UPDATED and (t2, e2) == CHANGED
+    assert list(same) == [
+        "identity_uuid", "primitive", "old_state", "new_state", "current_value", "confidence",
+        "observation_count", "ts", "attacker_uuids", "last_change_ts", "last_observation_ts",
+        "emitted_at", "version",
+    ]  # fmt: skip
+    assert same["attacker_uuids"] is who
+    assert (same["old_state"], same["new_state"], same["version"]) == (state, state, 5)
+    assert (same["last_change_ts"], same["ts"], same["emitted_at"]) == (0.5, 1.0, 50.0)
+    assert same["current_value"] == "typed"
+    assert fresh["old_state"] is None and fresh["attacker_uuids"] == []
+    assert (fresh["version"], fresh["last_change_ts"]) == (1, 2.0)
+
+
+def test_multi_lists_every_row_of_an_identity_with_a_multi_actor_row() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    other = "environmental.locale"
+    loaded = {("m", PRIM): _stored("m", "multi_actor", 2, 1.0, None)}
+    batch = [_obs("m", "typed", 5.0), _obs("m", "en", 5.0, other), _obs("plain", "typed", 5.0)]
+    states = table.write(engine.ingest(batch), loaded, 9.0)
+    got = sorted(states.multi())
+    assert [(i, p, before) for i, p, _s, before in got] == [
+        ("m", other, None),
+        ("m", PRIM, "multi_actor"),
+    ]
+
+
+def test_a_kind_is_asked_once_per_primitive() -> None:
+    asked: list[str] = []
+
+    def kind_of(primitive: str) -> str:
+        asked.append(primitive)
+        return "categorical"
+
+    engine, table = Engine(), StateTable(kind_of)
+    for ts in (1.0, 2.0):
+        table.write(engine.ingest([_obs("a", "x", ts), _obs("b", "y", ts)]), None, ts)
+    assert asked == [PRIM]
+
+
+def test_a_kind_that_is_not_text_is_an_error() -> None:
+    engine, table = Engine(), StateTable(lambda _p: 3)
+    with pytest.raises(TypeError):
+        table.write(engine.ingest([_obs("a", "x", 1.0)]), None, 1.0)
