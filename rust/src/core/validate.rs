@@ -210,20 +210,24 @@ pub struct Validated {
     pub items: usize,
 }
 
-const FIELDS: [&str; 12] = [
-    "attacker_uuid",
-    "primitive",
-    "value",
-    "ts",
-    "attacker_ip",
-    "confidence",
-    "evidence_ref",
-    "id",
-    "window",
-    "source",
-    "identity_ref",
-    "v",
-];
+/// The fields an item may have.
+fn is_field(name: &str) -> bool {
+    matches!(
+        name,
+        "attacker_uuid"
+            | "primitive"
+            | "value"
+            | "ts"
+            | "attacker_ip"
+            | "confidence"
+            | "evidence_ref"
+            | "id"
+            | "window"
+            | "source"
+            | "identity_ref"
+            | "v"
+    )
+}
 
 type Res<T> = Result<T, (Reason, String)>;
 
@@ -372,7 +376,7 @@ fn check_one(
     let mut unknown: Vec<&str> = obj
         .keys()
         .map(String::as_str)
-        .filter(|k| !FIELDS.contains(k))
+        .filter(|k| !is_field(k))
         .collect();
     if !unknown.is_empty() {
         unknown.sort_unstable();
@@ -590,35 +594,71 @@ pub fn ndjson_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|line| !line.iter().all(|b| b.is_ascii_whitespace()))
 }
 
+/// One line of an NDJSON body as an item (a line that is not JSON is an
+/// `invalid_json` item).
+fn parse_line(line: &[u8]) -> Result<J, String> {
+    serde_json::from_slice::<J>(line).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+/// The items of a body, counted but not parsed yet where they are lines:
+/// [`Items::parse`] parses them one at a time, so that each line's JSON
+/// tree is dropped before the next is built (parsing a whole batch first
+/// kept thousands of trees alive, and the allocator's time, not the
+/// parse, was most of the validator's).
+pub enum Items<'a> {
+    /// A JSON array, parsed whole (it is all or nothing).
+    Parsed(Vec<J>),
+    /// NDJSON lines.
+    Lines(Vec<&'a [u8]>),
+}
+
+impl<'a> Items<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Items::Parsed(v) => v.len(),
+            Items::Lines(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The items in order, each parsed as it is reached.
+    pub fn parse(self) -> Box<dyn Iterator<Item = Result<J, String>> + 'a> {
+        match self {
+            Items::Parsed(v) => Box::new(v.into_iter().map(Ok)),
+            Items::Lines(v) => Box::new(v.into_iter().map(parse_line)),
+        }
+    }
+}
+
 /// The items of an NDJSON body, one per line of [`ndjson_lines`] (a line
 /// that is not JSON is an `invalid_json` item, a JSON value that is not an
 /// object a `not_object` one): what a bus batch holds, whatever it starts
 /// with.
-pub fn split_ndjson(data: &[u8]) -> Vec<Result<J, String>> {
-    ndjson_lines(data)
-        .map(|line| serde_json::from_slice::<J>(line).map_err(|e| format!("invalid JSON: {e}")))
-        .collect()
+pub fn split_ndjson(data: &[u8]) -> Items<'_> {
+    Items::Lines(ndjson_lines(data).collect())
 }
 
 /// The items of a body: a JSON array, one object, or NDJSON (see
 /// [`split_ndjson`]). `Err` when the body as a whole is unusable (a broken
 /// array, a scalar).
-pub fn split_items(data: &[u8]) -> Result<Vec<Result<J, String>>, String> {
+pub fn split_items(data: &[u8]) -> Result<Items<'_>, String> {
     let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
     let first = data.iter().copied().find(|b| !b.is_ascii_whitespace());
     if first == Some(b'[') {
         let doc: J = serde_json::from_slice(data).map_err(|e| format!("invalid JSON: {e}"))?;
         return match doc {
-            J::Array(items) => Ok(items.into_iter().map(Ok).collect()),
+            J::Array(items) => Ok(Items::Parsed(items)),
             _ => Err("the body must be a JSON array of observations (or one observation)".into()),
         };
     }
     let out = split_ndjson(data);
-    let lines = out.len();
-    if lines == 1 {
-        // one object (or a scalar) on its own: a batch of one, or unusable
-        if let Some(Ok(v)) = out.first() {
-            if !v.is_object() {
+    if let Items::Lines(lines) = &out {
+        if let [line] = lines.as_slice() {
+            // one object (or a scalar) on its own: a batch of one, or unusable
+            if parse_line(line).is_ok_and(|v| !v.is_object()) {
                 return Err(
                     "the body must be a JSON array of observations (or one observation)".into(),
                 );
@@ -628,21 +668,23 @@ pub fn split_items(data: &[u8]) -> Result<Vec<Result<J, String>>, String> {
     Ok(out)
 }
 
-/// Validate parsed items (see the module docs). `envelopes`, when given,
-/// is parallel to `items`.
+/// Validate items (see the module docs; [`Items::parse`] gives them).
+/// `envelopes`, when given, is parallel to `items`.
 pub fn validate(
-    items: Vec<Result<J, String>>,
+    items: impl IntoIterator<Item = Result<J, String>>,
     envelopes: Option<&[Envelope]>,
     opts: &Options,
 ) -> Validated {
     let reg = Registry::get();
+    let items = items.into_iter();
+    let hint = items.size_hint().0;
     let mut out = Validated {
-        items: items.len(),
-        valid: Vec::with_capacity(items.len()),
+        valid: Vec::with_capacity(hint),
         ..Validated::default()
     };
-    let mut seen: HashSet<String> = HashSet::with_capacity(items.len());
-    for (index, item) in items.into_iter().enumerate() {
+    let mut seen: HashSet<String> = HashSet::with_capacity(hint);
+    for (index, item) in items.enumerate() {
+        out.items = index + 1;
         let env = envelopes.and_then(|e| e.get(index));
         let res = match item {
             Ok(j) => check_one(index, &j, env, opts, reg),
@@ -732,7 +774,7 @@ mod tests {
 
     fn one(line: &str) -> Result<Valid, Rejection> {
         let items = split_items(line.as_bytes()).expect("usable body");
-        let mut v = validate(items, None, &Options::default());
+        let mut v = validate(items.parse(), None, &Options::default());
         match v.rejected.pop() {
             Some(r) => Err(r),
             None => Ok(v.valid.pop().expect("one item")),
@@ -791,7 +833,7 @@ mod tests {
             lines,
             vec![&b"[1, 2]"[..], b"5", b"{\"a\": 1}\r", b"not json"]
         );
-        let items = split_ndjson(body);
+        let items: Vec<_> = split_ndjson(body).parse().collect();
         assert_eq!(items.len(), 4);
         assert!(matches!(&items[0], Ok(J::Array(_))));
         assert!(matches!(&items[2], Ok(J::Object(_))));
@@ -810,7 +852,7 @@ mod tests {
     fn duplicate_ids_in_a_batch_keep_the_first() {
         let body = format!("{OK}\n{OK}\n");
         let v = validate(
-            split_items(body.as_bytes()).unwrap(),
+            split_items(body.as_bytes()).unwrap().parse(),
             None,
             &Options::default(),
         );
@@ -826,7 +868,7 @@ mod tests {
             event_id: None,
         }];
         let v = validate(
-            split_items(OK.as_bytes()).unwrap(),
+            split_items(OK.as_bytes()).unwrap().parse(),
             Some(&env),
             &Options::default(),
         );

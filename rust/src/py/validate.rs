@@ -401,7 +401,7 @@ pub fn validate_observations(
                 ));
             }
         }
-        Ok(validate::validate(items, envs.as_deref(), &opts))
+        Ok(validate::validate(items.parse(), envs.as_deref(), &opts))
     });
     match res {
         Ok(v) => Ok(into_py(v)),
