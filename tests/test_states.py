@@ -185,3 +185,40 @@ def test_a_kind_that_is_not_text_is_an_error() -> None:
     engine, table = Engine(), StateTable(lambda _p: 3)
     with pytest.raises(TypeError):
         table.write(engine.ingest([_obs("a", "x", 1.0)]), None, 1.0)
+
+
+def test_written_keys_wait_for_their_windows_oldest_first_keeping_their_first_time() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    table.write(engine.ingest([_obs("a", "x", 1.0), _obs("b", "x", 1.0)]), None, 10.0)
+    table.write(engine.ingest([_obs("c", "x", 2.0), _obs("a", "y", 2.0)]), None, 20.0)
+    assert table.pending == 3
+    # "a" changed again at 20 but has waited since 10
+    assert table.take_pending(15.0) == [("a", PRIM), ("b", PRIM)]
+    assert table.pending == 1
+    assert table.take_pending(15.0) == []
+    table.write(engine.ingest([_obs("a", "z", 3.0)]), None, 30.0)
+    assert table.take_pending(limit=1) == [("c", PRIM)]
+    assert table.take_pending() == [("a", PRIM)]
+    assert table.pending == 0
+
+
+def test_pending_keys_outlive_forget_and_clear_but_not_settle() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    table.write(engine.ingest([_obs(f"i{n}", "x", 1.0) for n in range(4)]), None, 1.0)
+    table.forget([("i0", PRIM)])  # the row is read again; the window still waits
+    table.write(engine.ingest([_obs("j", "x", 2.0)]), None, 2.0, limit=2)  # clears the rows
+    assert len(table) == 1 and table.pending == 5
+    table.settle([("i1", PRIM), ("nobody", PRIM)])
+    assert table.take_pending() == [("i0", PRIM), ("i2", PRIM), ("i3", PRIM), ("j", PRIM)]
+    # a key settled, then written again, waits from its new time
+    table.write(engine.ingest([_obs("i1", "y", 3.0)]), None, 3.0)
+    table.settle([("i1", PRIM)])
+    table.write(engine.ingest([_obs("i1", "z", 4.0)]), None, 4.0)
+    assert table.take_pending(3.5) == []
+    assert table.take_pending(4.0) == [("i1", PRIM)]
+
+
+def test_without_remember_no_window_waits() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    table.write(engine.ingest([_obs("a", "x", 1.0)]), None, 1.0, remember=False)
+    assert table.pending == 0 and table.take_pending() == []

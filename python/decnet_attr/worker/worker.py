@@ -217,12 +217,11 @@ class AttributionWorker:
         # re-pointed if the store says otherwise)
         self._identity_cache: dict[str, str] = {}
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
-        # Retained windows written lazily (single-writer store): key → when
-        # it first changed since its window was last written, oldest first.
+        # Retained windows written lazily (single-writer store)
         self.lazy = store.lazy_windows and not self.shared
-        self._dirty: dict[Key, float] = {}
         # lazy mode: per key the engine holds, what the state row last
-        # written says (the next row builds on it without reading it back)
+        # written says (the next row builds on it without reading it back),
+        # and the keys whose windows wait to be written, oldest first
         self._states = StateTable(value_kind_for)
         self._event_seq = 0
         # attackers sharing fingerprints roll up into one identity
@@ -873,7 +872,7 @@ class AttributionWorker:
             if len(touched) > before:
                 # a roll-up rewrote rows the worker keeps no copy of
                 self._needs_barrier = True
-        if self.lazy and self._dirty:
+        if self.lazy and self._states.pending:
             await self._checkpoint(tx, now, touched)
         return events
 
@@ -907,30 +906,26 @@ class AttributionWorker:
         ``window_checkpoint`` seconds ago (at most ``CHECKPOINT_KEYS`` per
         batch; all of them with ``everything``), inside the batch's
         transaction: a key merged many times in between is written once."""
-        horizon = now - self.settings.window_checkpoint
-        keys: list[Key] = []
-        for k, since in self._dirty.items():
-            if not everything and (since > horizon or len(keys) >= CHECKPOINT_KEYS):
-                break
-            keys.append(k)
+        if everything:
+            keys = self._states.take_pending()
+        else:
+            keys = self._states.take_pending(now - self.settings.window_checkpoint, CHECKPOINT_KEYS)
         if not keys:
             return
+        # if the transaction does not commit, these keys are evicted with the
+        # batch's (touched): they reload from the store, window plus replay
+        touched.extend(keys)
         windows = self.engine.export_windows(keys)
         # pipelined: the newest seq as the writer runs this (a read would wait)
         seq = None if self.pipelined else await tx.max_observation_seq()
         await tx.save_windows(
             [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
         )
-        # if the transaction does not commit, these keys are evicted with the
-        # batch's (touched): they reload from the store, window plus replay
-        touched.extend(keys)
-        for k in keys:
-            del self._dirty[k]
         self.stats.windows_saved += len(keys)
 
     async def checkpoint_all(self) -> None:
         """Write every pending window now (a graceful stop; before pruning)."""
-        if not (self.lazy and self._dirty):
+        if not (self.lazy and self._states.pending):
             return
         touched: list[Key] = []
         try:
@@ -982,8 +977,7 @@ class AttributionWorker:
         except BaseException:
             self._evict(touched)
             raise
-        for k in keys:
-            self._dirty.pop(k, None)
+        self._states.settle(keys)
 
     async def _retention_loop(self) -> None:
         while not self._stop.is_set():
@@ -1080,9 +1074,7 @@ class AttributionWorker:
         # the rows go to the store first: its writer runs them while the
         # events are built
         if lazy:
-            dirty = self._dirty
-            # a key already waiting keeps its first time (it is written by then)
-            dirty.update(dict.fromkeys([k for k in keys if k not in dirty], now))
+            # (their windows are pending now: see StateTable.write)
             await tx.upsert_state_values(states)
         else:
             # a key with no row had nothing to lock: if another worker created
@@ -1246,8 +1238,7 @@ class AttributionWorker:
     def forget_dirty(self, keys: list[Key]) -> None:
         """Keys rewritten with complete windows need no lazy write, and their
         rows are read from the store again."""
-        for k in keys:
-            self._dirty.pop(k, None)
+        self._states.settle(keys)
         self._states.forget(keys)
 
     async def reevaluate_multi_actor(

@@ -17,7 +17,7 @@
 //!   stored row's, the last change moves to the newest observation and the
 //!   previous state becomes the stored one; else both stay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use pyo3::prelude::*;
@@ -136,13 +136,69 @@ struct Row {
     before: Option<Name>,
 }
 
+/// An `(identity, primitive)` key.
+type Key = (Arc<str>, Arc<str>);
+
+/// Keys whose retained window waits to be written, oldest first: a key is
+/// noted once (the time it first changed since its window was written) and
+/// taken when its window is written. Keys dropped before they are taken
+/// leave stale entries in `order`, skipped when they reach the front.
+#[derive(Default)]
+struct Pending {
+    /// key -> (its note's number, since)
+    since: HashMap<Key, (u64, f64)>,
+    order: VecDeque<(Key, u64)>,
+    noted: u64,
+}
+
+impl Pending {
+    fn note(&mut self, key: &Key, now: f64) {
+        if !self.since.contains_key(key) {
+            self.noted += 1;
+            self.since.insert(key.clone(), (self.noted, now));
+            self.order.push_back((key.clone(), self.noted));
+        }
+    }
+
+    fn drop_key(&mut self, key: &Key) {
+        self.since.remove(key);
+        if self.since.is_empty() {
+            self.order.clear();
+        }
+    }
+
+    /// The oldest keys noted at or before `horizon` (None: any), at most
+    /// `limit`, no longer pending.
+    fn take(&mut self, horizon: Option<f64>, limit: Option<usize>) -> Vec<Key> {
+        let mut out = Vec::new();
+        while let Some((key, n)) = self.order.front() {
+            match self.since.get(key) {
+                Some(&(m, since)) if m == *n => {
+                    if limit.is_some_and(|l| out.len() >= l) || horizon.is_some_and(|h| since > h) {
+                        break;
+                    }
+                    let (key, _) = self.order.pop_front().expect("a front entry");
+                    self.since.remove(&key);
+                    out.push(key);
+                }
+                _ => {
+                    self.order.pop_front();
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Per key, what the row this process last wrote says (the worker's own
 /// writes, some maybe not committed yet: the worker forgets the keys of a
-/// transaction that fails). Keys it holds need not be read back.
+/// transaction that fails). Keys it holds need not be read back. It also
+/// keeps the keys whose retained window waits to be written (`pending`).
 #[pyclass(name = "StateTable", module = "decnet_attr._core")]
 pub struct PyStateTable {
     rows: HashMap<Arc<str>, HashMap<Arc<str>, Stored>>,
     len: usize,
+    pending: Pending,
     /// primitive -> merger kind, asked of `kind_of` once per primitive
     kinds: HashMap<Arc<str>, Kind>,
     kind_of: PyObject,
@@ -180,6 +236,10 @@ fn key_of(item: &PyAny) -> PyResult<(&str, &str)> {
     item.extract()
 }
 
+fn key_py(py: Python<'_>, key: &Key) -> PyObject {
+    PyTuple::new(py, [key.0.as_ref(), key.1.as_ref()]).into_py(py)
+}
+
 #[pymethods]
 impl PyStateTable {
     /// `kind_of(primitive)`: the merger kind a row of that primitive is
@@ -189,6 +249,7 @@ impl PyStateTable {
         PyStateTable {
             rows: HashMap::new(),
             len: 0,
+            pending: Pending::default(),
             kinds: HashMap::new(),
             kind_of,
         }
@@ -241,11 +302,42 @@ impl PyStateTable {
         Ok(())
     }
 
+    /// How many keys' windows wait to be written.
+    #[getter]
+    fn pending(&self) -> usize {
+        self.pending.since.len()
+    }
+
+    /// The keys whose window has waited since `horizon` or before (None:
+    /// all of them), oldest first, at most `limit`: they are no longer
+    /// pending (their windows are being written).
+    #[args(horizon = "None", limit = "None")]
+    fn take_pending<'py>(
+        &mut self,
+        py: Python<'py>,
+        horizon: Option<f64>,
+        limit: Option<usize>,
+    ) -> &'py PyList {
+        let keys = self.pending.take(horizon, limit);
+        PyList::new(py, keys.iter().map(|k| key_py(py, k)))
+    }
+
+    /// `keys` no longer wait for their windows (written another way).
+    fn settle(&mut self, keys: &PyAny) -> PyResult<()> {
+        for item in keys.iter()? {
+            let (i, p) = key_of(item?)?;
+            self.pending.drop_key(&(i.into(), p.into()));
+        }
+        Ok(())
+    }
+
     /// The rows of a batch's change records. Each key builds on the row
     /// held for it, else on `loaded[(identity, primitive)]` (a `StateRow`
     /// read from the store), else on none. With `remember`, the new rows
-    /// are held from now on; a table holding more than `limit` rows is
-    /// emptied first (the write's `cleared` then says so).
+    /// are held from now on and their keys' windows are pending (since
+    /// `now`, unless pending already); a table holding more than `limit`
+    /// rows is emptied first (the write's `cleared` then says so; what is
+    /// pending stays).
     #[args(result, loaded, now, remember = "true", limit = "None")]
     fn write(
         &mut self,
@@ -287,6 +379,8 @@ impl PyStateTable {
             for r in &rows {
                 let c = &changes[r.change];
                 self.remember(&c.identity, &c.primitive, r.row.clone());
+                self.pending
+                    .note(&(c.identity.clone(), c.primitive.clone()), now);
             }
         }
         Ok(PyStateWrite {
