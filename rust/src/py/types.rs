@@ -6,7 +6,7 @@ use std::sync::Arc;
 use pyo3::basic::CompareOp;
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyTuple};
 
 use super::convert::{extract_value, to_py, Arena};
 use super::errors::DecnetAttrError;
@@ -525,36 +525,6 @@ impl PyIngestResult {
     #[getter]
     fn rejected(&self) -> usize {
         self.errors.len()
-    }
-
-    /// Every change as a plain tuple, for writers that persist a batch:
-    /// ``(identity_uuid, primitive, state, confidence, observation_count,
-    /// last_observation_ts, current_value, current_value_json, old_state,
-    /// state_changed)`` — no per-record objects, the value's JSON text made
-    /// in Rust.
-    fn rows<'py>(&self, py: Python<'py>) -> PyResult<&'py PyList> {
-        let out = PyList::empty(py);
-        for c in self.changes.iter() {
-            let n = &c.new;
-            let old = c.old.as_ref().map(|o| o.state.as_str());
-            let row = PyTuple::new(
-                py,
-                [
-                    c.identity.as_ref().into_py(py),
-                    c.primitive.as_ref().into_py(py),
-                    n.state.as_str().into_py(py),
-                    n.confidence.into_py(py),
-                    n.count.into_py(py),
-                    n.last_ts.into_py(py),
-                    to_py(py, &n.current)?,
-                    n.current.to_json().into_py(py),
-                    old.into_py(py),
-                    c.state_changed().into_py(py),
-                ],
-            );
-            out.append(row)?;
-        }
-        Ok(out)
     }
 
     /// Only the records whose state changed.
