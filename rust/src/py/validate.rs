@@ -4,7 +4,10 @@
 //! the engine's input); nothing is converted per observation in Python.
 
 use std::collections::HashMap;
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -23,6 +26,45 @@ pub struct PyValidated {
     pub duplicates: usize,
     /// The accepted items' admission keys, made once on first use.
     pub keys: OnceLock<Arc<Vec<Keys>>>,
+}
+
+/// Batches at least this big are freed on the freeing thread.
+const FREE_AWAY: usize = 64;
+
+/// Anything to free.
+type Garbage = Box<dyn Send>;
+
+/// A thread that frees what it is sent: a batch of a few thousand accepted
+/// observations holds tens of thousands of strings, and freeing them takes
+/// about a millisecond that would otherwise be the event loop's (a batch
+/// object dies with the GIL held, usually on the loop). The process id
+/// tells a forked child (which has no such thread) to free in place.
+fn free_away(garbage: Garbage) {
+    static FREER: OnceLock<(u32, Mutex<Option<Sender<Garbage>>>)> = OnceLock::new();
+    let (pid, tx) = FREER.get_or_init(|| {
+        let (tx, rx) = channel::<Garbage>();
+        let started = std::thread::Builder::new()
+            .name("attr-free".into())
+            .spawn(move || rx.into_iter().for_each(drop));
+        (std::process::id(), Mutex::new(started.ok().map(|_| tx)))
+    });
+    if *pid != std::process::id() {
+        return; // `garbage` is freed here
+    }
+    if let Some(tx) = tx.lock().as_ref() {
+        let _ = tx.send(garbage); // if the thread is gone, freed here
+    }
+}
+
+impl Drop for PyValidated {
+    fn drop(&mut self) {
+        // the last holder of a big batch frees it on the freeing thread
+        if self.valid.len() >= FREE_AWAY && Arc::strong_count(&self.valid) == 1 {
+            let valid = std::mem::take(&mut self.valid);
+            let keys = self.keys.take();
+            free_away(Box::new((valid, keys)));
+        }
+    }
 }
 
 impl PyValidated {
