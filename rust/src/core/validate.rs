@@ -682,7 +682,8 @@ pub fn validate(
         valid: Vec::with_capacity(hint),
         ..Validated::default()
     };
-    let mut seen: HashSet<String> = HashSet::with_capacity(hint);
+    let mut seen: HashSet<String, ahash::RandomState> =
+        HashSet::with_capacity_and_hasher(hint, ahash::RandomState::new());
     for (index, item) in items.enumerate() {
         out.items = index + 1;
         let env = envelopes.and_then(|e| e.get(index));

@@ -13,7 +13,7 @@
 //! `sqlite_errorcode` and `sqlite_errorname` set as CPython 3.11 sets them,
 //! so callers handle both drivers alike.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyOverflowError, PyTypeError};
@@ -22,7 +22,7 @@ use pyo3::types::{PyBool, PyBytes, PyFloat, PyList, PyLong, PyString, PyTuple};
 use rusqlite::types::Value;
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
-use super::validate::{identity_map, PyValidated};
+use super::validate::{identity_map, IdentityMap, PyValidated};
 use crate::core::validate::Valid;
 
 /// Statements kept prepared per connection (the store uses a few dozen).
@@ -281,7 +281,7 @@ pub(crate) fn insert_rows(
     k: &mut HashSet<String>,
     sql: &str,
     valid: &[Valid],
-    ids: &HashMap<String, String>,
+    ids: &IdentityMap,
     chosen: &[usize],
     merged: bool,
 ) -> Result<usize, Failure> {

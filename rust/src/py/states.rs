@@ -17,8 +17,10 @@
 //!   stored row's, the last change moves to the newest observation and the
 //!   previous state becomes the stored one; else both stay.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::sync::Arc;
+
+use ahash::RandomState;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -136,6 +138,10 @@ struct Row {
     before: Option<Name>,
 }
 
+/// The maps here are looked up once or twice per key of every batch: a
+/// fast hasher.
+type HashMap<K, V> = StdHashMap<K, V, RandomState>;
+
 /// An `(identity, primitive)` key.
 type Key = (Arc<str>, Arc<str>);
 
@@ -247,10 +253,10 @@ impl PyStateTable {
     #[new]
     fn new(kind_of: PyObject) -> Self {
         PyStateTable {
-            rows: HashMap::new(),
+            rows: HashMap::default(),
             len: 0,
             pending: Pending::default(),
-            kinds: HashMap::new(),
+            kinds: HashMap::default(),
             kind_of,
         }
     }
@@ -487,7 +493,7 @@ impl PyStateWrite {
 
     /// The identities of the rows, each once, in order of first row.
     fn identities(&self) -> Vec<&str> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::<_, RandomState>::default();
         self.rows
             .iter()
             .map(|r| self.change(r).identity.as_ref())

@@ -103,8 +103,12 @@ impl PyValidated {
 }
 
 /// `{attacker_uuid: identity_uuid}` from a Python mapping.
-pub fn identity_map(obj: Option<&PyDict>) -> PyResult<HashMap<String, String>> {
-    let mut out = HashMap::new();
+/// attacker -> identity, as Python gives it (looked up once per observation:
+/// a fast hasher).
+pub type IdentityMap = HashMap<String, String, ahash::RandomState>;
+
+pub fn identity_map(obj: Option<&PyDict>) -> PyResult<IdentityMap> {
+    let mut out = IdentityMap::default();
     if let Some(d) = obj {
         for (k, v) in d.iter() {
             out.insert(k.extract::<String>()?, v.extract::<String>()?);

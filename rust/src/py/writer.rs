@@ -21,7 +21,7 @@
 //! has dealt with the failure (`settle`). So a transaction never commits
 //! without one of its writes, nor on top of one that did not commit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::mem::ManuallyDrop;
@@ -41,7 +41,7 @@ use super::sqlite::{
     describe, insert_rows, open, params_of, prepare, raise_as, row_to_py, run, Failure,
 };
 use super::states::PyStateWrite;
-use super::validate::{identity_map, PyValidated};
+use super::validate::{identity_map, IdentityMap, PyValidated};
 use crate::core::validate::Valid;
 
 /// An error as it will be raised in Python: `module.class(message)`, with
@@ -112,7 +112,7 @@ enum Kind {
     Insert {
         sql: String,
         valid: Arc<Vec<Valid>>,
-        ids: HashMap<String, String>,
+        ids: IdentityMap,
         chosen: Vec<usize>,
     },
     Begin,
