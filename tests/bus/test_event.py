@@ -150,3 +150,14 @@ def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
         assert not rl.warning("k", "hello %s", 2)
         assert rl.warning("other", "hello %s", 3)
     assert [r.getMessage() for r in caplog.records] == ["hello 1", "hello 3"]
+
+
+def test_event_of_is_the_same_event_as_the_constructor_makes() -> None:
+    payload = {"identity_uuid": "i", "n": [1, 2]}
+    made = Event("attribution.profile.updated", payload, "profile_updated", 1, 12.5, "e-1")
+    fast = Event.of("attribution.profile.updated", payload, "profile_updated", 1, 12.5, "e-1")
+    assert fast == made and repr(fast) == repr(made)
+    assert fast.to_json() == made.to_json() and fast.payload is payload
+    assert dataclasses.asdict(fast) == dataclasses.asdict(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.topic = "x"  # type: ignore[misc]

@@ -65,6 +65,9 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+_new_object = object.__new__
+
+
 # ------------------------------------------------------------------------------------------
 # envelope
 # ------------------------------------------------------------------------------------------
@@ -79,6 +82,25 @@ class Event:
     v: int = EVENT_SCHEMA_VERSION
     ts: float = field(default_factory=time.time)
     id: str = field(default_factory=_new_id)
+
+    @classmethod
+    def of(
+        cls, topic: str, payload: dict[str, Any], type: str, v: int, ts: float, id: str
+    ) -> Event:
+        """``Event(topic, payload, type, v, ts, id)``, made for the buses'
+        hot paths: a frozen dataclass's ``__init__`` sets each field through
+        ``object.__setattr__`` (about 0.7 µs an event); this fills the
+        instance's ``__dict__`` directly (about 0.3 µs). Same object: equal,
+        frozen, same repr."""
+        event = _new_object(cls)
+        d = event.__dict__
+        d["topic"] = topic
+        d["payload"] = payload
+        d["type"] = type
+        d["v"] = v
+        d["ts"] = ts
+        d["id"] = id
+        return event
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form, keys in DECNET's order ``v, id, topic, type, ts, payload``."""
@@ -569,7 +591,7 @@ class Bus(ABC):
     ) -> Event:
         if not isinstance(payload, dict):
             raise TypeError(f"payload must be a dict, not {type(payload).__name__}")
-        return Event(
+        return Event.of(
             topic,
             payload,
             event_type,

@@ -274,7 +274,7 @@ class InProcessBus(Bus):
             if not isinstance(payload, dict):
                 logger.warning("publish on %s failed: the payload is not a dict", topic[:200])
                 continue
-            event = Event(topic, payload, etype, EVENT_SCHEMA_VERSION, now, eid)
+            event = Event.of(topic, payload, etype, EVENT_SCHEMA_VERSION, now, eid)
             self._published += 1
             subs, groups = route
             if subs:
