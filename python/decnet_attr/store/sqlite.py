@@ -684,6 +684,13 @@ class SqliteStore(SqlStore):
     #: WAL pages after which a committing writer checkpoints itself (a stall);
     #: normally the background checkpointer keeps the WAL far below this.
     wal_autocheckpoint_pages = 50000
+    #: Bytes the WAL file is cut back to when it restarts (PRAGMA
+    #: journal_size_limit). Above what the background checkpointer lets it
+    #: reach, so a busy WAL keeps its size and is overwritten in place: cut
+    #: back to 64 MiB, it grew again on every cycle, and extending a file
+    #: cost the writer's COMMITs ~15 % (measured: 904 / 998 / 980 ms of
+    #: COMMIT for 200k observations, against 781 / 805 / 837 ms uncut).
+    wal_size_limit = 256 * 1024 * 1024
     #: Seconds between background PASSIVE checkpoints (0: none). They run on a
     #: connection (and thread) of their own, so commits never wait for the
     #: WAL to be copied back into the database file.
@@ -756,7 +763,7 @@ class SqliteStore(SqlStore):
             # WAL instead of ~4 MiB: random-key index inserts dirty many pages per
             # batch, so this is the biggest lever on sustained write throughput.
             await conn.execute(f"PRAGMA wal_autocheckpoint = {self.wal_autocheckpoint_pages}")
-            await conn.execute("PRAGMA journal_size_limit = 67108864")
+            await conn.execute(f"PRAGMA journal_size_limit = {self.wal_size_limit}")
         except BaseException:
             await conn.close()
             raise
