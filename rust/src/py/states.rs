@@ -3,12 +3,10 @@
 //! process last wrote says) and `StateWrite` (one batch's rows, their SQL
 //! parameters and their events).
 //!
-//! The worker used to build these in Python, a row object, a payload dict
-//! and an event tuple per touched key: about a third of the event loop's
-//! time at full speed. Here Python hands over the change records and gets
-//! back whole batches: the writer binds the rows straight from a
-//! `StateWrite` (no Python object per row), and the events come out as one
-//! list.
+//! Python hands over the change records and gets back whole batches, never
+//! an object per key on the way to the store: the writer binds the rows
+//! straight from a `StateWrite`, and the events come out as one list (built
+//! per key in Python, they were about a third of the event loop's time).
 //!
 //! The rules a row follows (one place for them):
 //! - a key without a stored row starts at version 1, its last change at
