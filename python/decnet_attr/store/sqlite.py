@@ -377,8 +377,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT DO NOTHING
 """
 
-#: A state row's values: every column but the key and the retained window.
-# the order StateWrite binds a state row's values in (written once, in Rust)
+#: A state row's values: every column but the key and the retained window,
+#: in the order ``StateWrite`` binds them (written once, in Rust).
 _STATE_VALUE_COLS = STATE_VALUE_COLUMNS
 _SET_VALUES = ",\n    ".join(f"{c} = excluded.{c}" for c in _STATE_VALUE_COLS)
 
