@@ -495,3 +495,25 @@ async def test_throughput_smoke() -> None:
     assert all(s.pending == n for s in subs)  # type: ignore[attr-defined]
     assert elapsed < 3.0, f"{n / elapsed:.0f} events/s"
     await bus.close()
+
+
+async def test_a_group_remembers_the_newest_acked_ids_and_forgets_the_oldest_first(
+    memory_bus: InProcessBus,
+) -> None:
+    from decnet_attr.bus.memory import _RECENT_ACKED
+
+    consumer = memory_bus.durable_consumer(OBS, durable="w")
+    for n in range(_RECENT_ACKED + 1):
+        await memory_bus.publish("attacker.observation.p", {"n": n}, event_id=f"e{n}")
+    acked = 0
+    while acked < _RECENT_ACKED + 1:
+        batch = await consumer.fetch(1000, 1.0)
+        for d in batch:
+            await d.ack()
+        acked += len(batch)
+    # e0 is the oldest and was forgotten; e1 is still known
+    await memory_bus.publish("attacker.observation.p", {"n": 0}, event_id="e0")
+    await memory_bus.publish("attacker.observation.p", {"n": 1}, event_id="e1")
+    again = await consumer.fetch(10, 0.2)
+    assert [d.event.id for d in again] == ["e0"]
+    await consumer.aclose()
