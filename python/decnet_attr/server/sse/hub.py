@@ -55,6 +55,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -415,7 +416,10 @@ class SseHub:
         self.overview = Overview(store)
         self._overview_last: Frame | None = None
         self._overview_interval = OVERVIEW_INTERVAL
-        self._idle: dict[str, float] = {}  # attacker uuid -> loop time its last stream left
+        # attacker uuid -> loop time its last stream left, oldest first (an
+        # OrderedDict: evicting from the front of a plain dict rescans the
+        # slots earlier deletions left, quadratic in a mass eviction)
+        self._idle: OrderedDict[str, float] = OrderedDict()
         self._dirty: list[_Stream] = []  # streams with frames to write at the end of a batch
         self._names: dict[str, bytes] = {}
 
