@@ -222,3 +222,23 @@ def test_without_remember_no_window_waits() -> None:
     engine, table = Engine(), StateTable(value_kind_for)
     table.write(engine.ingest([_obs("a", "x", 1.0)]), None, 1.0, remember=False)
     assert table.pending == 0 and table.take_pending() == []
+
+
+def test_write_current_builds_the_engines_states_by_the_same_rules() -> None:
+    engine, table = Engine(), StateTable(value_kind_for)
+    engine.ingest([_obs("a", "x", 1.0), _obs("a", "x", 2.0), _obs("b", "y", 3.0)])
+    loaded = {("a", PRIM): _stored("a", "drifting", 4, 0.5, "stable")}
+    states = table.write_current(engine, [("a", PRIM), ("b", PRIM), ("gone", PRIM)], loaded, 9.0)
+    a, b = states.rows(StateRow)
+    assert states.keys() == [("a", PRIM), ("b", PRIM)]  # a key the engine lacks is left out
+    held = {r.identity_uuid: engine.get(r.identity_uuid, PRIM) for r in (a, b)}
+    for row in (a, b):
+        st = held[row.identity_uuid]
+        assert st is not None
+        assert (row.state, row.observation_count) == (st.state, st.observation_count)
+        assert row.last_observation_ts == st.last_observation_ts
+    assert (a.version, a.previous_state, a.last_change_ts) == (5, "drifting", 2.0)
+    assert (b.version, b.previous_state, b.last_change_ts) == (1, None, 3.0)
+    events, changed = states.events({"a": ["x1"]}, CHANGED, UPDATED)
+    assert changed == 2 and [e[1]["old_state"] for e in events] == ["drifting", None]
+    assert len(table) == 0 and table.pending == 0  # not remembered unless asked

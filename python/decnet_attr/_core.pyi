@@ -359,6 +359,14 @@ class StateTable:
         self, horizon: float | None = None, limit: int | None = None
     ) -> list[tuple[str, str]]: ...
     def settle(self, keys: Iterable[tuple[str, str]]) -> None: ...
+    def write_current(
+        self,
+        engine: Engine,
+        keys: Iterable[tuple[str, str]],
+        loaded: Mapping[tuple[str, str], Any] | None,
+        now: float,
+        remember: bool = False,
+    ) -> StateWrite: ...
     def write(
         self,
         result: IngestResult,

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from decnet_attr._core import Clusterer, ValidatedBatch
-from decnet_attr.registry import registry, value_kind_for
+from decnet_attr.registry import registry
 from decnet_attr.store.base import StateRow, Store, Tx
 from decnet_attr.store.identities import MERGED, UNMERGED, IdentityOps, Membership
 from decnet_attr.topics import (
@@ -291,66 +291,15 @@ class IdentityRollup:
             who = sorted(members.get(ident, ()))
             for p in prims:
                 feed_series(engine, ident, p, await ops.series(ident, p))
-            live = [(ident, p) for p in prims]
-            states = engine.get_many(live)
-            windows = engine.export_windows(live)
-            for (i, p), st, window in zip(live, states, windows):
-                if st is None:
-                    continue
-                old = prior.get((i, p))
-                changed = old is None or old.state != st.state
-                last_change = (
-                    st.last_observation_ts if changed or old is None else old.last_change_ts
-                )
-                version = (old.version if old else 0) + 1
-                rows.append(
-                    StateRow(
-                        identity_uuid=i,
-                        primitive=p,
-                        current_value_json=_value_json(st.current_value),
-                        state=st.state,
-                        confidence=st.confidence,
-                        observation_count=st.observation_count,
-                        last_change_ts=last_change,
-                        last_observation_ts=st.last_observation_ts,
-                        kind=value_kind_for(p),
-                        window_json=window,
-                        version=version,
-                        updated_at=now,
-                        previous_state=(old.state if changed else old.previous_state)
-                        if old
-                        else None,
-                    )
-                )
-                payload = {
-                    "identity_uuid": i,
-                    "primitive": p,
-                    "old_state": old.state if old else None,
-                    "new_state": st.state,
-                    "current_value": st.current_value,
-                    "confidence": st.confidence,
-                    "observation_count": st.observation_count,
-                    "ts": st.last_observation_ts,
-                    "attacker_uuids": who,
-                    "last_change_ts": last_change,
-                    "last_observation_ts": st.last_observation_ts,
-                    "emitted_at": now,
-                    "version": version,
-                }
-                if changed:
-                    events.append(
-                        (ATTRIBUTION_PROFILE_STATE_CHANGED, payload, EVENT_TYPE_STATE_CHANGED)
-                    )
-                else:
-                    events.append(
-                        (ATTRIBUTION_PROFILE_UPDATED, payload, EVENT_TYPE_PROFILE_UPDATED)
-                    )
+            # the rows and events follow the worker's rules (StateTable)
+            states = self.worker.rebuilt_states([(ident, p) for p in prims], prior, now)
+            rows.extend(states.rows(StateRow, engine.export_windows(states.keys())))
+            changes, _transitions = states.events(
+                {ident: who},
+                (ATTRIBUTION_PROFILE_STATE_CHANGED, EVENT_TYPE_STATE_CHANGED),
+                (ATTRIBUTION_PROFILE_UPDATED, EVENT_TYPE_PROFILE_UPDATED),
+            )
+            events.extend(changes)
         if rows:
             await tx.upsert_states(rows)
         return events
-
-
-def _value_json(value: Any) -> str:
-    import orjson
-
-    return orjson.dumps(value).decode()

@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from decnet_attr import Engine, IngestResult
-from decnet_attr._core import StateTable
+from decnet_attr._core import StateTable, StateWrite
 from decnet_attr.bus import Bus, BusError, Delivery
 from decnet_attr.bus.base import UNDECODABLE
 from decnet_attr.bus.helpers import run_control_listener, run_health_heartbeat
@@ -1099,6 +1099,14 @@ class AttributionWorker:
                 known = _with_batch(known, identities, multi)
             events.extend(await self._multi_actor(tx, sorted(identities), now, known))
         return events
+
+    def rebuilt_states(
+        self, keys: list[Key], loaded: dict[Key, StateRow], now: float
+    ) -> StateWrite:
+        """The state rows of keys just rebuilt from their observations (the
+        engine's current states, each on its ``loaded`` row), by the same
+        rules as a batch's rows."""
+        return self._states.write_current(self.engine, keys, loaded, now)
 
     def _note_flags(self, rows: list[_MultiRow]) -> None:
         """Remember the multi-actor flags the batch's rows set or cleared."""

@@ -72,7 +72,7 @@ fn key_pairs(keys: &PyAny) -> PyResult<Vec<(String, String)>> {
 /// The incremental attribution engine, keyed by (identity_uuid, primitive).
 #[pyclass(name = "Engine", module = "decnet_attr._core")]
 pub struct PyEngine {
-    inner: Mutex<Engine>,
+    pub(crate) inner: Mutex<Engine>,
     thresholds: Thresholds,
 }
 

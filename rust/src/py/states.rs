@@ -25,6 +25,7 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use rusqlite::types::Value as Sql;
 
 use super::convert::to_py;
+use super::engine::PyEngine;
 use super::types::PyIngestResult;
 use crate::core::engine::Change;
 use crate::core::merge::State;
@@ -352,7 +353,52 @@ impl PyStateTable {
         remember: bool,
         limit: Option<usize>,
     ) -> PyResult<PyStateWrite> {
-        let changes = result.changes.clone();
+        self.build(py, result.changes.clone(), loaded, now, remember, limit)
+    }
+
+    /// `write` for the current states of `keys` in `engine` (keys it does
+    /// not hold are left out), as if each had just changed: for keys
+    /// rebuilt from their observations.
+    #[args(engine, keys, loaded, now, remember = "false")]
+    fn write_current(
+        &mut self,
+        py: Python<'_>,
+        engine: PyRef<'_, PyEngine>,
+        keys: &PyAny,
+        loaded: Option<&PyDict>,
+        now: f64,
+        remember: bool,
+    ) -> PyResult<PyStateWrite> {
+        let mut changes = Vec::new();
+        {
+            let eng = engine.inner.lock();
+            for item in keys.iter()? {
+                let (i, p) = key_of(item?)?;
+                if let Some(new) = eng.get(i, p) {
+                    changes.push(Change {
+                        identity: i.into(),
+                        primitive: p.into(),
+                        old: None,
+                        new,
+                    });
+                }
+            }
+        }
+        self.build(py, Arc::new(changes), loaded, now, remember, None)
+    }
+}
+
+impl PyStateTable {
+    /// The rows of `changes` (see `write`).
+    fn build(
+        &mut self,
+        py: Python<'_>,
+        changes: Arc<Vec<Change>>,
+        loaded: Option<&PyDict>,
+        now: f64,
+        remember: bool,
+        limit: Option<usize>,
+    ) -> PyResult<PyStateWrite> {
         let loaded = loaded.filter(|d| !d.is_empty());
         let mut rows = Vec::with_capacity(changes.len());
         for (i, c) in changes.iter().enumerate() {
