@@ -1070,7 +1070,6 @@ class AttributionWorker:
         states = self._states.write(result, loaded, now, remember=lazy, limit=MAX_CACHED_ROWS)
         if states.cleared:
             self._needs_barrier = True  # the rows in flight are read again
-        keys = states.keys()
         # the rows go to the store first: its writer runs them while the
         # events are built
         if lazy:
@@ -1079,6 +1078,7 @@ class AttributionWorker:
         else:
             # a key with no row had nothing to lock: if another worker created
             # its row meanwhile, the store says so and the batch runs again
+            keys = states.keys()
             await tx.upsert_states(
                 states.rows(StateRow, self.engine.export_windows(keys)),
                 created=[k for k in keys if k not in loaded],

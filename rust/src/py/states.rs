@@ -449,7 +449,6 @@ pub struct PyStateWrite {
     changes: Arc<Vec<Change>>,
     rows: Vec<Row>,
     /// `updated_at` of every row.
-    #[pyo3(get)]
     now: f64,
     /// The table was emptied before these rows were held.
     #[pyo3(get)]

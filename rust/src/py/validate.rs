@@ -7,8 +7,6 @@ use std::collections::HashMap;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::Mutex;
-
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -40,18 +38,18 @@ type Garbage = Box<dyn Send>;
 /// object dies with the GIL held, usually on the loop). The process id
 /// tells a forked child (which has no such thread) to free in place.
 fn free_away(garbage: Garbage) {
-    static FREER: OnceLock<(u32, Mutex<Option<Sender<Garbage>>>)> = OnceLock::new();
+    static FREER: OnceLock<(u32, Option<Sender<Garbage>>)> = OnceLock::new();
     let (pid, tx) = FREER.get_or_init(|| {
         let (tx, rx) = channel::<Garbage>();
         let started = std::thread::Builder::new()
             .name("attr-free".into())
             .spawn(move || rx.into_iter().for_each(drop));
-        (std::process::id(), Mutex::new(started.ok().map(|_| tx)))
+        (std::process::id(), started.ok().map(|_| tx))
     });
     if *pid != std::process::id() {
         return; // `garbage` is freed here
     }
-    if let Some(tx) = tx.lock().as_ref() {
+    if let Some(tx) = tx {
         let _ = tx.send(garbage); // if the thread is gone, freed here
     }
 }
