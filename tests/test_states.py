@@ -153,6 +153,10 @@ def test_events_say_changed_only_where_the_state_differs_from_the_row_before() -
     assert same["current_value"] == "typed"
     assert fresh["old_state"] is None and fresh["attacker_uuids"] == []
     assert (fresh["version"], fresh["last_change_ts"]) == (1, 2.0)
+    # each payload is a dict of its own (they are made as copies of one)
+    same["version"] = -1
+    assert fresh["version"] == 1
+    assert fresh is not same and fresh["primitive"] == same["primitive"] == PRIM
 
 
 def test_multi_lists_every_row_of_an_identity_with_a_multi_actor_row() -> None:

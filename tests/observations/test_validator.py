@@ -274,3 +274,24 @@ def test_timestamps_outside_the_configured_range_are_refused() -> None:
         (3, "ts_out_of_range"),
         (4, "ts_out_of_range"),
     ]
+
+
+def test_a_batch_names_its_keys_once_each_in_first_seen_order() -> None:
+    def item(i: int, attacker: str, primitive: str) -> dict[str, Any]:
+        return {
+            "attacker_uuid": attacker,
+            "primitive": primitive,
+            "value": "x",
+            "ts": 1e9 + i,
+            "id": f"o{i}",
+        }
+
+    shell, locale = "environmental.shell_type", "environmental.locale"
+    order = [("a", shell), ("b", shell), ("a", locale), ("a", shell), ("c", shell), ("b", shell)]
+    body = b"\n".join(orjson.dumps(item(i, a, p)) for i, (a, p) in enumerate(order))
+    got = validate(body, Settings())
+    # a and b are one identity; c has none yet and is left out
+    keys = got.keys({"a": "i1", "b": "i1"})
+    assert keys == [("i1", shell), ("i1", locale)]
+    assert got.keys({"a": "i1", "b": "i2"}, [1, 3, 5]) == [("i2", shell), ("i1", shell)]
+    assert got.keys({}) == []

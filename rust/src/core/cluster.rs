@@ -152,9 +152,9 @@ pub fn parse_simhash(value_json: &str) -> Option<u64> {
 
 pub struct Clusterer {
     cfg: Config,
-    prim_index: HashMap<String, u16>,
+    prim_index: HashMap<String, u16, RandomState>,
     names: Vec<Box<str>>,
-    ids: HashMap<Box<str>, u32>,
+    ids: HashMap<Box<str>, u32, RandomState>,
     parent: Vec<u32>,
     size: Vec<u32>,
     /// Members of each root's component (empty for non-roots).
@@ -189,7 +189,7 @@ impl Clusterer {
                 cfg.full_share, cfg.max_share
             ));
         }
-        let mut prim_index = HashMap::new();
+        let mut prim_index = HashMap::with_hasher(RandomState::new());
         for (i, f) in cfg.fingerprints.iter().enumerate() {
             if !(f.weight.is_finite() && f.weight >= 0.0) {
                 return Err(format!("weight of {} must be >= 0", f.primitive));
@@ -202,7 +202,7 @@ impl Clusterer {
             cfg,
             prim_index,
             names: Vec::new(),
-            ids: HashMap::new(),
+            ids: HashMap::with_hasher(RandomState::new()),
             parent: Vec::new(),
             size: Vec::new(),
             members: Vec::new(),

@@ -309,13 +309,23 @@ impl PyEngine {
     }
 
     /// Keys (identity, primitive) of `keys` that the engine does not hold.
-    fn missing(&self, keys: &PyAny) -> PyResult<Vec<(String, String)>> {
-        let keys = key_pairs(keys)?;
-        let eng = self.inner.lock();
-        Ok(keys
-            .into_iter()
-            .filter(|(i, p)| !eng.contains(i, p))
-            .collect())
+    fn missing<'py>(&self, py: Python<'py>, keys: &'py PyAny) -> PyResult<&'py PyList> {
+        // the keys given, not copies: each is only read
+        let mut given: Vec<(&str, &str, &PyAny)> = Vec::new();
+        for item in keys.iter()? {
+            let item = item?;
+            let (i, p): (&str, &str) = item.extract()?;
+            given.push((i, p, item));
+        }
+        let absent: Vec<&PyAny> = {
+            let eng = self.inner.lock();
+            given
+                .into_iter()
+                .filter(|(i, p, _)| !eng.contains(i, p))
+                .map(|(_, _, item)| item)
+                .collect()
+        };
+        Ok(PyList::new(py, absent))
     }
 
     /// Drop keys; returns how many existed.

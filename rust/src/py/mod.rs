@@ -8,6 +8,7 @@ mod engine;
 mod errors;
 mod sqlite;
 mod states;
+mod strings;
 mod types;
 mod validate;
 mod writer;

@@ -26,6 +26,7 @@ use rusqlite::types::Value as Sql;
 
 use super::convert::to_py;
 use super::engine::PyEngine;
+use super::strings::Strings;
 use super::types::PyIngestResult;
 use crate::core::engine::Change;
 use crate::core::merge::State;
@@ -635,28 +636,59 @@ impl PyStateWrite {
         let mut transitions = 0;
         let none_yet = PyList::empty(py);
         let emitted_at = self.now.into_py(py);
+        // every payload has the same keys in the same order: each is a copy
+        // of this one with its values replaced (a copy takes the key table
+        // as it is, where thirteen inserts into a new dict would grow it)
+        let names = [
+            pyo3::intern!(py, "identity_uuid"),
+            pyo3::intern!(py, "primitive"),
+            pyo3::intern!(py, "old_state"),
+            pyo3::intern!(py, "new_state"),
+            pyo3::intern!(py, "current_value"),
+            pyo3::intern!(py, "confidence"),
+            pyo3::intern!(py, "observation_count"),
+            pyo3::intern!(py, "ts"),
+            pyo3::intern!(py, "attacker_uuids"),
+            pyo3::intern!(py, "last_change_ts"),
+            pyo3::intern!(py, "last_observation_ts"),
+            pyo3::intern!(py, "emitted_at"),
+            pyo3::intern!(py, "version"),
+        ];
+        let template = PyDict::new(py);
+        for name in names {
+            template.set_item(name, py.None())?;
+        }
+        let mut strings = Strings::new(py);
         for r in &self.rows {
             let c = self.change(r);
             let n = &c.new;
-            let identity = PyString::new(py, &c.identity);
+            let identity = strings.get(&c.identity);
             let who: &PyAny = attackers.get_item(identity).unwrap_or(none_yet);
-            let old = name_py(py, &r.before);
+            let old: PyObject = match &r.before {
+                Some(b) => strings.get(b.as_str()).into(),
+                None => py.None(),
+            };
             let is_change = r.before.as_ref().map(Name::as_str) != Some(n.state.as_str());
             let last_ts = n.last_ts.into_py(py);
-            let p = PyDict::new(py);
-            p.set_item(pyo3::intern!(py, "identity_uuid"), identity)?;
-            p.set_item(pyo3::intern!(py, "primitive"), c.primitive.as_ref())?;
-            p.set_item(pyo3::intern!(py, "old_state"), old)?;
-            p.set_item(pyo3::intern!(py, "new_state"), n.state.as_str())?;
-            p.set_item(pyo3::intern!(py, "current_value"), to_py(py, &n.current)?)?;
-            p.set_item(pyo3::intern!(py, "confidence"), n.confidence)?;
-            p.set_item(pyo3::intern!(py, "observation_count"), n.count)?;
-            p.set_item(pyo3::intern!(py, "ts"), &last_ts)?;
-            p.set_item(pyo3::intern!(py, "attacker_uuids"), who)?;
-            p.set_item(pyo3::intern!(py, "last_change_ts"), r.row.last_change)?;
-            p.set_item(pyo3::intern!(py, "last_observation_ts"), last_ts)?;
-            p.set_item(pyo3::intern!(py, "emitted_at"), &emitted_at)?;
-            p.set_item(pyo3::intern!(py, "version"), r.row.version)?;
+            let values: [PyObject; 13] = [
+                identity.into(),
+                strings.get(&c.primitive).into(),
+                old,
+                strings.get(n.state.as_str()).into(),
+                to_py(py, &n.current)?,
+                n.confidence.into_py(py),
+                n.count.into_py(py),
+                last_ts.clone_ref(py),
+                who.into(),
+                r.row.last_change.into_py(py),
+                last_ts,
+                emitted_at.clone_ref(py),
+                r.row.version.into_py(py),
+            ];
+            let p = template.copy()?;
+            for (name, value) in names.iter().zip(values) {
+                p.set_item(*name, value)?;
+            }
             let (topic, kind) = if is_change {
                 transitions += 1;
                 changed

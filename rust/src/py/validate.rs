@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use super::errors::{DecnetAttrError, InvalidJSONError};
+use super::strings::Strings;
 use crate::core::dedupe::{keys_of, Keys};
 use crate::core::validate::{self, Envelope, Options, Rejection, Valid, Validated};
 
@@ -194,7 +195,7 @@ impl PyValidated {
         &self,
         select: Option<Vec<usize>>,
     ) -> PyResult<Vec<(String, Option<String>, f64)>> {
-        let mut pos: HashMap<&str, usize> = HashMap::new();
+        let mut pos: HashMap<&str, usize, ahash::RandomState> = HashMap::default();
         let mut out: Vec<(String, Option<String>, f64)> = Vec::new();
         for v in self.selected(select)? {
             match pos.get(v.attacker_uuid.as_str()) {
@@ -330,19 +331,22 @@ impl PyValidated {
     /// `(identity, primitive)` keys of the selected items, first-seen order
     /// (items whose attacker has no identity in `identity_of` are skipped).
     #[args(select = "None")]
-    fn keys(
+    fn keys<'py>(
         &self,
+        py: Python<'py>,
         identity_of: Option<&PyDict>,
         select: Option<Vec<usize>>,
-    ) -> PyResult<Vec<(String, String)>> {
+    ) -> PyResult<&'py PyList> {
         let ids = identity_map(identity_of)?;
-        let mut seen = std::collections::HashSet::new();
-        let mut out = Vec::new();
-        for v in self.selected(select)? {
+        let items = self.selected(select)?;
+        let mut seen = std::collections::HashSet::<(&str, &str), ahash::RandomState>::default();
+        let mut strings = Strings::new(py);
+        let out = PyList::empty(py);
+        for v in items {
             if let Some(ident) = ids.get(&v.attacker_uuid) {
-                let k = (ident.clone(), v.primitive.clone());
-                if seen.insert(k.clone()) {
-                    out.push(k);
+                if seen.insert((ident, &v.primitive)) {
+                    let pair = [strings.get(ident), strings.get(&v.primitive)];
+                    out.append(PyTuple::new(py, pair))?;
                 }
             }
         }
