@@ -9,8 +9,9 @@ of the sustained bench (``benchkit.as_events``: sessions of 38 primitives of
 one attacker) in batches of 2,000, one transaction each:
 
 - ``rows``: today's layout: one ``observations`` row per observation (the
-  store's own insert) and one ``attribution_state`` row per key (the
-  store's own upsert of the state values);
+  store's own insert), grouped by attacker with one ``observation_runs``
+  row per group (schema v10), and one ``attribution_state`` row per key
+  (the store's own upsert of the state values);
 - ``chunks``: a candidate observation log: one row per attacker per batch
   holding that attacker's observations of the batch as one JSON array,
   indexed by (attacker, seq) and (identity, seq) as the rows are today;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +41,12 @@ from decnet_attr._core import SqliteConnection
 from decnet_attr.benchkit import as_events
 from decnet_attr.config import Settings
 from decnet_attr.observations import validate
-from decnet_attr.store.sqlite import _SQL_INSERT_OBS, _SQL_UPSERT_STATE_VALUES, SqliteStore
+from decnet_attr.store.sqlite import (
+    _SQL_INSERT_OBS,
+    _SQL_INSERT_RUN,
+    _SQL_UPSERT_STATE_VALUES,
+    SqliteStore,
+)
 
 N = 100_000
 BATCH = 2_000
@@ -108,10 +115,17 @@ def _statements(layout: str, part: list[dict[str, Any]], now: float) -> list[tup
         for o in part
     ]
     if layout == "rows":
-        # the observation rows as the store writes them (its column order)
+        # the observation rows as the store writes them (its column order),
+        # grouped by attacker, each group after its run (schema v10)
         batch = validate(b"\n".join(orjson.dumps(o) for o in part), Settings())
-        rows = batch.rows({o["attacker_uuid"]: o["attacker_uuid"] for o in part})
-        return [(_SQL_INSERT_OBS, rows), (_SQL_UPSERT_STATE_VALUES, states)]
+        rows = batch.rows(
+            {o["attacker_uuid"]: o["attacker_uuid"] for o in part}, batch.by_attacker()
+        )
+        out: list[tuple[str, list[Any]]] = []
+        for a, group in itertools.groupby(rows, key=lambda r: r[11]):
+            group_rows = list(group)
+            out += [(_SQL_INSERT_RUN, [(len(group_rows), a, a)]), (_SQL_INSERT_OBS, group_rows)]
+        return [*out, (_SQL_UPSERT_STATE_VALUES, states)]
     by_attacker: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for o in part:
         by_attacker[o["attacker_uuid"]].append(o)

@@ -165,9 +165,23 @@ async def latency(backend: str, rate: int, seconds: float) -> tuple[float, float
             return p50, p99, len(lat)
 
 
+_DECNET_TABLE = (
+    "CREATE TABLE decnet_observations (id TEXT PRIMARY KEY, identity_ref TEXT, "
+    "primitive TEXT NOT NULL, value TEXT NOT NULL, confidence REAL, window_start_ts REAL, "
+    "window_end_ts REAL, source TEXT, evidence_ref TEXT NOT NULL, envelope_v INTEGER, ts REAL, "
+    "attacker_uuid TEXT REFERENCES attackers(uuid))",
+    "CREATE INDEX ix_decnet_observations_attacker_primitive_ts "
+    "ON decnet_observations(attacker_uuid, primitive, ts)",
+    "INSERT INTO decnet_observations SELECT id, identity_ref, primitive, value, confidence, "
+    "window_start_ts, window_end_ts, source, evidence_ref, envelope_v, ts, attacker_uuid "
+    "FROM observations",
+)
+
+
 async def decnet_style(n: int, history: int) -> float:
     """Per event: SELECT the key's whole series, recompute, SELECT the prior
-    row, upsert it, commit. Same SQLite store and schema."""
+    row, upsert it, commit. The same SQLite file, its attackers and state
+    rows; the observations in a table shaped as DECNET's."""
     with tempfile.TemporaryDirectory() as d:
         async with embedded(Path(d)) as (settings, bus, store):
             worker = AttributionWorker(settings, bus, store)
@@ -209,6 +223,13 @@ async def decnet_style(n: int, history: int) -> float:
             # DECNET reaches SQLite through aiosqlite (under SQLAlchemy): a
             # connection of that kind, on the same file and settings
             conn = await store._connect()  # type: ignore[attr-defined]
+            # and its observations table: one row per observation, the id as
+            # primary key, found by (attacker, primitive, ts). DECNET also
+            # indexes primitive, ts and attacker alone, (primitive, ts) and
+            # UNIQUE (evidence_ref, primitive): left out, which flatters it.
+            # The seeded history is copied in.
+            for stmt in _DECNET_TABLE:
+                await conn.execute(stmt)
             ident = {
                 a: (await store.get_attacker(f"dec-{a}")).identity_id  # type: ignore[union-attr]
                 for a in range(attackers)
@@ -219,13 +240,13 @@ async def decnet_style(n: int, history: int) -> float:
                 ts = float(history + k)
                 await conn.execute("BEGIN IMMEDIATE")
                 await conn.execute(
-                    "INSERT INTO observations (id, primitive, value, confidence, evidence_ref, ts, attacker_uuid, identity_uuid) "
-                    "VALUES (?, ?, ?, 1.0, ?, ?, ?, ?)",
-                    (f"n{k}", "motor.input_modality", '"typed"', f"n{k}", ts, f"dec-{a}", ident[a]),
+                    "INSERT INTO decnet_observations (id, primitive, value, confidence, evidence_ref, ts, attacker_uuid) "
+                    "VALUES (?, ?, ?, 1.0, ?, ?, ?)",
+                    (f"n{k}", "motor.input_modality", '"typed"', f"n{k}", ts, f"dec-{a}"),
                 )
                 await conn.execute("COMMIT")
                 rows = await conn.execute_fetchall(
-                    "SELECT o.ts, o.value, o.confidence FROM observations o JOIN attackers t ON t.uuid = o.attacker_uuid "
+                    "SELECT o.ts, o.value, o.confidence FROM decnet_observations o JOIN attackers t ON t.uuid = o.attacker_uuid "
                     "WHERE t.identity_id = ? AND o.primitive = ? ORDER BY o.ts",
                     (ident[a], "motor.input_modality"),
                 )

@@ -302,6 +302,7 @@ class ValidatedBatch:
     def keys(
         self, identity_of: Mapping[str, str] | None = None, select: Sequence[int] | None = None
     ) -> list[tuple[str, str]]: ...
+    def by_attacker(self, positions: Sequence[int] | None = None) -> list[int]: ...
     def take(self, select: Sequence[int]) -> ValidatedBatch: ...
     def partition(self, partitions: int) -> list[list[int]]: ...
 
@@ -419,6 +420,7 @@ class SqliteWriter:
         batch: ValidatedBatch,
         identity_of: Mapping[str, str] | None,
         select: Sequence[int] | None,
+        runs_sql: str | None = None,
     ) -> None: ...
     def execute_states(
         self, seq: int, update_sql: str, insert_sql: str, states: StateWrite
@@ -450,6 +452,7 @@ class SqliteConnection:
         identity_of: Mapping[str, str] | None = None,
         select: Sequence[int] | None = None,
         merged: bool = True,
+        runs_sql: str | None = None,
     ) -> int: ...
     @property
     def in_transaction(self) -> bool: ...

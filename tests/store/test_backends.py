@@ -4,6 +4,7 @@ contract that are about the machinery rather than the data."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from decnet_attr.store import (
     open_store,
 )
 from decnet_attr.store.postgres import PostgresStore
+from decnet_attr.store.schema import MIGRATIONS, split_statements
 from decnet_attr.store.sqlite import SqliteStore
 from tests.pgserver import PgServer, free_port, requires_postgres
 from tests.store.conftest import obs, scalar, state
@@ -306,22 +308,25 @@ async def test_cancel_while_waiting_for_the_lock(store: Store, open_another: Ope
     assert got is not None and got.version == 3
 
 
+def _sqlite_at(path: Path, version: int) -> sqlite3.Connection:
+    """A database file at schema ``version`` (the migrations up to it, as
+    an older release applied them)."""
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+    for m in MIGRATIONS:
+        if m.version <= version:
+            for stmt in split_statements(m.sqlite):
+                con.execute(stmt)
+            con.execute("INSERT INTO schema_migrations VALUES (?, 0)", (m.version,))
+    return con
+
+
 async def test_sqlite_v5_data_survive_the_write_friendly_layout(tmp_path: Path) -> None:
     """A database written by the v5 layout (unique constraints, four indexes
     per observation) migrates to the appended layout with its rows, and the
     exactly-once admission knows them after the migration."""
-    import sqlite3
-
-    from decnet_attr.store.schema import MIGRATIONS, split_statements
-
     path = tmp_path / "old.db"
-    con = sqlite3.connect(path)
-    con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
-    for m in MIGRATIONS:
-        if m.version <= 5:
-            for stmt in split_statements(m.sqlite):
-                con.execute(stmt)
-            con.execute("INSERT INTO schema_migrations VALUES (?, 0)", (m.version,))
+    con = _sqlite_at(path, 5)
     con.execute("INSERT INTO attackers (uuid, ip, first_seen, last_seen) VALUES ('a1', NULL, 1, 1)")
     con.execute(
         "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid) "
@@ -343,5 +348,75 @@ async def test_sqlite_v5_data_survive_the_write_friendly_layout(tmp_path: Path) 
         async with st.transaction() as tx:
             assert await tx.insert_observations([again, same_evidence]) == []
         assert await st.count_observations() == 1
+    finally:
+        await st.close()
+
+
+async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
+    """Schema v10 finds observations by attacker or identity through runs of
+    consecutive seqs; rows written before it (attackers interleaved, one
+    not merged yet) are cut into runs that cover each row once, and the
+    reads by attacker and identity answer as the indexes did."""
+    from tests.worker.helpers import assert_runs_cover_rows
+
+    path = tmp_path / "v9.db"
+    con = _sqlite_at(path, 9)
+    for ident in ("i1", "i2"):
+        con.execute(
+            "INSERT INTO attacker_identities (uuid, created_at, updated_at) VALUES (?, 0, 0)",
+            (ident,),
+        )
+    for a, ident in (("a1", "i1"), ("a2", "i2"), ("a3", "i1")):
+        con.execute(
+            "INSERT INTO attackers (uuid, identity_id, first_seen, last_seen) VALUES (?, ?, 1, 1)",
+            (a, ident),
+        )
+    shell = "environmental.shell_type"
+    rows = [("a1", "i1"), ("a1", "i1"), ("a2", "i2"), ("a1", "i1"), ("a3", "i1"), ("a3", None)]
+    for n, (a, ident) in enumerate(rows):
+        con.execute(
+            "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
+            "identity_uuid, merged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (f"o{n}", shell, f'"v{n}"', f"ev{n}", float(n), a, ident, int(ident is not None)),
+        )
+    con.commit()
+    con.close()
+    st = SqliteStore(path)
+    await st.open()
+    try:
+        runs = await st._reader().execute_fetchall(  # type: ignore[attr-defined]
+            "SELECT first_seq, last_seq, attacker_uuid, identity_uuid FROM observation_runs "
+            "ORDER BY first_seq"
+        )
+        assert [tuple(r) for r in runs] == [
+            (1, 2, "a1", "i1"),
+            (3, 3, "a2", "i2"),
+            (4, 4, "a1", "i1"),
+            (5, 5, "a3", "i1"),
+            (6, 6, "a3", None),
+        ]
+        await assert_runs_cover_rows(st)
+        assert [v["value"] for v in await st.recent_values("i1", shell, 10)] == [
+            "v0", "v1", "v3", "v4",
+        ]  # fmt: skip
+        latest = await st.latest_observations("a1")
+        assert [(o["primitive"], o["value"]) for o in latest] == [(shell, "v3")]
+        assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == ["o5"]
+    finally:
+        await st.close()
+    # a row written by another tool (no run) gets its run at the next open
+    con = sqlite3.connect(path)
+    con.execute(
+        "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
+        "identity_uuid) VALUES ('o9', ?, '\"v9\"', 'ev9', 9.0, 'a2', 'i2')",
+        (shell,),
+    )
+    con.commit()
+    con.close()
+    st = SqliteStore(path)
+    await st.open()
+    try:
+        await assert_runs_cover_rows(st)
+        assert [v["value"] for v in await st.recent_values("i2", shell, 10)] == ["v2", "v9"]
     finally:
         await st.close()

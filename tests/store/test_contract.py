@@ -885,3 +885,27 @@ async def test_overview_counts(store: Store) -> None:
         "identities": 1,
         "states": {"stable": 1, "drifting": 1, "conflicted": 0, "multi_actor": 2, "unknown": 0},
     }
+
+
+async def test_reads_by_attacker_and_identity_after_interleaved_inserts(store: Store) -> None:
+    """Attackers' observations interleaved in one insert: each attacker's
+    and each identity's reads find exactly theirs (on SQLite through runs of
+    consecutive seqs, schema v10)."""
+    from tests.worker.helpers import assert_runs_cover_rows
+
+    ia, ib = await make_attacker(store, "a"), await make_attacker(store, "b")
+    assert ia is not None and ib is not None
+    order = ["a", "b", "a", "a", "b", "a"]
+    rows = [
+        obs(f"o{i}", who, value=f"v{i}", ts=1000.0 + i, identity_uuid={"a": ia, "b": ib}[who])
+        for i, who in enumerate(order)
+    ]
+    async with store.transaction() as tx:
+        assert await tx.insert_observations(rows) == list(range(len(rows)))
+    await assert_runs_cover_rows(store)
+    prim = "motor.input_modality"
+    assert [v["value"] for v in await store.recent_values(ia, prim, 10)] == ["v0", "v2", "v3", "v5"]
+    assert [v["value"] for v in await store.recent_values(ib, prim, 10)] == ["v1", "v4"]
+    assert [o["value"] for o in await store.latest_observations("b")] == ["v4"]
+    summaries, _ = await store.list_attackers(limit=10, offset=0, sort="events")
+    assert [(s.attacker.uuid, s.observation_count) for s in summaries] == [("a", 4), ("b", 2)]

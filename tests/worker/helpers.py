@@ -124,3 +124,31 @@ async def query(store: Store, sql: str) -> list[tuple[Any, ...]]:
     pool = store._pool  # type: ignore[attr-defined]
     async with pool.acquire() as conn:
         return [tuple(r) for r in await conn.fetch(sql)]
+
+
+async def assert_runs_cover_rows(store: Store) -> None:
+    """SQLite (schema v10): every observation lies in exactly one run, and
+    its run names its attacker and identity (reads by attacker or identity
+    find rows through the runs). Nothing to check on PostgreSQL."""
+    if store.dialect != "sqlite":
+        return
+    uncovered = await query(
+        store,
+        "SELECT o.seq, (SELECT count(*) FROM observation_runs r "
+        "WHERE o.seq BETWEEN r.first_seq AND r.last_seq) AS n "
+        "FROM observations o WHERE n != 1",
+    )
+    assert uncovered == [], uncovered
+    wrong = await query(
+        store,
+        "SELECT seq, attacker_uuid, run_attacker, identity_uuid, run_identity "
+        "FROM observations_by_run "
+        "WHERE attacker_uuid != run_attacker OR identity_uuid IS NOT run_identity",
+    )
+    assert wrong == [], wrong
+    overlapping = await query(
+        store,
+        "SELECT a.first_seq FROM observation_runs a JOIN observation_runs b "
+        "ON b.first_seq > a.first_seq AND b.first_seq <= a.last_seq",
+    )
+    assert overlapping == [], overlapping

@@ -21,7 +21,14 @@ from decnet_attr.topics import attacker_observation
 from decnet_attr.worker import AttributionWorker
 from tests import oracle
 from tests.worker.conftest import Collector
-from tests.worker.helpers import _Row, mk_obs, publish_all, query, wait_for
+from tests.worker.helpers import (
+    _Row,
+    assert_runs_cover_rows,
+    mk_obs,
+    publish_all,
+    query,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -297,6 +304,7 @@ async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> tupl
             await publish_all(bus, batch)
             obs += batch
             await assert_states_equal_oracle(store, obs)
+            await assert_runs_cover_rows(store)
         # the identities are the clusterer's components (as an all-pairs pass sees them)
         assert worker.rollup is not None
         cl = worker.rollup.clusterer

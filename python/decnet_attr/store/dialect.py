@@ -13,7 +13,12 @@ errors to the store's typed errors (:mod:`decnet_attr.store.errors`):
   ``merged`` / ``NOT merged`` on PostgreSQL;
 - ``GREATEST(``: SQLite's two-argument ``max(``;
 - ``BYTE_ORDER`` after an ``ORDER BY`` term: nothing on SQLite (text compares
-  by bytes), ``COLLATE "C"`` on PostgreSQL.
+  by bytes), ``COLLATE "C"`` on PostgreSQL;
+- ``OBS_BY_RUN``, ``RUN_ATTACKER``, ``RUN_IDENTITY``: observations read by
+  attacker or identity. On SQLite the view ``observations_by_run`` and its
+  run's attacker and identity columns (the index that finds them is on the
+  runs, see schema v10); on PostgreSQL ``observations`` and its own
+  ``attacker_uuid`` and ``identity_uuid``.
 
 A list parameter is one JSON array on SQLite (so the statement text, and
 the prepared statement, do not depend on the list's length) and a text
@@ -53,6 +58,9 @@ class Dialect(ABC):
     #: Appended to a ``SELECT`` that takes row locks (PostgreSQL); SQLite's
     #: write transactions already hold the database write lock.
     for_update: str = ""
+    #: Observations are found by attacker or identity through
+    #: ``observation_runs`` (SQLite, schema v10), not an index of their own.
+    observation_runs: bool = False
 
     def param(self, i: int) -> str:
         """The ``i``-th (1-based) placeholder."""

@@ -108,8 +108,20 @@ class IdentityOps(_Base):
             "identity_id = ? WHERE uuid IN_LIST(?)",
             [identity, ids],
         )
+        if not self.dialect.observation_runs:
+            await self.rows(
+                "UPDATE observations SET identity_uuid = ? WHERE attacker_uuid IN_LIST(?)",
+                [identity, ids],
+            )
+            return
+        # the rows found through their runs, and the runs themselves
         await self.rows(
-            "UPDATE observations SET identity_uuid = ? WHERE attacker_uuid IN_LIST(?)",
+            "UPDATE observations SET identity_uuid = ? "
+            "WHERE seq IN (SELECT seq FROM observations_by_run WHERE run_attacker IN_LIST(?))",
+            [identity, ids],
+        )
+        await self.rows(
+            "UPDATE observation_runs SET identity_uuid = ? WHERE attacker_uuid IN_LIST(?)",
             [identity, ids],
         )
 
@@ -121,7 +133,7 @@ class IdentityOps(_Base):
 
     async def primitives_of(self, identity: str) -> list[str]:
         rows = await self.rows(
-            "SELECT DISTINCT primitive FROM observations WHERE identity_uuid = ? AND IS_MERGED "
+            "SELECT DISTINCT primitive FROM OBS_BY_RUN WHERE RUN_IDENTITY = ? AND IS_MERGED "
             "ORDER BY primitive",
             [identity],
         )
@@ -130,7 +142,7 @@ class IdentityOps(_Base):
     async def series(self, identity: str, primitive: str) -> list[tuple[str, float]]:
         """The key's merged observations as ``(value_json, ts)`` in ts order."""
         rows = await self.rows(
-            "SELECT value, ts FROM observations WHERE identity_uuid = ? AND primitive = ? "
+            "SELECT value, ts FROM OBS_BY_RUN WHERE RUN_IDENTITY = ? AND primitive = ? "
             "AND IS_MERGED ORDER BY ts, seq",
             [identity, primitive],
         )
@@ -237,8 +249,8 @@ class IdentityReads(_Base):
         """The identity's distinct fingerprint values, each with the
         attackers that showed it, most shared first."""
         rows = await self.rows(
-            "SELECT primitive, value, attacker_uuid FROM observations "
-            "WHERE identity_uuid = ? AND primitive IN_LIST(?) "
+            "SELECT primitive, value, attacker_uuid FROM OBS_BY_RUN "
+            "WHERE RUN_IDENTITY = ? AND primitive IN_LIST(?) "
             "GROUP BY primitive, value, attacker_uuid ORDER BY primitive, value, attacker_uuid",
             [identity, self.dialect.list_param(sorted(set(primitives)))],
         )
@@ -277,7 +289,7 @@ class IdentityReads(_Base):
         params.append(int(limit))
         rows = await self.rows(
             "SELECT seq, id, attacker_uuid, primitive, value, confidence, ts, source, "
-            "evidence_ref FROM observations WHERE identity_uuid = ?"
+            "evidence_ref FROM OBS_BY_RUN WHERE RUN_IDENTITY = ?"
             + cond
             + " ORDER BY seq DESC LIMIT ?",
             params,

@@ -79,6 +79,9 @@ class PostgresDialect(Dialect):
         "NOT_MERGED": "NOT merged",
         "IS_MERGED": "merged",
         " BYTE_ORDER": ' COLLATE "C"',
+        "OBS_BY_RUN": "observations",
+        "RUN_ATTACKER": "attacker_uuid",
+        "RUN_IDENTITY": "identity_uuid",
     }
     numbered = True
     for_update = " FOR UPDATE"

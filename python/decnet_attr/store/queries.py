@@ -18,7 +18,7 @@ from decnet_attr.store.rows import IDENTITY_FIELDS, OBS_SELECT_COLS
 
 _LIST_SORTS = {"last_seen": "last_seen", "first_seen": "first_seen", "ip": "ip"}
 #: The observation count of attacker ``p`` (the list's ``observation_count``).
-_EVENT_COUNT = "(SELECT count(*) FROM observations o WHERE o.attacker_uuid = {a}.uuid)"
+_EVENT_COUNT = "(SELECT count(*) FROM OBS_BY_RUN o WHERE o.RUN_ATTACKER = {a}.uuid)"
 #: The list sorts: the attackers-table columns plus ``events`` (most observations first).
 LIST_SORTS: tuple[str, ...] = (*_LIST_SORTS, "events")
 
@@ -84,7 +84,7 @@ def list_filters(
     if service:
         n = add(f"{SHARD_REF_PREFIX}%/{like_pattern(service)}/%")
         conds.append(
-            "EXISTS (SELECT 1 FROM observations o WHERE o.attacker_uuid = a.uuid "
+            "EXISTS (SELECT 1 FROM OBS_BY_RUN o WHERE o.RUN_ATTACKER = a.uuid "
             f"AND o.evidence_ref LIKE {n} ESCAPE '\\')"
         )
     f = filters or AttackerFilter()
@@ -164,9 +164,9 @@ OVERVIEW_STATES_SQL = "SELECT state, count(*) FROM attribution_state GROUP BY st
 
 #: Distinct shard references of some attackers' observations (``{ids}``: placeholders).
 EVIDENCE_SQL = (
-    "SELECT DISTINCT attacker_uuid, evidence_ref FROM observations "
-    "WHERE attacker_uuid IN ({ids}) AND evidence_ref LIKE '" + SHARD_REF_PREFIX + "%' "
-    "ORDER BY attacker_uuid, evidence_ref"
+    "SELECT DISTINCT RUN_ATTACKER, evidence_ref FROM OBS_BY_RUN "
+    "WHERE RUN_ATTACKER IN ({ids}) AND evidence_ref LIKE '" + SHARD_REF_PREFIX + "%' "
+    "ORDER BY RUN_ATTACKER, evidence_ref"
 )
 
 
@@ -202,7 +202,7 @@ LATEST_OBSERVATIONS_SQL: dict[str, str] = {
         "SELECT primitive, value, confidence, ts, source FROM ("
         "  SELECT primitive, value, confidence, ts, source, row_number() OVER ("
         "    PARTITION BY primitive ORDER BY ts DESC, seq DESC) AS rn "
-        "  FROM observations WHERE attacker_uuid = ?) "
+        "  FROM observations_by_run WHERE run_attacker = ?) "
         "WHERE rn = 1 ORDER BY primitive"
     ),
     "postgresql": (

@@ -296,6 +296,52 @@ CREATE INDEX ix_identity_merges_winner ON identity_merges(winner_uuid, id);
 CREATE INDEX ix_identity_merges_loser ON identity_merges(loser_uuid, id)
 """
 
+#: Runs for the observations above the newest run: consecutive seqs of one
+#: attacker and identity, each stretch one run. Schema v10 cuts the stored
+#: rows so; :func:`migrate_sqlite` runs it again at every open, for rows
+#: written since by something other than the worker (one INSERT at a time,
+#: no run).
+COVER_RUNS_SQL = """
+INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid)
+SELECT min(seq), max(seq), attacker_uuid, identity_uuid FROM (
+    SELECT seq, attacker_uuid, identity_uuid, sum(brk) OVER (ORDER BY seq) AS grp FROM (
+        SELECT seq, attacker_uuid, identity_uuid,
+            CASE WHEN attacker_uuid IS lag(attacker_uuid) OVER w
+                AND identity_uuid IS lag(identity_uuid) OVER w THEN 0 ELSE 1 END AS brk
+        FROM observations
+        WHERE seq > coalesce(
+            (SELECT last_seq FROM observation_runs ORDER BY first_seq DESC LIMIT 1), 0)
+        WINDOW w AS (ORDER BY seq)))
+GROUP BY grp
+"""
+
+# v10 (SQLite): runs instead of the per-observation (attacker|identity, seq)
+# indexes. The worker stores a batch's observations grouped by attacker, so
+# an attacker's rows of one batch have consecutive seqs; one
+# ``observation_runs`` row per such group (written with them) says which
+# seq range holds which attacker's rows, under which identity. Reads by
+# attacker or identity find the runs by index and then the rows by seq
+# range (``observations_by_run``): one run row per attacker per batch
+# where every observation added an entry to two indexes. PostgreSQL keeps
+# its indexes: several workers insert there at once, so one attacker's
+# rows are not consecutive.
+_V10_SQLITE = f"""
+CREATE TABLE observation_runs (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    attacker_uuid TEXT NOT NULL,
+    identity_uuid TEXT NULL
+);
+{COVER_RUNS_SQL.strip()};
+DROP INDEX IF EXISTS ix_observations_attacker_seq;
+DROP INDEX IF EXISTS ix_observations_identity_seq;
+CREATE INDEX ix_observation_runs_attacker ON observation_runs(attacker_uuid, first_seq);
+CREATE INDEX ix_observation_runs_identity ON observation_runs(identity_uuid, first_seq);
+CREATE VIEW observations_by_run AS
+SELECT o.*, r.attacker_uuid AS run_attacker, r.identity_uuid AS run_identity
+FROM observation_runs r JOIN observations o ON o.seq BETWEEN r.first_seq AND r.last_seq
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, *_ddl(_V1)),
     Migration(2, *_ddl(_V2)),
@@ -306,6 +352,7 @@ MIGRATIONS: list[Migration] = [
     Migration(7, *_ddl(_V7)),
     Migration(8, *_ddl(_V8)),
     Migration(9, *_ddl(_V9)),
+    Migration(10, _V10_SQLITE, "SELECT 1"),
 ]
 
 LATEST_VERSION = max(m.version for m in MIGRATIONS)
@@ -336,7 +383,9 @@ def split_statements(script: str) -> list[str]:
 
 
 async def migrate_sqlite(conn: Any) -> list[int]:
-    """Apply pending migrations on an aiosqlite connection in autocommit mode.
+    """Apply pending migrations on an aiosqlite connection in autocommit mode,
+    then give the observations written since the last open without a run
+    their runs (:data:`COVER_RUNS_SQL`).
 
     Runs ``BEGIN IMMEDIATE`` … ``COMMIT`` itself; returns the versions applied.
     """
@@ -356,6 +405,8 @@ async def migrate_sqlite(conn: Any) -> list[int]:
                 (mig.version, time.time()),
             )
             applied.append(mig.version)
+        # rows written since the last open by something other than the worker
+        await conn.execute(COVER_RUNS_SQL)
         await conn.execute("COMMIT")
     except BaseException:
         try:

@@ -67,7 +67,7 @@ from decnet_attr.store.rows import (
 )
 
 _SERIES_AFTER = (
-    "SELECT value, ts FROM observations WHERE identity_uuid = ? AND seq > ? "
+    "SELECT value, ts FROM OBS_BY_RUN WHERE RUN_IDENTITY = ? AND seq > ? "
     "AND primitive = ? AND IS_MERGED ORDER BY seq"
 )
 
@@ -244,8 +244,8 @@ class SqlStore(Store):
         n = len(params)
         sql = list_attackers_sql(sort, descending, where, d.param(n + 1), d.param(n + 2))
         async with self._read() as conn:
-            rows = await d.rows(conn, sql, (*params, int(limit), int(offset)))
-            cnt = await d.rows(conn, f"SELECT count(*) FROM attackers a {where}", params)
+            rows = await d.rows(conn, d.sql(sql), (*params, int(limit), int(offset)))
+            cnt = await d.rows(conn, d.sql(f"SELECT count(*) FROM attackers a {where}"), params)
         return summaries_from_rows(rows), int(cnt[0][0])
 
     @guard
@@ -349,8 +349,8 @@ class SqlStore(Store):
         self, identity_uuid: str, primitive: str, limit: int
     ) -> list[dict[str, Any]]:
         rows = await self._rows(
-            "SELECT ts, value, confidence, attacker_uuid FROM observations "
-            "WHERE identity_uuid = ? AND primitive = ? ORDER BY ts DESC, seq DESC LIMIT ?",
+            "SELECT ts, value, confidence, attacker_uuid FROM OBS_BY_RUN "
+            "WHERE RUN_IDENTITY = ? AND primitive = ? ORDER BY ts DESC, seq DESC LIMIT ?",
             (identity_uuid, primitive, int(limit)),
         )
         return [

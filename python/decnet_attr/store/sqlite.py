@@ -129,7 +129,11 @@ class SqliteDialect(Dialect):
         "IS_MERGED": "merged = 1",
         "GREATEST(": "max(",
         " BYTE_ORDER": "",
+        "OBS_BY_RUN": "observations_by_run",
+        "RUN_ATTACKER": "run_attacker",
+        "RUN_IDENTITY": "run_identity",
     }
+    observation_runs = True
 
     def list_param(self, values: Sequence[Any]) -> Any:
         return _json_list(list(values))
@@ -309,7 +313,9 @@ class NativeConnection:
         the batch, see ``SqliteConnection.insert_validated``), deferred as
         :meth:`defer` is."""
         self._check()
-        self._w.insert_validated(self._w.current, sql, batch, dict(identity_of), list(select))
+        self._w.insert_validated(
+            self._w.current, sql, batch, dict(identity_of), list(select), _SQL_INSERT_RUN
+        )
 
     async def rollback(self, seq: int | None = None) -> None:
         """``ROLLBACK`` of transaction ``seq`` if it is still open (None:
@@ -375,6 +381,15 @@ _SQL_INSERT_OBS = f"""
 INSERT INTO observations ({OBS_INSERT_COLS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT DO NOTHING
+"""
+
+#: The run of the next ``?1`` rows, all of attacker ``?2`` (identity ``?3``),
+#: written just before them (schema v10). One writer, inside its
+#: transaction: the rows take the seqs after the highest ever given out.
+_SQL_INSERT_RUN = """
+INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid)
+SELECT s + 1, s + ?1, ?2, ?3 FROM (SELECT coalesce(
+    (SELECT seq FROM sqlite_sequence WHERE name = 'observations'), 0) AS s)
 """
 
 #: A state row's values: every column but the key and the retained window,
@@ -578,9 +593,7 @@ class SqliteTx(SqlTx):
         # rolls back), then appended; no unique index to maintain on disk
         new = self._dedupe.admit_rows(rows)
         if new:
-            await conn.executemany(
-                _SQL_INSERT_OBS, rows if len(new) == len(rows) else [rows[i] for i in new]
-            )
+            await _insert_with_runs(conn, rows if len(new) == len(rows) else [rows[i] for i in new])
         return new
 
     @guard
@@ -588,12 +601,14 @@ class SqliteTx(SqlTx):
         self, batch: ValidatedBatch, identity_of: Mapping[str, str]
     ) -> list[int]:
         conn = self._c()
-        new = self._dedupe.admit_batch(batch)
+        # stored (and so merged) grouped by attacker: each attacker's rows of
+        # the batch take consecutive seqs, one run (schema v10)
+        new = batch.by_attacker(self._dedupe.admit_batch(batch))
         if new:
             if isinstance(conn, NativeConnection):
                 conn.defer_validated(_SQL_INSERT_OBS, batch, identity_of, new)
             else:
-                await conn.executemany(_SQL_INSERT_OBS, batch.rows(identity_of, new))
+                await _insert_with_runs(conn, batch.rows(identity_of, new))
         return new
 
     @guard
@@ -666,11 +681,32 @@ class SqliteTx(SqlTx):
         conn = self._c()
         if not seqs:
             return
+        marks = [(identity_by_seq.get(s), s) for s in sorted(set(seqs))]
         await conn.executemany(
             "UPDATE observations SET merged = 1, identity_uuid = coalesce(?, identity_uuid) "
             "WHERE seq = ?",
-            [(identity_by_seq.get(s), s) for s in sorted(set(seqs))],
+            marks,
         )
+        # the run holding each row takes its identity (a run is one attacker's)
+        await conn.executemany(
+            "UPDATE observation_runs SET identity_uuid = coalesce(?1, identity_uuid) "
+            "WHERE first_seq = (SELECT max(first_seq) FROM observation_runs WHERE first_seq <= ?2)",
+            marks,
+        )
+
+
+async def _insert_with_runs(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Observation rows (``OBS_INSERT_COLS`` order) on a Python connection,
+    each stretch of one attacker after its run (as the native writer does)."""
+    start = 0
+    while start < len(rows):
+        attacker, identity = rows[start][11:13]
+        end = start + 1
+        while end < len(rows) and rows[end][11:13] == (attacker, identity):
+            end += 1
+        await conn.execute(_SQL_INSERT_RUN, (end - start, attacker, identity))
+        await conn.executemany(_SQL_INSERT_OBS, rows[start:end])
+        start = end
 
 
 class SqliteStore(SqlStore):
@@ -1129,6 +1165,14 @@ class SqliteStore(SqlStore):
                     (low, high),
                 )
                 n = await conn.execute_fetchall("SELECT changes()")
+                # and the runs left without rows (a run with rows kept, or
+                # that goes on above the range, stays)
+                await conn.execute(
+                    "DELETE FROM observation_runs WHERE first_seq BETWEEN ?1 AND ?2 "
+                    "AND NOT EXISTS (SELECT 1 FROM observations o "
+                    "WHERE o.seq BETWEEN observation_runs.first_seq AND observation_runs.last_seq)",
+                    (low, high),
+                )
             deleted += int(n[0][0])
             low = high + 1
         async with self._write() as conn:

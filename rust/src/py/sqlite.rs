@@ -275,39 +275,61 @@ pub(crate) fn run(
 }
 
 /// Insert the `chosen` accepted items of a validated batch with `sql` (see
-/// `SqliteConnection.insert_validated`).
+/// `SqliteConnection.insert_validated`). With `runs_sql`, each stretch of
+/// consecutive items of one attacker is announced first: `runs_sql` runs
+/// with (the stretch's length, its attacker, the attacker's identity) and
+/// records the seq range the stretch's rows are about to take.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_rows(
     c: &Connection,
     k: &mut HashSet<String>,
     sql: &str,
+    runs_sql: Option<&str>,
     valid: &[Valid],
     ids: &IdentityMap,
     chosen: &[usize],
     merged: bool,
 ) -> Result<usize, Failure> {
     let mut stmt = prepare(c, k, sql)?;
-    for &i in chosen {
-        let v = &valid[i];
-        let (ws, we) = match v.window {
-            Some((s, e)) => (Some(s), Some(e)),
-            None => (None, None),
-        };
-        stmt.execute(rusqlite::params![
-            v.id,
-            v.identity_ref,
-            v.primitive,
-            v.value_json,
-            v.confidence,
-            ws,
-            we,
-            v.source,
-            v.evidence_ref,
-            1i64,
-            v.ts,
-            v.attacker_uuid,
-            ids.get(&v.attacker_uuid),
-            i64::from(merged),
-        ])?;
+    let mut runs = match runs_sql {
+        Some(q) => Some(prepare(c, k, q)?),
+        None => None,
+    };
+    let mut start = 0;
+    while start < chosen.len() {
+        let attacker = &valid[chosen[start]].attacker_uuid;
+        let end = chosen[start..]
+            .iter()
+            .position(|&i| valid[i].attacker_uuid != *attacker)
+            .map_or(chosen.len(), |n| start + n);
+        let identity = ids.get(attacker);
+        if let Some(runs) = runs.as_mut() {
+            runs.execute(rusqlite::params![(end - start) as i64, attacker, identity])?;
+        }
+        for &i in &chosen[start..end] {
+            let v = &valid[i];
+            let (ws, we) = match v.window {
+                Some((s, e)) => (Some(s), Some(e)),
+                None => (None, None),
+            };
+            stmt.execute(rusqlite::params![
+                v.id,
+                v.identity_ref,
+                v.primitive,
+                v.value_json,
+                v.confidence,
+                ws,
+                we,
+                v.source,
+                v.evidence_ref,
+                1i64,
+                v.ts,
+                v.attacker_uuid,
+                identity,
+                i64::from(merged),
+            ])?;
+        }
+        start = end;
     }
     Ok(chosen.len())
 }
@@ -412,7 +434,15 @@ impl PySqlite {
     /// (14 parameters in the observations table's column order, see
     /// `ValidatedBatch.rows`), binding straight from the batch: no Python
     /// object per row. `identity_of` maps attacker → identity.
-    #[args(sql, batch, identity_of = "None", select = "None", merged = "true")]
+    #[args(
+        sql,
+        batch,
+        identity_of = "None",
+        select = "None",
+        merged = "true",
+        runs_sql = "None"
+    )]
+    #[allow(clippy::too_many_arguments)]
     fn insert_validated(
         &self,
         py: Python<'_>,
@@ -421,6 +451,7 @@ impl PySqlite {
         identity_of: Option<&pyo3::types::PyDict>,
         select: Option<Vec<usize>>,
         merged: bool,
+        runs_sql: Option<&str>,
     ) -> PyResult<usize> {
         let ids = identity_map(identity_of)?;
         let valid = batch.valid.clone();
@@ -439,7 +470,7 @@ impl PySqlite {
             return Ok(0);
         }
         self.with_conn(py, move |c, k| {
-            insert_rows(c, k, sql, &valid, &ids, &chosen, merged)
+            insert_rows(c, k, sql, runs_sql, &valid, &ids, &chosen, merged)
         })
     }
 

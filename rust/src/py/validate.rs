@@ -353,6 +353,26 @@ impl PyValidated {
         Ok(out)
     }
 
+    /// `positions` (all accepted items when None) grouped by attacker: the
+    /// attackers in order of first appearance, each one's items in their
+    /// order.
+    #[args(positions = "None")]
+    fn by_attacker(&self, positions: Option<Vec<usize>>) -> PyResult<Vec<usize>> {
+        let positions = self.positions(positions)?;
+        let mut group: HashMap<&str, usize, ahash::RandomState> = HashMap::default();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for &i in &positions {
+            let g = *group
+                .entry(self.valid[i].attacker_uuid.as_str())
+                .or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+            groups[g].push(i);
+        }
+        Ok(groups.concat())
+    }
+
     /// Positions of the accepted items per ingest partition (`partitions`
     /// lists; see `partition_of`).
     fn partition(&self, partitions: u32) -> Vec<Vec<usize>> {

@@ -111,6 +111,7 @@ enum Kind {
     },
     Insert {
         sql: String,
+        runs_sql: Option<String>,
         valid: Arc<Vec<Valid>>,
         ids: IdentityMap,
         chosen: Vec<usize>,
@@ -207,12 +208,22 @@ impl Thread {
             } => self.exec(sql, sets, expect_one),
             Kind::Insert {
                 sql,
+                runs_sql,
                 valid,
                 ids,
                 chosen,
-            } => insert_rows(&self.conn, &mut self.checked, sql, valid, ids, chosen, true)
-                .map(|_| Vec::new())
-                .map_err(Raised::from),
+            } => insert_rows(
+                &self.conn,
+                &mut self.checked,
+                sql,
+                runs_sql.as_deref(),
+                valid,
+                ids,
+                chosen,
+                true,
+            )
+            .map(|_| Vec::new())
+            .map_err(Raised::from),
             Kind::Begin => {
                 let out = self.conn.execute_batch("BEGIN IMMEDIATE");
                 if out.is_ok() {
@@ -395,7 +406,7 @@ impl PyWriter {
 
     /// Queue the insert of the selected accepted items of a batch (see
     /// `SqliteConnection.insert_validated`) as a deferred write of `seq`.
-    #[args(seq, sql, batch, identity_of, select)]
+    #[args(seq, sql, batch, identity_of, select, runs_sql = "None")]
     fn insert_validated(
         &self,
         seq: u64,
@@ -403,6 +414,7 @@ impl PyWriter {
         batch: PyRef<'_, PyValidated>,
         identity_of: Option<&PyDict>,
         select: Option<Vec<usize>>,
+        runs_sql: Option<String>,
     ) -> PyResult<()> {
         let ids = identity_map(identity_of)?;
         let chosen = batch.positions(select)?;
@@ -415,6 +427,7 @@ impl PyWriter {
             seq,
             Kind::Insert {
                 sql,
+                runs_sql,
                 valid,
                 ids,
                 chosen,
