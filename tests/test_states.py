@@ -246,3 +246,48 @@ def test_write_current_builds_the_engines_states_by_the_same_rules() -> None:
     events, changed = states.events({"a": ["x1"]}, CHANGED, UPDATED)
     assert changed == 2 and [e[1]["old_state"] for e in events] == ["drifting", None]
     assert len(table) == 0 and table.pending == 0  # not remembered unless asked
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.lists(st.sampled_from("abc"), min_size=1, max_size=6), min_size=2, max_size=8))
+def test_the_store_holds_the_rows_written_whether_the_state_stays_or_changes(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[list[str]]
+) -> None:
+    """The SQLite writer updates a row whose state stays with a statement
+    that leaves the state columns alone: what it stores equals the row
+    written, batch after batch, as for a row whose state changes."""
+    import asyncio
+
+    from decnet_attr.store.sqlite import SqliteStore
+
+    path = tmp_path_factory.mktemp("states") / "attr.db"
+
+    async def run() -> None:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            async with store.transaction() as tx:
+                await tx.ensure_attackers([("a1", None, 0.0)])
+                ident = (await tx.ensure_identities(["a1"], 0.0))[0]["a1"]
+            engine, table = Engine(), StateTable(value_kind_for)
+            ts = 0.0
+            for values in batches:
+                obs = []
+                for v in values:
+                    ts += 1.0
+                    obs.append(_obs(ident, v, ts))
+                states = table.write(engine.ingest(obs), None, 1000.0)
+                (want,) = states.rows(StateRow)
+                async with store.transaction() as tx:
+                    await tx.upsert_state_values(states)
+                got = await store.get_state(ident, PRIM)
+                assert got is not None
+                fields = (
+                    "state", "previous_state", "version", "last_change_ts", "last_observation_ts",
+                    "observation_count", "confidence", "current_value_json",
+                )  # fmt: skip
+                assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+        finally:
+            await store.close()
+
+    asyncio.run(run())

@@ -423,7 +423,12 @@ class SqliteWriter:
         runs_sql: str | None = None,
     ) -> None: ...
     def execute_states(
-        self, seq: int, update_sql: str, insert_sql: str, states: StateWrite
+        self,
+        seq: int,
+        update_sql: str,
+        insert_sql: str,
+        states: StateWrite,
+        same_sql: str | None = None,
     ) -> None: ...
     def begin(self, seq: int, wait: bool) -> int | None: ...
     def commit(self, seq: int) -> int: ...

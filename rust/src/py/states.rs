@@ -481,11 +481,15 @@ impl PyStateWrite {
         ]
     }
 
-    /// The parameter sets of the rows: `(updates, inserts)`. A row written
-    /// before (version > 1) is an update (values, then the key), a new one
-    /// an insert (the key, then values).
-    pub(crate) fn sql_sets(&self) -> (Vec<Vec<Sql>>, Vec<Vec<Sql>>) {
+    /// The parameter sets of the rows: `(updates, same, inserts)`. A row
+    /// written before (version > 1) is an update (values, then the key), a
+    /// new one an insert (the key, then values). With `split`, the updates
+    /// that keep the row's state go to `same` (bound the same way): their
+    /// statement can leave the state columns, and the index on `state`,
+    /// alone.
+    pub(crate) fn sql_sets(&self, split: bool) -> (Vec<Vec<Sql>>, Vec<Vec<Sql>>, Vec<Vec<Sql>>) {
         let mut updates = Vec::new();
+        let mut same = Vec::new();
         let mut inserts = Vec::new();
         for r in &self.rows {
             let c = self.change(r);
@@ -495,12 +499,18 @@ impl PyStateWrite {
             ];
             let values = self.values(r);
             if r.row.version > 1 {
-                updates.push(values.into_iter().chain(key).collect());
+                let kept = r.before.as_ref().map(Name::as_str) == Some(c.new.state.as_str());
+                let to = if split && kept {
+                    &mut same
+                } else {
+                    &mut updates
+                };
+                to.push(values.into_iter().chain(key).collect());
             } else {
                 inserts.push(key.into_iter().chain(values).collect());
             }
         }
-        (updates, inserts)
+        (updates, same, inserts)
     }
 }
 
@@ -575,7 +585,7 @@ impl PyStateWrite {
     /// The parameter sets (see `sql_sets`) as Python tuples: `(updates,
     /// inserts)`.
     fn params<'py>(&self, py: Python<'py>) -> (&'py PyList, &'py PyList) {
-        let (updates, inserts) = self.sql_sets();
+        let (updates, _, inserts) = self.sql_sets(false);
         let tuples = |sets: Vec<Vec<Sql>>| {
             PyList::new(
                 py,

@@ -438,16 +438,24 @@ impl PyWriter {
     /// Queue the state rows of a batch (see `StateWrite`) as deferred
     /// writes of `seq`: `update_sql` for the rows written before, then
     /// `insert_sql` for the new ones, each bound as `StateWrite.params`
-    /// gives them.
+    /// gives them. With `same_sql`, the rows written before whose state
+    /// stays go to it instead (bound as `update_sql`'s).
+    #[args(seq, update_sql, insert_sql, states, same_sql = "None")]
     fn execute_states(
         &self,
         seq: u64,
         update_sql: String,
         insert_sql: String,
         states: PyRef<'_, PyStateWrite>,
+        same_sql: Option<String>,
     ) -> PyResult<()> {
-        let (updates, inserts) = states.sql_sets();
-        for (sql, sets) in [(update_sql, updates), (insert_sql, inserts)] {
+        let (updates, same, inserts) = states.sql_sets(same_sql.is_some());
+        let same_sql = same_sql.unwrap_or_default();
+        for (sql, sets) in [
+            (update_sql, updates),
+            (same_sql, same),
+            (insert_sql, inserts),
+        ] {
             if !sets.is_empty() {
                 let expect_one = None;
                 self.send(
