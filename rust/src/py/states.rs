@@ -487,7 +487,7 @@ impl PyStateWrite {
     /// that keep the row's state go to `same` (bound the same way): their
     /// statement can leave the state columns, and the index on `state`,
     /// alone.
-    pub(crate) fn sql_sets(&self, split: bool) -> (Vec<Vec<Sql>>, Vec<Vec<Sql>>, Vec<Vec<Sql>>) {
+    pub(crate) fn sql_sets(&self, split: bool) -> (Sets, Sets, Sets) {
         let mut updates = Vec::new();
         let mut same = Vec::new();
         let mut inserts = Vec::new();
@@ -513,6 +513,9 @@ impl PyStateWrite {
         (updates, same, inserts)
     }
 }
+
+/// Parameter sets of one statement, one per row.
+type Sets = Vec<Vec<Sql>>;
 
 fn sql_to_py(py: Python<'_>, v: Sql) -> PyObject {
     match v {
