@@ -909,3 +909,11 @@ async def test_reads_by_attacker_and_identity_after_interleaved_inserts(store: S
     assert [o["value"] for o in await store.latest_observations("b")] == ["v4"]
     summaries, _ = await store.list_attackers(limit=10, offset=0, sort="events")
     assert [(s.attacker.uuid, s.observation_count) for s in summaries] == [("a", 4), ("b", 2)]
+    # the identity's pages, newest first across its runs
+    reads = store.identity_reads()
+    first = await reads.observations(ia, 3, None)
+    rest = await reads.observations(ia, 3, first[-1]["seq"])
+    pages = [o["value"] for o in first + rest]
+    assert sorted(pages) == ["v0", "v2", "v3", "v5"] and len(rest) == 1
+    seqs = [o["seq"] for o in first + rest]
+    assert seqs == sorted(seqs, reverse=True)

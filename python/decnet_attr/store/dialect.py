@@ -14,11 +14,13 @@ errors to the store's typed errors (:mod:`decnet_attr.store.errors`):
 - ``GREATEST(``: SQLite's two-argument ``max(``;
 - ``BYTE_ORDER`` after an ``ORDER BY`` term: nothing on SQLite (text compares
   by bytes), ``COLLATE "C"`` on PostgreSQL;
-- ``OBS_BY_RUN``, ``RUN_ATTACKER``, ``RUN_IDENTITY``: observations read by
-  attacker or identity. On SQLite the view ``observations_by_run`` and its
-  run's attacker and identity columns (the index that finds them is on the
-  runs, see schema v10); on PostgreSQL ``observations`` and its own
-  ``attacker_uuid`` and ``identity_uuid``.
+- ``OBS_BY_RUN``, ``RUN_ATTACKER``, ``RUN_IDENTITY``, ``RUN_LAST``:
+  observations read by attacker or identity. On SQLite the view
+  ``observations_by_run`` and its run's attacker, identity and last seq
+  (the index that finds them is on the runs, see schema v10: a bound on
+  ``RUN_LAST`` skips whole runs, and ordering by it first keeps seq order
+  without a sort); on PostgreSQL ``observations`` and its own
+  ``attacker_uuid``, ``identity_uuid`` and ``seq``.
 
 A list parameter is one JSON array on SQLite (so the statement text, and
 the prepared statement, do not depend on the list's length) and a text

@@ -291,7 +291,9 @@ class IdentityReads(_Base):
             "SELECT seq, id, attacker_uuid, primitive, value, confidence, ts, source, "
             "evidence_ref FROM OBS_BY_RUN WHERE RUN_IDENTITY = ?"
             + cond
-            + " ORDER BY seq DESC LIMIT ?",
+            # newest run first, then newest row: seq order, and the page
+            # stops reading once it is full
+            + " ORDER BY RUN_LAST DESC, seq DESC LIMIT ?",
             params,
         )
         return [

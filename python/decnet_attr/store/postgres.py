@@ -82,6 +82,7 @@ class PostgresDialect(Dialect):
         "OBS_BY_RUN": "observations",
         "RUN_ATTACKER": "attacker_uuid",
         "RUN_IDENTITY": "identity_uuid",
+        "RUN_LAST": "seq",
     }
     numbered = True
     for_update = " FOR UPDATE"

@@ -321,7 +321,10 @@ GROUP BY grp
 # ``observation_runs`` row per such group (written with them) says which
 # seq range holds which attacker's rows, under which identity. Reads by
 # attacker or identity find the runs by index and then the rows by seq
-# range (``observations_by_run``): one run row per attacker per batch
+# range (``observations_by_run``; runs do not overlap, so ordered by their
+# last seq they are in seq order, and a lower bound on seq bounds the runs
+# too; CROSS JOIN keeps the runs the outer loop whatever the planner
+# guesses): one run row per attacker per batch
 # where every observation added an entry to two indexes. PostgreSQL keeps
 # its indexes: several workers insert there at once, so one attacker's
 # rows are not consecutive.
@@ -335,11 +338,12 @@ CREATE TABLE observation_runs (
 {COVER_RUNS_SQL.strip()};
 DROP INDEX IF EXISTS ix_observations_attacker_seq;
 DROP INDEX IF EXISTS ix_observations_identity_seq;
-CREATE INDEX ix_observation_runs_attacker ON observation_runs(attacker_uuid, first_seq);
-CREATE INDEX ix_observation_runs_identity ON observation_runs(identity_uuid, first_seq);
+CREATE INDEX ix_observation_runs_attacker ON observation_runs(attacker_uuid, last_seq);
+CREATE INDEX ix_observation_runs_identity ON observation_runs(identity_uuid, last_seq);
 CREATE VIEW observations_by_run AS
-SELECT o.*, r.attacker_uuid AS run_attacker, r.identity_uuid AS run_identity
-FROM observation_runs r JOIN observations o ON o.seq BETWEEN r.first_seq AND r.last_seq
+SELECT o.*, r.attacker_uuid AS run_attacker, r.identity_uuid AS run_identity,
+    r.last_seq AS run_last
+FROM observation_runs r CROSS JOIN observations o ON o.seq BETWEEN r.first_seq AND r.last_seq
 """
 
 MIGRATIONS: list[Migration] = [

@@ -67,8 +67,8 @@ from decnet_attr.store.rows import (
 )
 
 _SERIES_AFTER = (
-    "SELECT value, ts FROM OBS_BY_RUN WHERE RUN_IDENTITY = ? AND seq > ? "
-    "AND primitive = ? AND IS_MERGED ORDER BY seq"
+    "SELECT value, ts FROM OBS_BY_RUN WHERE RUN_IDENTITY = ?1 AND RUN_LAST > ?2 AND seq > ?2 "
+    "AND primitive = ?3 AND IS_MERGED ORDER BY seq"
 )
 
 

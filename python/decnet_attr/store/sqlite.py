@@ -132,6 +132,7 @@ class SqliteDialect(Dialect):
         "OBS_BY_RUN": "observations_by_run",
         "RUN_ATTACKER": "run_attacker",
         "RUN_IDENTITY": "run_identity",
+        "RUN_LAST": "run_last",
     }
     observation_runs = True
 
