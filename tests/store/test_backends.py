@@ -402,6 +402,12 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
         latest = await st.latest_observations("a1")
         assert [(o["primitive"], o["value"]) for o in latest] == [(shell, "v3")]
         assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == ["o5"]
+        # retention cutting through a run: the run keeps counting what is left
+        assert await st.prune_observations(1, chunk=1) == 1
+        await assert_runs_cover_rows(st)
+        summaries, _ = await st.list_attackers(limit=10, offset=0, sort="events")
+        counts = [(s.attacker.uuid, s.observation_count) for s in summaries]
+        assert counts == [("a3", 2), ("a1", 2), ("a2", 1)]  # ties: the higher uuid first
     finally:
         await st.close()
     # a row written by another tool (no run) gets its run at the next open

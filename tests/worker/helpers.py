@@ -127,9 +127,10 @@ async def query(store: Store, sql: str) -> list[tuple[Any, ...]]:
 
 
 async def assert_runs_cover_rows(store: Store) -> None:
-    """SQLite (schema v10): every observation lies in exactly one run, and
-    its run names its attacker and identity (reads by attacker or identity
-    find rows through the runs). Nothing to check on PostgreSQL."""
+    """SQLite (schema v10): every observation lies in exactly one run, its
+    run names its attacker and identity (reads by attacker or identity find
+    rows through the runs), and each run counts its rows. Nothing to check
+    on PostgreSQL."""
     if store.dialect != "sqlite":
         return
     uncovered = await query(
@@ -152,3 +153,9 @@ async def assert_runs_cover_rows(store: Store) -> None:
         "ON b.first_seq > a.first_seq AND b.first_seq <= a.last_seq",
     )
     assert overlapping == [], overlapping
+    miscounted = await query(
+        store,
+        "SELECT first_seq, n FROM observation_runs r WHERE n != (SELECT count(*) "
+        "FROM observations o WHERE o.seq BETWEEN r.first_seq AND r.last_seq)",
+    )
+    assert miscounted == [], miscounted

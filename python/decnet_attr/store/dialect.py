@@ -20,7 +20,10 @@ errors to the store's typed errors (:mod:`decnet_attr.store.errors`):
   (the index that finds them is on the runs, see schema v10: a bound on
   ``RUN_LAST`` skips whole runs, and ordering by it first keeps seq order
   without a sort); on PostgreSQL ``observations`` and its own
-  ``attacker_uuid``, ``identity_uuid`` and ``seq``.
+  ``attacker_uuid``, ``identity_uuid`` and ``seq``;
+- ``ATTACKER_OBS_COUNT``: the count and the ``FROM`` of an attacker's
+  observation count (``... WHERE o.attacker_uuid = ...``): the sum of its
+  runs' counts on SQLite, ``count(*)`` of its rows on PostgreSQL.
 
 A list parameter is one JSON array on SQLite (so the statement text, and
 the prepared statement, do not depend on the list's length) and a text

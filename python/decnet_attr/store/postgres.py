@@ -83,6 +83,7 @@ class PostgresDialect(Dialect):
         "RUN_ATTACKER": "attacker_uuid",
         "RUN_IDENTITY": "identity_uuid",
         "RUN_LAST": "seq",
+        "ATTACKER_OBS_COUNT": "count(*) FROM observations o",
     }
     numbered = True
     for_update = " FOR UPDATE"

@@ -18,7 +18,7 @@ from decnet_attr.store.rows import IDENTITY_FIELDS, OBS_SELECT_COLS
 
 _LIST_SORTS = {"last_seen": "last_seen", "first_seen": "first_seen", "ip": "ip"}
 #: The observation count of attacker ``p`` (the list's ``observation_count``).
-_EVENT_COUNT = "(SELECT count(*) FROM OBS_BY_RUN o WHERE o.RUN_ATTACKER = {a}.uuid)"
+_EVENT_COUNT = "(SELECT ATTACKER_OBS_COUNT WHERE o.attacker_uuid = {a}.uuid)"
 #: The list sorts: the attackers-table columns plus ``events`` (most observations first).
 LIST_SORTS: tuple[str, ...] = (*_LIST_SORTS, "events")
 

@@ -300,10 +300,10 @@ CREATE INDEX ix_identity_merges_loser ON identity_merges(loser_uuid, id)
 #: attacker and identity, each stretch one run. Schema v10 cuts the stored
 #: rows so; :func:`migrate_sqlite` runs it again at every open, for rows
 #: written since by something other than the worker (one INSERT at a time,
-#: no run).
+#: no run). ``n`` is how many rows the run holds.
 COVER_RUNS_SQL = """
-INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid)
-SELECT min(seq), max(seq), attacker_uuid, identity_uuid FROM (
+INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid, n)
+SELECT min(seq), max(seq), attacker_uuid, identity_uuid, count(*) FROM (
     SELECT seq, attacker_uuid, identity_uuid, sum(brk) OVER (ORDER BY seq) AS grp FROM (
         SELECT seq, attacker_uuid, identity_uuid,
             CASE WHEN attacker_uuid IS lag(attacker_uuid) OVER w
@@ -324,8 +324,10 @@ GROUP BY grp
 # range (``observations_by_run``; runs do not overlap, so ordered by their
 # last seq they are in seq order, and a lower bound on seq bounds the runs
 # too; CROSS JOIN keeps the runs the outer loop whatever the planner
-# guesses): one run row per attacker per batch
-# where every observation added an entry to two indexes. PostgreSQL keeps
+# guesses): one run row per attacker per batch where every observation
+# added an entry to two indexes. A run counts its rows (``n``, kept exact
+# by retention), so an attacker's observation count is a sum over its
+# runs, not a count of its rows. PostgreSQL keeps
 # its indexes: several workers insert there at once, so one attacker's
 # rows are not consecutive.
 _V10_SQLITE = f"""
@@ -333,7 +335,8 @@ CREATE TABLE observation_runs (
     first_seq INTEGER PRIMARY KEY,
     last_seq INTEGER NOT NULL,
     attacker_uuid TEXT NOT NULL,
-    identity_uuid TEXT NULL
+    identity_uuid TEXT NULL,
+    n INTEGER NOT NULL
 );
 {COVER_RUNS_SQL.strip()};
 DROP INDEX IF EXISTS ix_observations_attacker_seq;

@@ -133,6 +133,7 @@ class SqliteDialect(Dialect):
         "RUN_ATTACKER": "run_attacker",
         "RUN_IDENTITY": "run_identity",
         "RUN_LAST": "run_last",
+        "ATTACKER_OBS_COUNT": "coalesce(sum(o.n), 0) FROM observation_runs o",
     }
     observation_runs = True
 
@@ -391,8 +392,8 @@ ON CONFLICT DO NOTHING
 #: written just before them (schema v10). One writer, inside its
 #: transaction: the rows take the seqs after the highest ever given out.
 _SQL_INSERT_RUN = """
-INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid)
-SELECT s + 1, s + ?1, ?2, ?3 FROM (SELECT coalesce(
+INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid, n)
+SELECT s + 1, s + ?1, ?2, ?3, ?1 FROM (SELECT coalesce(
     (SELECT seq FROM sqlite_sequence WHERE name = 'observations'), 0) AS s)
 """
 
@@ -731,6 +732,13 @@ async def _insert_with_runs(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         await conn.execute(_SQL_INSERT_RUN, (end - start, attacker, identity))
         await conn.executemany(_SQL_INSERT_OBS, rows[start:end])
         start = end
+
+
+#: The runs that hold a seq in ``?1 .. ?2`` (from the one holding ``?1``).
+_RUNS_MEETING = (
+    "first_seq BETWEEN coalesce((SELECT max(first_seq) FROM observation_runs "
+    "WHERE first_seq <= ?1), ?1) AND ?2"
+)
 
 
 class SqliteStore(SqlStore):
@@ -1189,13 +1197,16 @@ class SqliteStore(SqlStore):
                     (low, high),
                 )
                 n = await conn.execute_fetchall("SELECT changes()")
-                # and the runs left without rows (a run with rows kept, or
-                # that goes on above the range, stays)
+                # the runs the range touched count their rows again, and
+                # those left without rows go
                 await conn.execute(
-                    "DELETE FROM observation_runs WHERE first_seq BETWEEN ?1 AND ?2 "
-                    "AND NOT EXISTS (SELECT 1 FROM observations o "
-                    "WHERE o.seq BETWEEN observation_runs.first_seq AND observation_runs.last_seq)",
+                    "UPDATE observation_runs SET n = (SELECT count(*) FROM observations o "
+                    "WHERE o.seq BETWEEN observation_runs.first_seq AND observation_runs.last_seq) "
+                    f"WHERE {_RUNS_MEETING}",
                     (low, high),
+                )
+                await conn.execute(
+                    f"DELETE FROM observation_runs WHERE {_RUNS_MEETING} AND n = 0", (low, high)
                 )
             deleted += int(n[0][0])
             low = high + 1
