@@ -291,3 +291,39 @@ def test_the_store_holds_the_rows_written_whether_the_state_stays_or_changes(
             await store.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("native", [True, False])
+async def test_windows_saved_from_the_engine_are_its_exports(
+    tmp_path_factory: pytest.TempPathFactory, native: bool
+) -> None:
+    """``save_windows_of``: each key the engine holds gets its exported
+    window and the seq it covers; a key it does not hold keeps its row as
+    it was (the native writer takes the windows straight from the engine)."""
+    from decnet_attr.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path_factory.mktemp("windows") / "attr.db")
+    store.native_writer = native
+    await store.open()
+    try:
+        async with store.transaction() as tx:
+            await tx.ensure_attackers([("a1", None, 0.0)])
+            ident = (await tx.ensure_identities(["a1"], 0.0))[0]["a1"]
+        engine, table = Engine(), StateTable(value_kind_for)
+        other = "environmental.locale"
+        states = table.write(
+            engine.ingest([_obs(ident, "typed", 1.0), _obs(ident, "en", 2.0, other)]), None, 5.0
+        )
+        async with store.transaction() as tx:
+            await tx.upsert_state_values(states)
+        engine.evict([(ident, other)])
+        async with store.transaction() as tx:
+            await tx.save_windows_of(engine, [(ident, PRIM), (ident, other)], 7)
+        async with store.transaction() as tx:
+            held = await tx.load_states([(ident, PRIM), (ident, other)])
+        assert held[(ident, PRIM)].window_json == engine.export_window(ident, PRIM)
+        assert held[(ident, PRIM)].window_seq == 7
+        assert held[(ident, other)].window_json is None
+        assert held[(ident, other)].window_seq == 0  # as the new row was written
+    finally:
+        await store.close()

@@ -47,7 +47,7 @@ from decnet_attr.store.models import (
 from decnet_attr.store.rows import ObsParams, obs_params
 
 if TYPE_CHECKING:
-    from decnet_attr._core import StateWrite, ValidatedBatch
+    from decnet_attr._core import Engine, StateWrite, ValidatedBatch
     from decnet_attr.store.identities import IdentityOps, IdentityReads
 
 
@@ -146,6 +146,14 @@ class Tx(ABC):
         observations up to ``seq`` (None: every observation stored so far,
         this transaction's included). Only stores with ``lazy_windows``."""
         raise NotImplementedError
+
+    async def save_windows_of(self, engine: Engine, keys: Sequence[Key], seq: int | None) -> None:
+        """:meth:`save_windows` of the windows ``engine`` holds for ``keys``
+        (a key it does not hold is left as it is)."""
+        windows = engine.export_windows(keys)
+        await self.save_windows(
+            [(k[0], k[1], w) for k, w in zip(keys, windows, strict=True) if w is not None], seq
+        )
 
     async def max_observation_seq(self) -> int:
         """The newest observation seq (0 when there is none)."""

@@ -50,7 +50,14 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from decnet_attr._core import STATE_VALUE_COLUMNS, Dedupe, SqliteWriter, StateWrite, ValidatedBatch
+from decnet_attr._core import (
+    STATE_VALUE_COLUMNS,
+    Dedupe,
+    Engine,
+    SqliteWriter,
+    StateWrite,
+    ValidatedBatch,
+)
 from decnet_attr.identifiers import ip_key
 from decnet_attr.store.dialect import Dialect, driver_errors, guard
 from decnet_attr.store.errors import (
@@ -306,6 +313,15 @@ class NativeConnection:
         written before whose state stays."""
         self._check()
         self._w.execute_states(self._w.current, update_sql, insert_sql, states, same_sql)
+
+    def defer_windows(
+        self, sql: str, engine: Engine, keys: Sequence[Key], window_seq: int | None
+    ) -> None:
+        """The retained windows of ``keys``, exported from ``engine`` and
+        bound in Rust (see ``SqliteWriter.execute_windows``), deferred as
+        :meth:`defer` is."""
+        self._check()
+        self._w.execute_windows(self._w.current, sql, engine, keys, window_seq)
 
     def defer_validated(
         self,
@@ -679,6 +695,14 @@ class SqliteTx(SqlTx):
         conn = self._c()
         if windows:
             await self._write_many(conn, _SQL_SAVE_WINDOW, [(w, seq, i, p) for i, p, w in windows])
+
+    @guard
+    async def save_windows_of(self, engine: Engine, keys: Sequence[Key], seq: int | None) -> None:
+        conn = self._c()
+        if not isinstance(conn, NativeConnection):
+            await super().save_windows_of(engine, keys, seq)
+        elif keys:
+            conn.defer_windows(_SQL_SAVE_WINDOW, engine, keys, seq)
 
     @guard
     async def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None:

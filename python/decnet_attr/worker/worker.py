@@ -915,12 +915,9 @@ class AttributionWorker:
         # if the transaction does not commit, these keys are evicted with the
         # batch's (touched): they reload from the store, window plus replay
         touched.extend(keys)
-        windows = self.engine.export_windows(keys)
         # pipelined: the newest seq as the writer runs this (a read would wait)
         seq = None if self.pipelined else await tx.max_observation_seq()
-        await tx.save_windows(
-            [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
-        )
+        await tx.save_windows_of(self.engine, keys, seq)
         self.stats.windows_saved += len(keys)
 
     async def checkpoint_all(self) -> None:
@@ -969,11 +966,8 @@ class AttributionWorker:
         try:
             async with self.store.transaction() as tx:
                 await self._load_windows(tx, keys, touched)
-                windows = self.engine.export_windows(keys)
                 seq = await tx.max_observation_seq()
-                await tx.save_windows(
-                    [(k[0], k[1], w) for k, w in zip(keys, windows) if w is not None], seq
-                )
+                await tx.save_windows_of(self.engine, keys, seq)
         except BaseException:
             self._evict(touched)
             raise

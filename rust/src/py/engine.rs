@@ -60,7 +60,7 @@ fn data_of(obj: &PyAny) -> PyResult<Data<'_>> {
     ))
 }
 
-fn key_pairs(keys: &PyAny) -> PyResult<Vec<(String, String)>> {
+pub(crate) fn key_pairs(keys: &PyAny) -> PyResult<Vec<(String, String)>> {
     let mut out = Vec::new();
     for k in keys.iter()? {
         let (i, p): (String, String) = k?.extract()?;

@@ -37,6 +37,7 @@ use pyo3::types::{PyDict, PyList};
 use rusqlite::types::Value;
 use rusqlite::Connection;
 
+use super::engine::{key_pairs, PyEngine};
 use super::sqlite::{
     describe, insert_rows, open, params_of, prepare, raise_as, row_to_py, run, Failure,
 };
@@ -470,6 +471,50 @@ impl PyWriter {
             }
         }
         Ok(())
+    }
+
+    /// Queue the retained windows of `keys` (taken from `engine` now) as
+    /// a deferred write of `seq`: `sql` once per key the engine holds,
+    /// bound with (its window's JSON, `window_seq`, identity, primitive).
+    /// The windows go from the engine to the writer without a Python
+    /// string each. Returns how many keys had a window.
+    fn execute_windows(
+        &self,
+        seq: u64,
+        sql: String,
+        engine: PyRef<'_, PyEngine>,
+        keys: &PyAny,
+        window_seq: Option<i64>,
+    ) -> PyResult<usize> {
+        let keys = key_pairs(keys)?;
+        let covered = window_seq.map_or(Value::Null, Value::Integer);
+        let sets: Vec<Vec<Value>> = {
+            let eng = engine.inner.lock();
+            keys.into_iter()
+                .filter_map(|(i, p)| {
+                    let w = eng.export(&i, &p)?;
+                    Some(vec![
+                        Value::Text(w),
+                        covered.clone(),
+                        Value::Text(i),
+                        Value::Text(p),
+                    ])
+                })
+                .collect()
+        };
+        let n = sets.len();
+        if n > 0 {
+            self.send(
+                None,
+                seq,
+                Kind::Exec {
+                    sql,
+                    sets,
+                    expect_one: None,
+                },
+            )?;
+        }
+        Ok(n)
     }
 
     /// Queue `BEGIN IMMEDIATE` of transaction `seq`; its ticket, or None
