@@ -426,3 +426,33 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
         assert [v["value"] for v in await st.recent_values("i2", shell, 10)] == ["v2", "v9"]
     finally:
         await st.close()
+
+
+async def test_sqlite_state_filters_on_a_few_identities_use_the_primary_key(
+    tmp_path: Path,
+) -> None:
+    """Reading some identities' multi-actor rows (every batch does) and the
+    attacker list's per-state counts go through the state table's primary
+    key: through the index on ``state`` they read every row in that state."""
+    from decnet_attr.store.queries import list_attackers_sql
+    from decnet_attr.store.sql import MULTI_ACTOR_PRIMITIVES_SQL
+    from decnet_attr.store.sqlite import SQLITE
+
+    st = SqliteStore(tmp_path / "attr.db")
+    await st.open()
+    try:
+        conn = st._reader()  # type: ignore[attr-defined]
+        for sql, params in (
+            (MULTI_ACTOR_PRIMITIVES_SQL, ("[]",)),
+            (list_attackers_sql("last_seen", True, "", "?", "?"), (10, 0)),
+        ):
+            plan = " | ".join(
+                str(r[3])
+                for r in await conn.execute_fetchall(
+                    "EXPLAIN QUERY PLAN " + SQLITE.sql(sql), params
+                )
+            )
+            assert "ix_attribution_state_state" not in plan, plan
+            assert "sqlite_autoindex_attribution_state_1" in plan, plan
+    finally:
+        await st.close()

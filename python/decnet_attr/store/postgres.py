@@ -84,6 +84,7 @@ class PostgresDialect(Dialect):
         "RUN_IDENTITY": "identity_uuid",
         "RUN_LAST": "seq",
         "ATTACKER_OBS_COUNT": "count(*) FROM observations o",
+        "UNINDEXED ": "",
     }
     numbered = True
     for_update = " FOR UPDATE"

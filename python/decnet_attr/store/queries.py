@@ -47,7 +47,7 @@ def list_order(sort: str, descending: bool, alias: str) -> str:
 def _multi_actor_count(a: str) -> str:
     return (
         "(SELECT count(*) FROM attribution_state s "
-        f"WHERE s.identity_uuid = {a}.identity_id AND s.state = 'multi_actor')"
+        f"WHERE s.identity_uuid = {a}.identity_id AND UNINDEXED s.state = 'multi_actor')"
     )
 
 
@@ -112,7 +112,7 @@ def list_filters(
     if f.states:
         conds.append(
             "EXISTS (SELECT 1 FROM attribution_state s WHERE s.identity_uuid = a.identity_id "
-            f"AND s.state IN ({any_of(f.states)}))"
+            f"AND UNINDEXED s.state IN ({any_of(f.states)}))"
         )
     if f.multi_actor is not None:
         op = ">=" if f.multi_actor else "<"
@@ -126,13 +126,14 @@ def list_attackers_sql(
     sort: str, descending: bool, where: str, limit_param: str, offset_param: str
 ) -> str:
     """The page, each attacker's observation count and its identity's per-state
-    counts, in one query (lookups on the observations' attacker index and the
-    state table's primary key, for the page's rows only). ``where``
+    counts, in one query (lookups on the runs' attacker index, or the
+    observations' on PostgreSQL, and the state table's primary key, for the
+    page's rows only). ``where``
     comes from :func:`list_filters`. The total is a second, plain ``count(*)``
     with the same ``where``."""
     counts = ",\n".join(
         "    (SELECT count(*) FROM attribution_state s WHERE s.identity_uuid = p.identity_id "
-        f"AND s.state = '{st}') AS c_{st}"
+        f"AND UNINDEXED s.state = '{st}') AS c_{st}"
         for st in STATES
     )
     return f"""

@@ -66,6 +66,13 @@ from decnet_attr.store.rows import (
     user_params,
 )
 
+#: The multi-actor primitives of some identities (found by the primary key).
+MULTI_ACTOR_PRIMITIVES_SQL = (
+    "SELECT identity_uuid, primitive FROM attribution_state "
+    "WHERE UNINDEXED state = 'multi_actor' AND identity_uuid IN_LIST(?) "
+    "ORDER BY identity_uuid, primitive"
+)
+
 _SERIES_AFTER = (
     "SELECT value, ts FROM OBS_BY_RUN WHERE RUN_IDENTITY = ?1 AND RUN_LAST > ?2 AND seq > ?2 "
     "AND primitive = ?3 AND IS_MERGED ORDER BY seq"
@@ -126,10 +133,7 @@ class SqlTx(Tx):
         if not identity_uuids:
             return {}
         rows = await self._rows(
-            "SELECT identity_uuid, primitive FROM attribution_state "
-            "WHERE state = 'multi_actor' AND identity_uuid IN_LIST(?) "
-            "ORDER BY identity_uuid, primitive",
-            (self._dialect.list_param(sorted(set(identity_uuids))),),
+            MULTI_ACTOR_PRIMITIVES_SQL, (self._dialect.list_param(sorted(set(identity_uuids))),)
         )
         return _by_identity(rows)
 

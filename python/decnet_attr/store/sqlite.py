@@ -141,6 +141,7 @@ class SqliteDialect(Dialect):
         "RUN_IDENTITY": "run_identity",
         "RUN_LAST": "run_last",
         "ATTACKER_OBS_COUNT": "coalesce(sum(o.n), 0) FROM observation_runs o",
+        "UNINDEXED ": "+",
     }
     observation_runs = True
 
