@@ -298,3 +298,20 @@ def test_primitive_from_topic(topic: str, expected: str | None) -> None:
 )
 def test_sse_event_name(topic: str, name: str) -> None:
     assert sse_event_name(topic) == name
+
+
+def test_topic_answers_are_kept_for_a_bounded_number_of_topics() -> None:
+    """Each delivery and each publish asks about its topic, so the answers
+    are kept; a publisher making up topics cannot grow what is kept, and a
+    refused topic is refused every time."""
+    from decnet_attr.topics import _primitive_of, _valid_topic, validate_topic
+
+    for i in range(5000):
+        assert primitive_from_topic(f"attacker.observation.made.up{i}") == f"made.up{i}"
+        validate_topic(f"made.up.topic{i}")
+    assert _primitive_of.cache_info().currsize <= 1024
+    assert _valid_topic.cache_info().currsize <= 1024
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            validate_topic("bad topic")
+        assert primitive_from_topic("attacker.observation.a..b") is None

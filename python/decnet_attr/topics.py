@@ -28,6 +28,7 @@ semantics (docs/decnet.md#topic-matching) and never validates.
 
 from __future__ import annotations
 
+import functools
 import re
 
 __all__ = [
@@ -274,6 +275,13 @@ def validate_topic(topic: str) -> str:
     whitespace or control characters, at most :data:`MAX_TOPIC_BYTES` bytes."""
     if not isinstance(topic, str):
         raise TypeError(f"topic must be str, not {type(topic).__name__}")
+    return _valid_topic(topic)
+
+
+@functools.lru_cache(maxsize=1024)
+def _valid_topic(topic: str) -> str:
+    # every publish asks: the valid topics met most recently are kept (a
+    # refusal raises, and is not kept)
     if not topic:
         raise ValueError("empty topic")
     _check_size("topic", topic)
@@ -405,7 +413,17 @@ def primitive_from_topic(topic: str) -> str | None:
     ``None`` too when the primitive part is not a valid dotted leaf (empty
     tokens, wildcards, whitespace).
     """
-    if not isinstance(topic, str) or not topic.startswith(_OBS_PREFIX_DOT):
+    if not isinstance(topic, str):
+        return None
+    return _primitive_of(topic)
+
+
+@functools.lru_cache(maxsize=1024)
+def _primitive_of(topic: str) -> str | None:
+    # every delivery of a DECNET event asks, and a deployment has a few
+    # dozen topics: the answer is kept for the most recent ones (bounded,
+    # whatever topics a publisher makes up)
+    if not topic.startswith(_OBS_PREFIX_DOT):
         return None
     primitive = topic[len(_OBS_PREFIX_DOT) :]
     try:
