@@ -372,7 +372,10 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
             (a, ident),
         )
     shell = "environmental.shell_type"
-    rows = [("a1", "i1"), ("a1", "i1"), ("a2", "i2"), ("a1", "i1"), ("a3", "i1"), ("a3", None)]
+    rows = [
+        ("a1", "i1"), ("a1", "i1"), ("a2", "i2"), ("a1", "i1"), ("a3", "i1"), ("a3", None),
+        ("a3", None),
+    ]  # fmt: skip
     for n, (a, ident) in enumerate(rows):
         con.execute(
             "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
@@ -393,7 +396,8 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
             (3, 3, "a2", "i2"),
             (4, 4, "a1", "i1"),
             (5, 5, "a3", "i1"),
-            (6, 6, "a3", None),
+            (6, 6, "a3", None),  # a row not merged yet: a run of its own
+            (7, 7, "a3", None),
         ]
         await assert_runs_cover_rows(st)
         assert [v["value"] for v in await st.recent_values("i1", shell, 10)] == [
@@ -401,13 +405,19 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
         ]  # fmt: skip
         latest = await st.latest_observations("a1")
         assert [(o["primitive"], o["value"]) for o in latest] == [(shell, "v3")]
-        assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == ["o5"]
+        assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == [
+            "o5", "o6",
+        ]  # fmt: skip
+        # merging one of them gives its run (and only its) the identity
+        async with st.transaction() as tx:
+            await tx.mark_merged([6], {6: "i1"})
+        await assert_runs_cover_rows(st)
         # retention cutting through a run: the run keeps counting what is left
         assert await st.prune_observations(1, chunk=1) == 1
         await assert_runs_cover_rows(st)
         summaries, _ = await st.list_attackers(limit=10, offset=0, sort="events")
         counts = [(s.attacker.uuid, s.observation_count) for s in summaries]
-        assert counts == [("a3", 2), ("a1", 2), ("a2", 1)]  # ties: the higher uuid first
+        assert counts == [("a3", 3), ("a1", 2), ("a2", 1)]
     finally:
         await st.close()
     # a row written by another tool (no run) gets its run at the next open

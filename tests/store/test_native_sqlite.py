@@ -341,3 +341,45 @@ async def test_a_transaction_whose_deferred_write_fails_commits_nothing(tmp_path
         assert row is not None and (row.version, row.current_value_json) == (1, '"typed"')
     finally:
         await st.close()
+
+
+async def test_inserted_rows_take_the_seqs_their_runs_announce(tmp_path: Path) -> None:
+    """``insert_validated`` with the runs statement: each stretch of one
+    attacker after the run of its seqs; rows not merged yet, one run each."""
+    import orjson
+
+    from decnet_attr.config import Settings
+    from decnet_attr.observations import validate
+    from decnet_attr.store.sqlite import _SQL_INSERT_OBS, _SQL_INSERT_RUN, SqliteStore
+    from tests.worker.helpers import assert_runs_cover_rows
+
+    path = tmp_path / "attr.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        async with store.transaction() as tx:
+            await tx.ensure_attackers([("a", None, 0.0), ("b", None, 0.0)])
+        items = [
+            {"attacker_uuid": who, "primitive": "environmental.shell_type", "value": "bash",
+             "ts": 1e9 + i, "id": f"o{i}"}
+            for i, who in enumerate("aabba")
+        ]  # fmt: skip
+        batch = validate(b"\n".join(orjson.dumps(o) for o in items), Settings())
+        conn = SqliteConnection(str(path))
+        for merged in (True, False):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.insert_validated(
+                _SQL_INSERT_OBS, batch, {"a": "i-a"}, batch.by_attacker(), merged, _SQL_INSERT_RUN
+            )
+            conn.execute("COMMIT")
+        conn.close()
+        runs = await store._reader().execute_fetchall(  # type: ignore[attr-defined]
+            "SELECT first_seq, last_seq, attacker_uuid, n FROM observation_runs ORDER BY first_seq"
+        )
+        assert [tuple(r) for r in runs] == [
+            (1, 3, "a", 3), (4, 5, "b", 2),  # merged: one run per attacker
+            (6, 6, "a", 1), (7, 7, "a", 1), (8, 8, "a", 1), (9, 9, "b", 1), (10, 10, "b", 1),
+        ]  # fmt: skip
+        await assert_runs_cover_rows(store)
+    finally:
+        await store.close()

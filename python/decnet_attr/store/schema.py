@@ -296,17 +296,19 @@ CREATE INDEX ix_identity_merges_winner ON identity_merges(winner_uuid, id);
 CREATE INDEX ix_identity_merges_loser ON identity_merges(loser_uuid, id)
 """
 
-#: Runs for the observations above the newest run: consecutive seqs of one
-#: attacker and identity, each stretch one run. Schema v10 cuts the stored
-#: rows so; :func:`migrate_sqlite` runs it again at every open, for rows
-#: written since by something other than the worker (one INSERT at a time,
-#: no run). ``n`` is how many rows the run holds.
+#: Runs for the observations above the newest run: consecutive merged seqs
+#: of one attacker and identity, each stretch one run, and a run of its own
+#: for each row not merged yet (merging it gives its run its identity).
+#: Schema v10 cuts the stored rows so; :func:`migrate_sqlite` runs it again
+#: at every open, for rows written since by something other than the worker
+#: (one INSERT at a time, no run). ``n`` is how many rows the run holds.
 COVER_RUNS_SQL = """
 INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid, n)
 SELECT min(seq), max(seq), attacker_uuid, identity_uuid, count(*) FROM (
     SELECT seq, attacker_uuid, identity_uuid, sum(brk) OVER (ORDER BY seq) AS grp FROM (
         SELECT seq, attacker_uuid, identity_uuid,
-            CASE WHEN attacker_uuid IS lag(attacker_uuid) OVER w
+            CASE WHEN merged = 1 AND lag(merged) OVER w = 1
+                AND attacker_uuid IS lag(attacker_uuid) OVER w
                 AND identity_uuid IS lag(identity_uuid) OVER w THEN 0 ELSE 1 END AS brk
         FROM observations
         WHERE seq > coalesce(

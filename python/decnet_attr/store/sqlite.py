@@ -747,12 +747,13 @@ class SqliteTx(SqlTx):
 
 async def _insert_with_runs(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
     """Observation rows (``OBS_INSERT_COLS`` order) on a Python connection,
-    each stretch of one attacker after its run (as the native writer does)."""
+    each stretch of one attacker after its run (as the native writer does);
+    a row not merged yet gets a run of its own (see ``COVER_RUNS_SQL``)."""
     start = 0
     while start < len(rows):
-        attacker, identity = rows[start][11:13]
+        attacker, identity, merged = rows[start][11:14]
         end = start + 1
-        while end < len(rows) and rows[end][11:13] == (attacker, identity):
+        while end < len(rows) and merged and rows[end][11:14] == (attacker, identity, merged):
             end += 1
         await conn.execute(_SQL_INSERT_RUN, (end - start, attacker, identity))
         await conn.executemany(_SQL_INSERT_OBS, rows[start:end])

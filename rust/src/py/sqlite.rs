@@ -278,7 +278,8 @@ pub(crate) fn run(
 /// `SqliteConnection.insert_validated`). With `runs_sql`, each stretch of
 /// consecutive items of one attacker is announced first: `runs_sql` runs
 /// with (the stretch's length, its attacker, the attacker's identity) and
-/// records the seq range the stretch's rows are about to take.
+/// records the seq range the stretch's rows are about to take. Rows not
+/// `merged` are stretches of one (merging one gives its run its identity).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_rows(
     c: &Connection,
@@ -298,10 +299,14 @@ pub(crate) fn insert_rows(
     let mut start = 0;
     while start < chosen.len() {
         let attacker = &valid[chosen[start]].attacker_uuid;
-        let end = chosen[start..]
-            .iter()
-            .position(|&i| valid[i].attacker_uuid != *attacker)
-            .map_or(chosen.len(), |n| start + n);
+        let end = if merged {
+            chosen[start..]
+                .iter()
+                .position(|&i| valid[i].attacker_uuid != *attacker)
+                .map_or(chosen.len(), |n| start + n)
+        } else {
+            start + 1
+        };
         let identity = ids.get(attacker);
         if let Some(runs) = runs.as_mut() {
             runs.execute(rusqlite::params![(end - start) as i64, attacker, identity])?;
