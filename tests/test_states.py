@@ -5,6 +5,7 @@ the store binds, and the event payloads the worker publishes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from decnet_attr import Engine
 from decnet_attr._core import STATE_VALUE_COLUMNS, StateTable
 from decnet_attr.registry import value_kind_for
 from decnet_attr.store.base import StateRow
+from decnet_attr.store.sqlite import SqliteStore
 
 PRIM = "motor.input_modality"
 CHANGED = ("t.changed", "state_changed")
@@ -248,6 +250,18 @@ def test_write_current_builds_the_engines_states_by_the_same_rules() -> None:
     assert len(table) == 0 and table.pending == 0  # not remembered unless asked
 
 
+async def _store_with_an_identity(path: Path, *, native: bool = True) -> tuple[SqliteStore, str]:
+    """An open SQLite store (its native writer or aiosqlite) holding one
+    attacker and its identity; the identity's uuid."""
+    store = SqliteStore(path)
+    store.native_writer = native
+    await store.open()
+    async with store.transaction() as tx:
+        await tx.ensure_attackers([("a1", None, 0.0)])
+        ident = (await tx.ensure_identities(["a1"], 0.0))[0]["a1"]
+    return store, ident
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.lists(st.sampled_from("abc"), min_size=1, max_size=6), min_size=2, max_size=8))
 def test_the_store_holds_the_rows_written_whether_the_state_stays_or_changes(
@@ -258,17 +272,11 @@ def test_the_store_holds_the_rows_written_whether_the_state_stays_or_changes(
     written, batch after batch, as for a row whose state changes."""
     import asyncio
 
-    from decnet_attr.store.sqlite import SqliteStore
-
     path = tmp_path_factory.mktemp("states") / "attr.db"
 
     async def run() -> None:
-        store = SqliteStore(path)
-        await store.open()
+        store, ident = await _store_with_an_identity(path)
         try:
-            async with store.transaction() as tx:
-                await tx.ensure_attackers([("a1", None, 0.0)])
-                ident = (await tx.ensure_identities(["a1"], 0.0))[0]["a1"]
             engine, table = Engine(), StateTable(value_kind_for)
             ts = 0.0
             for values in batches:
@@ -300,15 +308,10 @@ async def test_windows_saved_from_the_engine_are_its_exports(
     """``save_windows_of``: each key the engine holds gets its exported
     window and the seq it covers; a key it does not hold keeps its row as
     it was (the native writer takes the windows straight from the engine)."""
-    from decnet_attr.store.sqlite import SqliteStore
-
-    store = SqliteStore(tmp_path_factory.mktemp("windows") / "attr.db")
-    store.native_writer = native
-    await store.open()
+    store, ident = await _store_with_an_identity(
+        tmp_path_factory.mktemp("windows") / "attr.db", native=native
+    )
     try:
-        async with store.transaction() as tx:
-            await tx.ensure_attackers([("a1", None, 0.0)])
-            ident = (await tx.ensure_identities(["a1"], 0.0))[0]["a1"]
         engine, table = Engine(), StateTable(value_kind_for)
         other = "environmental.locale"
         states = table.write(

@@ -296,6 +296,24 @@ impl PyWriter {
             .map_err(|_| pyo3::exceptions::PyValueError::new_err("no active connection"))
     }
 
+    /// Queue `sql` once per parameter set as a deferred write of `seq`
+    /// (nothing when there is no set).
+    fn defer_sets(&self, seq: u64, sql: String, sets: Vec<Vec<Value>>) -> PyResult<()> {
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let expect_one = None;
+        self.send(
+            None,
+            seq,
+            Kind::Exec {
+                sql,
+                sets,
+                expect_one,
+            },
+        )
+    }
+
     fn ticket(&self) -> u64 {
         self.tickets.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -457,18 +475,7 @@ impl PyWriter {
             (same_sql, same),
             (insert_sql, inserts),
         ] {
-            if !sets.is_empty() {
-                let expect_one = None;
-                self.send(
-                    None,
-                    seq,
-                    Kind::Exec {
-                        sql,
-                        sets,
-                        expect_one,
-                    },
-                )?;
-            }
+            self.defer_sets(seq, sql, sets)?;
         }
         Ok(())
     }
@@ -503,17 +510,7 @@ impl PyWriter {
                 .collect()
         };
         let n = sets.len();
-        if n > 0 {
-            self.send(
-                None,
-                seq,
-                Kind::Exec {
-                    sql,
-                    sets,
-                    expect_one: None,
-                },
-            )?;
-        }
+        self.defer_sets(seq, sql, sets)?;
         Ok(n)
     }
 
