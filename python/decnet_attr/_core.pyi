@@ -299,6 +299,16 @@ class ValidatedBatch:
         select: Sequence[int] | None = None,
         merged: bool = True,
     ) -> list[_ObservationRowTuple]: ...
+    def copy_rows(
+        self,
+        identity_of: Mapping[str, str] | None = None,
+        select: Sequence[int] | None = None,
+        merged: bool = True,
+    ) -> bytes: ...
+    def admission(
+        self, select: Sequence[int] | None = None
+    ) -> tuple[list[str], list[str], list[str]]: ...
+    def unrepeated(self, stored: Sequence[int]) -> list[int]: ...
     def keys(
         self, identity_of: Mapping[str, str] | None = None, select: Sequence[int] | None = None
     ) -> list[tuple[str, str]]: ...
@@ -391,6 +401,9 @@ class StateWrite:
     def rows(
         self, cls: Callable[..., _R], windows: Sequence[str | None] | None = None
     ) -> list[_R]: ...
+    def copy_rows(self, engine: Engine, created: bool) -> bytes: ...
+    @property
+    def created(self) -> int: ...
     def events(
         self,
         attackers: Mapping[str, list[str]],

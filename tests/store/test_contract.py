@@ -917,3 +917,98 @@ async def test_reads_by_attacker_and_identity_after_interleaved_inserts(store: S
     assert sorted(pages) == ["v0", "v2", "v3", "v5"] and len(rest) == 1
     seqs = [o["seq"] for o in first + rest]
     assert seqs == sorted(seqs, reverse=True)
+
+
+def _validated(items: list[dict[str, Any]]) -> Any:
+    import orjson
+
+    from decnet_attr.config import Settings
+    from decnet_attr.observations import validate
+
+    return validate(b"\n".join(orjson.dumps(o) for o in items), Settings())
+
+
+def _item(id: str, evidence: str, primitive: str = "environmental.shell_type", **kw: Any) -> Any:
+    item = {"id": id, "attacker_uuid": "a", "primitive": primitive, "value": "bash"}
+    item.update(evidence_ref=evidence, ts=1e9 + len(id), **kw)
+    return item
+
+
+async def test_insert_validated_stores_each_item_once_with_every_column(store: Store) -> None:
+    ident = await make_attacker(store, "a")
+    assert ident is not None
+    first = _validated(
+        [
+            _item("o1", "e1", confidence=0.25, source="sensor-1", identity_ref="ref",
+                  window={"start_ts": 1e9 - 0.1, "end_ts": 1e9 + 1 / 3}),
+            _item("o2", "e2"),
+        ]
+    )  # fmt: skip
+    async with store.transaction() as tx:
+        assert await tx.insert_validated(first, {"a": ident}) == [0, 1]
+    second = _validated(
+        [
+            _item("o1", "zz"),  # id stored
+            _item("o3", "e2"),  # (evidence_ref, primitive) stored
+            _item("o4", "e4"),
+            _item("o5", "e4"),  # repeats o4's (evidence_ref, primitive)
+            _item(
+                "o6", "e4", "toolchain.c2.beacon_interval_ms", value=0.1 + 0.2
+            ),  # other primitive
+        ]
+    )
+    async with store.transaction() as tx:
+        assert await tx.insert_validated(second, {}) == [2, 4]  # o6 with no identity: pending
+    rows = await fetch(
+        store,
+        "SELECT id, identity_ref, primitive, value, confidence, window_start_ts, window_end_ts, "
+        "source, evidence_ref, envelope_v, ts, attacker_uuid, identity_uuid, merged "
+        "FROM observations ORDER BY seq",
+    )
+    want = first.rows({"a": ident}) + second.rows({}, [2, 4])
+    assert [(*r[:13], bool(r[13])) for r in rows] == [(*w[:13], bool(w[13])) for w in want]
+    assert json.loads(rows[-1][3]) == 0.1 + 0.2  # floats exact
+
+
+async def test_write_states_stores_the_rows_and_windows_the_engine_holds(store: Store) -> None:
+    """The worker's state write on a store several workers share (on
+    PostgreSQL, binary COPY streams) stores what the generic row path would:
+    new rows, then updated ones beside new ones."""
+    from decnet_attr import Engine, Thresholds
+    from decnet_attr._core import StateTable
+    from decnet_attr.registry import value_kind_for
+    from decnet_attr.store.models import StateRow
+
+    ident = await make_attacker(store, "a")
+    assert ident is not None
+    engine = Engine(Thresholds())
+    table = StateTable(value_kind_for)
+    shell, beacon, mode = (
+        "environmental.shell_type",
+        "toolchain.c2.beacon_interval_ms",
+        "motor.input_modality",
+    )
+
+    def ob(primitive: str, value: Any, ts: float) -> dict[str, Any]:
+        return {"identity_uuid": ident, "primitive": primitive, "value": value, "ts": ts}
+
+    async def check(states: Any) -> None:
+        want = states.rows(StateRow, engine.export_windows(states.keys()))
+        async with store.transaction() as tx:
+            got = await tx.load_states(states.keys())
+        assert [got[(r.identity_uuid, r.primitive)] for r in want] == want
+
+    batches = [
+        [ob(shell, "bash", 1e9), ob(shell, "bash", 1e9 + 1), ob(beacon, 1000.5, 1e9 + 2)],
+        # the shell changes its mind, the beacon drifts, a new key appears
+        [ob(shell, "zsh", 1e9 + 3), ob(shell, "fish", 1e9 + 4), ob(beacon, 1 / 3, 1e9 + 5),
+         ob(mode, "typed", 1e9 + 6)],
+    ]  # fmt: skip
+    for n, batch in enumerate(batches):
+        async with store.transaction() as tx:
+            keys = sorted({(o["identity_uuid"], o["primitive"]) for o in batch})
+            loaded = await tx.load_states(keys, lock=True)
+            states = table.write(engine.ingest(batch), loaded, 500.0 + n, remember=False)
+            assert states.created == len(keys) - len(loaded)
+            await tx.write_states(states, engine, loaded)
+        await check(states)

@@ -455,16 +455,16 @@ async def test_stats_do_not_count_rolled_back_attempts(
 ) -> None:
     from decnet_attr.store.postgres import PostgresTx
 
-    real = PostgresTx.upsert_states
+    real = PostgresTx.write_states
     calls = {"n": 0}
 
-    async def flaky(self: PostgresTx, rows: Any, **kw: Any) -> None:
+    async def flaky(self: PostgresTx, *args: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise StoreUnavailable("postgresql unavailable: connection lost (injected)")
-        await real(self, rows, **kw)
+        await real(self, *args)
 
-    monkeypatch.setattr(PostgresTx, "upsert_states", flaky)
+    monkeypatch.setattr(PostgresTx, "write_states", flaky)
     settings = worker_settings(tmp_path, nats_srv.url, pg_dsn)
     w = AttributionWorker(
         settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn)

@@ -134,6 +134,19 @@ class Tx(ABC):
         replacing it and losing the other worker's observations. A store
         with one writer has nobody to race."""
 
+    async def write_states(
+        self, states: StateWrite, engine: Engine, loaded: Collection[Key]
+    ) -> None:
+        """A batch's state rows with the retained windows ``engine`` holds,
+        on a store several workers write: the keys not in ``loaded`` had no
+        row, and a row created for one of them meanwhile raises
+        :class:`StoreConflict` (see :meth:`upsert_states`)."""
+        keys = states.keys()
+        await self.upsert_states(
+            states.rows(StateRow, engine.export_windows(keys)),
+            created=[k for k in keys if k not in loaded],
+        )
+
     async def upsert_state_values(self, states: StateWrite) -> None:
         """A batch's state rows (see ``StateWrite``) without their windows:
         a new row gets no window (``window_seq`` 0: replay its whole series),

@@ -1072,11 +1072,7 @@ class AttributionWorker:
         else:
             # a key with no row had nothing to lock: if another worker created
             # its row meanwhile, the store says so and the batch runs again
-            keys = states.keys()
-            await tx.upsert_states(
-                states.rows(StateRow, self.engine.export_windows(keys)),
-                created=[k for k in keys if k not in loaded],
-            )
+            await tx.write_states(states, self.engine, loaded)
         attackers = {ident: self._attackers_of(ident) for ident in states.identities()}
         events, changed = states.events(
             attackers,

@@ -10,6 +10,7 @@ pub mod intern;
 pub mod json;
 pub mod merge;
 pub mod obs;
+pub mod pgcopy;
 pub mod registry;
 pub mod slots;
 pub mod validate;

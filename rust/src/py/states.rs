@@ -21,7 +21,7 @@ use std::sync::Arc;
 use ahash::RandomState;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use rusqlite::types::Value as Sql;
 
 use super::convert::to_py;
@@ -30,6 +30,7 @@ use super::strings::Strings;
 use super::types::PyIngestResult;
 use crate::core::engine::Change;
 use crate::core::merge::State;
+use crate::core::pgcopy::CopyBuffer;
 
 /// The columns a row's values are bound to, in order: after the key
 /// (`identity_uuid`, `primitive`) for an insert, before it for an update.
@@ -631,6 +632,46 @@ impl PyStateWrite {
             out.append(cls.call1(PyTuple::new(py, args))?)?;
         }
         Ok(out)
+    }
+
+    /// The rows of keys that had no stored row (`created`), or of those
+    /// that had one, as one PostgreSQL binary `COPY` stream of the state
+    /// table's columns (`STATE_COLS` order), each with the retained window
+    /// `engine` holds for its key.
+    fn copy_rows<'py>(
+        &self,
+        py: Python<'py>,
+        engine: PyRef<'_, PyEngine>,
+        created: bool,
+    ) -> &'py PyBytes {
+        let eng = engine.inner.lock();
+        let mut c = CopyBuffer::new(self.rows.len(), 512);
+        for r in self.rows.iter().filter(|r| r.before.is_none() == created) {
+            let ch = self.change(r);
+            let n = &ch.new;
+            c.row(13);
+            c.text(Some(&ch.identity));
+            c.text(Some(&ch.primitive));
+            c.text(Some(&r.current_json));
+            c.text(Some(n.state.as_str()));
+            c.float8(Some(n.confidence));
+            c.int4(i32::try_from(n.count).unwrap_or(i32::MAX));
+            c.float8(Some(r.row.last_change));
+            c.float8(Some(n.last_ts));
+            c.text(Some(&r.kind.1));
+            c.text(eng.export(&ch.identity, &ch.primitive).as_deref());
+            c.int8(r.row.version);
+            c.float8(Some(self.now));
+            c.text(r.row.previous.as_ref().map(Name::as_str));
+        }
+        drop(eng);
+        PyBytes::new(py, &c.finish())
+    }
+
+    /// How many rows had no stored row.
+    #[getter]
+    fn created(&self) -> usize {
+        self.rows.iter().filter(|r| r.before.is_none()).count()
     }
 
     /// The batch's state events, one per row, as `(topic, payload, type)`:

@@ -13,6 +13,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use super::errors::{DecnetAttrError, InvalidJSONError};
 use super::strings::Strings;
 use crate::core::dedupe::{keys_of, Keys};
+use crate::core::pgcopy::CopyBuffer;
 use crate::core::validate::{self, Envelope, Options, Rejection, Valid, Validated};
 
 /// Accepted observations of one batch plus the refused ones.
@@ -326,6 +327,74 @@ impl PyValidated {
             out.append(row)?;
         }
         Ok(out)
+    }
+
+    /// The rows of [`rows`](Self::rows) as one PostgreSQL binary `COPY`
+    /// stream (same columns, same order), encoded without the GIL.
+    #[args(identity_of = "None", select = "None", merged = "true")]
+    fn copy_rows<'py>(
+        &self,
+        py: Python<'py>,
+        identity_of: Option<&PyDict>,
+        select: Option<Vec<usize>>,
+        merged: bool,
+    ) -> PyResult<&'py PyBytes> {
+        let ids = identity_map(identity_of)?;
+        let chosen = self.positions(select)?;
+        let valid = self.valid.clone();
+        let out = py.allow_threads(move || {
+            let mut c = CopyBuffer::new(chosen.len(), 320);
+            for i in chosen {
+                let v = &valid[i];
+                c.row(14);
+                c.text(Some(&v.id));
+                c.text(v.identity_ref.as_deref());
+                c.text(Some(&v.primitive));
+                c.text(Some(&v.value_json));
+                c.float8(v.confidence);
+                c.float8(v.window.map(|w| w.0));
+                c.float8(v.window.map(|w| w.1));
+                c.text(v.source.as_deref());
+                c.text(Some(&v.evidence_ref));
+                c.int4(1);
+                c.float8(Some(v.ts));
+                c.text(Some(&v.attacker_uuid));
+                c.text(ids.get(&v.attacker_uuid).map(String::as_str));
+                c.boolean(merged);
+            }
+            c.finish()
+        });
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// What admission checks against the stored observations, per selected
+    /// item: `(ids, evidence_refs, primitives)`.
+    #[args(select = "None")]
+    fn admission(&self, select: Option<Vec<usize>>) -> PyResult<(Vec<&str>, Vec<&str>, Vec<&str>)> {
+        let chosen = self.selected(select)?;
+        Ok((
+            chosen.iter().map(|v| v.id.as_str()).collect(),
+            chosen.iter().map(|v| v.evidence_ref.as_str()).collect(),
+            chosen.iter().map(|v| v.primitive.as_str()).collect(),
+        ))
+    }
+
+    /// The positions to store, in order: all but those in `stored` (found
+    /// in the store already) and those repeating the `(evidence_ref,
+    /// primitive)` of an earlier one (ids are unique in a batch already).
+    fn unrepeated(&self, stored: Vec<usize>) -> Vec<usize> {
+        let skip: std::collections::HashSet<usize> = stored.into_iter().collect();
+        let mut seen: std::collections::HashSet<(&str, &str), ahash::RandomState> =
+            std::collections::HashSet::with_capacity_and_hasher(
+                self.valid.len(),
+                ahash::RandomState::new(),
+            );
+        (0..self.valid.len())
+            .filter(|i| {
+                let v = &self.valid[*i];
+                !skip.contains(i) && seen.insert((v.evidence_ref.as_str(), v.primitive.as_str()))
+            })
+            .collect()
     }
 
     /// `(identity, primitive)` keys of the selected items, first-seen order
