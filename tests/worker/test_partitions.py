@@ -66,14 +66,44 @@ async def test_two_workers_own_one_partition_each(
         )
         await w.start()
         workers.append(w)
-    w0, w1 = workers
-    pub = await make_nats_bus(nats_srv.url, name="api")
-    store: Store = await make_store(pg_dsn)
+    await _check_partitioned(settings, workers, await make_nats_bus(nats_srv.url, name="api"),
+                             await make_store(pg_dsn))  # fmt: skip
+
+
+async def test_one_worker_owning_every_partition_commits_them_side_by_side(
+    tmp_path: Path,
+    nats_srv: NatsServer,
+    pg_dsn: str,
+    make_nats_bus: NatsBusFactory,
+    make_store: StoreFactory,
+    workers: list[AttributionWorker],
+) -> None:
+    """A worker consuming several partitions has a transaction in flight for
+    each at once (how one worker uses more than one PostgreSQL backend):
+    still exact, each alert once."""
+    settings = worker_settings(tmp_path, nats_srv.url, pg_dsn, partitions=3, batch_max=64)
+    w = AttributionWorker(
+        settings, await make_nats_bus(nats_srv.url, name="worker"), await make_store(pg_dsn)
+    )
+    await w.start()
+    workers.append(w)
+    await _check_partitioned(settings, workers, await make_nats_bus(nats_srv.url, name="api"),
+                             await make_store(pg_dsn))  # fmt: skip
+
+
+async def _check_partitioned(
+    settings: Settings, workers: list[AttributionWorker], pub: NatsBus, store: Store
+) -> None:
+    """Post a workload spanning every partition through ``hand_over``; the
+    workers store each observation once, their states equal the oracle's,
+    each worker merged the observations of the partitions it owns, and each
+    multi-actor alert fires once."""
+    parts = settings.partitions
     wl = Workload(10, tag="part")
-    owner = {a: partition_of(a, 2) for a in wl.attackers}
-    assert set(owner.values()) == {0, 1}, "the workload spans both partitions"
+    owner = {a: partition_of(a, parts) for a in wl.attackers}
+    assert set(owner.values()) == set(range(parts)), "the workload spans every partition"
     async with Collector(pub, "attribution.profile.multi_actor_suspected") as ma:
-        for start in range(0, len(wl.main), 150):  # several bodies, each spanning both
+        for start in range(0, len(wl.main), 150):  # several bodies, each spanning all
             await _post(pub, settings, wl.main[start : start + 150])
         await _post(pub, settings, wl.late)
 
@@ -86,9 +116,12 @@ async def test_two_workers_own_one_partition_each(
             return len(ma.events) >= len(wl.multi)
 
         await wait_until(fired, 15, "multi-actor alerts")
-    # each worker merged exactly its own partition's observations
-    per = [sum(1 for o in wl.distinct if owner[o["attacker_uuid"]] == k) for k in (0, 1)]
-    assert [w0.stats.merged, w1.stats.merged] == per
+    # each worker merged exactly its own partitions' observations
+    per = [
+        sum(1 for o in wl.distinct if owner[o["attacker_uuid"]] in w.settings.owned_partitions())
+        for w in workers
+    ]
+    assert [w.stats.merged for w in workers] == per
     await assert_stored_exactly_once(store, wl.ids)
     await assert_states_equal_oracle(store, wl.distinct, wl.attackers)
     ident = await assert_one_identity_per_attacker(store, wl.attackers)

@@ -116,7 +116,7 @@ def _destinations(batch: ValidatedBatch, partitions: int) -> list[tuple[str, lis
     ]
 
 
-def _parts(batch: ValidatedBatch, partitions: int) -> list[tuple[str, list[int], bytes]]:
+def split_for_bus(batch: ValidatedBatch, partitions: int) -> list[tuple[str, list[int], bytes]]:
     """The bus messages for the accepted items: ``(topic, positions,
     NDJSON)`` per destination, cut so that each NDJSON stays under
     :data:`BATCH_CHUNK_BYTES` (each item encoded once, in Rust, without the
@@ -255,7 +255,7 @@ async def _ingest(
         )
     counters[INFLIGHT] = inflight + len(batch)
     try:
-        split = functools.partial(_parts, batch, settings.partitions)
+        split = functools.partial(split_for_bus, batch, settings.partitions)
         parts = (
             await asyncio.get_running_loop().run_in_executor(None, split)
             if len(body) >= OFF_LOOP_BYTES
@@ -395,7 +395,7 @@ async def hand_over(
     parts: list[tuple[str, list[int], bytes]] | None = None,
 ) -> tuple[list[str], str | None]:
     """Hand the accepted items to the bus: one message per destination and
-    chunk (usually one; ``parts``, made by :func:`_parts` when not given);
+    chunk (usually one; ``parts``, made by :func:`split_for_bus` when not given);
     stop at the first the bus could not take. Items the bus refuses as too
     large are added to ``rejected``. Returns the accepted ids and the
     failure (None: all accepted)."""
@@ -403,7 +403,7 @@ async def hand_over(
     indexes = batch.indexes
     accepted: list[str] = []
     if parts is None:
-        parts = _parts(batch, partitions)
+        parts = split_for_bus(batch, partitions)
     for topic, part, ndjson in parts:
         part_ids = [ids[p] for p in part]
         payload = {"ndjson": ndjson.decode(), "count": len(part)}
