@@ -1012,3 +1012,26 @@ async def test_write_states_stores_the_rows_and_windows_the_engine_holds(store: 
             assert states.created == len(keys) - len(loaded)
             await tx.write_states(states, engine, loaded)
         await check(states)
+
+
+async def test_batch_writes_refuse_rows_of_unknown_attackers_and_identities(store: Store) -> None:
+    """What a foreign key refused is refused by the batch paths too (on
+    PostgreSQL the store checks the batch's attackers and identities)."""
+    from decnet_attr import Engine, Thresholds
+    from decnet_attr._core import StateTable
+    from decnet_attr.registry import value_kind_for
+
+    with pytest.raises(StoreError):
+        async with store.transaction() as tx:
+            await tx.insert_validated(_validated([_item("o1", "e1")]), {})
+    assert await store.count_observations() == 0
+    engine = Engine(Thresholds())
+    result = engine.ingest(
+        [{"identity_uuid": "nobody", "primitive": "environmental.shell_type", "value": "bash",
+          "ts": 1e9}]
+    )  # fmt: skip
+    states = StateTable(value_kind_for).write(result, None, 1e9, remember=False)
+    with pytest.raises(StoreError):
+        async with store.transaction() as tx:
+            await tx.write_states(states, engine, {})
+    assert await store.attribution_for_identity("nobody") == []

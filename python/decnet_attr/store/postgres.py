@@ -188,6 +188,19 @@ async def _stored(
     return {int(r[0]) - 1 for r in found}
 
 
+async def _require(conn: Any, table: str, uuids: Collection[str], what: str) -> None:
+    """Every one of ``uuids`` names a row of ``table`` (attackers,
+    identities), or :class:`StoreIntegrity`: the check a foreign key made
+    per written row, made once per batch (schema v11)."""
+    wanted = sorted(set(uuids))
+    if not wanted:
+        return
+    found = await conn.fetch(f"SELECT uuid FROM {table} WHERE uuid = ANY($1::text[])", wanted)
+    if len(found) < len(wanted):
+        missing = sorted(set(wanted) - {r[0] for r in found})
+        raise StoreIntegrity(f"unknown {what}: {', '.join(missing[:5])[:500]}")
+
+
 async def _copy_observations(conn: Any, **source: Any) -> None:
     """New observation rows by ``COPY`` (a binary stream as ``source=``, or
     ``records=``), in the order given (their seqs follow it).
@@ -406,6 +419,9 @@ class PostgresTx(SqlTx):
             return []
         new = batch.unrepeated(sorted(await _stored(conn, *batch.admission())))
         if new:
+            await _require(
+                conn, "attackers", [a for a, _ip, _ts in batch.attackers(new)], "attacker"
+            )
             select = None if len(new) == len(batch) else new
             # (a memoryview: asyncpg would take bytes for a file name)
             stream = memoryview(batch.copy_rows(identity_of, select))
@@ -430,6 +446,7 @@ class PostgresTx(SqlTx):
             seen.add((r[8], r[2]))
             new.append(i)
         if new:
+            await _require(conn, "attackers", [rows[i][11] for i in new], "attacker")
             records = [
                 (
                     *r[:4],
@@ -473,6 +490,7 @@ class PostgresTx(SqlTx):
         conn = self._c()
         if not rows:
             return
+        await _require(conn, "attacker_identities", [r.identity_uuid for r in rows], "identity")
         new = set(created)
         fresh = [r for r in rows if (r.identity_uuid, r.primitive) in new] if new else []
         if fresh:
@@ -501,6 +519,7 @@ class PostgresTx(SqlTx):
         conn = self._c()
         created = states.created
         if created:
+            await _require(conn, "attacker_identities", states.identities(), "identity")
             try:
                 await conn.copy_to_table(
                     "attribution_state",
@@ -728,6 +747,9 @@ class PostgresStore(SqlStore):
             await conn.execute("DELETE FROM attribution_state")
             await conn.execute("DELETE FROM multi_actor_log")
             if rows:
+                await _require(
+                    conn, "attacker_identities", [r.identity_uuid for r in rows], "identity"
+                )
                 await conn.execute(_SQL_INSERT_STATES, *_state_arrays(rows))
 
     @guard
