@@ -1,8 +1,9 @@
-"""Ingest partitions on NATS JetStream + PostgreSQL: the API splits a body by
-attacker over ``attacker.ingest.<k>``; each worker consumes only the
-partitions it owns, so two workers never touch the same identity's rows.
-Together they stay exact against the oracle and fire each multi-actor alert
-once."""
+"""Ingest partitions: the API splits a body by attacker over
+``attacker.ingest.<k>``; each worker consumes only the partitions it owns,
+so two workers never touch the same identity's rows, and a worker owning
+several has a batch in flight for each. On NATS JetStream + PostgreSQL and
+on the embedded default, they stay exact against the oracle and fire each
+multi-actor alert once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import orjson
 import pytest
 
 from decnet_attr._core import partition_of
-from decnet_attr.bus.nats import NatsBus
+from decnet_attr.bus import Bus, get_bus
 from decnet_attr.config import ConfigError, Settings
 from decnet_attr.observations import validate
 from decnet_attr.server.routes.ingest import hand_over
@@ -39,7 +40,7 @@ from tests.worker.conftest import (
 pytestmark = pytest.mark.timeout(90)
 
 
-async def _post(bus: NatsBus, settings: Settings, items: list[dict[str, Any]]) -> None:
+async def _post(bus: Bus, settings: Settings, items: list[dict[str, Any]]) -> None:
     """What POST /api/v1/observations does with a body once it is validated."""
     body = b"\n".join(orjson.dumps(o) for o in items)
     batch = validate(body, settings, api=True, id_prefix=uuid.uuid4().hex[:24])
@@ -91,8 +92,26 @@ async def test_one_worker_owning_every_partition_commits_them_side_by_side(
                              await make_store(pg_dsn))  # fmt: skip
 
 
+async def test_the_embedded_worker_owning_every_partition_stays_exact(
+    tmp_path: Path, make_store: StoreFactory, workers: list[AttributionWorker]
+) -> None:
+    """The same on the embedded default (in-process bus, SQLite): the
+    partitions' batches share the one writer, in whatever order they come."""
+    settings = worker_settings(tmp_path, "memory://", partitions=3, batch_max=64)
+    bus = get_bus("memory://", **settings.bus_options())
+    await bus.connect()
+    try:
+        w = AttributionWorker(settings, bus, await make_store(settings.store_url))
+        await w.start()
+        workers.append(w)
+        await _check_partitioned(settings, workers, bus, await make_store(settings.store_url))
+    finally:
+        await w.stop()
+        await bus.close()
+
+
 async def _check_partitioned(
-    settings: Settings, workers: list[AttributionWorker], pub: NatsBus, store: Store
+    settings: Settings, workers: list[AttributionWorker], pub: Bus, store: Store
 ) -> None:
     """Post a workload spanning every partition through ``hand_over``; the
     workers store each observation once, their states equal the oracle's,
