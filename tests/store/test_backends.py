@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import orjson
 import pytest
 
 import decnet_attr.store.sqlite as sqlite_mod
@@ -466,3 +467,46 @@ async def test_sqlite_state_filters_on_a_few_identities_use_the_primary_key(
             assert "sqlite_autoindex_attribution_state_1" in plan, plan
     finally:
         await st.close()
+
+
+@requires_postgres
+async def test_postgres_plans_are_made_for_the_tables_as_they_are(pg_server: PgServer) -> None:
+    """A statement prepared while a table was empty must not keep that plan
+    once the table has grown. The admission check, planned on an empty
+    observations table, hashed the whole table; kept as the statement's
+    generic plan (until autovacuum's next ANALYZE), it read every stored
+    observation for each batch: 2 s a batch at 1M rows. The plan each
+    execution used is read back through ``auto_explain``."""
+    from decnet_attr.store.postgres import _stored
+
+    dsn = await pg_server.create_database()
+    st = PostgresStore(dsn, min_size=1, max_size=1)
+    await st.open()
+    try:
+        async with st._conn() as conn:  # type: ignore[attr-defined]
+            await conn.execute("ALTER TABLE observations SET (autovacuum_enabled = false)")
+            items = orjson.dumps([(f"x{i}", f"ev-x{i}", "p") for i in range(500)]).decode()
+            for _ in range(8):  # past the custom plans a prepared statement starts with
+                assert await _stored(conn, items) == set()
+            await conn.execute(
+                "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid) "
+                "SELECT 'o' || g, 'p', '1', 'e' || g, 0, 'a' FROM generate_series(1, 200000) g"
+            )
+            plans: list[str] = []
+
+            def note(_conn: object, msg: object) -> None:
+                plans.append(str(msg))
+
+            conn.add_log_listener(note)
+            await conn.execute(
+                "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
+                "SET auto_explain.log_level = notice"
+            )
+            assert await _stored(conn, items) == set()
+            used = [p for p in plans if "json_array_elements" in p]
+            assert used and "Seq Scan on observations" not in used[-1], used
+            assert "Index Only Scan using observations_id_key" in used[-1]
+            conn.remove_log_listener(note)
+    finally:
+        await st.close()
+        await pg_server.drop_database(dsn)

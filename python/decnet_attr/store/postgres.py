@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import orjson
 
 from decnet_attr._core import Engine, StateWrite, ValidatedBatch
 from decnet_attr.store.dialect import Dialect, driver_errors, guard
@@ -172,19 +173,18 @@ WHERE EXCLUDED.first_seen < attackers.first_seen OR EXCLUDED.last_seen > attacke
 _OBS_COLUMNS = [c.strip() for c in OBS_INSERT_COLS.split(",")]
 
 #: The positions (from 1) of the items whose id, or whose ``(evidence_ref,
-#: primitive)``, is stored already.
+#: primitive)``, is stored already; the items as one JSON parameter,
+#: ``[[id, evidence_ref, primitive], …]`` (``ValidatedBatch.admission_json``).
 _SQL_STORED = """
-SELECT u.i FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(id, ev, prim, i)
-WHERE EXISTS (SELECT 1 FROM observations o WHERE o.id = u.id)
-   OR EXISTS (SELECT 1 FROM observations o WHERE o.evidence_ref = u.ev AND o.primitive = u.prim)
+SELECT e.i FROM json_array_elements($1::json) WITH ORDINALITY AS e(v, i)
+WHERE EXISTS (SELECT 1 FROM observations o WHERE o.id = e.v->>0)
+   OR EXISTS (SELECT 1 FROM observations o WHERE o.evidence_ref = e.v->>1 AND o.primitive = e.v->>2)
 """
 
 
-async def _stored(
-    conn: Any, ids: list[str], evidence: list[str], primitives: list[str]
-) -> set[int]:
+async def _stored(conn: Any, items_json: str) -> set[int]:
     """Positions (from 0) of the items stored already (see ``_SQL_STORED``)."""
-    found = await conn.fetch(_SQL_STORED, ids, evidence, primitives)
+    found = await conn.fetch(_SQL_STORED, items_json)
     return {int(r[0]) - 1 for r in found}
 
 
@@ -417,7 +417,7 @@ class PostgresTx(SqlTx):
         conn = self._c()
         if not len(batch):
             return []
-        new = batch.unrepeated(sorted(await _stored(conn, *batch.admission())))
+        new = batch.unrepeated(sorted(await _stored(conn, batch.admission_json())))
         if new:
             await _require(
                 conn, "attackers", [a for a, _ip, _ts in batch.attackers(new)], "attacker"
@@ -433,9 +433,7 @@ class PostgresTx(SqlTx):
         conn = self._c()
         if not rows:
             return []
-        stored = await _stored(
-            conn, [r[0] for r in rows], [r[8] for r in rows], [r[2] for r in rows]
-        )
+        stored = await _stored(conn, orjson.dumps([(r[0], r[8], r[2]) for r in rows]).decode())
         # the first of several rows with one id or (evidence_ref, primitive)
         seen: set[Any] = set()
         new: list[int] = []
@@ -473,14 +471,15 @@ class PostgresTx(SqlTx):
         cols = ", ".join(f"s.{c.strip()}" for c in STATE_COLS.split(","))
         sql = (
             f"SELECT {cols} FROM attribution_state s "
-            "JOIN unnest($1::text[], $2::text[]) AS k(i, p) "
-            "ON s.identity_uuid = k.i AND s.primitive = k.p "
+            "JOIN json_array_elements($1::json) AS k(v) "
+            "ON s.identity_uuid = k.v->>0 AND s.primitive = k.v->>1 "
             "ORDER BY s.identity_uuid, s.primitive"
         )
         if lock:
-            sql += " FOR UPDATE OF s"
-        uniq = sorted(set(keys))
-        rows = await conn.fetch(sql, [k[0] for k in uniq], [k[1] for k in uniq])
+            sql += " FOR UPDATE OF s"  # in key order (the sort comes first)
+        # the keys as one JSON parameter: two text arrays cost the driver a
+        # check and an encoding per element
+        rows = await conn.fetch(sql, orjson.dumps(list(set(keys))).decode())
         return {(r[0], r[1]): state_from_row(r) for r in rows}
 
     @guard
@@ -596,6 +595,13 @@ class PostgresStore(SqlStore):
                 min_size=self.min_size,
                 max_size=self.max_size,
                 timeout=self.connect_timeout,
+                # every execution planned for the tables as they are now: a
+                # prepared statement's generic plan, made while a table was
+                # small, is kept until the next ANALYZE (hash joins and
+                # hashed subplans over tables that have since grown by
+                # millions of rows). Planning costs tens of microseconds a
+                # statement; the worker runs about a dozen a batch.
+                server_settings={"plan_cache_mode": "force_custom_plan"},
             )
             async with self._pool.acquire() as conn:
                 await migrate_postgres(conn)
@@ -757,7 +763,7 @@ class PostgresStore(SqlStore):
         if not len(batch):
             return []
         async with self._conn() as conn:
-            return sorted(await _stored(conn, *batch.admission()))
+            return sorted(await _stored(conn, batch.admission_json()))
 
     # ---- retention ---------------------------------------------------------------------------
     @guard

@@ -14,6 +14,7 @@ use super::errors::{DecnetAttrError, InvalidJSONError};
 use super::strings::Strings;
 use crate::core::dedupe::{keys_of, Keys};
 use crate::core::pgcopy::CopyBuffer;
+use crate::core::value::write_json_str;
 use crate::core::validate::{self, Envelope, Options, Rejection, Valid, Validated};
 
 /// Accepted observations of one batch plus the refused ones.
@@ -367,16 +368,29 @@ impl PyValidated {
         Ok(PyBytes::new(py, &out))
     }
 
-    /// What admission checks against the stored observations, per selected
-    /// item: `(ids, evidence_refs, primitives)`.
+    /// What admission checks against the stored observations, as one JSON
+    /// text: `[[id, evidence_ref, primitive], …]` per selected item (one
+    /// query parameter the server unpacks, where three text arrays cost
+    /// the driver a check and an encoding per element).
     #[args(select = "None")]
-    fn admission(&self, select: Option<Vec<usize>>) -> PyResult<(Vec<&str>, Vec<&str>, Vec<&str>)> {
+    fn admission_json(&self, select: Option<Vec<usize>>) -> PyResult<String> {
         let chosen = self.selected(select)?;
-        Ok((
-            chosen.iter().map(|v| v.id.as_str()).collect(),
-            chosen.iter().map(|v| v.evidence_ref.as_str()).collect(),
-            chosen.iter().map(|v| v.primitive.as_str()).collect(),
-        ))
+        let mut out = String::with_capacity(2 + chosen.len() * 96);
+        out.push('[');
+        for (n, v) in chosen.iter().enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            out.push('[');
+            write_json_str(&mut out, &v.id);
+            out.push(',');
+            write_json_str(&mut out, &v.evidence_ref);
+            out.push(',');
+            write_json_str(&mut out, &v.primitive);
+            out.push(']');
+        }
+        out.push(']');
+        Ok(out)
     }
 
     /// The positions to store, in order: all but those in `stored` (found
