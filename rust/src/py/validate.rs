@@ -14,8 +14,8 @@ use super::errors::{DecnetAttrError, InvalidJSONError};
 use super::strings::Strings;
 use crate::core::dedupe::{keys_of, Keys};
 use crate::core::pgcopy::CopyBuffer;
-use crate::core::value::write_json_str;
 use crate::core::validate::{self, Envelope, Options, Rejection, Valid, Validated};
+use crate::core::value::write_json_str;
 
 /// Accepted observations of one batch plus the refused ones.
 #[pyclass(name = "ValidatedBatch", module = "decnet_attr._core")]
