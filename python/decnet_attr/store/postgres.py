@@ -175,10 +175,18 @@ _OBS_COLUMNS = [c.strip() for c in OBS_INSERT_COLS.split(",")]
 #: The positions (from 1) of the items whose id, or whose ``(evidence_ref,
 #: primitive)``, is stored already; the items as one JSON parameter,
 #: ``[[id, evidence_ref, primitive], …]`` (``ValidatedBatch.admission_json``).
+#: Each item is looked up by the unique indexes: a lateral subquery with a
+#: limit is run per item, where ``EXISTS`` let the planner hash the whole
+#: table instead (its choice whenever its figures for the table were small:
+#: measured, 5–7 µs per observation at 100k rows against 1.5 for lookups).
 _SQL_STORED = """
-SELECT e.i FROM json_array_elements($1::json) WITH ORDINALITY AS e(v, i)
-WHERE EXISTS (SELECT 1 FROM observations o WHERE o.id = e.v->>0)
-   OR EXISTS (SELECT 1 FROM observations o WHERE o.evidence_ref = e.v->>1 AND o.primitive = e.v->>2)
+SELECT e.i FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, i)
+LEFT JOIN LATERAL (SELECT 1 AS hit FROM observations o WHERE o.id = e.v->>0 LIMIT 1) a ON TRUE
+LEFT JOIN LATERAL (
+    SELECT 1 AS hit FROM observations o
+    WHERE o.evidence_ref = e.v->>1 AND o.primitive = e.v->>2 LIMIT 1
+) b ON TRUE
+WHERE a.hit IS NOT NULL OR b.hit IS NOT NULL
 """
 
 
@@ -471,7 +479,7 @@ class PostgresTx(SqlTx):
         cols = ", ".join(f"s.{c.strip()}" for c in STATE_COLS.split(","))
         sql = (
             f"SELECT {cols} FROM attribution_state s "
-            "JOIN json_array_elements($1::json) AS k(v) "
+            "JOIN jsonb_array_elements($1::jsonb) AS k(v) "
             "ON s.identity_uuid = k.v->>0 AND s.primitive = k.v->>1 "
             "ORDER BY s.identity_uuid, s.primitive"
         )
