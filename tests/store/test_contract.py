@@ -1035,3 +1035,32 @@ async def test_batch_writes_refuse_rows_of_unknown_attackers_and_identities(stor
         async with store.transaction() as tx:
             await tx.write_states(states, engine, {})
     assert await store.attribution_for_identity("nobody") == []
+
+
+async def test_write_states_twice_in_one_transaction(store: Store) -> None:
+    """Each write stands alone: the second one of a transaction writes its
+    own rows, not the first one's again."""
+    from decnet_attr import Engine, Thresholds
+    from decnet_attr._core import StateTable
+    from decnet_attr.registry import value_kind_for
+    from decnet_attr.store.models import StateRow
+
+    ident = await make_attacker(store, "a")
+    assert ident is not None
+    engine = Engine(Thresholds())
+    table = StateTable(value_kind_for)
+    prim = "environmental.shell_type"
+    key = (ident, prim)
+    first = {"identity_uuid": ident, "primitive": prim, "value": "bash", "ts": 1e9}
+    async with store.transaction() as tx:
+        states = table.write(engine.ingest([first]), None, 1.0, remember=False)
+        await tx.write_states(states, engine, {})
+    async with store.transaction() as tx:
+        for n, value in enumerate(["zsh", "fish"], 1):
+            loaded = await tx.load_states([key], lock=True)
+            later = dict(first, value=value, ts=1e9 + n)
+            states = table.write(engine.ingest([later]), loaded, 1.0 + n, remember=False)
+            await tx.write_states(states, engine, loaded)
+        want = states.rows(StateRow, engine.export_windows([key]))
+    async with store.transaction() as tx:
+        assert list((await tx.load_states([key])).values()) == want
