@@ -1064,3 +1064,25 @@ async def test_write_states_twice_in_one_transaction(store: Store) -> None:
         want = states.rows(StateRow, engine.export_windows([key]))
     async with store.transaction() as tx:
         assert list((await tx.load_states([key])).values()) == want
+
+
+async def test_insert_validated_knows_stored_items_whatever_their_text(store: Store) -> None:
+    """Items come back as duplicates (not as a failed write) whatever
+    characters their evidence references hold: the admission check reads
+    them back exactly as they were stored."""
+    await make_attacker(store, "a")
+    tricky = [
+        'quote " and \\ backslash',
+        "tab\tnewline\nbell\x07",
+        "é ü ß 漢字 🚀",
+        "\x7f\x1f/</script>",
+    ]
+    items = [_item(f"t{i}", ev) for i, ev in enumerate(tricky)]
+    async with store.transaction() as tx:
+        assert await tx.insert_validated(_validated(items), {}) == list(range(len(tricky)))
+    again = [_item(f"u{i}", ev) for i, ev in enumerate(tricky)]  # new ids, stored evidence
+    async with store.transaction() as tx:
+        assert await tx.insert_validated(_validated(items), {}) == []
+        assert await tx.insert_validated(_validated(again), {}) == []
+    assert await store.count_observations() == len(tricky)
+    assert await store.stored_positions(_validated(again)) == list(range(len(tricky)))
