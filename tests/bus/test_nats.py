@@ -437,3 +437,26 @@ async def test_worker_can_start_before_the_server() -> None:
     finally:
         await bus.close()
         server.cleanup()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.DECNET_OBSERVATIONS.attribution.3.17.9.1733100000000000000.0",
+        "$JS.ACK._.ABCDEFHASH.DECNET_OBSERVATIONS.attribution-p1.1.2.2.1733100000000000000.5.xyz",
+        "$JS.ACK.hub.ABCDEFHASH.S.c.12.2.2.1733100000000000000.5",
+    ],
+)
+def test_delivery_count_read_from_the_reply_subject_as_nats_py_reads_it(reply: str) -> None:
+    from nats.aio.msg import Msg
+
+    from decnet_attr.bus.nats import _delivered
+
+    assert _delivered(reply) == Msg.Metadata._from_reply(reply).num_delivered
+
+
+def test_delivery_count_of_a_reply_subject_of_no_known_form_is_zero() -> None:
+    from decnet_attr.bus.nats import _delivered
+
+    for reply in (None, "", "_INBOX.abc", "$JS.ACK.S.c.x.1.1.1.0", "$JS.API.X.Y.1.2.3.4.5"):
+        assert _delivered(reply) == 0
