@@ -138,7 +138,7 @@ def _delivered(reply: str | None) -> int:
     subject of neither form. nats-py's ``Msg.metadata`` parses every field
     and builds a datetime: ~4 % of the worker's loop on the
     one-event-per-message path, for this one number."""
-    tokens = reply.split(".") if reply else ()
+    tokens: list[str] = reply.split(".") if reply else []
     if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
         return 0
     try:
