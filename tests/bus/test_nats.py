@@ -458,5 +458,13 @@ def test_delivery_count_read_from_the_reply_subject_as_nats_py_reads_it(reply: s
 def test_delivery_count_of_a_reply_subject_of_no_known_form_is_zero() -> None:
     from decnet_attr.bus.nats import _delivered
 
-    for reply in (None, "", "_INBOX.abc", "$JS.ACK.S.c.x.1.1.1.0", "$JS.API.X.Y.1.2.3.4.5"):
+    bad = (
+        None,
+        "",
+        "_INBOX.abc",
+        "$JS.ACK.S.c.x.1.1.1.0",
+        "$JS.API.X.Y.1.2.3.4.5",
+        "$JS.ACK.a.b.c.d.1.2.3.4",
+    )
+    for reply in bad:
         assert _delivered(reply) == 0

@@ -139,7 +139,7 @@ def _delivered(reply: str | None) -> int:
     and builds a datetime: ~4 % of the worker's loop on the
     one-event-per-message path, for this one number."""
     tokens: list[str] = reply.split(".") if reply else []
-    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+    if (len(tokens) != 9 and len(tokens) < 11) or tokens[:2] != ["$JS", "ACK"]:
         return 0
     try:
         return int(tokens[4] if len(tokens) == 9 else tokens[6])
