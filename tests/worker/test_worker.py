@@ -391,6 +391,28 @@ async def test_control_stop_stops_only_the_worker(worker: AttributionWorker, bus
     assert not bus.closed
 
 
+async def test_a_defect_in_the_worker_stops_it_loudly(
+    worker: AttributionWorker, bus: Bus, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """An exception that is neither the data's (refused before it gets that
+    far) nor the store's or bus's (retried) is a defect in this code: the
+    worker says so and stops, so that its supervisor restarts it, instead
+    of staying up without a consumer."""
+
+    def defect(*_args: Any) -> Any:
+        raise TypeError("a defect (injected)")
+
+    monkeypatch.setattr(worker, "_prepare", defect)
+    o = mk_obs(A, "motor.input_modality", "typed", 1.0)
+    await bus.publish(attacker_observation(o["primitive"]), o, event_id=o["id"])
+    await asyncio.wait_for(worker.wait_stopped(), 5)
+    await wait_for(lambda: not worker.running)
+    assert isinstance(worker.failure, TypeError)
+    assert any(
+        r.levelname == "CRITICAL" and "a defect (injected)" in r.getMessage() for r in caplog.records
+    )
+
+
 async def test_health_heartbeat_carries_counters(worker: AttributionWorker, bus: Bus) -> None:
     async with bus.subscribe("system.attribution.health") as sub:
         ev = await asyncio.wait_for(sub.__anext__(), 5)

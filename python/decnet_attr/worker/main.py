@@ -35,7 +35,7 @@ async def run_worker(settings: Settings) -> int:
         for t in (done_by_control, signalled):
             t.cancel()
         await worker.stop()
-        return 0
+        return 1 if worker.failure is not None else 0
     finally:
         await bus.close()
         await store.close()

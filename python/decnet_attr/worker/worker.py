@@ -211,6 +211,8 @@ class AttributionWorker:
         #: (``server.routes.ingest.IngestFirst``).
         self.before_batch: Callable[[], Awaitable[None]] | None = None
         self._running = False
+        #: The defect that stopped the worker (None: none).
+        self.failure: Exception | None = None
         self.last_heartbeat = 0.0  # monotonic time of the last loop turn
         self._attackers_by_identity: OrderedDict[str, set[str]] = OrderedDict()
         # attacker → identity as last seen committed (a hint: rows are
@@ -403,6 +405,17 @@ class AttributionWorker:
                     log.warning("observation stream ended (%s); reconnecting", exc)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
+        except Exception as exc:
+            # Neither the data's (refused before it gets this far) nor the
+            # store's or the bus's (retried above): a defect in this code.
+            # Stop the worker, loudly, rather than stay up without a
+            # consumer (JetStream and the ingest journal deliver what was not
+            # acked again after a restart).
+            log.critical(
+                "observation consumer %s failed, the worker stops: %r", durable, exc, exc_info=True
+            )
+            self.failure = exc
+            self._stop.set()
         finally:
             if subject == OBSERVATION_PATTERN:
                 self._consumer_done.set()
