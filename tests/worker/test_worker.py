@@ -409,7 +409,8 @@ async def test_a_defect_in_the_worker_stops_it_loudly(
     await wait_for(lambda: not worker.running)
     assert isinstance(worker.failure, TypeError)
     assert any(
-        r.levelname == "CRITICAL" and "a defect (injected)" in r.getMessage() for r in caplog.records
+        r.levelname == "CRITICAL" and "a defect (injected)" in r.getMessage()
+        for r in caplog.records
     )
 
 
