@@ -714,6 +714,48 @@ pub fn validate(
     out
 }
 
+/// One column value of an observation's stored row (see [`Valid::columns`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Column<'a> {
+    Text(Option<&'a str>),
+    Real(Option<f64>),
+    Int(i32),
+    Flag(bool),
+}
+
+/// How many columns [`Valid::columns`] gives.
+pub const ROW_COLUMNS: usize = 14;
+
+impl Valid {
+    /// The observation's stored row, in the store's column order: id,
+    /// identity_ref, primitive, value, confidence, window_start_ts,
+    /// window_end_ts, source, evidence_ref, envelope_v, ts, attacker_uuid,
+    /// identity_uuid (`identity`), merged. Every writer of rows (SQLite's,
+    /// PostgreSQL's `COPY`, the Python tuples) takes them from here.
+    pub fn columns<'a>(
+        &'a self,
+        identity: Option<&'a str>,
+        merged: bool,
+    ) -> [Column<'a>; ROW_COLUMNS] {
+        [
+            Column::Text(Some(&self.id)),
+            Column::Text(self.identity_ref.as_deref()),
+            Column::Text(Some(&self.primitive)),
+            Column::Text(Some(&self.value_json)),
+            Column::Real(self.confidence),
+            Column::Real(self.window.map(|w| w.0)),
+            Column::Real(self.window.map(|w| w.1)),
+            Column::Text(self.source.as_deref()),
+            Column::Text(Some(&self.evidence_ref)),
+            Column::Int(1),
+            Column::Real(Some(self.ts)),
+            Column::Text(Some(&self.attacker_uuid)),
+            Column::Text(identity),
+            Column::Flag(merged),
+        ]
+    }
+}
+
 impl Valid {
     /// The observation as DECNET's profiler publishes it on
     /// `attacker.observation.<primitive>` (field order kept).

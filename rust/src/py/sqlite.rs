@@ -23,7 +23,7 @@ use rusqlite::types::Value;
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
 use super::validate::{identity_map, IdentityMap, PyValidated};
-use crate::core::validate::Valid;
+use crate::core::validate::{Column, Valid};
 
 /// Statements kept prepared per connection (the store uses a few dozen).
 const STATEMENT_CACHE: usize = 128;
@@ -312,31 +312,28 @@ pub(crate) fn insert_rows(
             runs.execute(rusqlite::params![(end - start) as i64, attacker, identity])?;
         }
         for &i in &chosen[start..end] {
-            let v = &valid[i];
-            let (ws, we) = match v.window {
-                Some((s, e)) => (Some(s), Some(e)),
-                None => (None, None),
-            };
-            stmt.execute(rusqlite::params![
-                v.id,
-                v.identity_ref,
-                v.primitive,
-                v.value_json,
-                v.confidence,
-                ws,
-                we,
-                v.source,
-                v.evidence_ref,
-                1i64,
-                v.ts,
-                v.attacker_uuid,
-                identity,
-                i64::from(merged),
-            ])?;
+            let row = valid[i].columns(identity.map(String::as_str), merged);
+            stmt.execute(rusqlite::params_from_iter(row.iter().map(Bound)))?;
         }
         start = end;
     }
     Ok(chosen.len())
+}
+
+/// An observation row's column as SQLite binds it (`merged` as 0/1).
+struct Bound<'a>(&'a Column<'a>);
+
+impl rusqlite::ToSql for Bound<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match *self.0 {
+            Column::Text(Some(t)) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            Column::Text(None) | Column::Real(None) => ToSqlOutput::Owned(Value::Null),
+            Column::Real(Some(x)) => ToSqlOutput::Owned(Value::Real(x)),
+            Column::Int(i) => ToSqlOutput::Owned(Value::Integer(i64::from(i))),
+            Column::Flag(b) => ToSqlOutput::Owned(Value::Integer(i64::from(b))),
+        })
+    }
 }
 
 /// Open (creating if needed) the database file at `path`, in autocommit

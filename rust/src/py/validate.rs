@@ -14,7 +14,9 @@ use super::errors::{DecnetAttrError, InvalidJSONError};
 use super::strings::Strings;
 use crate::core::dedupe::{keys_of, Keys};
 use crate::core::pgcopy::CopyBuffer;
-use crate::core::validate::{self, Envelope, Options, Rejection, Valid, Validated};
+use crate::core::validate::{
+    self, Column, Envelope, Options, Rejection, Valid, Validated, ROW_COLUMNS,
+};
 use crate::core::value::write_json_str;
 
 /// Accepted observations of one batch plus the refused ones.
@@ -287,10 +289,8 @@ impl PyValidated {
         Ok((v.primitive.clone(), v.id.clone()))
     }
 
-    /// Rows for the observations table, in the store's column order: id,
-    /// identity_ref, primitive, value, confidence, window_start_ts,
-    /// window_end_ts, source, evidence_ref, envelope_v, ts, attacker_uuid,
-    /// identity_uuid, merged.
+    /// Rows for the observations table, in the store's column order
+    /// ([`Valid::columns`]; `merged` as 0/1).
     #[args(identity_of = "None", select = "None", merged = "true")]
     fn rows<'py>(
         &self,
@@ -302,28 +302,15 @@ impl PyValidated {
         let ids = identity_map(identity_of)?;
         let out = PyList::empty(py);
         for v in self.selected(select)? {
-            let (ws, we) = match v.window {
-                Some((s, e)) => (Some(s), Some(e)),
-                None => (None, None),
-            };
+            let identity = ids.get(&v.attacker_uuid).map(String::as_str);
             let row = PyTuple::new(
                 py,
-                [
-                    v.id.as_str().into_py(py),
-                    v.identity_ref.as_deref().into_py(py),
-                    v.primitive.as_str().into_py(py),
-                    v.value_json.as_str().into_py(py),
-                    v.confidence.into_py(py),
-                    ws.into_py(py),
-                    we.into_py(py),
-                    v.source.as_deref().into_py(py),
-                    v.evidence_ref.as_str().into_py(py),
-                    1i64.into_py(py),
-                    v.ts.into_py(py),
-                    v.attacker_uuid.as_str().into_py(py),
-                    ids.get(&v.attacker_uuid).map(String::as_str).into_py(py),
-                    i64::from(merged).into_py(py),
-                ],
+                v.columns(identity, merged).map(|c| match c {
+                    Column::Text(t) => t.into_py(py),
+                    Column::Real(x) => x.into_py(py),
+                    Column::Int(i) => i64::from(i).into_py(py),
+                    Column::Flag(b) => i64::from(b).into_py(py),
+                }),
             );
             out.append(row)?;
         }
@@ -347,21 +334,16 @@ impl PyValidated {
             let mut c = CopyBuffer::new(chosen.len(), 320);
             for i in chosen {
                 let v = &valid[i];
-                c.row(14);
-                c.text(Some(&v.id));
-                c.text(v.identity_ref.as_deref());
-                c.text(Some(&v.primitive));
-                c.text(Some(&v.value_json));
-                c.float8(v.confidence);
-                c.float8(v.window.map(|w| w.0));
-                c.float8(v.window.map(|w| w.1));
-                c.text(v.source.as_deref());
-                c.text(Some(&v.evidence_ref));
-                c.int4(1);
-                c.float8(Some(v.ts));
-                c.text(Some(&v.attacker_uuid));
-                c.text(ids.get(&v.attacker_uuid).map(String::as_str));
-                c.boolean(merged);
+                let identity = ids.get(&v.attacker_uuid).map(String::as_str);
+                c.row(ROW_COLUMNS as u16);
+                for col in v.columns(identity, merged) {
+                    match col {
+                        Column::Text(t) => c.text(t),
+                        Column::Real(x) => c.float8(x),
+                        Column::Int(i) => c.int4(i),
+                        Column::Flag(b) => c.boolean(b),
+                    }
+                }
             }
             c.finish()
         });
