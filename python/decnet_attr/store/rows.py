@@ -134,26 +134,6 @@ def merge_attacker_items(
     return [(m[0], m[1], float(m[2]), float(m[3])) for m in (merged[k] for k in sorted(merged))]
 
 
-def match_inserted(rows: Sequence[tuple[Any, ...]], inserted: Sequence[Sequence[Any]]) -> list[int]:
-    """Indexes into ``rows`` (insert tuples) of the rows the database reports
-    as inserted.
-
-    ``inserted`` holds ``(id, evidence_ref, primitive)`` of the new rows. Within
-    a batch the first of several identical rows is the one that got in (the
-    others conflicted with it).
-    """
-    first: dict[tuple[str, str, str], int] = {}
-    for i, r in enumerate(rows):
-        first.setdefault((r[0], r[8], r[2]), i)
-    out: list[int] = []
-    for ins in inserted:
-        idx = first.get((ins[0], ins[1], ins[2]))
-        if idx is not None:
-            out.append(idx)
-    out.sort()
-    return out
-
-
 #: The identity columns :meth:`Store.recent_identities` returns, in this order.
 IDENTITY_FIELDS: tuple[str, ...] = (
     "uuid",
