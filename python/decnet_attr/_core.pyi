@@ -9,6 +9,7 @@ _R = TypeVar("_R")
 __all__ = [
     "ATTACKER_UUID_MAX",
     "REGISTRY_VERSION",
+    "SQLITE_MEMORY_STATISTICS_OFF",
     "STATES",
     "STATE_VALUE_COLUMNS",
     "AttributionState",
@@ -46,6 +47,9 @@ REGISTRY_VERSION: str
 #: The state names, in the engine's order (the only list of them).
 STATES: tuple[str, ...]
 __version__: str
+#: Whether importing ``_core`` turned SQLite's per-allocation memory
+#: statistics off (only possible before SQLite starts in the process).
+SQLITE_MEMORY_STATISTICS_OFF: bool
 
 class DecnetAttrError(ValueError): ...
 class InvalidJSONError(DecnetAttrError): ...

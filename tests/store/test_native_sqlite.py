@@ -5,6 +5,8 @@ module raises them, the GIL released while statements run, and closing."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -383,3 +385,34 @@ async def test_inserted_rows_take_the_seqs_their_runs_announce(tmp_path: Path) -
         await assert_runs_cover_rows(store)
     finally:
         await store.close()
+
+
+_MEMORY_USED = """
+import ctypes, sys
+{first}
+lib = ctypes.CDLL("libsqlite3.so.0")
+lib.sqlite3_memory_used.restype = ctypes.c_int64
+conn = sqlite3.connect(":memory:")
+conn.execute("CREATE TABLE t (x)")
+conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1000)])
+print(decnet_attr._core.SQLITE_MEMORY_STATISTICS_OFF, lib.sqlite3_memory_used())
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "off"),
+    [("import decnet_attr, sqlite3", True), ("import sqlite3, decnet_attr", False)],
+)
+def test_memory_statistics_are_off_when_the_package_comes_first(first: str, off: bool) -> None:
+    # SQLite counts every allocation under one process-wide mutex unless told
+    # not to before it starts; importing the package first tells it (the
+    # CLI does), importing sqlite3 first leaves the counting on, and both work
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_USED.format(first=first)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    assert out[0] == str(off)
+    assert (int(out[1]) == 0) is off

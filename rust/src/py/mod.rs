@@ -63,5 +63,9 @@ fn _core(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add("STATES", PyTuple::new(py, State::ALL.map(State::as_str)))?;
     m.add("REGISTRY_VERSION", Registry::get().version.as_str())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "SQLITE_MEMORY_STATISTICS_OFF",
+        sqlite::quiet_memory_statistics(),
+    )?;
     Ok(())
 }

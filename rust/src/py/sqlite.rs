@@ -338,6 +338,21 @@ impl rusqlite::ToSql for Bound<'_> {
 
 /// Open (creating if needed) the database file at `path`, in autocommit
 /// mode, with `busy_timeout` set to `timeout` seconds (without the GIL).
+/// Turns SQLite's memory statistics off for the process, if SQLite has not
+/// started yet (returns whether it took). With them on, every allocation
+/// SQLite makes takes one process-wide mutex to count itself; the writer
+/// thread allocates for every row it binds and every page it touches, and
+/// the statistics are read by nothing here (measured on the writer's SQL
+/// alone, 100k observations, five alternations: 7.9 -> 6.7 us an
+/// observation). `SQLITE_CONFIG_MEMSTATUS` is refused once SQLite is
+/// initialised (by any connection, or by importing Python's `sqlite3`),
+/// so the package calls this when `_core` is imported.
+pub(crate) fn quiet_memory_statistics() -> bool {
+    // SAFETY: sqlite3_config is safe to call before sqlite3_initialize and
+    // returns SQLITE_MISUSE (changing nothing) after it.
+    unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int) == ffi::SQLITE_OK }
+}
+
 pub(crate) fn open(py: Python<'_>, path: &str, timeout: f64) -> PyResult<Connection> {
     py.allow_threads(|| -> Result<Connection, Failure> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
