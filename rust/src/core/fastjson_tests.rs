@@ -52,7 +52,7 @@ fn json_scalar() -> impl Strategy<Value = String> {
     ]
 }
 
-fn json_value() -> impl Strategy<Value = String> {
+pub(super) fn json_value() -> impl Strategy<Value = String> {
     json_scalar().prop_recursive(3, 16, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),

@@ -26,10 +26,13 @@
 //! | any text | no NUL character | `nul_character` |
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value as J};
 
 use super::merge::Kind;
@@ -210,23 +213,146 @@ pub struct Validated {
     pub items: usize,
 }
 
-/// The fields an item may have.
-fn is_field(name: &str) -> bool {
-    matches!(
-        name,
-        "attacker_uuid"
-            | "primitive"
-            | "value"
-            | "ts"
-            | "attacker_ip"
-            | "confidence"
-            | "evidence_ref"
-            | "id"
-            | "window"
-            | "source"
-            | "identity_ref"
-            | "v"
-    )
+/// The fields an item may have, each with its slot in [`Fields`].
+const FIELDS: [&str; 12] = [
+    "attacker_uuid",
+    "primitive",
+    "value",
+    "ts",
+    "attacker_ip",
+    "confidence",
+    "evidence_ref",
+    "id",
+    "window",
+    "source",
+    "identity_ref",
+    "v",
+];
+
+fn slot(name: &str) -> Option<usize> {
+    FIELDS.iter().position(|f| *f == name)
+}
+
+/// An item's fields as the validator reads them: each known field's JSON
+/// in its slot (a repeated key keeps its last value, as a JSON object
+/// parsed whole would), and the names of the others. Read straight from a
+/// line, no map is built and no known key is copied: an item used to cost a
+/// JSON tree (an allocation per key and per node), and the allocator's time
+/// was most of the validator's.
+#[derive(Debug, Default, PartialEq)]
+pub struct Fields {
+    slots: [Option<J>; FIELDS.len()],
+    unknown: Vec<String>,
+}
+
+impl Fields {
+    fn get(&self, name: &str) -> Option<&J> {
+        slot(name).and_then(|i| self.slots[i].as_ref())
+    }
+
+    /// The field's JSON, moved out (each field is checked once).
+    fn take(&mut self, name: &str) -> Option<J> {
+        slot(name).and_then(|i| self.slots[i].take())
+    }
+
+    fn from_map(map: Map<String, J>) -> Self {
+        let mut out = Fields::default();
+        for (k, v) in map {
+            match slot(&k) {
+                Some(i) => out.slots[i] = Some(v),
+                None => out.unknown.push(k),
+            }
+        }
+        out
+    }
+}
+
+/// One item of a body: an object's [`Fields`], or a JSON value that is
+/// not an object.
+#[derive(Debug, PartialEq)]
+pub enum Item {
+    Object(Fields),
+    NotObject,
+}
+
+impl From<J> for Item {
+    fn from(v: J) -> Self {
+        match v {
+            J::Object(map) => Item::Object(Fields::from_map(map)),
+            _ => Item::NotObject,
+        }
+    }
+}
+
+enum Key {
+    Known(usize),
+    Unknown(String),
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, k: &str) -> Result<Key, E> {
+                Ok(slot(k).map_or_else(|| Key::Unknown(k.to_owned()), Key::Known))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Item;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+                let mut out = Fields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Known(i) => out.slots[i] = Some(map.next_value::<J>()?),
+                        Key::Unknown(name) => {
+                            // read as JSON all the same: a number out of
+                            // range stays `invalid_json` wherever it is
+                            map.next_value::<J>()?;
+                            out.unknown.push(name);
+                        }
+                    }
+                }
+                Ok(Item::Object(out))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+                while seq.next_element::<J>()?.is_some() {}
+                Ok(Item::NotObject)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Item, E> {
+                Ok(Item::NotObject)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item, E> {
+                Ok(Item::NotObject)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item, E> {
+                Ok(Item::NotObject)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Item, E> {
+                Ok(Item::NotObject)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Item, E> {
+                Ok(Item::NotObject)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Item, E> {
+                Ok(Item::NotObject)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 type Res<T> = Result<T, (Reason, String)>;
@@ -272,15 +398,10 @@ fn chars(s: &str) -> usize {
     s.chars().count()
 }
 
-fn opt_text<'a>(
-    obj: &'a Map<String, J>,
-    name: &str,
-    max: usize,
-    reason: Reason,
-) -> Res<Option<&'a str>> {
-    match obj.get(name) {
+fn opt_text(obj: &mut Fields, name: &str, max: usize, reason: Reason) -> Res<Option<String>> {
+    match obj.take(name) {
         None | Some(J::Null) => Ok(None),
-        Some(J::String(s)) if !s.is_empty() && chars(s) <= max => Ok(Some(s)),
+        Some(J::String(s)) if !s.is_empty() && chars(&s) <= max => Ok(Some(s)),
         Some(_) => fail(
             reason,
             format!("{name} must be a non-empty string of at most {max} characters"),
@@ -329,10 +450,10 @@ fn py_repr(s: &str) -> String {
     out
 }
 
-fn value_of(v: &J) -> Res<ValueIn<'static>> {
+fn value_of(v: J) -> Res<ValueIn<'static>> {
     Ok(match v {
         J::Null => ValueIn::Null,
-        J::Bool(b) => ValueIn::Bool(*b),
+        J::Bool(b) => ValueIn::Bool(b),
         J::Number(n) => {
             if let Some(i) = n.as_i64() {
                 ValueIn::Int(i)
@@ -345,8 +466,8 @@ fn value_of(v: &J) -> Res<ValueIn<'static>> {
                 }
             }
         }
-        J::String(s) => ValueIn::Str(Cow::Owned(s.clone())),
-        J::Array(_) | J::Object(_) => match canonical_json(v) {
+        J::String(s) => ValueIn::Str(Cow::Owned(s)),
+        J::Array(_) | J::Object(_) => match canonical_json(&v) {
             Ok(s) => ValueIn::Json(s),
             Err(e) => return fail(Reason::ValueTooDeep, e),
         },
@@ -364,30 +485,27 @@ fn value_json(v: &ValueIn<'_>) -> String {
 
 fn check_one(
     index: usize,
-    item: &J,
+    item: Item,
     env: Option<&Envelope>,
     opts: &Options,
     reg: &Registry,
 ) -> Res<Valid> {
-    let obj = match item {
-        J::Object(o) => o,
-        _ => return fail(Reason::NotObject, "item must be a JSON object"),
+    let mut obj = match item {
+        Item::Object(o) => o,
+        Item::NotObject => return fail(Reason::NotObject, "item must be a JSON object"),
     };
-    let mut unknown: Vec<&str> = obj
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !is_field(k))
-        .collect();
-    if !unknown.is_empty() {
+    if !obj.unknown.is_empty() {
+        let mut unknown: Vec<&str> = obj.unknown.iter().map(String::as_str).collect();
         unknown.sort_unstable();
+        unknown.dedup();
         let names: Vec<String> = unknown.iter().take(5).map(|k| short(k, 40)).collect();
         return fail(
             Reason::UnknownField,
             format!("unknown field(s): {}", names.join(", ")),
         );
     }
-    let attacker = match obj.get("attacker_uuid") {
-        Some(J::String(s)) if is_attacker_uuid(s) => s.clone(),
+    let attacker = match obj.take("attacker_uuid") {
+        Some(J::String(s)) if is_attacker_uuid(&s) => s,
         _ => {
             return fail(
                 Reason::BadAttackerUuid,
@@ -399,8 +517,8 @@ fn check_one(
         }
     };
     let topic_primitive = env.and_then(|e| e.primitive.as_deref());
-    let primitive = match (obj.get("primitive"), topic_primitive) {
-        (Some(J::String(s)), _) if !s.is_empty() && s.len() <= 200 => s.clone(),
+    let primitive = match (obj.take("primitive"), topic_primitive) {
+        (Some(J::String(s)), _) if !s.is_empty() && s.len() <= 200 => s,
         (None, Some(t)) => t.to_owned(),
         _ => {
             return fail(
@@ -430,7 +548,7 @@ fn check_one(
             )
         }
     };
-    let raw_value = match obj.get("value") {
+    let raw_value = match obj.take("value") {
         Some(v) => v,
         None => return fail(Reason::MissingValue, "missing field value"),
     };
@@ -482,8 +600,8 @@ fn check_one(
         },
     };
     let id_msg = || format!("id must be 1-{MAX_ID} characters of {ID_ALPHABET}");
-    let id = match obj.get("id") {
-        Some(J::String(s)) if is_id(s) => s.clone(),
+    let id = match obj.take("id") {
+        Some(J::String(s)) if is_id(&s) => s,
         None | Some(J::Null) => match (env.and_then(|e| e.event_id.as_deref()), &opts.id_prefix) {
             (Some(e), _) if is_id(e) => e.to_owned(),
             (_, Some(p)) => format!("{p}{index:08x}"),
@@ -517,19 +635,16 @@ fn check_one(
             )
         }
     };
-    let source = opt_text(obj, "source", MAX_TEXT, Reason::BadSource)?
-        .map(str::to_owned)
+    let source = opt_text(&mut obj, "source", MAX_TEXT, Reason::BadSource)?
         .or_else(|| opts.default_source.clone());
-    let evidence_ref = opt_text(obj, "evidence_ref", MAX_TEXT, Reason::BadEvidenceRef)?
-        .map(str::to_owned)
+    let evidence_ref = opt_text(&mut obj, "evidence_ref", MAX_TEXT, Reason::BadEvidenceRef)?
         .unwrap_or_else(|| format!("{}{id}", opts.evidence_prefix));
     let identity_ref = opt_text(
-        obj,
+        &mut obj,
         "identity_ref",
         MAX_IDENTITY_REF,
         Reason::BadIdentityRef,
-    )?
-    .map(str::to_owned);
+    )?;
     match obj.get("v") {
         None => {}
         Some(J::Number(n)) if n.as_i64() == Some(1) => {}
@@ -596,8 +711,8 @@ pub fn ndjson_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// One line of an NDJSON body as an item (a line that is not JSON is an
 /// `invalid_json` item).
-fn parse_line(line: &[u8]) -> Result<J, String> {
-    serde_json::from_slice::<J>(line).map_err(|e| format!("invalid JSON: {e}"))
+fn parse_line(line: &[u8]) -> Result<Item, String> {
+    serde_json::from_slice::<Item>(line).map_err(|e| format!("invalid JSON: {e}"))
 }
 
 /// The items of a body, counted but not parsed yet where they are lines:
@@ -625,9 +740,9 @@ impl<'a> Items<'a> {
     }
 
     /// The items in order, each parsed as it is reached.
-    pub fn parse(self) -> Box<dyn Iterator<Item = Result<J, String>> + 'a> {
+    pub fn parse(self) -> Box<dyn Iterator<Item = Result<Item, String>> + 'a> {
         match self {
-            Items::Parsed(v) => Box::new(v.into_iter().map(Ok)),
+            Items::Parsed(v) => Box::new(v.into_iter().map(|j| Ok(Item::from(j)))),
             Items::Lines(v) => Box::new(v.into_iter().map(parse_line)),
         }
     }
@@ -658,7 +773,7 @@ pub fn split_items(data: &[u8]) -> Result<Items<'_>, String> {
     if let Items::Lines(lines) = &out {
         if let [line] = lines.as_slice() {
             // one object (or a scalar) on its own: a batch of one, or unusable
-            if parse_line(line).is_ok_and(|v| !v.is_object()) {
+            if parse_line(line).is_ok_and(|v| matches!(v, Item::NotObject)) {
                 return Err(
                     "the body must be a JSON array of observations (or one observation)".into(),
                 );
@@ -671,7 +786,7 @@ pub fn split_items(data: &[u8]) -> Result<Items<'_>, String> {
 /// Validate items (see the module docs; [`Items::parse`] gives them).
 /// `envelopes`, when given, is parallel to `items`.
 pub fn validate(
-    items: impl IntoIterator<Item = Result<J, String>>,
+    items: impl IntoIterator<Item = Result<Item, String>>,
     envelopes: Option<&[Envelope]>,
     opts: &Options,
 ) -> Validated {
@@ -682,18 +797,32 @@ pub fn validate(
         valid: Vec::with_capacity(hint),
         ..Validated::default()
     };
-    let mut seen: HashSet<String, ahash::RandomState> =
-        HashSet::with_capacity_and_hasher(hint, ahash::RandomState::new());
+    // the ids accepted so far, without a copy of each: a hash of the id
+    // names the first accepted item with it, compared in full; an id whose
+    // hash an earlier, different id has already taken goes to `others`
+    let hasher = ahash::RandomState::new();
+    let mut first: HashMap<u64, usize, ahash::RandomState> =
+        HashMap::with_capacity_and_hasher(hint, ahash::RandomState::new());
+    let mut others: HashSet<String, ahash::RandomState> = HashSet::default();
     for (index, item) in items.enumerate() {
         out.items = index + 1;
         let env = envelopes.and_then(|e| e.get(index));
         let res = match item {
-            Ok(j) => check_one(index, &j, env, opts, reg),
+            Ok(j) => check_one(index, j, env, opts, reg),
             Err(msg) => Err((Reason::InvalidJson, msg)),
         };
         match res {
             Ok(v) => {
-                if !seen.insert(v.id.clone()) {
+                let fresh = match first.entry(hasher.hash_one(&v.id)) {
+                    Entry::Vacant(e) => {
+                        e.insert(out.valid.len());
+                        true
+                    }
+                    Entry::Occupied(e) => {
+                        out.valid[*e.get()].id != v.id && others.insert(v.id.clone())
+                    }
+                };
+                if !fresh {
                     out.duplicates += 1;
                     out.rejected.push(Rejection {
                         index,
@@ -814,6 +943,82 @@ fn opt_str(out: &mut String, v: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(FIELDS.to_vec()).prop_map(|k| format!("\"{k}\"")),
+            // escaped spellings of a known name, and names that are not fields
+            prop::sample::select(vec![
+                r#""\u0069d""#,
+                r#""v\u0000""#,
+                r#""extra""#,
+                r#""Value""#,
+                r#""""#,
+                r#""\ud83d\ude00""#,
+            ])
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    fn line() -> impl Strategy<Value = String> {
+        let object = prop::collection::vec(
+            (
+                key(),
+                prop_oneof![
+                    crate::core::fastjson_tests::json_value(),
+                    Just("1e400".to_owned())
+                ],
+            ),
+            0..8,
+        )
+        .prop_map(|kv| {
+            let body: Vec<String> = kv.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("{{{}}}", body.join(", "))
+        });
+        prop_oneof![
+            4 => object,
+            1 => crate::core::fastjson_tests::json_value(),
+        ]
+    }
+
+    proptest! {
+        /// A line read field by field is what the same line parsed whole
+        /// as JSON gives (repeated keys, escaped names, numbers out of
+        /// range, broken lines), with the same error.
+        #[test]
+        fn a_line_reads_as_its_json_object(
+            text in line(),
+            cut in any::<prop::sample::Index>(),
+            junk in prop::sample::select(vec!["", "}", "x", ",", "\"", "\\"]),
+        ) {
+            let whole = |b: &[u8]| {
+                serde_json::from_slice::<J>(b)
+                    .map(|j| {
+                        let mut item = Item::from(j);
+                        if let Item::Object(f) = &mut item {
+                            f.unknown.sort_unstable();
+                            f.unknown.dedup();
+                        }
+                        item
+                    })
+                    .map_err(|e| format!("invalid JSON: {e}"))
+            };
+            let read = |b: &[u8]| {
+                parse_line(b).map(|mut item| {
+                    if let Item::Object(f) = &mut item {
+                        f.unknown.sort_unstable();
+                        f.unknown.dedup();
+                    }
+                    item
+                })
+            };
+            prop_assert_eq!(read(text.as_bytes()), whole(text.as_bytes()));
+            let mut broken = text.as_bytes()[..cut.index(text.len() + 1)].to_vec();
+            broken.extend_from_slice(junk.as_bytes());
+            prop_assert_eq!(read(&broken), whole(&broken));
+        }
+    }
 
     fn one(line: &str) -> Result<Valid, Rejection> {
         let items = split_items(line.as_bytes()).expect("usable body");
@@ -878,8 +1083,8 @@ mod tests {
         );
         let items: Vec<_> = split_ndjson(body).parse().collect();
         assert_eq!(items.len(), 4);
-        assert!(matches!(&items[0], Ok(J::Array(_))));
-        assert!(matches!(&items[2], Ok(J::Object(_))));
+        assert!(matches!(&items[0], Ok(Item::NotObject)));
+        assert!(matches!(&items[2], Ok(Item::Object(_))));
         assert!(items[3].is_err());
         // the same body read as an API body is one array, then unusable
         assert!(split_items(body).is_err());

@@ -350,7 +350,10 @@ impl rusqlite::ToSql for Bound<'_> {
 pub(crate) fn quiet_memory_statistics() -> bool {
     // SAFETY: sqlite3_config is safe to call before sqlite3_initialize and
     // returns SQLITE_MISUSE (changing nothing) after it.
-    unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int) == ffi::SQLITE_OK }
+    unsafe {
+        ffi::sqlite3_config(ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::os::raw::c_int)
+            == ffi::SQLITE_OK
+    }
 }
 
 pub(crate) fn open(py: Python<'_>, path: &str, timeout: f64) -> PyResult<Connection> {
