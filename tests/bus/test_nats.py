@@ -51,6 +51,45 @@ async def test_publish_subscribe_round_trip_preserves_id(nats_bus_factory: NatsB
     assert subscriber.stats()["delivered"] == 1
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["nats", "generic"])
+async def test_publish_many_sends_each_in_order_and_skips_what_cannot_go(
+    nats_bus_factory: NatsBusFactory, one_pass: bool
+) -> None:
+    """The worker's events in one call: each arrives as publish sends it
+    (topic, type, id, payload, one time for the call), in order; an invalid
+    topic or a payload that is not a dict is skipped and logged, the others
+    still go. NATS's one-pass version and the generic one (publish each)
+    agree."""
+    from decnet_attr.bus.base import Bus
+
+    publisher = await nats_bus_factory(name="pub")
+    subscriber = await nats_bus_factory(name="sub")
+    sub = subscriber.subscribe("attribution.>")
+    await sub.wait_ready(timeout=5)
+    events = [
+        ("attribution.profile.updated", {"i": 0}, "profile.updated", "e0"),
+        ("attribution.profile.>", {"i": 1}, "bad", "e1"),  # a wildcard is no topic
+        ("attribution.profile.updated", ["not", "a", "dict"], "x", "e3"),
+        ("attribution.a b", {"i": 3}, "bad", "e3"),  # nor is a space in it
+        ("attribution.profile.state_changed", {"i": 4, "f": 0.1}, "state_changed", "e4"),
+        ("attribution.profile.updated", {"i": 5}, "profile.updated", ""),
+    ]
+    publish_many = publisher.publish_many if one_pass else Bus.publish_many.__get__(publisher)
+    before = time.time()
+    assert await publish_many(events) == 3  # type: ignore[arg-type]
+    got = [await next_event(sub) for _ in range(3)]
+    assert [(e.topic, e.type, e.id, e.payload, e.v) for e in got[:2]] == [
+        ("attribution.profile.updated", "profile.updated", "e0", {"i": 0}, 1),
+        ("attribution.profile.state_changed", "state_changed", "e4", {"i": 4, "f": 0.1}, 1),
+    ]
+    assert len(got[2].id) == 32  # no id given: a fresh one
+    assert all(before <= e.ts <= time.time() for e in got)
+    assert publisher.stats()["published"] == 3
+    await publisher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await publish_many(events[:1])  # type: ignore[arg-type]
+
+
 async def test_publisher_sees_its_own_events(nats_bus: NatsBus) -> None:
     sub = nats_bus.subscribe("system.*.health")
     # no wait_ready: the bus orders its own SUB before the following PUB

@@ -71,6 +71,15 @@ _new_object = object.__new__
 # ------------------------------------------------------------------------------------------
 # envelope
 # ------------------------------------------------------------------------------------------
+def envelope(
+    v: int, id: str, topic: str, type: str, ts: float, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """An event's wire form, keys in DECNET's order ``v, id, topic, type, ts,
+    payload`` (:meth:`Event.to_dict`; a bus that sends events without making
+    :class:`Event` objects builds it here too)."""
+    return {"v": v, "id": id, "topic": topic, "type": type, "ts": ts, "payload": payload}
+
+
 @dataclass(frozen=True)
 class Event:
     """One bus event (docs/decnet.md#bus-envelope). Immutable; ``payload`` is a plain dict
@@ -103,15 +112,8 @@ class Event:
         return event
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form, keys in DECNET's order ``v, id, topic, type, ts, payload``."""
-        return {
-            "v": self.v,
-            "id": self.id,
-            "topic": self.topic,
-            "type": self.type,
-            "ts": self.ts,
-            "payload": self.payload,
-        }
+        """The wire form (:func:`envelope`)."""
+        return envelope(self.v, self.id, self.topic, self.type, self.ts, self.payload)
 
     def to_json(self) -> bytes:
         """Compact UTF-8 JSON of :meth:`to_dict` (orjson)."""

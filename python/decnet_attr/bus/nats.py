@@ -23,19 +23,22 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors as nerr
 import nats.js.errors as jserr
+import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
 
 from decnet_attr.bus.base import (
+    EVENT_SCHEMA_VERSION,
     UNDECODABLE,
     Bus,
     BusError,
@@ -47,6 +50,7 @@ from decnet_attr.bus.base import (
     QueueSubscription,
     RateLimitedLog,
     Subscription,
+    envelope,
 )
 from decnet_attr.topics import (
     INGEST_PATTERN,
@@ -543,6 +547,9 @@ class NatsBus(Bus):
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
             "closed_cb": self._on_closed,
+            # every subject this bus sends is checked by its own, stricter
+            # topic and pattern rules first (validate_topic, validate_pattern)
+            "skip_subject_validation": True,
         }
         try:
             # nats-py retries the initial connection forever with
@@ -762,10 +769,38 @@ class NatsBus(Bus):
         self._dropped += n
 
     # -- fan-out -----------------------------------------------------------------------------
-    async def _publish(self, event: Event) -> None:
-        topic = event.topic
-        data = event.to_json()
-        nc = await self._client()
+    async def publish_many(self, events: Sequence[tuple[str, dict[str, Any], str, str]]) -> int:
+        """:meth:`Bus.publish_many` in one pass: the client is looked up once,
+        the events of one call share their time, and each goes out as its
+        wire form straight away, without an :class:`Event` and two coroutine
+        layers each (the worker publishes one event per state row it writes:
+        a quarter of its loop on this bus went there)."""
+        try:
+            nc = await self._client()
+        except BusUnavailable as exc:
+            logger.warning("publishing %d events failed: %s", len(events), exc)
+            return 0
+        now = time.time()
+        sent = 0
+        for topic, payload, etype, eid in events:
+            try:
+                self._check_topic(topic)
+                if not isinstance(payload, dict):
+                    raise TypeError("the payload is not a dict")
+                data = orjson.dumps(
+                    envelope(
+                        EVENT_SCHEMA_VERSION, eid or uuid.uuid4().hex, topic, etype, now, payload
+                    )
+                )
+                await self._send(nc, topic, data)
+            except Exception as exc:
+                logger.warning("publish on %s failed: %s", topic[:200], exc)
+                continue
+            sent += 1
+        return sent
+
+    async def _send(self, nc: NatsClient, topic: str, data: bytes) -> None:
+        """One core NATS message, nats-py's errors as the bus's."""
         try:
             await nc.publish(topic, data)
         except nerr.MaxPayloadError as exc:
@@ -775,6 +810,9 @@ class NatsBus(Bus):
         except (nerr.Error, OSError) as exc:
             raise BusUnavailable(f"publish on {topic!r} failed: {_describe(exc)}") from exc
         self._published += 1
+
+    async def _publish(self, event: Event) -> None:
+        await self._send(await self._client(), event.topic, event.to_json())
 
     def subscribe(self, pattern: str) -> Subscription:
         if self._closed:
