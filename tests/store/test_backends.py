@@ -511,3 +511,39 @@ async def test_postgres_plans_are_made_for_the_tables_as_they_are(pg_server: PgS
     finally:
         await st.close()
         await pg_server.drop_database(dsn)
+
+
+@requires_postgres
+async def test_postgres_state_updates_that_keep_the_state_stay_on_their_page(
+    pg_server: PgServer,
+) -> None:
+    """attribution_state leaves room on its pages, so that an update that
+    changes no indexed column (not a transition) is a heap-only tuple: no
+    new index entries, no other page. On the full pages a bulk write of new
+    rows leaves, none of a batch's updates could stay."""
+    dsn = await pg_server.create_database()
+    st = PostgresStore(dsn, min_size=1, max_size=1)
+    await st.open()
+    try:
+        async with st._conn() as conn:  # type: ignore[attr-defined]
+            await conn.execute(
+                "INSERT INTO attribution_state (identity_uuid, primitive, current_value, state, "
+                "confidence, observation_count, last_change_ts, last_observation_ts, updated_at, "
+                '"window") SELECT \'i\' || (g / 38), \'p\' || (g % 38), \'"v"\', \'stable\', 0.5, 1, '
+                "0, 0, 0, repeat('w', 300) FROM generate_series(1, 3000) g"
+            )
+            # a batch's updates: a tenth of the keys, on every page
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE attribution_state SET observation_count = observation_count + 1, "
+                    "confidence = 0.6, updated_at = 1 WHERE substr(primitive, 2)::int % 10 = 3"
+                )
+                hot, updated = await conn.fetchrow(
+                    "SELECT n_tup_hot_upd, n_tup_upd FROM pg_stat_xact_user_tables "
+                    "WHERE relname = 'attribution_state'"
+                )
+        assert updated == 316  # p3, p13, p23, p33 of every identity
+        assert hot == updated
+    finally:
+        await st.close()
+        await pg_server.drop_database(dsn)
