@@ -529,7 +529,7 @@ async def test_postgres_state_updates_that_keep_the_state_stay_on_their_page(
             await conn.execute(
                 "INSERT INTO attribution_state (identity_uuid, primitive, current_value, state, "
                 "confidence, observation_count, last_change_ts, last_observation_ts, updated_at, "
-                '"window") SELECT \'i\' || (g / 38), \'p\' || (g % 38), \'"v"\', \'stable\', 0.5, 1, '
+                "\"window\") SELECT 'i' || (g / 38), 'p' || (g % 38), '\"v\"', 'stable', 0.5, 1, "
                 "0, 0, 0, repeat('w', 300) FROM generate_series(1, 3000) g"
             )
             # a batch's updates: a tenth of the keys, on every page

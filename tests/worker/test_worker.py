@@ -355,6 +355,43 @@ async def test_restart_rebuilds_from_stored_windows(
     assert len(w2.engine) == len({(o["primitive"]) for o in obs[len(obs) // 2 :]})
 
 
+async def test_the_keys_of_an_identity_formed_in_the_batch_are_not_read(
+    settings: Settings, bus: Bus, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing can have written state rows of an identity the batch's own
+    transaction forms, so its keys are not looked up (a new attacker's
+    observations cost no reads); a worker meeting the identity again, with
+    nothing of it in memory, reads them, and the states stay exact."""
+    from decnet_attr.store.sqlite import SqliteTx
+
+    asked: list[tuple[str, str]] = []
+    load = SqliteTx.load_states
+
+    async def spy(self: SqliteTx, keys: Any, **kw: Any) -> Any:
+        asked.extend(keys)
+        return await load(self, keys, **kw)
+
+    monkeypatch.setattr(SqliteTx, "load_states", spy)
+    first = [mk_obs(a, "motor.input_modality", "typed", 1.0) for a in ("new-1", "new-2")]
+    first += [mk_obs("new-1", "toolchain.c2.beacon_interval_ms", 100, 2.0)]
+    w1 = AttributionWorker(settings, bus, store)
+    await w1.start()
+    await publish_all(bus, first)
+    await w1.stop()
+    assert asked == []
+    later = [mk_obs("new-1", "motor.input_modality", "pasted", 3.0)]
+    w2 = AttributionWorker(settings, bus, store)  # holds no row of new-1's identity
+    await w2.start()
+    await publish_all(bus, later)
+    await w2.stop()
+    assert [k[1] for k in asked] == ["motor.input_modality"]
+    want = oracle_states(first + later)
+    got = await stored_states(store, ["new-1", "new-2"])
+    assert set(got) == set(want)
+    for key, st in want.items():
+        assert oracle.same(got[key], st), key
+
+
 async def test_stored_but_unmerged_observations_are_merged_on_start(
     settings: Settings, bus: Bus, store: Store
 ) -> None:

@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -851,14 +852,14 @@ class AttributionWorker:
                 reads.multi_actor_primitives(idents), reads.multi_actor_signatures(idents)
             )
             try:
-                prior = await self._load_windows(tx, valid.keys(identity_of), touched)
+                prior = await self._load_windows(tx, valid.keys(identity_of), touched, formed_set)
             finally:
                 flagged, fired = await both
             known = (flagged, fired)
             if self.pipelined:
                 known = self._overlaid(idents, known)
         else:
-            prior = await self._load_windows(tx, valid.keys(identity_of), touched)
+            prior = await self._load_windows(tx, valid.keys(identity_of), touched, formed_set)
         if already_stored:
             new_pos = list(range(len(valid)))
         else:
@@ -997,22 +998,26 @@ class AttributionWorker:
                 log.warning("retention pass failed: %s", exc)
 
     async def _load_windows(
-        self, tx: Tx, keys: list[Key], touched: list[Key]
+        self, tx: Tx, keys: list[Key], touched: list[Key], formed: AbstractSet[str] = frozenset()
     ) -> dict[Key, StateRow]:
         """The stored state rows of the batch's keys that must be read (in
         lazy mode only those of keys the worker holds no row of, see
-        ``_states``); makes the engine hold exactly the stored windows for
-        them (all of them on a shared store, only the missing ones
-        otherwise)."""
+        ``_states``; never those of identities ``formed`` by this
+        transaction, which nothing can have written rows of yet); makes the
+        engine hold exactly the stored windows for them (all of them on a
+        shared store, only the missing ones otherwise)."""
         touched.extend(keys)
         if self.lazy:
             # the single writer knows the rows it wrote: read only the others
             # (pipelined, these are read committed: a key written by a
             # transaction in flight is held)
             missing = self._states.missing(keys)
+            if formed:
+                missing = [k for k in missing if k[0] not in formed]
             prior = await tx.committed_reads().load_states(missing) if missing else {}
         else:
-            prior = await tx.load_states(keys, lock=self.shared)
+            wanted = [k for k in keys if k[0] not in formed] if formed else keys
+            prior = await tx.load_states(wanted, lock=self.shared) if wanted else {}
         refresh = keys if self.shared else self.engine.missing(keys)
         if not refresh:
             return prior
