@@ -547,3 +547,64 @@ async def test_postgres_state_updates_that_keep_the_state_stay_on_their_page(
     finally:
         await st.close()
         await pg_server.drop_database(dsn)
+
+
+@requires_postgres
+async def test_postgres_looks_up_stored_items_only_when_a_copy_meets_one(
+    pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's observations are copied whole first, in a savepoint; the
+    lookup of the stored ones runs only when a unique index refuses a row,
+    and then the others are copied. Going back to the savepoint undoes only
+    the copy: what the transaction wrote before it (a new attacker) stays."""
+    import decnet_attr.store.postgres as pg_mod
+    from decnet_attr.config import Settings
+    from decnet_attr.observations import validate
+
+    lookups: list[str] = []
+    stored = pg_mod._stored
+
+    async def spy(conn: object, items_json: str) -> set[int]:
+        lookups.append(items_json)
+        return await stored(conn, items_json)
+
+    monkeypatch.setattr(pg_mod, "_stored", spy)
+
+    def batch(*items: tuple[str, str, str]) -> object:
+        return validate(
+            b"\n".join(
+                orjson.dumps(
+                    {"id": i, "attacker_uuid": a, "primitive": "environmental.shell_type",
+                     "value": "bash", "ts": 1e9, "evidence_ref": e}
+                )
+                for i, a, e in items
+            ),
+            Settings(),
+        )  # fmt: skip
+
+    dsn = await pg_server.create_database()
+    st = PostgresStore(dsn, min_size=1, max_size=1)
+    await st.open()
+    try:
+        async with st.transaction() as tx:
+            await tx.ensure_attackers([("a", None, 1e9)])
+            assert await tx.insert_validated(batch(("o1", "a", "e1"), ("o2", "a", "e2")), {}) == [
+                0,
+                1,
+            ]  # type: ignore[arg-type]
+        assert lookups == []
+        async with st.transaction() as tx:
+            await tx.ensure_attackers([("b", None, 1e9)])
+            got = await tx.insert_validated(
+                batch(("o1", "a", "x"), ("o3", "b", "e3"), ("o4", "a", "e2")),  # type: ignore[arg-type]
+                {},
+            )
+            assert got == [1]
+        assert len(lookups) == 1
+        async with st._conn() as conn:  # type: ignore[attr-defined]
+            assert await conn.fetchval("SELECT count(*) FROM attackers WHERE uuid = 'b'") == 1
+            ids = [r[0] for r in await conn.fetch("SELECT id FROM observations ORDER BY seq")]
+        assert ids == ["o1", "o2", "o3"]
+    finally:
+        await st.close()
+        await pg_server.drop_database(dsn)
