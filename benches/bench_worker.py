@@ -86,6 +86,9 @@ def as_deployed() -> Any:
 #: publishing), or API batches of 2,000 (what ``POST /api/v1/observations``
 #: hands over: one ``attacker.observation.batch`` event per body).
 SHAPES = ("DECNET events", "API batches")
+#: Rounds of the short cases whose median is reported (the embedded
+#: sustained cases and the DECNET-style worker, the two sides of the ratio).
+ROUNDS = 3
 API_BATCH = 2000
 
 
@@ -305,16 +308,20 @@ async def decnet_style(n: int, history: int) -> float:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_sustained_throughput(benchmark: Any, backend: str, shape: str) -> None:
-    n = 100_000 if backend.startswith("in-process") else 40_000
+    embedded = backend.startswith("in-process")
+    n = 100_000 if embedded else 40_000
     rates: list[float] = []
     with as_deployed():
         benchmark.pedantic(
             lambda: rates.append(asyncio.run(sustained(backend, n, shape))),
-            rounds=1,
+            # a round of the embedded case lasts about a second, at the
+            # machine's mercy: the median of three (the servers' cases start
+            # a nats-server and a PostgreSQL each round)
+            rounds=ROUNDS if embedded else 1,
             iterations=1,
         )
-    benchmark.extra_info["obs_per_s"] = rates[0]
-    record_rate(f"worker sustained, {backend}, {shape}", rates[0])
+    benchmark.extra_info["obs_per_s"] = statistics.median(rates)
+    record_rate(f"worker sustained, {backend}, {shape}", statistics.median(rates))
 
 
 def test_sustained_throughput_partitioned(benchmark: Any) -> None:
@@ -369,12 +376,14 @@ def test_decnet_style_worker(benchmark: Any, history: int) -> None:
     rates: list[float] = []
     with as_deployed():
         benchmark.pedantic(
-            lambda: rates.append(asyncio.run(decnet_style(400, history))), rounds=1, iterations=1
+            lambda: rates.append(asyncio.run(decnet_style(400, history))),
+            rounds=ROUNDS,
+            iterations=1,
         )
-    benchmark.extra_info["obs_per_s"] = rates[0]
+    benchmark.extra_info["obs_per_s"] = statistics.median(rates)
     record_rate(
         f"DECNET-style worker (per event reload+recompute+commit), series {history}, SQLite",
-        rates[0],
+        statistics.median(rates),
     )
 
 
