@@ -358,33 +358,47 @@ async def test_restart_rebuilds_from_stored_windows(
 async def test_the_keys_of_an_identity_formed_in_the_batch_are_not_read(
     settings: Settings, bus: Bus, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nothing can have written state rows of an identity the batch's own
-    transaction forms, so its keys are not looked up (a new attacker's
-    observations cost no reads); a worker meeting the identity again, with
-    nothing of it in memory, reads them, and the states stay exact."""
+    """Nothing can have written state rows, multi-actor flags or a
+    signature of an identity the batch's own transaction forms, so none are
+    looked up (a new attacker's observations cost no reads); a worker
+    meeting the identity again, with nothing of it in memory, reads them,
+    and the states stay exact."""
     from decnet_attr.store.sqlite import SqliteTx
 
     asked: list[tuple[str, str]] = []
+    flags_asked: list[str] = []
     load = SqliteTx.load_states
+    primitives, signatures = SqliteTx.multi_actor_primitives, SqliteTx.multi_actor_signatures
 
     async def spy(self: SqliteTx, keys: Any, **kw: Any) -> Any:
         asked.extend(keys)
         return await load(self, keys, **kw)
 
+    async def spy_primitives(self: SqliteTx, idents: Any) -> Any:
+        flags_asked.extend(idents)
+        return await primitives(self, idents)
+
+    async def spy_signatures(self: SqliteTx, idents: Any, **kw: Any) -> Any:
+        flags_asked.extend(idents)
+        return await signatures(self, idents, **kw)
+
     monkeypatch.setattr(SqliteTx, "load_states", spy)
+    monkeypatch.setattr(SqliteTx, "multi_actor_primitives", spy_primitives)
+    monkeypatch.setattr(SqliteTx, "multi_actor_signatures", spy_signatures)
     first = [mk_obs(a, "motor.input_modality", "typed", 1.0) for a in ("new-1", "new-2")]
     first += [mk_obs("new-1", "toolchain.c2.beacon_interval_ms", 100, 2.0)]
     w1 = AttributionWorker(settings, bus, store)
     await w1.start()
     await publish_all(bus, first)
     await w1.stop()
-    assert asked == []
+    assert asked == [] and flags_asked == []
     later = [mk_obs("new-1", "motor.input_modality", "pasted", 3.0)]
     w2 = AttributionWorker(settings, bus, store)  # holds no row of new-1's identity
     await w2.start()
     await publish_all(bus, later)
     await w2.stop()
     assert [k[1] for k in asked] == ["motor.input_modality"]
+    assert len(flags_asked) == 2  # its flags and its signature
     want = oracle_states(first + later)
     got = await stored_states(store, ["new-1", "new-2"])
     assert set(got) == set(want)

@@ -847,9 +847,11 @@ class AttributionWorker:
             # pipelined, while the keys load: the reads go to another
             # connection
             idents = sorted(set(identity_of.values()))
+            # (an identity this transaction forms has no flags or signature yet)
+            stored = [i for i in idents if i not in formed_set] if formed_set else idents
             reads = tx.committed_reads()
             both = asyncio.gather(
-                reads.multi_actor_primitives(idents), reads.multi_actor_signatures(idents)
+                reads.multi_actor_primitives(stored), reads.multi_actor_signatures(stored)
             )
             try:
                 prior = await self._load_windows(tx, valid.keys(identity_of), touched, formed_set)
