@@ -214,9 +214,12 @@ async def _copy_observations(conn: Any, **source: Any) -> None:
     """New observation rows by ``COPY`` (a binary stream as ``source=``, or
     ``records=``), in the order given (their seqs follow it).
 
-    The rows were checked against the stored ones first (``_stored``), and
-    the unique indexes keep the guarantee: a row another writer stored since
-    fails the ``COPY``, and the batch runs again (it will find that row).
+    The unique indexes keep the guarantee: a row stored already fails the
+    ``COPY`` with :class:`StoreConflict`. A batch's first, optimistic copy
+    (``insert_validated``) then checks which items are stored
+    (``_stored``) and copies the others; a copy made after that check fails
+    only on a row another writer stored since, and the batch runs again (it
+    will find that row).
     ``COPY`` writes each row once, where ``INSERT … ON CONFLICT`` inserts
     speculatively and checks every unique index for each row: measured, a
     quarter less of the server's time per observation, the check included.
@@ -441,13 +444,8 @@ class PostgresTx(SqlTx):
         await _require(conn, "attackers", [a for a, _ip, _ts in batch.attackers(new)], "attacker")
         await conn.execute("SAVEPOINT copy_new")
         try:
-            await conn.copy_to_table(
-                "observations",
-                columns=_OBS_COLUMNS,
-                format="binary",
-                source=self._stream(batch, identity_of, new),
-            )
-        except asyncpg.UniqueViolationError:
+            await _copy_observations(conn, source=self._stream(batch, identity_of, new))
+        except StoreConflict:
             await conn.execute("ROLLBACK TO SAVEPOINT copy_new")
         else:
             await conn.execute("RELEASE SAVEPOINT copy_new")
