@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 import decnet_attr.store.sqlite as sqlite_mod
+from decnet_attr._core import ValidatedBatch
 from decnet_attr.store import (
     ObservationRow,
     Store,
@@ -22,7 +23,7 @@ from decnet_attr.store import (
     open_store,
 )
 from decnet_attr.store.postgres import PostgresStore
-from decnet_attr.store.schema import MIGRATIONS, split_statements
+from decnet_attr.store.schema import MIGRATIONS, SEQ_BLOCK, split_statements
 from decnet_attr.store.sqlite import SqliteStore
 from tests.pgserver import PgServer, free_port, requires_postgres
 from tests.store.conftest import obs, scalar, state
@@ -605,6 +606,185 @@ async def test_postgres_looks_up_stored_items_only_when_a_copy_meets_one(
             assert await conn.fetchval("SELECT count(*) FROM attackers WHERE uuid = 'b'") == 1
             ids = [r[0] for r in await conn.fetch("SELECT id FROM observations ORDER BY seq")]
         assert ids == ["o1", "o2", "o3"]
+    finally:
+        await st.close()
+        await pg_server.drop_database(dsn)
+
+
+@requires_postgres
+async def test_postgres_rows_of_v12_are_cut_into_runs(pg_server: PgServer) -> None:
+    """Schema v13 finds observations by attacker or identity through runs
+    of consecutive seqs, as SQLite does since v10; rows written before it
+    (attackers interleaved, one not merged yet) are cut into runs that cover
+    each row once, reads answer as the indexes did, and a row written later
+    by another tool (the column's default seq) gets its run at the next
+    open."""
+    import asyncpg
+
+    from tests.worker.helpers import assert_runs_cover_rows
+
+    dsn = await pg_server.create_database()
+    shell = "environmental.shell_type"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+            "applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        for m in MIGRATIONS:
+            if m.version <= 12:
+                await conn.execute(m.postgres)
+                await conn.execute("INSERT INTO schema_migrations VALUES ($1, 0)", m.version)
+        for ident in ("i1", "i2"):
+            await conn.execute(
+                "INSERT INTO attacker_identities (uuid, created_at, updated_at) VALUES ($1, 0, 0)",
+                ident,
+            )
+        for a, ident in (("a1", "i1"), ("a2", "i2"), ("a3", "i1")):
+            await conn.execute(
+                "INSERT INTO attackers (uuid, identity_id, first_seen, last_seen) "
+                "VALUES ($1, $2, 1, 1)",
+                a,
+                ident,
+            )
+        rows = [
+            ("a1", "i1"), ("a1", "i1"), ("a2", "i2"), ("a1", "i1"), ("a3", "i1"), ("a3", None),
+            ("a3", None),
+        ]  # fmt: skip
+        for n, (a, ident) in enumerate(rows):
+            await conn.execute(
+                "INSERT INTO observations (id, primitive, value, evidence_ref, ts, "
+                "attacker_uuid, identity_uuid, merged) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                f"o{n}",
+                shell,
+                f'"v{n}"',
+                f"ev{n}",
+                float(n),
+                a,
+                ident,
+                ident is not None,
+            )
+    finally:
+        await conn.close()
+    st = PostgresStore(dsn, min_size=1, max_size=2)
+    await st.open()
+    try:
+        assert await st.schema_version() == max(m.version for m in MIGRATIONS)
+        runs = await st._rows(  # type: ignore[attr-defined]
+            "SELECT first_seq, last_seq, attacker_uuid, identity_uuid FROM observation_runs "
+            "ORDER BY first_seq",
+            (),
+        )
+        assert [tuple(r) for r in runs] == [
+            (1, 2, "a1", "i1"),
+            (3, 3, "a2", "i2"),
+            (4, 4, "a1", "i1"),
+            (5, 5, "a3", "i1"),
+            (6, 6, "a3", None),  # a row not merged yet: a run of its own
+            (7, 7, "a3", None),
+        ]
+        await assert_runs_cover_rows(st)
+        assert [v["value"] for v in await st.recent_values("i1", shell, 10)] == [
+            "v0", "v1", "v3", "v4",
+        ]  # fmt: skip
+        latest = await st.latest_observations("a1")
+        assert [(o["primitive"], o["value"]) for o in latest] == [(shell, "v3")]
+        assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == [
+            "o5", "o6",
+        ]  # fmt: skip
+        # merging one of them gives its run (and only its) the identity
+        async with st.transaction() as tx:
+            await tx.mark_merged([6], {6: "i1"})
+        await assert_runs_cover_rows(st)
+        # the store's own writes go above every older seq, in a block of their own
+        async with st.transaction() as tx:
+            assert await tx.insert_observations(
+                [obs("o7", "a2", shell, "v7", 7.0, identity_uuid="i2")]
+            ) == [0]
+        seqs = await st._rows("SELECT seq FROM observations ORDER BY seq", ())  # type: ignore[attr-defined]
+        assert [r[0] for r in seqs][:7] == list(range(1, 8))
+        assert seqs[-1][0] % SEQ_BLOCK == 0 and seqs[-1][0] > 7
+        await assert_runs_cover_rows(st)
+        # retention cutting through a run: the run keeps counting what is left
+        assert await st.prune_observations(1, chunk=1) == 1
+        await assert_runs_cover_rows(st)
+        summaries, _ = await st.list_attackers(limit=10, offset=0, sort="events")
+        counts = {s.attacker.uuid: s.observation_count for s in summaries}
+        assert counts == {"a3": 3, "a1": 2, "a2": 2}
+    finally:
+        await st.close()
+    # a row written by another tool (the default seq, no run) gets its run at the next open
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
+            "identity_uuid) VALUES ('o9', $1, '\"v9\"', 'ev9', 9.0, 'a2', 'i2')",
+            shell,
+        )
+    finally:
+        await conn.close()
+    st = PostgresStore(dsn, min_size=1, max_size=2)
+    await st.open()
+    try:
+        await assert_runs_cover_rows(st)
+        assert [v["value"] for v in await st.recent_values("i2", shell, 10)] == ["v2", "v7", "v9"]
+    finally:
+        await st.close()
+        await pg_server.drop_database(dsn)
+
+
+@requires_postgres
+async def test_postgres_writers_at_once_keep_their_rows_in_runs(pg_server: PgServer) -> None:
+    """Two writers copying batches of the same attackers at the same time:
+    each batch's rows take a block of seqs of its own, so no run holds
+    another writer's rows, and the reads by attacker and identity find
+    exactly each one's rows."""
+    from decnet_attr.config import Settings
+    from decnet_attr.observations import validate
+    from tests.worker.helpers import assert_runs_cover_rows
+
+    dsn = await pg_server.create_database()
+    st = PostgresStore(dsn, min_size=2, max_size=2)
+    await st.open()
+    try:
+        async with st.transaction() as tx:
+            await tx.ensure_attackers([("a", None, 1.0), ("b", None, 1.0)])
+            ident, _ = await tx.ensure_identities(["a", "b"], 1.0)
+        prim = "motor.input_modality"
+
+        def body(w: int) -> bytes:
+            lines = (
+                orjson.dumps(
+                    {
+                        "attacker_uuid": "ab"[i % 2],
+                        "primitive": prim,
+                        "value": "typed",
+                        "ts": 1.7e9 + i,
+                        "id": f"w{w}-{i}",
+                        "evidence_ref": f"w{w}:{i}",
+                        "confidence": 1.0,
+                    }
+                )
+                for i in range(20_000)
+            )
+            return b"\n".join(lines)
+
+        batches = [validate(body(w), Settings()) for w in (1, 2)]
+
+        async def write(batch: ValidatedBatch) -> list[int]:
+            async with st.transaction() as tx:
+                return await tx.insert_validated(batch, ident)
+
+        done = await asyncio.gather(*(write(b) for b in batches))
+        assert [len(d) for d in done] == [20_000, 20_000]
+        await assert_runs_cover_rows(st)
+        runs = await st._rows("SELECT count(*) FROM observation_runs", ())  # type: ignore[attr-defined]
+        assert runs[0][0] == 4  # one per attacker and batch
+        for a in ("a", "b"):
+            assert [o["value"] for o in await st.latest_observations(a)] == ["typed"]
+            got = await st.recent_values(ident[a], prim, 50_000)
+            assert len(got) == 20_000
+            assert {v["attacker_uuid"] for v in got} == {a}
     finally:
         await st.close()
         await pg_server.drop_database(dsn)

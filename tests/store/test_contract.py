@@ -889,8 +889,8 @@ async def test_overview_counts(store: Store) -> None:
 
 async def test_reads_by_attacker_and_identity_after_interleaved_inserts(store: Store) -> None:
     """Attackers' observations interleaved in one insert: each attacker's
-    and each identity's reads find exactly theirs (on SQLite through runs of
-    consecutive seqs, schema v10)."""
+    and each identity's reads find exactly theirs (through runs of
+    consecutive seqs: schema v10 on SQLite, v13 on PostgreSQL)."""
     from tests.worker.helpers import assert_runs_cover_rows
 
     ia, ib = await make_attacker(store, "a"), await make_attacker(store, "b")

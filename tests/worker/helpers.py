@@ -127,24 +127,22 @@ async def query(store: Store, sql: str) -> list[tuple[Any, ...]]:
 
 
 async def assert_runs_cover_rows(store: Store) -> None:
-    """SQLite (schema v10): every observation lies in exactly one run, its
-    run names its attacker and identity (reads by attacker or identity find
-    rows through the runs), and each run counts its rows. Nothing to check
-    on PostgreSQL."""
-    if store.dialect != "sqlite":
-        return
+    """Every observation lies in exactly one run, its run names its
+    attacker and identity (reads by attacker or identity find rows through
+    the runs: schema v10 on SQLite, v13 on PostgreSQL), runs do not
+    overlap, and each run counts its rows."""
     uncovered = await query(
         store,
-        "SELECT o.seq, (SELECT count(*) FROM observation_runs r "
-        "WHERE o.seq BETWEEN r.first_seq AND r.last_seq) AS n "
-        "FROM observations o WHERE n != 1",
+        "SELECT seq, n FROM (SELECT o.seq, (SELECT count(*) FROM observation_runs r "
+        "WHERE o.seq BETWEEN r.first_seq AND r.last_seq) AS n FROM observations o) AS c "
+        "WHERE n <> 1",
     )
     assert uncovered == [], uncovered
     wrong = await query(
         store,
         "SELECT seq, attacker_uuid, run_attacker, identity_uuid, run_identity "
         "FROM observations_by_run "
-        "WHERE attacker_uuid != run_attacker OR identity_uuid IS NOT run_identity",
+        "WHERE attacker_uuid <> run_attacker OR identity_uuid IS DISTINCT FROM run_identity",
     )
     assert wrong == [], wrong
     overlapping = await query(
@@ -155,7 +153,7 @@ async def assert_runs_cover_rows(store: Store) -> None:
     assert overlapping == [], overlapping
     miscounted = await query(
         store,
-        "SELECT first_seq, n FROM observation_runs r WHERE n != (SELECT count(*) "
+        "SELECT first_seq, n FROM observation_runs r WHERE n <> (SELECT count(*) "
         "FROM observations o WHERE o.seq BETWEEN r.first_seq AND r.last_seq)",
     )
     assert miscounted == [], miscounted

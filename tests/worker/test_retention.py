@@ -89,13 +89,13 @@ async def test_old_observations_are_pruned_and_states_stay_exact(
     assert await stored_count(store) == len(recent)
     assert w.stats.pruned == len(old)
     await assert_runs_cover_rows(store)
-    if store.dialect == "sqlite":  # the runs the prune emptied went with their rows
-        empty = await query(
-            store,
-            "SELECT first_seq FROM observation_runs r WHERE NOT EXISTS (SELECT 1 FROM "
-            "observations o WHERE o.seq BETWEEN r.first_seq AND r.last_seq)",
-        )
-        assert empty == []
+    # the runs the prune emptied went with their rows
+    empty = await query(
+        store,
+        "SELECT first_seq FROM observation_runs r WHERE NOT EXISTS (SELECT 1 FROM "
+        "observations o WHERE o.seq BETWEEN r.first_seq AND r.last_seq)",
+    )
+    assert empty == []
     w.checkpoint_all = _crash  # type: ignore[method-assign]  # no window written at stop
     await w.stop()
     # a fresh worker (nothing in memory) continues exactly: the windows

@@ -14,16 +14,6 @@ errors to the store's typed errors (:mod:`decnet_attr.store.errors`):
 - ``GREATEST(``: SQLite's two-argument ``max(``;
 - ``BYTE_ORDER`` after an ``ORDER BY`` term: nothing on SQLite (text compares
   by bytes), ``COLLATE "C"`` on PostgreSQL;
-- ``OBS_BY_RUN``, ``RUN_ATTACKER``, ``RUN_IDENTITY``, ``RUN_LAST``:
-  observations read by attacker or identity. On SQLite the view
-  ``observations_by_run`` and its run's attacker, identity and last seq
-  (the index that finds them is on the runs, see schema v10: a bound on
-  ``RUN_LAST`` skips whole runs, and ordering by it first keeps seq order
-  without a sort); on PostgreSQL ``observations`` and its own
-  ``attacker_uuid``, ``identity_uuid`` and ``seq``;
-- ``ATTACKER_OBS_COUNT``: the count and the ``FROM`` of an attacker's
-  observation count (``... WHERE o.attacker_uuid = ...``): the sum of its
-  runs' counts on SQLite, ``count(*)`` of its rows on PostgreSQL;
 - ``UNINDEXED`` before a column: not to be looked up by its own index
   (SQLite's unary ``+``; nothing on PostgreSQL). A state filter on a few
   identities' rows goes through the primary key: SQLite's planner chose
@@ -68,9 +58,6 @@ class Dialect(ABC):
     #: Appended to a ``SELECT`` that takes row locks (PostgreSQL); SQLite's
     #: write transactions already hold the database write lock.
     for_update: str = ""
-    #: Observations are found by attacker or identity through
-    #: ``observation_runs`` (SQLite, schema v10), not an index of their own.
-    observation_runs: bool = False
 
     def param(self, i: int) -> str:
         """The ``i``-th (1-based) placeholder."""

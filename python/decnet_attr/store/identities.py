@@ -108,12 +108,6 @@ class IdentityOps(_Base):
             "identity_id = ? WHERE uuid IN_LIST(?)",
             [identity, ids],
         )
-        if not self.dialect.observation_runs:
-            await self.rows(
-                "UPDATE observations SET identity_uuid = ? WHERE attacker_uuid IN_LIST(?)",
-                [identity, ids],
-            )
-            return
         # the rows found through their runs, and the runs themselves
         await self.rows(
             "UPDATE observations SET identity_uuid = ? "
@@ -133,7 +127,7 @@ class IdentityOps(_Base):
 
     async def primitives_of(self, identity: str) -> list[str]:
         rows = await self.rows(
-            "SELECT DISTINCT primitive FROM OBS_BY_RUN WHERE RUN_IDENTITY = ? AND IS_MERGED "
+            "SELECT DISTINCT primitive FROM observations_by_run WHERE run_identity = ? AND IS_MERGED "
             "ORDER BY primitive",
             [identity],
         )
@@ -142,7 +136,7 @@ class IdentityOps(_Base):
     async def series(self, identity: str, primitive: str) -> list[tuple[str, float]]:
         """The key's merged observations as ``(value_json, ts)`` in ts order."""
         rows = await self.rows(
-            "SELECT value, ts FROM OBS_BY_RUN WHERE RUN_IDENTITY = ? AND primitive = ? "
+            "SELECT value, ts FROM observations_by_run WHERE run_identity = ? AND primitive = ? "
             "AND IS_MERGED ORDER BY ts, seq",
             [identity, primitive],
         )
@@ -249,8 +243,8 @@ class IdentityReads(_Base):
         """The identity's distinct fingerprint values, each with the
         attackers that showed it, most shared first."""
         rows = await self.rows(
-            "SELECT primitive, value, attacker_uuid FROM OBS_BY_RUN "
-            "WHERE RUN_IDENTITY = ? AND primitive IN_LIST(?) "
+            "SELECT primitive, value, attacker_uuid FROM observations_by_run "
+            "WHERE run_identity = ? AND primitive IN_LIST(?) "
             "GROUP BY primitive, value, attacker_uuid ORDER BY primitive, value, attacker_uuid",
             [identity, self.dialect.list_param(sorted(set(primitives)))],
         )
@@ -289,11 +283,11 @@ class IdentityReads(_Base):
         params.append(int(limit))
         rows = await self.rows(
             "SELECT seq, id, attacker_uuid, primitive, value, confidence, ts, source, "
-            "evidence_ref FROM OBS_BY_RUN WHERE RUN_IDENTITY = ?"
+            "evidence_ref FROM observations_by_run WHERE run_identity = ?"
             + cond
             # newest run first, then newest row: seq order, and the page
             # stops reading once it is full
-            + " ORDER BY RUN_LAST DESC, seq DESC LIMIT ?",
+            + " ORDER BY run_last DESC, seq DESC LIMIT ?",
             params,
         )
         return [

@@ -54,11 +54,18 @@ from decnet_attr.store.rows import (
     dedupe_states,
     merge_attacker_items,
     observation_from_row,
+    run_spans,
     state_from_row,
     ticket_from_row,
 )
-from decnet_attr.store.schema import migrate_postgres
-from decnet_attr.store.sql import SqlStore, SqlTx
+from decnet_attr.store.schema import SEQ_BLOCK, migrate_postgres
+from decnet_attr.store.sql import (
+    MERGED_RUN_SQL,
+    PRUNE_MARKS_SQL,
+    PRUNE_RUNS_SQL,
+    SqlStore,
+    SqlTx,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +89,6 @@ class PostgresDialect(Dialect):
         "NOT_MERGED": "NOT merged",
         "IS_MERGED": "merged",
         " BYTE_ORDER": ' COLLATE "C"',
-        "OBS_BY_RUN": "observations",
-        "RUN_ATTACKER": "attacker_uuid",
-        "RUN_IDENTITY": "identity_uuid",
-        "RUN_LAST": "seq",
-        "ATTACKER_OBS_COUNT": "count(*) FROM observations o",
         "UNINDEXED ": "",
     }
     numbered = True
@@ -168,9 +170,46 @@ ON CONFLICT (uuid) DO UPDATE SET
 WHERE EXCLUDED.first_seen < attackers.first_seen OR EXCLUDED.last_seen > attackers.last_seen
 """
 
-#: The observations table's columns in the order rows give them
-#: (``OBS_INSERT_COLS``): the order of the ``COPY``.
-_OBS_COLUMNS = [c.strip() for c in OBS_INSERT_COLS.split(",")]
+#: The columns of an observation's ``COPY``: its seq (schema v13: taken from
+#: the writer's block), then the columns in the order rows give them
+#: (``OBS_INSERT_COLS``).
+_OBS_COLUMNS = ["seq", *(c.strip() for c in OBS_INSERT_COLS.split(","))]
+
+#: Takes a block of seqs (``SEQ_BLOCK``) and writes the runs of the rows
+#: about to be copied into it, ``(offset in the block, count, attacker,
+#: identity)`` each; returns the block's first seq. Rows in a block of
+#: their own are consecutive whatever other writers do meanwhile.
+_SQL_BLOCK_RUNS = f"""
+WITH block AS (SELECT nextval('observation_blocks') * {SEQ_BLOCK} AS base),
+runs AS (
+    INSERT INTO observation_runs (first_seq, last_seq, attacker_uuid, identity_uuid, n)
+    SELECT block.base + u.o, block.base + u.o + u.n - 1, u.a, u.i, u.n
+    FROM block, unnest($1::int8[], $2::int4[], $3::text[], $4::text[]) AS u(o, n, a, i)
+)
+SELECT base FROM block
+"""
+
+
+async def _block_with_runs(conn: Any, runs: Sequence[tuple[int, str, str | None]]) -> int:
+    """A new block of seqs and the runs ``(count, attacker, identity)`` of
+    the rows to be written into it, in order; the block's first seq."""
+    offsets: list[int] = []
+    at = 0
+    for n, _a, _i in runs:
+        offsets.append(at)
+        at += n
+    if at > SEQ_BLOCK:
+        raise ValueError(f"{at} rows do not fit in one block of {SEQ_BLOCK} seqs")
+    return int(
+        await conn.fetchval(
+            _SQL_BLOCK_RUNS,
+            offsets,
+            [n for n, _a, _i in runs],
+            [a for _n, a, _i in runs],
+            [i for _n, _a, i in runs],
+        )
+    )
+
 
 #: The positions (from 1) of the items whose id, or whose ``(evidence_ref,
 #: primitive)``, is stored already; the items as one JSON parameter,
@@ -440,28 +479,38 @@ class PostgresTx(SqlTx):
         conn = self._c()
         if not len(batch):
             return []
-        new = batch.unrepeated([])
+        # grouped by attacker: each attacker's rows take consecutive seqs,
+        # one run (schema v13)
+        new = batch.by_attacker(batch.unrepeated([]))
         await _require(conn, "attackers", [a for a, _ip, _ts in batch.attackers(new)], "attacker")
         await conn.execute("SAVEPOINT copy_new")
         try:
-            await _copy_observations(conn, source=self._stream(batch, identity_of, new))
+            await self._copy_validated(conn, batch, identity_of, new)
         except StoreConflict:
             await conn.execute("ROLLBACK TO SAVEPOINT copy_new")
         else:
             await conn.execute("RELEASE SAVEPOINT copy_new")
             return new
-        new = batch.unrepeated(sorted(await _stored(conn, batch.admission_json())))
+        new = batch.by_attacker(
+            batch.unrepeated(sorted(await _stored(conn, batch.admission_json())))
+        )
         if new:
-            await _copy_observations(conn, source=self._stream(batch, identity_of, new))
+            await self._copy_validated(conn, batch, identity_of, new)
         return new
 
     @staticmethod
-    def _stream(
-        batch: ValidatedBatch, identity_of: Mapping[str, str], new: list[int]
-    ) -> memoryview:
-        """The ``COPY`` stream of the items at ``new`` (a memoryview: asyncpg
-        would take bytes for a file name)."""
-        return memoryview(batch.copy_rows(identity_of, None if len(new) == len(batch) else new))
+    async def _copy_validated(
+        conn: Any, batch: ValidatedBatch, identity_of: Mapping[str, str], positions: list[int]
+    ) -> None:
+        """The items at ``positions`` (grouped by attacker) by one binary
+        ``COPY`` encoded in Rust per block of seqs, after their runs."""
+        for at in range(0, len(positions), SEQ_BLOCK):
+            part = positions[at : at + SEQ_BLOCK]
+            runs = [(n, a, identity_of.get(a)) for a, n in batch.attacker_runs(part)]
+            first = await _block_with_runs(conn, runs)
+            # a memoryview: asyncpg would take bytes for a file name
+            stream = memoryview(batch.copy_rows(identity_of, part, first_seq=first))
+            await _copy_observations(conn, source=stream)
 
     @guard
     async def insert_observation_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[int]:
@@ -495,7 +544,15 @@ class PostgresTx(SqlTx):
                 )
                 for r in (rows[i] for i in new)
             ]
-            await _copy_observations(conn, records=records)
+            # in the order given, one block of seqs per SEQ_BLOCK rows
+            for at in range(0, len(records), SEQ_BLOCK):
+                part = records[at : at + SEQ_BLOCK]
+                first = await _block_with_runs(
+                    conn, [(end - start, *part[start][11:13]) for start, end in run_spans(part)]
+                )
+                await _copy_observations(
+                    conn, records=[(first + k, *r) for k, r in enumerate(part)]
+                )
         return new
 
     @guard
@@ -600,6 +657,10 @@ class PostgresTx(SqlTx):
             "FROM unnest($1::int8[], $2::text[]) AS u(s, i) WHERE o.seq = u.s",
             uniq,
             [identity_by_seq.get(s) for s in uniq],
+        )
+        # the run holding each row takes its identity (a run is one attacker's)
+        await conn.executemany(
+            POSTGRES.sql(MERGED_RUN_SQL), [(identity_by_seq.get(s), s) for s in uniq]
         )
 
 
@@ -818,19 +879,29 @@ class PostgresStore(SqlStore):
         async with self._conn() as conn:
             low = int(await conn.fetchval("SELECT coalesce(min(seq), 0) FROM observations"))
             while low and low <= upto_seq:
-                high = min(low + chunk - 1, upto_seq)
-                status = await conn.execute(
-                    "DELETE FROM observations WHERE seq BETWEEN $1 AND $2 AND merged",
+                # chunks of rows, not of seq numbers: seqs come in blocks
+                # (schema v13) that a batch fills only in part
+                high = await conn.fetchval(
+                    "SELECT seq FROM observations WHERE seq >= $1 ORDER BY seq OFFSET $2 LIMIT 1",
                     low,
-                    high,
+                    chunk - 1,
                 )
+                high = upto_seq if high is None else min(int(high), upto_seq)
+                async with conn.transaction():
+                    status = await conn.execute(
+                        "DELETE FROM observations WHERE seq BETWEEN $1 AND $2 AND merged",
+                        low,
+                        high,
+                    )
+                    for stmt in PRUNE_RUNS_SQL:
+                        await conn.execute(POSTGRES.sql(stmt), low, high)
                 deleted += int(status.split()[-1])
-                low = high + 1
-            await conn.execute(
-                "DELETE FROM observation_marks WHERE seq <= $1 AND at < "
-                "(SELECT max(at) FROM observation_marks WHERE seq <= $1)",
-                upto_seq,
-            )
+                low = int(
+                    await conn.fetchval(
+                        "SELECT coalesce(min(seq), 0) FROM observations WHERE seq > $1", high
+                    )
+                )
+            await conn.execute(POSTGRES.sql(PRUNE_MARKS_SQL), upto_seq)
         return deleted
 
     # ---- users and auth --------------------------------------------------------------------

@@ -18,7 +18,9 @@ from decnet_attr.store.rows import IDENTITY_FIELDS, OBS_SELECT_COLS
 
 _LIST_SORTS = {"last_seen": "last_seen", "first_seen": "first_seen", "ip": "ip"}
 #: The observation count of attacker ``p`` (the list's ``observation_count``).
-_EVENT_COUNT = "(SELECT ATTACKER_OBS_COUNT WHERE o.attacker_uuid = {a}.uuid)"
+_EVENT_COUNT = (
+    "(SELECT coalesce(sum(o.n), 0) FROM observation_runs o WHERE o.attacker_uuid = {a}.uuid)"
+)
 #: The list sorts: the attackers-table columns plus ``events`` (most observations first).
 LIST_SORTS: tuple[str, ...] = (*_LIST_SORTS, "events")
 
@@ -84,7 +86,7 @@ def list_filters(
     if service:
         n = add(f"{SHARD_REF_PREFIX}%/{like_pattern(service)}/%")
         conds.append(
-            "EXISTS (SELECT 1 FROM OBS_BY_RUN o WHERE o.RUN_ATTACKER = a.uuid "
+            "EXISTS (SELECT 1 FROM observations_by_run o WHERE o.run_attacker = a.uuid "
             f"AND o.evidence_ref LIKE {n} ESCAPE '\\')"
         )
     f = filters or AttackerFilter()
@@ -126,9 +128,8 @@ def list_attackers_sql(
     sort: str, descending: bool, where: str, limit_param: str, offset_param: str
 ) -> str:
     """The page, each attacker's observation count and its identity's per-state
-    counts, in one query (lookups on the runs' attacker index, or the
-    observations' on PostgreSQL, and the state table's primary key, for the
-    page's rows only). ``where``
+    counts, in one query (lookups on the runs' attacker index and the state
+    table's primary key, for the page's rows only). ``where``
     comes from :func:`list_filters`. The total is a second, plain ``count(*)``
     with the same ``where``."""
     counts = ",\n".join(
@@ -165,9 +166,9 @@ OVERVIEW_STATES_SQL = "SELECT state, count(*) FROM attribution_state GROUP BY st
 
 #: Distinct shard references of some attackers' observations (``{ids}``: placeholders).
 EVIDENCE_SQL = (
-    "SELECT DISTINCT RUN_ATTACKER, evidence_ref FROM OBS_BY_RUN "
-    "WHERE RUN_ATTACKER IN ({ids}) AND evidence_ref LIKE '" + SHARD_REF_PREFIX + "%' "
-    "ORDER BY RUN_ATTACKER, evidence_ref"
+    "SELECT DISTINCT run_attacker, evidence_ref FROM observations_by_run "
+    "WHERE run_attacker IN ({ids}) AND evidence_ref LIKE '" + SHARD_REF_PREFIX + "%' "
+    "ORDER BY run_attacker, evidence_ref"
 )
 
 
@@ -196,26 +197,15 @@ def user_update_sets(fields: dict[str, Any], flag: Callable[[Any], Any]) -> tupl
 
 
 #: The latest observation per primitive of one attacker (ties on ts go to the
-#: higher seq). PostgreSQL reads one index probe per primitive (a lateral
-#: join); SQLite numbers the attacker's rows with a window function.
-LATEST_OBSERVATIONS_SQL: dict[str, str] = {
-    "sqlite": (
-        "SELECT primitive, value, confidence, ts, source FROM ("
-        "  SELECT primitive, value, confidence, ts, source, row_number() OVER ("
-        "    PARTITION BY primitive ORDER BY ts DESC, seq DESC) AS rn "
-        "  FROM observations_by_run WHERE run_attacker = ?) "
-        "WHERE rn = 1 ORDER BY primitive"
-    ),
-    "postgresql": (
-        "SELECT o.primitive, o.value, o.confidence, o.ts, o.source "
-        "FROM (SELECT DISTINCT primitive FROM observations WHERE attacker_uuid = ?1) p "
-        "CROSS JOIN LATERAL ("
-        "  SELECT i.primitive, i.value, i.confidence, i.ts, i.source FROM observations i "
-        "  WHERE i.attacker_uuid = ?1 AND i.primitive = p.primitive "
-        "  ORDER BY i.ts DESC, i.seq DESC LIMIT 1) o "
-        "ORDER BY o.primitive"
-    ),
-}
+#: higher seq): the attacker's rows, found through its runs, numbered by a
+#: window function.
+LATEST_OBSERVATIONS_SQL = (
+    "SELECT primitive, value, confidence, ts, source FROM ("
+    "  SELECT primitive, value, confidence, ts, source, row_number() OVER ("
+    "    PARTITION BY primitive ORDER BY ts DESC, seq DESC) AS rn "
+    "  FROM observations_by_run WHERE run_attacker = ?) AS numbered "
+    "WHERE rn = 1 ORDER BY primitive BYTE_ORDER"
+)
 
 
 #: Every observation with an identity, in series order (``recompute``'s scan,

@@ -211,6 +211,23 @@ def obs_params(r: ObservationRow) -> ObsParams:
     )
 
 
+def run_spans(rows: Sequence[Sequence[Any]]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each observation run of ``rows`` (``OBS_INSERT_COLS``
+    order, stored in that order): consecutive merged rows of one attacker
+    and identity make one run, a row not merged yet a run of its own
+    (merging it gives its run its identity; see ``schema._COVER_RUNS``)."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < len(rows):
+        key = tuple(rows[start][11:14])
+        end = start + 1
+        while end < len(rows) and key[2] and tuple(rows[end][11:14]) == key:
+            end += 1
+        spans.append((start, end))
+        start = end
+    return spans
+
+
 def state_params(s: StateRow, now: float | None = None) -> tuple[Any, ...]:
     """A :class:`StateRow` as an insert tuple (``STATE_COLS`` order); a row
     without ``updated_at`` gets ``now``."""

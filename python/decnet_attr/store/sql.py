@@ -73,9 +73,34 @@ MULTI_ACTOR_PRIMITIVES_SQL = (
     "ORDER BY identity_uuid, primitive"
 )
 
+#: The runs that hold a seq in ``?1 .. ?2`` (from the one holding ``?1``).
+_RUNS_MEETING = (
+    "first_seq BETWEEN coalesce((SELECT max(first_seq) FROM observation_runs "
+    "WHERE first_seq <= ?1), ?1) AND ?2"
+)
+#: After retention deleted the rows of seqs ``?1 .. ?2``: the runs the range
+#: touched count their rows again, and those left without rows go.
+PRUNE_RUNS_SQL = (
+    "UPDATE observation_runs SET n = (SELECT count(*) FROM observations o "
+    "WHERE o.seq BETWEEN observation_runs.first_seq AND observation_runs.last_seq) "
+    f"WHERE {_RUNS_MEETING}",
+    f"DELETE FROM observation_runs WHERE {_RUNS_MEETING} AND n = 0",
+)
+#: After pruning up to seq ``?1``: the marks that no longer bound anything.
+PRUNE_MARKS_SQL = (
+    "DELETE FROM observation_marks WHERE seq <= ?1 AND at < "
+    "(SELECT max(at) FROM observation_marks WHERE seq <= ?1)"
+)
+#: The run holding seq ``?2`` takes identity ``?1`` (when not null) as its
+#: row is merged: a row not merged yet has a run of its own.
+MERGED_RUN_SQL = (
+    "UPDATE observation_runs SET identity_uuid = coalesce(?1, identity_uuid) "
+    "WHERE first_seq = (SELECT max(first_seq) FROM observation_runs WHERE first_seq <= ?2)"
+)
+
 _SERIES_AFTER = (
-    "SELECT value, ts FROM OBS_BY_RUN WHERE RUN_IDENTITY = ?1 AND RUN_LAST > ?2 AND seq > ?2 "
-    "AND primitive = ?3 AND IS_MERGED ORDER BY seq"
+    "SELECT value, ts FROM observations_by_run "
+    "WHERE run_identity = ?1 AND run_last > ?2 AND seq > ?2 AND primitive = ?3 AND IS_MERGED ORDER BY seq"
 )
 
 
@@ -332,7 +357,7 @@ class SqlStore(Store):
 
     @guard
     async def latest_observations(self, attacker_uuid: str) -> list[dict[str, Any]]:
-        rows = await self._rows(LATEST_OBSERVATIONS_SQL[self._dialect.name], (attacker_uuid,))
+        rows = await self._rows(LATEST_OBSERVATIONS_SQL, (attacker_uuid,))
         return [
             {
                 "primitive": r[0],
@@ -353,8 +378,8 @@ class SqlStore(Store):
         self, identity_uuid: str, primitive: str, limit: int
     ) -> list[dict[str, Any]]:
         rows = await self._rows(
-            "SELECT ts, value, confidence, attacker_uuid FROM OBS_BY_RUN "
-            "WHERE RUN_IDENTITY = ? AND primitive = ? ORDER BY ts DESC, seq DESC LIMIT ?",
+            "SELECT ts, value, confidence, attacker_uuid FROM observations_by_run "
+            "WHERE run_identity = ? AND primitive = ? ORDER BY ts DESC, seq DESC LIMIT ?",
             (identity_uuid, primitive, int(limit)),
         )
         return [

@@ -86,12 +86,19 @@ from decnet_attr.store.rows import (
     dedupe_states,
     merge_attacker_items,
     observation_from_row,
+    run_spans,
     state_from_row,
     state_params,
     ticket_from_row,
 )
 from decnet_attr.store.schema import migrate_sqlite
-from decnet_attr.store.sql import SqlStore, SqlTx
+from decnet_attr.store.sql import (
+    MERGED_RUN_SQL,
+    PRUNE_MARKS_SQL,
+    PRUNE_RUNS_SQL,
+    SqlStore,
+    SqlTx,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +143,8 @@ class SqliteDialect(Dialect):
         "IS_MERGED": "merged = 1",
         "GREATEST(": "max(",
         " BYTE_ORDER": "",
-        "OBS_BY_RUN": "observations_by_run",
-        "RUN_ATTACKER": "run_attacker",
-        "RUN_IDENTITY": "run_identity",
-        "RUN_LAST": "run_last",
-        "ATTACKER_OBS_COUNT": "coalesce(sum(o.n), 0) FROM observation_runs o",
         "UNINDEXED ": "+",
     }
-    observation_runs = True
 
     def list_param(self, values: Sequence[Any]) -> Any:
         return _json_list(list(values))
@@ -738,33 +739,17 @@ class SqliteTx(SqlTx):
             marks,
         )
         # the run holding each row takes its identity (a run is one attacker's)
-        await conn.executemany(
-            "UPDATE observation_runs SET identity_uuid = coalesce(?1, identity_uuid) "
-            "WHERE first_seq = (SELECT max(first_seq) FROM observation_runs WHERE first_seq <= ?2)",
-            marks,
-        )
+        await conn.executemany(MERGED_RUN_SQL, marks)
 
 
 async def _insert_with_runs(conn: Any, rows: Sequence[tuple[Any, ...]]) -> None:
     """Observation rows (``OBS_INSERT_COLS`` order) on a Python connection,
-    each stretch of one attacker after its run (as the native writer does);
-    a row not merged yet gets a run of its own (see ``COVER_RUNS_SQL``)."""
-    start = 0
-    while start < len(rows):
-        attacker, identity, merged = rows[start][11:14]
-        end = start + 1
-        while end < len(rows) and merged and rows[end][11:14] == (attacker, identity, merged):
-            end += 1
+    each run (``run_spans``) after its ``observation_runs`` row, as the
+    native writer does."""
+    for start, end in run_spans(rows):
+        attacker, identity = rows[start][11:13]
         await conn.execute(_SQL_INSERT_RUN, (end - start, attacker, identity))
         await conn.executemany(_SQL_INSERT_OBS, rows[start:end])
-        start = end
-
-
-#: The runs that hold a seq in ``?1 .. ?2`` (from the one holding ``?1``).
-_RUNS_MEETING = (
-    "first_seq BETWEEN coalesce((SELECT max(first_seq) FROM observation_runs "
-    "WHERE first_seq <= ?1), ?1) AND ?2"
-)
 
 
 class SqliteStore(SqlStore):
@@ -1223,25 +1208,12 @@ class SqliteStore(SqlStore):
                     (low, high),
                 )
                 n = await conn.execute_fetchall("SELECT changes()")
-                # the runs the range touched count their rows again, and
-                # those left without rows go
-                await conn.execute(
-                    "UPDATE observation_runs SET n = (SELECT count(*) FROM observations o "
-                    "WHERE o.seq BETWEEN observation_runs.first_seq AND observation_runs.last_seq) "
-                    f"WHERE {_RUNS_MEETING}",
-                    (low, high),
-                )
-                await conn.execute(
-                    f"DELETE FROM observation_runs WHERE {_RUNS_MEETING} AND n = 0", (low, high)
-                )
+                for stmt in PRUNE_RUNS_SQL:
+                    await conn.execute(stmt, (low, high))
             deleted += int(n[0][0])
             low = high + 1
         async with self._write() as conn:
-            await conn.execute(
-                "DELETE FROM observation_marks WHERE seq <= ? AND at < "
-                "(SELECT max(at) FROM observation_marks WHERE seq <= ?)",
-                (upto_seq, upto_seq),
-            )
+            await conn.execute(PRUNE_MARKS_SQL, (upto_seq,))
         return deleted
 
     # ---- users and auth --------------------------------------------------------------------

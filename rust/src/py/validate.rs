@@ -318,24 +318,31 @@ impl PyValidated {
     }
 
     /// The rows of [`rows`](Self::rows) as one PostgreSQL binary `COPY`
-    /// stream (same columns, same order), encoded without the GIL.
-    #[args(identity_of = "None", select = "None", merged = "true")]
+    /// stream (same columns, same order), encoded without the GIL. With
+    /// `first_seq`, each row starts with its `seq`: `first_seq`, then the
+    /// next numbers in the order of `select`.
+    #[args(identity_of = "None", select = "None", merged = "true", first_seq = "None")]
     fn copy_rows<'py>(
         &self,
         py: Python<'py>,
         identity_of: Option<&PyDict>,
         select: Option<Vec<usize>>,
         merged: bool,
+        first_seq: Option<i64>,
     ) -> PyResult<&'py PyBytes> {
         let ids = identity_map(identity_of)?;
         let chosen = self.positions(select)?;
         let valid = self.valid.clone();
         let out = py.allow_threads(move || {
             let mut c = CopyBuffer::new(chosen.len(), 320);
-            for i in chosen {
+            let columns = ROW_COLUMNS + usize::from(first_seq.is_some());
+            for (k, i) in chosen.into_iter().enumerate() {
                 let v = &valid[i];
                 let identity = ids.get(&v.attacker_uuid).map(String::as_str);
-                c.row(ROW_COLUMNS as u16);
+                c.row(columns as u16);
+                if let Some(first) = first_seq {
+                    c.int8(first + k as i64);
+                }
                 for col in v.columns(identity, merged) {
                     match col {
                         Column::Text(t) => c.text(t),
@@ -436,6 +443,20 @@ impl PyValidated {
             groups[g].push(i);
         }
         Ok(groups.concat())
+    }
+
+    /// `positions` cut where the attacker changes: `(attacker_uuid, count)`
+    /// for each stretch of consecutive items of one attacker, in order
+    /// (after [`by_attacker`](Self::by_attacker), one per attacker).
+    fn attacker_runs(&self, positions: Vec<usize>) -> PyResult<Vec<(String, usize)>> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for v in self.selected(Some(positions))? {
+            match out.last_mut() {
+                Some((a, n)) if *a == v.attacker_uuid => *n += 1,
+                _ => out.push((v.attacker_uuid.clone(), 1)),
+            }
+        }
+        Ok(out)
     }
 
     /// Positions of the accepted items per ingest partition (`partitions`
