@@ -191,7 +191,7 @@ class Settings:
     worker: bool = field(default=True, metadata={"help": "run the attribution worker inside serve"})
     worker_name: str = "attribution"
     durable_name: str = "attribution"
-    batch_max: int = field(default=2000, metadata={"help": "largest worker micro-batch"})
+    batch_max: int = field(default=8000, metadata={"help": "largest worker micro-batch"})
     batch_delay: float = field(
         default=0.0,
         metadata={
