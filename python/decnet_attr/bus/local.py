@@ -117,18 +117,21 @@ class LocalGroup:
     def take(self, consumer: LocalConsumer, limit: int) -> list[Delivery]:
         out: list[Delivery] = []
         ready = self.ready
+        expiry = _Expiry()
         while ready and len(out) < limit:
             entry = ready.popleft()
             if entry.done or entry.current is not None:  # acked late, or already out again
                 continue
             entry.deliveries += 1
-            out.append(LocalDelivery(self, consumer, entry))
+            out.append(LocalDelivery(self, consumer, entry, expiry))
         if not ready:
             self.items.clear()
         if out:
             self.inflight += len(out)
             self.counts.delivered += len(out)
-            asyncio.get_running_loop().call_later(consumer.ack_wait, self._expire, out)
+            expiry.handle = asyncio.get_running_loop().call_later(
+                consumer.ack_wait, self._expire, out
+            )
         return out
 
     def _expire(self, deliveries: list[Delivery]) -> None:
@@ -169,16 +172,41 @@ class LocalGroup:
         self.space.set()
 
 
-class LocalDelivery(Delivery):
-    __slots__ = ("consumer", "entry", "event", "group", "redelivered_flag", "state")
+class _Expiry:
+    """The timer of one fetch, which expires its deliveries not acked within
+    ``ack_wait``, and how many of them are still in flight. When none is,
+    the timer is cancelled, which drops its list of deliveries: otherwise
+    every acked delivery (its event, payload, entry and the publisher's
+    future) stayed alive until ``ack_wait`` passed, thirty seconds' worth
+    of events for the garbage collector to walk."""
 
-    def __init__(self, group: LocalGroup, consumer: LocalConsumer, entry: Entry) -> None:
+    __slots__ = ("handle", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.handle: asyncio.TimerHandle | None = None
+
+    def left(self) -> None:
+        self.pending -= 1
+        if self.pending == 0 and self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
+class LocalDelivery(Delivery):
+    __slots__ = ("consumer", "entry", "event", "expiry", "group", "redelivered_flag", "state")
+
+    def __init__(
+        self, group: LocalGroup, consumer: LocalConsumer, entry: Entry, expiry: _Expiry
+    ) -> None:
         self.group = group
         self.consumer = consumer
         self.entry = entry
         self.event = entry.event
         self.redelivered_flag = entry.deliveries > 1
         self.state = _INFLIGHT
+        self.expiry: _Expiry | None = expiry
+        expiry.pending += 1
         entry.current = self
         consumer.inflight[self] = None
 
@@ -193,6 +221,9 @@ class LocalDelivery(Delivery):
         self.state = state
         self.consumer.inflight.pop(self, None)
         self.group.inflight -= 1
+        if self.expiry is not None:
+            self.expiry.left()
+            self.expiry = None
         return True
 
     async def ack(self) -> None:
