@@ -389,6 +389,7 @@ class StateTable:
         now: float,
         remember: bool = True,
         limit: int | None = None,
+        pending: bool = True,
     ) -> StateWrite: ...
 
 @final

@@ -317,8 +317,9 @@ class Settings:
     @property
     def shared_store(self) -> bool:
         """True when several processes may write the store (PostgreSQL):
-        the worker then reloads the windows of a batch's keys under row
-        locks instead of trusting its in-memory engine."""
+        the worker then reads, under row locks, the rows of the keys it does
+        not hold, and writes each row it holds only over the version it
+        built on (a row changed meanwhile runs the batch again)."""
         return self.store_url.startswith(("postgresql://", "postgres://"))
 
     def bus_options(self) -> dict[str, Any]:

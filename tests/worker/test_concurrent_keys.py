@@ -113,3 +113,84 @@ async def test_creating_a_row_that_exists_is_a_conflict_on_a_shared_store(
     async with store.transaction() as tx:
         await tx.upsert_states([row, other], created=[(ident, "motor.input_modality")])
     assert len(await store.attribution_for_identity(ident)) == 2
+
+
+async def test_a_worker_builds_on_the_rows_it_wrote_and_rereads_one_changed_meanwhile(
+    tmp_path: Path, pg_dsn: str, make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a shared store a worker does not read back the state rows it
+    wrote last: it writes the next version over the one it holds. When
+    another worker changed the row meanwhile, that write finds another
+    version, the batch fails with a conflict, and it runs again on the
+    row as stored: no observation of either worker is lost."""
+    from decnet_attr.store.postgres import PostgresTx
+
+    settings = worker_settings(tmp_path, "memory://", pg_dsn, clustering=False)
+    store_a, store_b = await make_store(settings.store_url), await make_store(settings.store_url)
+    async with store_a.transaction() as tx:
+        await tx.ensure_attackers([("att-1", None, 1.0), ("att-2", None, 1.0)])
+        ident = (await tx.ensure_identities(["att-1"], 1.0))[0]["att-1"]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE attackers SET identity_id = $1 WHERE uuid = 'att-2'", ident)
+    finally:
+        await conn.close()
+
+    asked: list[Any] = []
+    load = PostgresTx.load_states
+
+    async def spy(self: PostgresTx, keys: Any, **kw: Any) -> Any:
+        asked.extend(keys)
+        return await load(self, keys, **kw)
+
+    monkeypatch.setattr(PostgresTx, "load_states", spy)
+    bus = get_bus("memory://")
+    await bus.connect()
+    consumer = bus.durable_consumer("attacker.observation.>", durable="t")
+    worker_a = AttributionWorker(settings, bus, store_a)
+    worker_b = AttributionWorker(settings, bus, store_b)
+    obs = [
+        (worker_a, mk_obs("att-1", PRIM, "bash", 10.0)),
+        (worker_a, mk_obs("att-1", PRIM, "bash", 11.0)),
+        (worker_b, mk_obs("att-2", PRIM, "zsh", 12.0)),
+        (worker_a, mk_obs("att-1", PRIM, "bash", 13.0)),
+    ]
+    reads: list[int] = []
+
+    async def process(i: int, w: AttributionWorker, o: dict[str, Any]) -> None:
+        await bus.publish(
+            OBSERVATION_BATCH,
+            {"ndjson": orjson.dumps(o).decode() + "\n", "count": 1},
+            event_id=f"b{i}",
+        )
+        (delivery,) = await consumer.fetch(1, timeout=1.0)
+        asked.clear()
+        await asyncio.wait_for(w.process([delivery]), 30)
+        reads.append(len(asked))
+
+    for i, (w, o) in enumerate(obs):
+        await process(i, w, o)
+    # a: the first batch reads (no row yet), the second does not (its own
+    # row); b reads a's row; a's last write meets b's version: it runs again
+    # and reads the row the second time
+    assert reads == [1, 0, 1, 1]
+    (got,) = await store_a.attribution_for_identity(ident)
+    series = [o for _w, o in obs]
+    want = oracle.aggregate(oracle.sort_series(series), value_kind_for(PRIM))
+    assert got.observation_count == 4 == want.observation_count
+    assert (got.state, orjson.loads(got.current_value_json)) == (want.state, want.current_value)
+    assert got.version == 4
+    # a row deleted meanwhile (as a roll-up deletes a key's row) is not
+    # written again from what the worker held: the batch runs again on no row
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DELETE FROM attribution_state")
+    finally:
+        await conn.close()
+    reads.clear()
+    await process(9, worker_a, mk_obs("att-1", PRIM, "bash", 14.0))
+    await consumer.aclose()
+    await bus.close()
+    assert reads == [1]
+    (got,) = await store_a.attribution_for_identity(ident)
+    assert (got.version, got.observation_count) == (1, 1)

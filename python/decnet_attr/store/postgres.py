@@ -329,10 +329,15 @@ _SQL_STATE_SCRATCH = (
 )
 
 _SQL_UPDATE_FROM_SCRATCH = f"""
-WITH moved AS (DELETE FROM state_scratch RETURNING {STATE_COLS})
-INSERT INTO attribution_state ({STATE_COLS}) SELECT {STATE_COLS} FROM moved
-ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
-    {", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _STATE_COLUMNS[2:])}
+WITH moved AS (DELETE FROM state_scratch RETURNING {STATE_COLS}),
+written AS (
+    INSERT INTO attribution_state ({STATE_COLS}) SELECT {STATE_COLS} FROM moved
+    ON CONFLICT (identity_uuid, primitive) DO UPDATE SET
+        {", ".join(f'"{c}" = EXCLUDED."{c}"' for c in _STATE_COLUMNS[2:])}
+    WHERE attribution_state.version = EXCLUDED.version - 1
+    RETURNING xmax = 0 AS inserted
+)
+SELECT count(*) FROM written WHERE NOT inserted
 """
 
 
@@ -605,7 +610,13 @@ class PostgresTx(SqlTx):
         again), the others into a scratch table this session keeps, then
         into the table by one upsert. (An ``UPDATE … FROM`` the scratch
         table leaves the join to the planner, which hashed the whole state
-        table whenever its figures for it were small.)"""
+        table whenever its figures for it were small.)
+
+        An updated row is written only over the version it was built on
+        (its own version less one): a worker builds on the rows it wrote
+        last without reading them back, and a row another writer changed
+        meanwhile (another worker, a roll-up) fails the batch with
+        :class:`StoreConflict`, which runs again on the rows as they are."""
         conn = self._c()
         created = states.created
         if created:
@@ -627,7 +638,14 @@ class PostgresTx(SqlTx):
                 columns=_STATE_COLUMNS,
                 format="binary",
             )
-            await conn.execute(_SQL_UPDATE_FROM_SCRATCH)
+            # each row must update the version it was built on: one that
+            # did not find it was changed meanwhile, and one that was
+            # inserted had been deleted meanwhile (a roll-up). An inserted
+            # row's xmax is 0; an updated one's carries the lock the update
+            # took.
+            updated = await conn.fetchval(_SQL_UPDATE_FROM_SCRATCH)
+            if updated < len(states) - created:
+                raise StoreConflict("a state row was changed by another writer meanwhile")
 
     @guard
     async def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None:

@@ -10,10 +10,11 @@ micro-batches and, per batch:
 2. in ONE store transaction: registers unknown attackers, creates stub
    identities atomically, inserts the observations (idempotent by id and by
    ``(evidence_ref, primitive)``), brings the engine's windows for the
-   batch's keys up to date (under row locks on PostgreSQL, where several
-   workers share the store), merges the batch in the Rust engine, upserts the
-   changed state rows with their retained windows, and updates the
-   persisted multi-actor dedupe;
+   batch's keys up to date (the keys whose rows it does not hold; under row
+   locks on PostgreSQL, where several workers share the store), merges the
+   batch in the Rust engine, writes the changed state rows with their
+   retained windows (on PostgreSQL each over the version it was built on),
+   and updates the persisted multi-actor dedupe;
 3. commits, THEN acks the messages and publishes ``identity.formed``,
    ``attribution.profile.state_changed`` / ``profile.updated`` and
    ``attribution.profile.multi_actor_suspected``.
@@ -86,7 +87,8 @@ Key = tuple[str, str]
 CHECKPOINT_KEYS = 5000
 #: Events published between two turns of the event loop (after a commit).
 PUBLISH_SLICE = 256
-#: Most state rows the worker remembers to skip reading them back (lazy mode).
+#: Most state rows the worker remembers to skip reading them back (lazy mode,
+#: and on a shared store: see ``_load_windows``).
 MAX_CACHED_ROWS = 1_000_000
 
 
@@ -1002,12 +1004,19 @@ class AttributionWorker:
     async def _load_windows(
         self, tx: Tx, keys: list[Key], touched: list[Key], formed: AbstractSet[str] = frozenset()
     ) -> dict[Key, StateRow]:
-        """The stored state rows of the batch's keys that must be read (in
-        lazy mode only those of keys the worker holds no row of, see
-        ``_states``; never those of identities ``formed`` by this
-        transaction, which nothing can have written rows of yet); makes the
-        engine hold exactly the stored windows for them (all of them on a
-        shared store, only the missing ones otherwise)."""
+        """The stored state rows of the batch's keys that must be read (only
+        those of keys the worker holds no row of, see ``_states``; never
+        those of identities ``formed`` by this transaction, which nothing
+        can have written rows of yet); makes the engine hold exactly the
+        stored windows for them.
+
+        On a shared store the rows read are locked, and the engine drops
+        what it held of them. A key whose row this worker wrote last (held,
+        and its window in the engine) is not read back: its next row is
+        written only over that version (``Tx.write_states``), so if another
+        worker or a roll-up changed it meanwhile the batch fails with
+        ``StoreConflict``, its keys are forgotten, and it runs again on the
+        rows as they are."""
         touched.extend(keys)
         if self.lazy:
             # the single writer knows the rows it wrote: read only the others
@@ -1017,10 +1026,16 @@ class AttributionWorker:
             if formed:
                 missing = [k for k in missing if k[0] not in formed]
             prior = await tx.committed_reads().load_states(missing) if missing else {}
+            refresh = self.engine.missing(keys)
+        elif self.shared:
+            held = set(keys).difference(self._states.missing(keys), self.engine.missing(keys))
+            refresh = [k for k in keys if k not in held] if held else keys
+            wanted = [k for k in refresh if k[0] not in formed] if formed else refresh
+            prior = await tx.load_states(wanted, lock=True) if wanted else {}
         else:
             wanted = [k for k in keys if k[0] not in formed] if formed else keys
-            prior = await tx.load_states(wanted, lock=self.shared) if wanted else {}
-        refresh = keys if self.shared else self.engine.missing(keys)
+            prior = await tx.load_states(wanted) if wanted else {}
+            refresh = self.engine.missing(keys)
         if not refresh:
             return prior
         if self.shared:
@@ -1081,7 +1096,16 @@ class AttributionWorker:
         each on the row held for its key or ``loaded`` from the store), and
         its state events."""
         lazy = self.lazy
-        states = self._states.write(result, loaded, now, remember=lazy, limit=MAX_CACHED_ROWS)
+        # a shared store writes every window with its row: the rows are
+        # held (not read back next time), their windows not pending
+        states = self._states.write(
+            result,
+            loaded,
+            now,
+            remember=lazy or self.shared,
+            limit=MAX_CACHED_ROWS,
+            pending=lazy,
+        )
         if states.cleared:
             self._needs_barrier = True  # the rows in flight are read again
         # the rows go to the store first: its writer runs them while the

@@ -344,8 +344,18 @@ impl PyStateTable {
     /// are held from now on and their keys' windows are pending (since
     /// `now`, unless pending already); a table holding more than `limit`
     /// rows is emptied first (the write's `cleared` then says so; what is
-    /// pending stays).
-    #[args(result, loaded, now, remember = "true", limit = "None")]
+    /// pending stays). Without `pending` the rows are held but their
+    /// windows are not noted as pending (a store that writes every window
+    /// with its row).
+    #[args(
+        result,
+        loaded,
+        now,
+        remember = "true",
+        limit = "None",
+        pending = "true"
+    )]
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &mut self,
         py: Python<'_>,
@@ -354,8 +364,17 @@ impl PyStateTable {
         now: f64,
         remember: bool,
         limit: Option<usize>,
+        pending: bool,
     ) -> PyResult<PyStateWrite> {
-        self.build(py, result.changes.clone(), loaded, now, remember, limit)
+        self.build(
+            py,
+            result.changes.clone(),
+            loaded,
+            now,
+            remember,
+            limit,
+            pending,
+        )
     }
 
     /// `write` for the current states of `keys` in `engine` (keys it does
@@ -386,12 +405,13 @@ impl PyStateTable {
                 }
             }
         }
-        self.build(py, Arc::new(changes), loaded, now, remember, None)
+        self.build(py, Arc::new(changes), loaded, now, remember, None, true)
     }
 }
 
 impl PyStateTable {
     /// The rows of `changes` (see `write`).
+    #[allow(clippy::too_many_arguments)]
     fn build(
         &mut self,
         py: Python<'_>,
@@ -400,6 +420,7 @@ impl PyStateTable {
         now: f64,
         remember: bool,
         limit: Option<usize>,
+        pending: bool,
     ) -> PyResult<PyStateWrite> {
         let loaded = loaded.filter(|d| !d.is_empty());
         let mut rows = Vec::with_capacity(changes.len());
@@ -431,8 +452,10 @@ impl PyStateTable {
             for r in &rows {
                 let c = &changes[r.change];
                 self.remember(&c.identity, &c.primitive, r.row.clone());
-                self.pending
-                    .note(&(c.identity.clone(), c.primitive.clone()), now);
+                if pending {
+                    self.pending
+                        .note(&(c.identity.clone(), c.primitive.clone()), now);
+                }
             }
         }
         Ok(PyStateWrite {

@@ -321,7 +321,12 @@ impl PyValidated {
     /// stream (same columns, same order), encoded without the GIL. With
     /// `first_seq`, each row starts with its `seq`: `first_seq`, then the
     /// next numbers in the order of `select`.
-    #[args(identity_of = "None", select = "None", merged = "true", first_seq = "None")]
+    #[args(
+        identity_of = "None",
+        select = "None",
+        merged = "true",
+        first_seq = "None"
+    )]
     fn copy_rows<'py>(
         &self,
         py: Python<'py>,
