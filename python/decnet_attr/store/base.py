@@ -138,14 +138,13 @@ class Tx(ABC):
         self, states: StateWrite, engine: Engine, loaded: Collection[Key]
     ) -> None:
         """A batch's state rows with the retained windows ``engine`` holds,
-        on a store several workers write: the keys not in ``loaded`` had no
-        row, and a row created for one of them meanwhile raises
-        :class:`StoreConflict` (see :meth:`upsert_states`)."""
+        on a store several workers write: a row built on none (version 1:
+        the key was found without a row, ``loaded`` holds the others that
+        were read) is created, and a row created for one of them meanwhile
+        raises :class:`StoreConflict` (see :meth:`upsert_states`)."""
         keys = states.keys()
-        await self.upsert_states(
-            states.rows(StateRow, engine.export_windows(keys)),
-            created=[k for k in keys if k not in loaded],
-        )
+        rows = states.rows(StateRow, engine.export_windows(keys))
+        await self.upsert_states(rows, created=[k for k, r in zip(keys, rows) if r.version == 1])
 
     async def upsert_state_values(self, states: StateWrite) -> None:
         """A batch's state rows (see ``StateWrite``) without their windows:
