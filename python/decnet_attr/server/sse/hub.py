@@ -982,10 +982,12 @@ class SseHub:
         channel.push(frame)
 
     def _dispatch_attribution(self, event: Event, payload: dict[str, Any]) -> None:
+        by_attacker = self._by_attacker
+        if not by_attacker:
+            return  # no attacker stream open: nobody to route it to
         identity = payload.get("identity_uuid")
         if not isinstance(identity, str):
             identity = None
-        by_attacker = self._by_attacker
         targets: list[_Channel] = []
         listed = _strs(payload.get("attacker_uuids"))
         for a in listed:
