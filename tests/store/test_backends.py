@@ -8,6 +8,7 @@ import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -354,6 +355,69 @@ async def test_sqlite_v5_data_survive_the_write_friendly_layout(tmp_path: Path) 
         await st.close()
 
 
+#: A store written before observation runs: three attackers of two
+#: identities, their rows interleaved, a3's last two not merged yet.
+_SHELL = "environmental.shell_type"
+_OLD_ROWS = [
+    ("a1", "i1"), ("a1", "i1"), ("a2", "i2"), ("a1", "i1"), ("a3", "i1"), ("a3", None),
+    ("a3", None),
+]  # fmt: skip
+
+
+def _old_store_sql() -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements (``?`` placeholders) that write that store's rows."""
+    out: list[tuple[str, tuple[Any, ...]]] = [
+        ("INSERT INTO attacker_identities (uuid, created_at, updated_at) VALUES (?, 0, 0)", (i,))
+        for i in ("i1", "i2")
+    ]
+    out += [
+        (
+            "INSERT INTO attackers (uuid, identity_id, first_seen, last_seen) VALUES (?, ?, 1, 1)",
+            (a, ident),
+        )
+        for a, ident in (("a1", "i1"), ("a2", "i2"), ("a3", "i1"))
+    ]
+    out += [
+        (
+            "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
+            "identity_uuid, merged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (f"o{n}", _SHELL, f'"v{n}"', f"ev{n}", float(n), a, ident, ident is not None),
+        )
+        for n, (a, ident) in enumerate(_OLD_ROWS)
+    ]
+    return out
+
+
+async def _assert_old_rows_cut_into_runs(st: Store) -> None:
+    """That store's rows, once migrated, lie in runs that cover each row
+    once, the reads by attacker and identity answer as the indexes did, and
+    merging a row gives its run (and only its) the identity."""
+    from tests.worker.helpers import assert_runs_cover_rows
+
+    runs = await st._rows(  # type: ignore[attr-defined]
+        "SELECT first_seq, last_seq, attacker_uuid, identity_uuid FROM observation_runs "
+        "ORDER BY first_seq"
+    )
+    assert [tuple(r) for r in runs] == [
+        (1, 2, "a1", "i1"),
+        (3, 3, "a2", "i2"),
+        (4, 4, "a1", "i1"),
+        (5, 5, "a3", "i1"),
+        (6, 6, "a3", None),  # a row not merged yet: a run of its own
+        (7, 7, "a3", None),
+    ]
+    await assert_runs_cover_rows(st)
+    assert [v["value"] for v in await st.recent_values("i1", _SHELL, 10)] == [
+        "v0", "v1", "v3", "v4",
+    ]  # fmt: skip
+    latest = await st.latest_observations("a1")
+    assert [(o["primitive"], o["value"]) for o in latest] == [(_SHELL, "v3")]
+    assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == ["o5", "o6"]
+    async with st.transaction() as tx:
+        await tx.mark_merged([6], {6: "i1"})
+    await assert_runs_cover_rows(st)
+
+
 async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
     """Schema v10 finds observations by attacker or identity through runs of
     consecutive seqs; rows written before it (attackers interleaved, one
@@ -363,57 +427,14 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
 
     path = tmp_path / "v9.db"
     con = _sqlite_at(path, 9)
-    for ident in ("i1", "i2"):
-        con.execute(
-            "INSERT INTO attacker_identities (uuid, created_at, updated_at) VALUES (?, 0, 0)",
-            (ident,),
-        )
-    for a, ident in (("a1", "i1"), ("a2", "i2"), ("a3", "i1")):
-        con.execute(
-            "INSERT INTO attackers (uuid, identity_id, first_seen, last_seen) VALUES (?, ?, 1, 1)",
-            (a, ident),
-        )
-    shell = "environmental.shell_type"
-    rows = [
-        ("a1", "i1"), ("a1", "i1"), ("a2", "i2"), ("a1", "i1"), ("a3", "i1"), ("a3", None),
-        ("a3", None),
-    ]  # fmt: skip
-    for n, (a, ident) in enumerate(rows):
-        con.execute(
-            "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
-            "identity_uuid, merged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (f"o{n}", shell, f'"v{n}"', f"ev{n}", float(n), a, ident, int(ident is not None)),
-        )
+    for sql, params in _old_store_sql():
+        con.execute(sql, params)
     con.commit()
     con.close()
     st = SqliteStore(path)
     await st.open()
     try:
-        runs = await st._reader().execute_fetchall(  # type: ignore[attr-defined]
-            "SELECT first_seq, last_seq, attacker_uuid, identity_uuid FROM observation_runs "
-            "ORDER BY first_seq"
-        )
-        assert [tuple(r) for r in runs] == [
-            (1, 2, "a1", "i1"),
-            (3, 3, "a2", "i2"),
-            (4, 4, "a1", "i1"),
-            (5, 5, "a3", "i1"),
-            (6, 6, "a3", None),  # a row not merged yet: a run of its own
-            (7, 7, "a3", None),
-        ]
-        await assert_runs_cover_rows(st)
-        assert [v["value"] for v in await st.recent_values("i1", shell, 10)] == [
-            "v0", "v1", "v3", "v4",
-        ]  # fmt: skip
-        latest = await st.latest_observations("a1")
-        assert [(o["primitive"], o["value"]) for o in latest] == [(shell, "v3")]
-        assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == [
-            "o5", "o6",
-        ]  # fmt: skip
-        # merging one of them gives its run (and only its) the identity
-        async with st.transaction() as tx:
-            await tx.mark_merged([6], {6: "i1"})
-        await assert_runs_cover_rows(st)
+        await _assert_old_rows_cut_into_runs(st)
         # retention cutting through a run: the run keeps counting what is left
         assert await st.prune_observations(1, chunk=1) == 1
         await assert_runs_cover_rows(st)
@@ -427,7 +448,7 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
     con.execute(
         "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
         "identity_uuid) VALUES ('o9', ?, '\"v9\"', 'ev9', 9.0, 'a2', 'i2')",
-        (shell,),
+        (_SHELL,),
     )
     con.commit()
     con.close()
@@ -435,7 +456,7 @@ async def test_sqlite_rows_of_v9_are_cut_into_runs(tmp_path: Path) -> None:
     await st.open()
     try:
         await assert_runs_cover_rows(st)
-        assert [v["value"] for v in await st.recent_values("i2", shell, 10)] == ["v2", "v9"]
+        assert [v["value"] for v in await st.recent_values("i2", _SHELL, 10)] == ["v2", "v9"]
     finally:
         await st.close()
 
@@ -621,10 +642,10 @@ async def test_postgres_rows_of_v12_are_cut_into_runs(pg_server: PgServer) -> No
     open."""
     import asyncpg
 
+    from decnet_attr.store.postgres import POSTGRES
     from tests.worker.helpers import assert_runs_cover_rows
 
     dsn = await pg_server.create_database()
-    shell = "environmental.shell_type"
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
@@ -635,71 +656,19 @@ async def test_postgres_rows_of_v12_are_cut_into_runs(pg_server: PgServer) -> No
             if m.version <= 12:
                 await conn.execute(m.postgres)
                 await conn.execute("INSERT INTO schema_migrations VALUES ($1, 0)", m.version)
-        for ident in ("i1", "i2"):
-            await conn.execute(
-                "INSERT INTO attacker_identities (uuid, created_at, updated_at) VALUES ($1, 0, 0)",
-                ident,
-            )
-        for a, ident in (("a1", "i1"), ("a2", "i2"), ("a3", "i1")):
-            await conn.execute(
-                "INSERT INTO attackers (uuid, identity_id, first_seen, last_seen) "
-                "VALUES ($1, $2, 1, 1)",
-                a,
-                ident,
-            )
-        rows = [
-            ("a1", "i1"), ("a1", "i1"), ("a2", "i2"), ("a1", "i1"), ("a3", "i1"), ("a3", None),
-            ("a3", None),
-        ]  # fmt: skip
-        for n, (a, ident) in enumerate(rows):
-            await conn.execute(
-                "INSERT INTO observations (id, primitive, value, evidence_ref, ts, "
-                "attacker_uuid, identity_uuid, merged) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                f"o{n}",
-                shell,
-                f'"v{n}"',
-                f"ev{n}",
-                float(n),
-                a,
-                ident,
-                ident is not None,
-            )
+        for sql, params in _old_store_sql():
+            await conn.execute(POSTGRES.sql(sql), *params)
     finally:
         await conn.close()
     st = PostgresStore(dsn, min_size=1, max_size=2)
     await st.open()
     try:
         assert await st.schema_version() == max(m.version for m in MIGRATIONS)
-        runs = await st._rows(  # type: ignore[attr-defined]
-            "SELECT first_seq, last_seq, attacker_uuid, identity_uuid FROM observation_runs "
-            "ORDER BY first_seq",
-            (),
-        )
-        assert [tuple(r) for r in runs] == [
-            (1, 2, "a1", "i1"),
-            (3, 3, "a2", "i2"),
-            (4, 4, "a1", "i1"),
-            (5, 5, "a3", "i1"),
-            (6, 6, "a3", None),  # a row not merged yet: a run of its own
-            (7, 7, "a3", None),
-        ]
-        await assert_runs_cover_rows(st)
-        assert [v["value"] for v in await st.recent_values("i1", shell, 10)] == [
-            "v0", "v1", "v3", "v4",
-        ]  # fmt: skip
-        latest = await st.latest_observations("a1")
-        assert [(o["primitive"], o["value"]) for o in latest] == [(shell, "v3")]
-        assert [r.id for r in await st.pending_observations(after_seq=0, limit=10)] == [
-            "o5", "o6",
-        ]  # fmt: skip
-        # merging one of them gives its run (and only its) the identity
-        async with st.transaction() as tx:
-            await tx.mark_merged([6], {6: "i1"})
-        await assert_runs_cover_rows(st)
+        await _assert_old_rows_cut_into_runs(st)
         # the store's own writes go above every older seq, in a block of their own
         async with st.transaction() as tx:
             assert await tx.insert_observations(
-                [obs("o7", "a2", shell, "v7", 7.0, identity_uuid="i2")]
+                [obs("o7", "a2", _SHELL, "v7", 7.0, identity_uuid="i2")]
             ) == [0]
         seqs = await st._rows("SELECT seq FROM observations ORDER BY seq", ())  # type: ignore[attr-defined]
         assert [r[0] for r in seqs][:7] == list(range(1, 8))
@@ -719,7 +688,7 @@ async def test_postgres_rows_of_v12_are_cut_into_runs(pg_server: PgServer) -> No
         await conn.execute(
             "INSERT INTO observations (id, primitive, value, evidence_ref, ts, attacker_uuid, "
             "identity_uuid) VALUES ('o9', $1, '\"v9\"', 'ev9', 9.0, 'a2', 'i2')",
-            shell,
+            _SHELL,
         )
     finally:
         await conn.close()
@@ -727,7 +696,9 @@ async def test_postgres_rows_of_v12_are_cut_into_runs(pg_server: PgServer) -> No
     await st.open()
     try:
         await assert_runs_cover_rows(st)
-        assert [v["value"] for v in await st.recent_values("i2", shell, 10)] == ["v2", "v7", "v9"]
+        assert [v["value"] for v in await st.recent_values("i2", _SHELL, 10)] == [
+            "v2", "v7", "v9",
+        ]  # fmt: skip
     finally:
         await st.close()
         await pg_server.drop_database(dsn)

@@ -31,20 +31,26 @@ pytestmark = pytest.mark.timeout(60)
 PRIM = "environmental.shell_type"
 
 
-async def test_two_workers_creating_one_state_row_lose_no_observation(
-    tmp_path: Path, pg_dsn: str, make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = worker_settings(tmp_path, "memory://", pg_dsn, clustering=False)
-    store_a, store_b = await make_store(settings.store_url), await make_store(settings.store_url)
-    # one identity, two attackers (as a roll-up leaves them)
-    async with store_a.transaction() as tx:
+async def _one_identity_two_attackers(store: Any, pg_dsn: str) -> str:
+    """Attackers att-1 and att-2 of one identity (as a roll-up leaves
+    them); the identity."""
+    async with store.transaction() as tx:
         await tx.ensure_attackers([("att-1", None, 1.0), ("att-2", None, 1.0)])
-        ident = (await tx.ensure_identities(["att-1"], 1.0))[0]["att-1"]
+        ident: str = (await tx.ensure_identities(["att-1"], 1.0))[0]["att-1"]
     conn = await asyncpg.connect(pg_dsn)
     try:
         await conn.execute("UPDATE attackers SET identity_id = $1 WHERE uuid = 'att-2'", ident)
     finally:
         await conn.close()
+    return ident
+
+
+async def test_two_workers_creating_one_state_row_lose_no_observation(
+    tmp_path: Path, pg_dsn: str, make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = worker_settings(tmp_path, "memory://", pg_dsn, clustering=False)
+    store_a, store_b = await make_store(settings.store_url), await make_store(settings.store_url)
+    ident = await _one_identity_two_attackers(store_a, pg_dsn)
 
     bus = get_bus("memory://")
     await bus.connect()
@@ -127,14 +133,7 @@ async def test_a_worker_builds_on_the_rows_it_wrote_and_rereads_one_changed_mean
 
     settings = worker_settings(tmp_path, "memory://", pg_dsn, clustering=False)
     store_a, store_b = await make_store(settings.store_url), await make_store(settings.store_url)
-    async with store_a.transaction() as tx:
-        await tx.ensure_attackers([("att-1", None, 1.0), ("att-2", None, 1.0)])
-        ident = (await tx.ensure_identities(["att-1"], 1.0))[0]["att-1"]
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.execute("UPDATE attackers SET identity_id = $1 WHERE uuid = 'att-2'", ident)
-    finally:
-        await conn.close()
+    ident = await _one_identity_two_attackers(store_a, pg_dsn)
 
     asked: list[Any] = []
     load = PostgresTx.load_states

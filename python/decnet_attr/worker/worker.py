@@ -1030,6 +1030,7 @@ class AttributionWorker:
         elif self.shared:
             held = set(keys).difference(self._states.missing(keys), self.engine.missing(keys))
             refresh = [k for k in keys if k not in held] if held else keys
+            self._states.forget(refresh)  # the rows read are what they build on
             wanted = [k for k in refresh if k[0] not in formed] if formed else refresh
             prior = await tx.load_states(wanted, lock=True) if wanted else {}
         else:
