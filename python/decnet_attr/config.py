@@ -191,6 +191,13 @@ class Settings:
     worker: bool = field(default=True, metadata={"help": "run the attribution worker inside serve"})
     worker_name: str = "attribution"
     durable_name: str = "attribution"
+    worker_lanes: int = field(
+        default=2,
+        metadata={
+            "help": "shared store (PostgreSQL): transactions a large batch is cut into by "
+            "attacker, run side by side; 1: one"
+        },
+    )
     batch_max: int = field(default=8000, metadata={"help": "largest worker micro-batch"})
     batch_delay: float = field(
         default=0.0,
@@ -257,6 +264,7 @@ class Settings:
             )
         for name in (
             "batch_max",
+            "worker_lanes",
             "sse_max_per_user",
             "sse_queue_size",
             "max_batch_items",

@@ -87,6 +87,8 @@ Key = tuple[str, str]
 CHECKPOINT_KEYS = 5000
 #: Events published between two turns of the event loop (after a commit).
 PUBLISH_SLICE = 256
+#: Fewest accepted observations a batch needs to be cut into lanes.
+LANE_MIN = 1000
 #: Most state rows the worker remembers to skip reading them back (lazy mode,
 #: and on a shared store: see ``_load_windows``).
 MAX_CACHED_ROWS = 1_000_000
@@ -529,9 +531,7 @@ class AttributionWorker:
         self._queued.clear()
         batch.committed = committed
         try:
-            published = await self._commit_resilient(batch)
-        except (StoreError, OSError) as exc:
-            failure = exc
+            published, failure = await self._commit_lanes(batch)
         finally:
             self._queued.set()
             if committed is not None and not committed.done():
@@ -552,10 +552,69 @@ class AttributionWorker:
             for d in deliveries:
                 with contextlib.suppress(Exception):
                     await d.nak(delay=1.0)
+            # the lanes that did commit (their items come back as duplicates)
+            await self._publish(published)
             return
         for d in deliveries:
             await d.ack()
         await self._publish(published)
+
+    def _lanes(self, batch: _Batch) -> list[_Batch]:
+        """A large batch on a shared store cut by attacker into
+        ``worker_lanes`` transactions that run side by side (one builds its
+        rows while the server writes another's); dead letters go with the
+        first."""
+        lanes = self.settings.worker_lanes
+        valid = batch.valid
+        if lanes <= 1 or not self.shared or valid is None or len(valid) < LANE_MIN:
+            return [batch]
+        # within an ingest partition's batches, the partition of attackers
+        # over partitions x lanes, less the ingest partition, is the lane
+        owned = max(1, self.settings.partitions)
+        groups: list[list[int]] = [[] for _ in range(lanes)]
+        for k, positions in enumerate(valid.partition(owned * lanes)):
+            groups[k // owned].extend(positions)
+        out: list[_Batch] = []
+        for positions in groups:
+            if positions:
+                first = not out
+                out.append(
+                    _Batch(
+                        batch.deliveries,
+                        valid.take(sorted(positions)),
+                        batch.dead if first else [],
+                        batch.size if first else 0,
+                        committed=batch.committed,
+                    )
+                )
+        if not out:
+            return [batch]
+        return out
+
+    async def _commit_lanes(
+        self, batch: _Batch
+    ) -> tuple[list[tuple[str, dict[str, Any], str]], Exception | None]:
+        """The batch's lanes committed side by side: the events of those that
+        committed, and the failure of one that did not (or None)."""
+        lanes = self._lanes(batch)
+        if len(lanes) == 1:
+            try:
+                return await self._commit_resilient(batch), None
+            except (StoreError, OSError) as exc:
+                return [], exc
+        results = await asyncio.gather(
+            *(self._commit_resilient(lane) for lane in lanes), return_exceptions=True
+        )
+        events: list[tuple[str, dict[str, Any], str]] = []
+        failure: Exception | None = None
+        for result in results:
+            if isinstance(result, (StoreError, OSError)):
+                failure = failure or result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                events.extend(result)
+        return events, failure
 
     async def _commit_resilient(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
         """Commit a batch, retrying transient store failures; a batch the
