@@ -330,3 +330,63 @@ async def test_windows_saved_from_the_engine_are_its_exports(
         assert held[(ident, other)].window_seq == 0  # as the new row was written
     finally:
         await store.close()
+
+
+def _one_per_kind() -> list[str]:
+    from decnet_attr.registry import registry
+
+    out: dict[str, str] = {}
+    for p in registry().primitives.values():
+        out.setdefault(p.kind, p.name)
+    return sorted(out.values())
+
+
+_JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+_VALUES = st.one_of(
+    _JSON_SCALARS,
+    st.lists(_JSON_SCALARS, max_size=3),
+    st.dictionaries(st.text(max_size=5), _JSON_SCALARS, max_size=3),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", 'c"\\\n\u00e9']), st.sampled_from(_one_per_kind()),
+                  _VALUES),
+        min_size=1, max_size=10,
+    ),
+    st.lists(st.text(max_size=6), max_size=3),
+    st.floats(min_value=0, max_value=4e9),
+)  # fmt: skip
+def test_wire_events_are_the_events_encoded(
+    items: list[tuple[str, str, Any]], who: list[str], now: float
+) -> None:
+    """``wire_events`` gives, once parsed, the envelope a bus would make of
+    ``events``: same topics, types, ids, ts and payloads (integers beyond
+    64 bits included, which orjson does not encode)."""
+    import json
+
+    from decnet_attr.bus.base import envelope
+
+    engine, table = Engine(), StateTable(value_kind_for)
+    obs = [_obs(i, v, 1.0 + k, p) for k, (i, p, v) in enumerate(items)]
+    result = engine.ingest(obs)
+    loaded = {("a", PRIM): _stored("a", "stable", 4, 0.5, None)}
+    states = table.write(result, loaded, now)
+    attackers = {"a": who, "b": ["x1", "x\u00e9"]}
+    events, changed = states.events(attackers, CHANGED, UPDATED)
+    wire, wire_changed = states.wire_events(attackers, CHANGED, UPDATED, "pre-", 41, 1)
+    assert wire_changed == changed and len(wire) == len(events) == len(states)
+    for k, ((topic, payload, kind), (wtopic, data, wkind)) in enumerate(zip(events, wire)):
+        assert (wtopic, wkind) == (topic, kind) and isinstance(data, bytes)
+        want = envelope(1, f"pre-{41 + k:x}", topic, kind, now, payload)
+        got = json.loads(data)
+        assert got == json.loads(json.dumps(want))
+        assert list(got) == list(want) and list(got["payload"]) == list(payload)  # key order

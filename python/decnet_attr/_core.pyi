@@ -415,6 +415,15 @@ class StateWrite:
         changed: tuple[str, str],
         updated: tuple[str, str],
     ) -> tuple[list[tuple[str, dict[str, Any], str]], int]: ...
+    def wire_events(
+        self,
+        attackers: Mapping[str, list[str]],
+        changed: tuple[str, str],
+        updated: tuple[str, str],
+        id_prefix: str,
+        first_id: int,
+        v: int,
+    ) -> tuple[list[tuple[str, bytes, str]], int]: ...
 
 @final
 class SqliteWriter:

@@ -457,6 +457,11 @@ class Bus(ABC):
     """Abstract bus. See the module docstring for the two delivery paths."""
 
     name: str = "abstract"
+    #: :meth:`publish_many` also takes events already in their wire form:
+    #: ``(topic, envelope JSON bytes, event_type, ignored id)``, the id inside
+    #: the bytes (the worker then builds its state events so, in Rust). Only
+    #: a bus that sends bytes anyway says yes.
+    wire_events: bool = False
 
     @abstractmethod
     async def connect(self) -> None:
@@ -496,7 +501,7 @@ class Bus(ABC):
         await self._publish(event)
         return event
 
-    async def publish_many(self, events: Sequence[tuple[str, dict[str, Any], str, str]]) -> int:
+    async def publish_many(self, events: Sequence[tuple[str, Any, str, str]]) -> int:
         """:meth:`publish` each ``(topic, payload, event_type, event_id)`` in
         order; an event that cannot go out (an invalid topic, a bus that
         fails it) is logged and the others still go. Returns how many went

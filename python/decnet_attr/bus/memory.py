@@ -258,7 +258,7 @@ class InProcessBus(Bus):
             if groups:
                 self._offer_untracked(event, groups)
 
-    async def publish_many(self, events: Sequence[tuple[str, dict[str, Any], str, str]]) -> int:
+    async def publish_many(self, events: Sequence[tuple[str, Any, str, str]]) -> int:
         """:meth:`Bus.publish_many` in one pass: each topic is routed once,
         and the events of one call share their time."""
         if self._closed:

@@ -52,12 +52,11 @@ from decnet_attr.topics import (
 from decnet_attr.worker.recompute import feed_series
 
 if TYPE_CHECKING:
-    from decnet_attr.worker.worker import AttributionWorker
+    from decnet_attr.worker.worker import AttributionWorker, Outgoing
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-Event = tuple[str, dict[str, Any], str]
 
 #: Stored fingerprint observations read per query (start-up, catch-up).
 CATCH_UP_CHUNK = 20_000
@@ -108,7 +107,7 @@ class IdentityRollup:
 
     async def apply(
         self, tx: Tx, valid: ValidatedBatch, select: Sequence[int], now: float, touched: list[Key]
-    ) -> list[Event]:
+    ) -> list[Outgoing]:
         """Feed the selected observations of a batch, then reconcile the
         attackers that may need another identity (inside ``tx``)."""
         if self.worker.shared:
@@ -122,7 +121,7 @@ class IdentityRollup:
     # ---- reconciliation --------------------------------------------------------------
     async def reconcile(
         self, tx: Tx, attackers: Sequence[str], now: float, touched: list[Key]
-    ) -> list[Event]:
+    ) -> list[Outgoing]:
         ops = tx.identity_ops()
         lock = self.worker.shared
         known: dict[str, Membership] = {}
@@ -180,7 +179,7 @@ class IdentityRollup:
         moves: dict[tuple[str, str], list[str]],
         now: float,
         touched: list[Key],
-    ) -> list[Event]:
+    ) -> list[Outgoing]:
         before: dict[str, set[str]] = {}
         for a, m in stored.items():
             assert m.identity_uuid is not None
@@ -189,7 +188,7 @@ class IdentityRollup:
         for (src, dst), group in moves.items():
             after[src].difference_update(group)
             after.setdefault(dst, set()).update(group)
-        events: list[Event] = []
+        events: list[Outgoing] = []
         for (src, dst), group in sorted(moves.items()):
             await ops.move(group, dst)
             evidence = self._evidence(group, after[dst] - set(group))
@@ -274,10 +273,10 @@ class IdentityRollup:
         members: dict[str, set[str]],
         now: float,
         touched: list[Key],
-    ) -> list[Event]:
+    ) -> list[Outgoing]:
         """Recompute every key of ``identities`` from their observations."""
         engine = self.worker.engine
-        events: list[Event] = []
+        events: list[Outgoing] = []
         rows: list[StateRow] = []
         for ident in identities:
             prims = await ops.primitives_of(ident)

@@ -44,7 +44,7 @@ import orjson
 from decnet_attr import Engine, IngestResult
 from decnet_attr._core import StateTable, StateWrite
 from decnet_attr.bus import Bus, BusError, Delivery
-from decnet_attr.bus.base import UNDECODABLE
+from decnet_attr.bus.base import EVENT_SCHEMA_VERSION, UNDECODABLE
 from decnet_attr.bus.helpers import run_control_listener, run_health_heartbeat
 from decnet_attr.config import Settings
 from decnet_attr.logs import RepeatFilter
@@ -106,6 +106,11 @@ _ATTEMPT_COUNTERS = (
     "multi_actor_fired",
 )
 
+
+#: An event to publish after the commit: ``(topic, payload, event_type)``,
+#: the payload a dict, or on a bus taking them (``Bus.wire_events``) the
+#: whole envelope's JSON bytes.
+Outgoing = tuple[str, dict[str, Any] | bytes, str]
 
 #: An identity's flagged primitives and its fired signature (see
 #: ``AttributionWorker._multi_actor``), identity -> primitives each.
@@ -267,7 +272,7 @@ class AttributionWorker:
         self._barrier = None
         self._needs_barrier = False
 
-    async def _publish(self, events: list[tuple[str, dict[str, Any], str]]) -> None:
+    async def _publish(self, events: list[Outgoing]) -> None:
         """Publish after a commit; never raises. A slice at a time, letting
         the loop run between slices (the next batch's transaction goes on
         meanwhile). Event ids are this worker's prefix plus a counter:
@@ -522,7 +527,7 @@ class AttributionWorker:
         begins (see :attr:`_next_begun`)."""
         deliveries = batch.deliveries
         failure: Exception | None = None
-        published: list[tuple[str, dict[str, Any], str]] = []
+        published: list[Outgoing] = []
         if begun is not None:
             if not begun.done():
                 begun.set_result(None)
@@ -591,9 +596,7 @@ class AttributionWorker:
             return [batch]
         return out
 
-    async def _commit_lanes(
-        self, batch: _Batch
-    ) -> tuple[list[tuple[str, dict[str, Any], str]], Exception | None]:
+    async def _commit_lanes(self, batch: _Batch) -> tuple[list[Outgoing], Exception | None]:
         """The batch's lanes committed side by side: the events of those that
         committed, and the failure of one that did not (or None)."""
         lanes = self._lanes(batch)
@@ -605,7 +608,7 @@ class AttributionWorker:
         results = await asyncio.gather(
             *(self._commit_resilient(lane) for lane in lanes), return_exceptions=True
         )
-        events: list[tuple[str, dict[str, Any], str]] = []
+        events: list[Outgoing] = []
         failure: Exception | None = None
         for result in results:
             if isinstance(result, (StoreError, OSError)):
@@ -616,7 +619,7 @@ class AttributionWorker:
                 events.extend(result)
         return events, failure
 
-    async def _commit_resilient(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
+    async def _commit_resilient(self, batch: _Batch) -> list[Outgoing]:
         """Commit a batch, retrying transient store failures; a batch the
         store refuses for its data is split in halves until the offending
         observation is alone, and that one becomes a dead letter — one
@@ -641,7 +644,7 @@ class AttributionWorker:
                 return await self._split(batch, exc)
             await asyncio.sleep(0.05 * attempt)
 
-    async def _split(self, batch: _Batch, exc: StoreError) -> list[tuple[str, dict[str, Any], str]]:
+    async def _split(self, batch: _Batch, exc: StoreError) -> list[Outgoing]:
         valid = batch.valid
         n = len(valid) if valid is not None else 0
         if valid is None or n <= 1:
@@ -791,7 +794,7 @@ class AttributionWorker:
                 body = repr(payload)
         return _dead(topic, f"{code}: {reason}", body, str(event_id), now)
 
-    async def _commit(self, batch: _Batch) -> list[tuple[str, dict[str, Any], str]]:
+    async def _commit(self, batch: _Batch) -> list[Outgoing]:
         t0 = time.perf_counter()
         now = time.time()
         touched: list[Key] = []
@@ -864,14 +867,14 @@ class AttributionWorker:
         *,
         already_stored: bool = False,
         identities: dict[str, str] | None = None,
-    ) -> list[tuple[str, dict[str, Any], str]]:
+    ) -> list[Outgoing]:
         """Everything of one batch inside the transaction. Returns the events
         to publish after the commit. ``touched`` is filled with the engine
         keys as soon as they may have changed (for eviction on failure);
         ``identities`` (if given) with attacker → identity."""
         if valid is None or not len(valid):
             return []
-        events: list[tuple[str, dict[str, Any], str]] = []
+        events: list[Outgoing] = []
         attackers = valid.attackers()
         await tx.ensure_attackers(attackers)
         if self.pipelined:
@@ -1151,7 +1154,7 @@ class AttributionWorker:
         loaded: dict[Key, StateRow],
         now: float,
         known: _MultiActorKnown | None = None,
-    ) -> list[tuple[str, dict[str, Any], str]]:
+    ) -> list[Outgoing]:
         """The batch's state rows (built in Rust from the change records,
         each on the row held for its key or ``loaded`` from the store), and
         its state events."""
@@ -1178,11 +1181,22 @@ class AttributionWorker:
             # its row meanwhile, the store says so and the batch runs again
             await tx.write_states(states, self.engine, loaded)
         attackers = {ident: self._attackers_of(ident) for ident in states.identities()}
-        events, changed = states.events(
-            attackers,
+        kinds = (
             (ATTRIBUTION_PROFILE_STATE_CHANGED, EVENT_TYPE_STATE_CHANGED),
             (ATTRIBUTION_PROFILE_UPDATED, EVENT_TYPE_PROFILE_UPDATED),
         )
+        events: list[Outgoing]
+        if self.bus.wire_events:
+            # encoded in Rust, envelope and all, with ids of their own
+            first = self._event_seq + 1
+            self._event_seq += len(states)
+            wire, changed = states.wire_events(
+                attackers, *kinds, self._id_prefix, first, EVENT_SCHEMA_VERSION
+            )
+            events = list(wire)
+        else:
+            made, changed = states.events(attackers, *kinds)
+            events = list(made)
         self.stats.state_changes += changed
         multi = states.multi()
         if multi:
@@ -1220,7 +1234,7 @@ class AttributionWorker:
         identities: list[str],
         now: float,
         known: _MultiActorKnown | None = None,
-    ) -> list[tuple[str, dict[str, Any], str]]:
+    ) -> list[Outgoing]:
         """Fire (or re-arm) the identities' multi-actor alert. ``known``: the
         flagged primitives and fired signatures as they stand in this
         transaction, when the caller has them (else they are read)."""
@@ -1230,7 +1244,7 @@ class AttributionWorker:
         else:
             flagged = await tx.multi_actor_primitives(identities)
             fired = await tx.multi_actor_signatures(identities, lock=self.shared)
-        events = []
+        events: list[Outgoing] = []
         for ident in identities:
             prims = sorted(flagged.get(ident, []))
             last = fired.get(ident)
@@ -1292,7 +1306,7 @@ class AttributionWorker:
         candidates = await self.store.multi_actor_identities(need)
         if not candidates:
             return 0
-        events: list[tuple[str, dict[str, Any], str]] = []
+        events: list[Outgoing] = []
         now = time.time()
         fired = dict(self._fired)
         try:
@@ -1345,7 +1359,7 @@ class AttributionWorker:
 
     async def reevaluate_multi_actor(
         self, tx: Tx, identities: list[str], now: float
-    ) -> list[tuple[str, dict[str, Any], str]]:
+    ) -> list[Outgoing]:
         return await self._multi_actor(tx, identities, now)
 
     async def _observed_loop(self) -> None:

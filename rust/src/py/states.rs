@@ -16,6 +16,7 @@
 //!   previous state becomes the stored one; else both stay.
 
 use std::collections::{HashMap as StdHashMap, VecDeque};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use ahash::RandomState;
@@ -31,6 +32,7 @@ use super::types::PyIngestResult;
 use crate::core::engine::Change;
 use crate::core::merge::State;
 use crate::core::pgcopy::CopyBuffer;
+use crate::core::value::{write_float, write_json_str};
 
 /// The columns a row's values are bound to, in order: after the key
 /// (`identity_uuid`, `primitive`) for an insert, before it for an update.
@@ -137,6 +139,13 @@ struct Row {
     row: Stored,
     /// The stored row's state before this batch (None: no row).
     before: Option<Name>,
+}
+
+impl Row {
+    /// The row's state differs from the stored row's (or there was none).
+    fn is_change(&self, c: &Change) -> bool {
+        self.before.as_ref().map(Name::as_str) != Some(c.new.state.as_str())
+    }
 }
 
 /// The maps here are looked up once or twice per key of every batch: a
@@ -523,7 +532,7 @@ impl PyStateWrite {
             ];
             let values = self.values(r);
             if r.row.version > 1 {
-                let kept = r.before.as_ref().map(Name::as_str) == Some(c.new.state.as_str());
+                let kept = !r.is_change(c);
                 let to = if split && kept {
                     &mut same
                 } else {
@@ -537,6 +546,24 @@ impl PyStateWrite {
         (updates, same, inserts)
     }
 }
+
+/// The keys of a state event's payload, in order (DECNET's
+/// `state_changed` keys first, then ours).
+const PAYLOAD_KEYS: [&str; 13] = [
+    "identity_uuid",
+    "primitive",
+    "old_state",
+    "new_state",
+    "current_value",
+    "confidence",
+    "observation_count",
+    "ts",
+    "attacker_uuids",
+    "last_change_ts",
+    "last_observation_ts",
+    "emitted_at",
+    "version",
+];
 
 /// Parameter sets of one statement, one per row.
 type Sets = Vec<Vec<Sql>>;
@@ -716,21 +743,7 @@ impl PyStateWrite {
         // every payload has the same keys in the same order: each is a copy
         // of this one with its values replaced (a copy takes the key table
         // as it is, where thirteen inserts into a new dict would grow it)
-        let names = [
-            pyo3::intern!(py, "identity_uuid"),
-            pyo3::intern!(py, "primitive"),
-            pyo3::intern!(py, "old_state"),
-            pyo3::intern!(py, "new_state"),
-            pyo3::intern!(py, "current_value"),
-            pyo3::intern!(py, "confidence"),
-            pyo3::intern!(py, "observation_count"),
-            pyo3::intern!(py, "ts"),
-            pyo3::intern!(py, "attacker_uuids"),
-            pyo3::intern!(py, "last_change_ts"),
-            pyo3::intern!(py, "last_observation_ts"),
-            pyo3::intern!(py, "emitted_at"),
-            pyo3::intern!(py, "version"),
-        ];
+        let names = PAYLOAD_KEYS.map(|k| PyString::intern(py, k));
         let template = PyDict::new(py);
         for name in names {
             template.set_item(name, py.None())?;
@@ -745,7 +758,7 @@ impl PyStateWrite {
                 Some(b) => strings.get(b.as_str()).into(),
                 None => py.None(),
             };
-            let is_change = r.before.as_ref().map(Name::as_str) != Some(n.state.as_str());
+            let is_change = r.is_change(c);
             let last_ts = n.last_ts.into_py(py);
             let values: [PyObject; 13] = [
                 identity.into(),
@@ -773,6 +786,105 @@ impl PyStateWrite {
                 updated
             };
             let event: [&PyAny; 3] = [topic, p, kind];
+            out.append(PyTuple::new(py, event))?;
+        }
+        Ok((out, transitions))
+    }
+
+    /// The same events as `events`, each already in its wire form: the
+    /// whole envelope (`v, id, topic, type, ts, payload`) as compact JSON
+    /// bytes, for a bus that sends bytes (`(topic, bytes, type)` each). The
+    /// ids are `id_prefix` plus `first_id`, `first_id + 1`, … in hex; the
+    /// envelope's `ts` is the rows' time, as the payload's `emitted_at`.
+    #[allow(clippy::too_many_arguments)]
+    fn wire_events<'py>(
+        &self,
+        py: Python<'py>,
+        attackers: &'py PyDict,
+        changed: (&'py PyString, &'py PyString),
+        updated: (&'py PyString, &'py PyString),
+        id_prefix: &str,
+        first_id: u64,
+        v: i64,
+    ) -> PyResult<(&'py PyList, usize)> {
+        let out = PyList::empty(py);
+        let mut transitions = 0;
+        let mut who: Vec<&str> = Vec::new();
+        let mut buf = String::with_capacity(640);
+        for (i, r) in self.rows.iter().enumerate() {
+            let c = self.change(r);
+            let n = &c.new;
+            who.clear();
+            if let Some(list) = attackers.get_item(c.identity.as_ref()) {
+                for a in list.downcast::<PyList>()?.iter() {
+                    who.push(a.downcast::<PyString>()?.to_str()?);
+                }
+            }
+            let is_change = r.is_change(c);
+            let (topic, kind) = if is_change {
+                transitions += 1;
+                changed
+            } else {
+                updated
+            };
+            buf.clear();
+            let _ = write!(buf, "{{\"v\":{v},\"id\":");
+            let mut id = String::with_capacity(id_prefix.len() + 16);
+            let _ = write!(id, "{id_prefix}{:x}", first_id + i as u64);
+            write_json_str(&mut buf, &id);
+            buf.push_str(",\"topic\":");
+            write_json_str(&mut buf, topic.to_str()?);
+            buf.push_str(",\"type\":");
+            write_json_str(&mut buf, kind.to_str()?);
+            buf.push_str(",\"ts\":");
+            write_float(&mut buf, self.now);
+            buf.push_str(",\"payload\":");
+            // the values in PAYLOAD_KEYS order
+            let mut key = PAYLOAD_KEYS.iter().enumerate();
+            let mut next = |buf: &mut String| {
+                let (k, name) = key.next().expect("one key per value");
+                buf.push(if k == 0 { '{' } else { ',' });
+                write_json_str(buf, name);
+                buf.push(':');
+            };
+            next(&mut buf);
+            write_json_str(&mut buf, &c.identity);
+            next(&mut buf);
+            write_json_str(&mut buf, &c.primitive);
+            next(&mut buf);
+            match &r.before {
+                Some(b) => write_json_str(&mut buf, b.as_str()),
+                None => buf.push_str("null"),
+            }
+            next(&mut buf);
+            write_json_str(&mut buf, n.state.as_str());
+            next(&mut buf);
+            n.current.as_ref().write_json(&mut buf);
+            next(&mut buf);
+            write_float(&mut buf, n.confidence);
+            next(&mut buf);
+            let _ = write!(buf, "{}", n.count);
+            next(&mut buf);
+            write_float(&mut buf, n.last_ts);
+            next(&mut buf);
+            buf.push('[');
+            for (k, a) in who.iter().enumerate() {
+                if k > 0 {
+                    buf.push(',');
+                }
+                write_json_str(&mut buf, a);
+            }
+            buf.push(']');
+            next(&mut buf);
+            write_float(&mut buf, r.row.last_change);
+            next(&mut buf);
+            write_float(&mut buf, n.last_ts);
+            next(&mut buf);
+            write_float(&mut buf, self.now);
+            next(&mut buf);
+            let _ = write!(buf, "{}", r.row.version);
+            buf.push_str("}}");
+            let event: [&PyAny; 3] = [topic, PyBytes::new(py, buf.as_bytes()), kind];
             out.append(PyTuple::new(py, event))?;
         }
         Ok((out, transitions))
