@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from decnet_attr.bus.nats import NatsBus
@@ -109,6 +110,7 @@ async def test_one_worker_on_nats_and_postgres(
     async with (
         Collector(pub, "attribution.profile.multi_actor_suspected") as ma,
         Collector(pub, "identity.formed") as formed,
+        Collector(pub, "attribution.profile.>") as profile,
     ):
         await _run_workload(wl, pub, store)
 
@@ -117,6 +119,36 @@ async def test_one_worker_on_nats_and_postgres(
 
         await wait_until(alerts_in, 10, "alerts received")
         await asyncio.sleep(0.3)  # anything extra would show up now
+    # the state events (encoded in Rust on this bus) arrive as envelopes
+    # like any other: one per stored version of each key, the newest of a
+    # key saying what its row says, every id its own
+    states = [e for e in profile.events if e.topic != "attribution.profile.multi_actor_suspected"]
+    assert len({e.id for e in states}) == len(states) > 0
+    kinds = {
+        "attribution.profile.state_changed": "profile.state_changed",
+        "attribution.profile.updated": "profile.updated",
+    }
+    assert all(kinds[e.topic] == e.type for e in states)
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for e in states:
+        key = (e.payload["identity_uuid"], e.payload["primitive"])
+        if key not in newest or e.payload["version"] > newest[key]["version"]:
+            newest[key] = e.payload
+    rows = {
+        (r.identity_uuid, r.primitive): r
+        for a in wl.attackers
+        if (att := await store.get_attacker(a)) is not None and att.identity_id
+        for r in await store.attribution_for_identity(att.identity_id)
+    }
+    assert set(newest) == set(rows)
+    for key, payload in newest.items():
+        row = rows[key]
+        assert (payload["new_state"], payload["observation_count"], payload["version"]) == (
+            row.state,
+            row.observation_count,
+            row.version,
+        )
+        assert payload["current_value"] == orjson.loads(row.current_value_json)
 
     await assert_stored_exactly_once(store, wl.ids, {o["id"] for o in wl.dup_evidence})
     await assert_states_equal_oracle(store, wl.distinct, wl.attackers)
