@@ -244,18 +244,28 @@ impl Canon {
 
 /// JSON number text for a finite float, always with a fraction or exponent
 /// so that it reads back as a float (shortest round-trip digits).
+/// (`null` for a non-finite one.)
 pub fn write_float(out: &mut String, f: f64) {
-    let s = serde_json::Number::from_f64(f)
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| "null".to_owned());
-    out.push_str(&s);
-    if !s.contains(['.', 'e', 'E']) && s != "null" {
+    if !f.is_finite() {
+        out.push_str("null");
+        return;
+    }
+    let mut buf = ryu::Buffer::new();
+    let s = buf.format_finite(f);
+    out.push_str(s);
+    if !s.contains(['.', 'e', 'E']) {
         out.push_str(".0");
     }
 }
 
 pub fn write_json_str(out: &mut String, s: &str) {
     out.push('"');
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        // nothing to escape (ids, names, most values): as it is
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -809,44 +809,73 @@ impl PyStateWrite {
     ) -> PyResult<(&'py PyList, usize)> {
         let out = PyList::empty(py);
         let mut transitions = 0;
-        let mut who: Vec<&str> = Vec::new();
+        // each identity's attackers as JSON once (an identity has a row per
+        // primitive the batch touched)
+        let mut who_of: HashMap<&str, String> = HashMap::default();
+        for (identity, list) in attackers.iter() {
+            let mut json = String::from("[");
+            for (k, a) in list.downcast::<PyList>()?.iter().enumerate() {
+                if k > 0 {
+                    json.push(',');
+                }
+                write_json_str(&mut json, a.downcast::<PyString>()?.to_str()?);
+            }
+            json.push(']');
+            who_of.insert(identity.downcast::<PyString>()?.to_str()?, json);
+        }
+        // what does not change from one event to the next, as JSON text once:
+        // the head up to the id's number (`"` and the prefix; hex digits
+        // need no escape), the rest of the envelope per kind, the payload's
+        // key fragments
+        let mut head = String::from("{\"v\":");
+        head.push_str(itoa::Buffer::new().format(v));
+        head.push_str(",\"id\":");
+        write_json_str(&mut head, id_prefix);
+        head.pop();
+        let mut now = String::new();
+        write_float(&mut now, self.now);
+        let rest = |(topic, kind): (&PyString, &PyString)| -> PyResult<String> {
+            let mut t = String::from("\",\"topic\":");
+            write_json_str(&mut t, topic.to_str()?);
+            t.push_str(",\"type\":");
+            write_json_str(&mut t, kind.to_str()?);
+            t.push_str(",\"ts\":");
+            t.push_str(&now);
+            t.push_str(",\"payload\":");
+            Ok(t)
+        };
+        let (rest_changed, rest_updated) = (rest(changed)?, rest(updated)?);
+        let keys: Vec<String> = PAYLOAD_KEYS
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let mut f = String::from(if k == 0 { "{" } else { "," });
+                write_json_str(&mut f, name);
+                f.push(':');
+                f
+            })
+            .collect();
         let mut buf = String::with_capacity(640);
+        let mut int = itoa::Buffer::new();
+        let mut last_ts = String::new();
         for (i, r) in self.rows.iter().enumerate() {
             let c = self.change(r);
             let n = &c.new;
-            who.clear();
-            if let Some(list) = attackers.get_item(c.identity.as_ref()) {
-                for a in list.downcast::<PyList>()?.iter() {
-                    who.push(a.downcast::<PyString>()?.to_str()?);
-                }
-            }
-            let is_change = r.is_change(c);
-            let (topic, kind) = if is_change {
+            let (topic, kind, rest) = if r.is_change(c) {
                 transitions += 1;
-                changed
+                (changed.0, changed.1, &rest_changed)
             } else {
-                updated
+                (updated.0, updated.1, &rest_updated)
             };
+            last_ts.clear();
+            write_float(&mut last_ts, n.last_ts);
             buf.clear();
-            let _ = write!(buf, "{{\"v\":{v},\"id\":");
-            let mut id = String::with_capacity(id_prefix.len() + 16);
-            let _ = write!(id, "{id_prefix}{:x}", first_id + i as u64);
-            write_json_str(&mut buf, &id);
-            buf.push_str(",\"topic\":");
-            write_json_str(&mut buf, topic.to_str()?);
-            buf.push_str(",\"type\":");
-            write_json_str(&mut buf, kind.to_str()?);
-            buf.push_str(",\"ts\":");
-            write_float(&mut buf, self.now);
-            buf.push_str(",\"payload\":");
+            buf.push_str(&head);
+            let _ = write!(buf, "{:x}", first_id + i as u64);
+            buf.push_str(rest);
             // the values in PAYLOAD_KEYS order
-            let mut key = PAYLOAD_KEYS.iter().enumerate();
-            let mut next = |buf: &mut String| {
-                let (k, name) = key.next().expect("one key per value");
-                buf.push(if k == 0 { '{' } else { ',' });
-                write_json_str(buf, name);
-                buf.push(':');
-            };
+            let mut key = keys.iter();
+            let mut next = |buf: &mut String| buf.push_str(key.next().expect("a key per value"));
             next(&mut buf);
             write_json_str(&mut buf, &c.identity);
             next(&mut buf);
@@ -863,26 +892,19 @@ impl PyStateWrite {
             next(&mut buf);
             write_float(&mut buf, n.confidence);
             next(&mut buf);
-            let _ = write!(buf, "{}", n.count);
+            buf.push_str(int.format(n.count));
             next(&mut buf);
-            write_float(&mut buf, n.last_ts);
+            buf.push_str(&last_ts);
             next(&mut buf);
-            buf.push('[');
-            for (k, a) in who.iter().enumerate() {
-                if k > 0 {
-                    buf.push(',');
-                }
-                write_json_str(&mut buf, a);
-            }
-            buf.push(']');
+            buf.push_str(who_of.get(c.identity.as_ref()).map_or("[]", String::as_str));
             next(&mut buf);
             write_float(&mut buf, r.row.last_change);
             next(&mut buf);
-            write_float(&mut buf, n.last_ts);
+            buf.push_str(&last_ts);
             next(&mut buf);
-            write_float(&mut buf, self.now);
+            buf.push_str(&now);
             next(&mut buf);
-            let _ = write!(buf, "{}", r.row.version);
+            buf.push_str(int.format(r.row.version));
             buf.push_str("}}");
             let event: [&PyAny; 3] = [topic, PyBytes::new(py, buf.as_bytes()), kind];
             out.append(PyTuple::new(py, event))?;
