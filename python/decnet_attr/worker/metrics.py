@@ -57,7 +57,9 @@ class WorkerStats:
     dead_lettered: int = _counted(
         "worker_observations_dead_lettered", "Rejected events stored as dead letters."
     )
-    batches: int = _counted("worker_batches", "Micro-batches committed.")
+    batches: int = _counted(
+        "worker_batches", "Micro-batch transactions committed (one per lane of a batch)."
+    )
     batch_failures: int = _counted("worker_batch_failures", "Failed micro-batch commit attempts.")
     redelivered: int = _counted(
         "worker_observations_redelivered", "Observation events delivered again."
@@ -97,7 +99,9 @@ class WorkerStats:
     )
     merge_seconds: Histogram = field(
         default_factory=lambda: _histogram(
-            "worker_merge_seconds", "Seconds to store and merge one batch.", MERGE_SECONDS_BUCKETS
+            "worker_merge_seconds",
+            "Seconds to store and merge one batch (one lane of it).",
+            MERGE_SECONDS_BUCKETS,
         )
     )
 
