@@ -14,12 +14,12 @@ from typing import Any
 import orjson
 import pytest
 
-from decnet_attr._core import partition_of
 from decnet_attr.bus import get_bus
 from decnet_attr.store import StoreUnavailable
 from decnet_attr.topics import OBSERVATION_BATCH
 from decnet_attr.worker import AttributionWorker
 from decnet_attr.worker import worker as worker_module
+from decnet_attr.worker.worker import lane_of
 from tests.natsserver import NatsServer
 from tests.worker.conftest import (
     Collector,
@@ -102,6 +102,13 @@ async def test_one_lane_is_one_transaction_below_the_minimum_or_on_sqlite(
             # every item in exactly one lane, in the batch's order
             got = sorted(oid for lane in lanes for oid in _ids(lane))
             assert got == sorted(o["id"] for o in obs)
+            assert all(_ids(lane) == sorted(_ids(lane)) for lane in lanes)
+            if db_url:
+                # attackers of one identity the worker knows share a lane
+                split = {lane_of(o["attacker_uuid"], 2) for o in obs}
+                assert split == {0, 1}
+                w._identity_cache.update({o["attacker_uuid"]: "one" for o in obs})
+                assert len(w._lanes(batch)) == 1
 
 
 async def test_a_failed_lane_leaves_the_committed_one_and_the_batch_comes_again(
@@ -116,9 +123,10 @@ async def test_a_failed_lane_leaves_the_committed_one_and_the_batch_comes_again(
     # attackers of both lanes; the second lane's transactions fail until the
     # batch is delivered again
     wl = Workload(6, tag="lane")
-    lane_of = {a: partition_of(a, 2) for a in wl.attackers}
-    assert set(lane_of.values()) == {0, 1}
-    failing = {a for a in wl.attackers if lane_of[a] == 1}
+    # (new attackers: each its own lane's owner)
+    lane = {a: lane_of(a, 2) for a in wl.attackers}
+    assert set(lane.values()) == {0, 1}
+    failing = {a for a in wl.attackers if lane[a] == 1}
     real = w._merge_in_tx
     attempts: list[int] = []
 
@@ -126,7 +134,11 @@ async def test_a_failed_lane_leaves_the_committed_one_and_the_batch_comes_again(
         if valid is not None and {a for a, _ip, _ts in valid.attackers()} & failing:
             attempts.append(len(attempts))
             if len(attempts) <= 3:  # every retry of the first delivery
-                raise StoreUnavailable("injected: the server went away")
+                # once the other lane has counted what it merged: a failed
+                # attempt takes back its own counts only
+                result = await real(tx, valid, *args, **kw)
+                await asyncio.sleep(0.2)
+                raise StoreUnavailable(f"injected after {len(result)} events")
         return await real(tx, valid, *args, **kw)
 
     monkeypatch.setattr(w, "_merge_in_tx", fail_first_delivery)

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
@@ -112,6 +114,48 @@ _ATTEMPT_COUNTERS = (
 #: whole envelope's JSON bytes.
 Outgoing = tuple[str, dict[str, Any] | bytes, str]
 
+
+def lane_of(owner: str, lanes: int) -> int:
+    """The lane of an identity (or of an attacker the worker has not seen)."""
+    return zlib.crc32(owner.encode()) % lanes
+
+
+class _AttemptStats:
+    """The worker's counters as one transaction attempt sees them: the
+    ones an attempt counts (``_ATTEMPT_COUNTERS``) go to the attempt, and
+    reach the worker's counters only when it commits (:meth:`commit`);
+    everything else goes straight through."""
+
+    __slots__ = ("delta", "real")
+
+    def __init__(self, real: WorkerStats) -> None:
+        object.__setattr__(self, "real", real)
+        object.__setattr__(self, "delta", dict.fromkeys(_ATTEMPT_COUNTERS, 0))
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.real, name)
+        if name in self.delta:
+            return value + self.delta[name]
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.delta:
+            self.delta[name] = value - getattr(self.real, name)
+        else:
+            setattr(self.real, name, value)
+
+    def commit(self) -> None:
+        for name, n in self.delta.items():
+            if n:
+                setattr(self.real, name, getattr(self.real, name) + n)
+
+
+#: The attempt the running task's transaction is (each batch's, and each
+#: lane's, runs in a task of its own).
+_ATTEMPT: contextvars.ContextVar[_AttemptStats | None] = contextvars.ContextVar(
+    "attribution_attempt", default=None
+)
+
 #: An identity's flagged primitives and its fired signature (see
 #: ``AttributionWorker._multi_actor``), identity -> primitives each.
 _MultiActorKnown = tuple[dict[str, list[str]], dict[str, list[str]]]
@@ -189,7 +233,7 @@ class AttributionWorker:
         self.store = store
         self.thresholds = settings.make_thresholds()
         self.engine = engine or Engine(self.thresholds, max_value_bytes=settings.max_value_bytes)
-        self.stats = WorkerStats()
+        self._stats = WorkerStats()
         self.shared = settings.shared_store
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -240,6 +284,15 @@ class AttributionWorker:
         self.rollup = (
             IdentityRollup(self, settings.cluster_config().make()) if settings.clustering else None
         )
+
+    @property
+    def stats(self) -> WorkerStats:
+        """The worker's counters; inside a transaction attempt, as that
+        attempt sees them (what it counted is added once it commits)."""
+        attempt = _ATTEMPT.get()
+        if attempt is not None and attempt.real is self._stats:
+            return attempt  # type: ignore[return-value]
+        return self._stats
 
     @property
     def pipelined(self) -> bool:
@@ -573,12 +626,17 @@ class AttributionWorker:
         valid = batch.valid
         if lanes <= 1 or not self.shared or valid is None or len(valid) < LANE_MIN:
             return [batch]
-        # within an ingest partition's batches, the partition of attackers
-        # over partitions x lanes, less the ingest partition, is the lane
-        owned = max(1, self.settings.partitions)
+        # by identity, as far as the worker knows them (an attacker it has
+        # not seen: by itself): two lanes never hold one known identity's
+        # keys, so neither builds on what the other has merged and not yet
+        # committed
+        known = self._identity_cache
         groups: list[list[int]] = [[] for _ in range(lanes)]
-        for k, positions in enumerate(valid.partition(owned * lanes)):
-            groups[k // owned].extend(positions)
+        order = valid.by_attacker(None)
+        at = 0
+        for attacker, n in valid.attacker_runs(order):
+            groups[lane_of(known.get(attacker, attacker), lanes)].extend(order[at : at + n])
+            at += n
         out: list[_Batch] = []
         for positions in groups:
             if positions:
@@ -798,10 +856,10 @@ class AttributionWorker:
         t0 = time.perf_counter()
         now = time.time()
         touched: list[Key] = []
-        # the counters as this attempt begins (with the store's writer held,
-        # so no other batch counts meanwhile), and what it counted
-        counted: dict[str, int] = {}
-        counts: dict[str, int] | None = None
+        # what this attempt counts is its own until it commits (transactions
+        # of other batches, or lanes of this one, count meanwhile)
+        attempt = _AttemptStats(self._stats)
+        token = _ATTEMPT.set(attempt)
         # the failures seen when this attempt took the writer (see _drop_inflight)
         generation: int | None = None
         if self.before_batch is not None:
@@ -822,31 +880,25 @@ class AttributionWorker:
                         await asyncio.wait([barrier])
                     self._inflight[id(touched)] = (generation, touched)
                     self._needs_barrier = False
-                counted = {f: getattr(self.stats, f) for f in _ATTEMPT_COUNTERS}
                 if batch.dead:
                     await tx.insert_dead_letters(batch.dead)
                 events = await self._merge_in_tx(tx, batch.valid, now, touched)
-                # this attempt's counts (pipelined, another batch may count
-                # while this one's COMMIT runs: only these are taken back)
-                counts = {f: getattr(self.stats, f) - counted[f] for f in _ATTEMPT_COUNTERS}
                 self._queued.set()  # what is left is the writer's: the COMMIT
         except BaseException:
-            # the engine may hold merges the store never committed, and the
-            # counters counted an attempt that did not happen (unless a
-            # failure before has already dropped everything in flight)
+            # the engine may hold merges the store never committed (unless a
+            # failure before has already dropped everything in flight); the
+            # attempt's counts go with it
             if generation is None or generation == self._generation:
                 self._evict(touched)
                 if pipelined:  # nothing else is in flight: read committed again
                     self._identity_cache.clear()
                     self._flags.clear()
                     self._fired.clear()
-            if counts is None:
-                counts = {f: getattr(self.stats, f) - n for f, n in counted.items()}
-            for f, n in counts.items():
-                setattr(self.stats, f, getattr(self.stats, f) - n)
             raise
         finally:
             self._inflight.pop(id(touched), None)
+            _ATTEMPT.reset(token)
+        attempt.commit()
         self.stats.dead_lettered += len(batch.dead)
         self.stats.batches += 1
         if batch.size:
