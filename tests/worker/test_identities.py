@@ -302,6 +302,47 @@ async def test_merges_and_unmerges_on_postgresql_with_every_batch_in_lanes(
     await run_scenario(tmp_path, bus, seed, pg_dsn)
 
 
+@pytest.mark.parametrize("seed", range(12))
+async def test_merges_and_unmerges_across_the_partitions_of_one_worker(
+    tmp_path: Path, seed: int, pg_dsn: str
+) -> None:
+    """The scenarios posted as the API hands bodies over with two ingest
+    partitions, one worker owning both: its partitions' transactions run
+    side by side on one engine, and roll-ups join attackers of both into
+    one identity. Before an identity was held by one transaction at a time
+    (``AttributionWorker.claim``), every run of these failed: a partition
+    built on the other's merges before they committed, and an observation
+    counted twice once the other failed and ran again."""
+    from tests.worker.test_partitions import _post
+
+    settings = make_settings(
+        tmp_path,
+        db_url=pg_dsn,
+        partitions=2,
+        cluster=json.dumps({"full_share": 2, "max_share": 3}),
+    )
+    bus = get_bus("memory://", **settings.bus_options())
+    await bus.connect()
+    store = open_store(settings.store_url)
+    await store.open()
+    worker = AttributionWorker(settings, bus, store)
+    await worker.start()
+    try:
+        obs: list[dict[str, Any]] = []
+        for batch in scenario(seed):
+            await _post(bus, settings, batch)
+            obs += batch
+            deadline = asyncio.get_running_loop().time() + 10
+            while worker.stats.merged + worker.stats.duplicates < len(obs):
+                assert asyncio.get_running_loop().time() < deadline, worker.health()
+                await asyncio.sleep(0.01)
+            await assert_states_equal_oracle(store, obs)
+    finally:
+        await worker.stop()
+        await store.close()
+        await bus.close()
+
+
 async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> tuple[int, int]:
     """Feed a scenario batch by batch, checking every identity against the
     oracle after each; returns (merges, un-merges)."""

@@ -180,6 +180,9 @@ class IdentityRollup:
         now: float,
         touched: list[Key],
     ) -> list[Outgoing]:
+        # the identities this changes are this transaction's alone (see
+        # AttributionWorker.claim)
+        self.worker.claim({i for pair in moves for i in pair})
         before: dict[str, set[str]] = {}
         for a, m in stored.items():
             assert m.identity_uuid is not None

@@ -36,7 +36,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
@@ -149,6 +149,32 @@ class _AttemptStats:
             if n:
                 setattr(self.real, name, getattr(self.real, name) + n)
 
+
+class _Claim:
+    """The identities one transaction attempt holds in the worker's engine
+    (shared store): no other transaction of the worker merges into them
+    until ``done`` is resolved, as the attempt ends."""
+
+    __slots__ = ("done", "identities")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.identities: list[str] = []
+
+
+class _Busy(StoreConflict):
+    """Another transaction of this worker holds identities this one needs:
+    roll back (holding no lock while waiting), wait for it, run again."""
+
+    def __init__(self, waits: list[asyncio.Future[None]]) -> None:
+        super().__init__("identities held by another transaction of this worker")
+        self.waits = waits
+
+
+#: The claim of the running task's transaction attempt.
+_CLAIM: contextvars.ContextVar[_Claim | None] = contextvars.ContextVar(
+    "attribution_claim", default=None
+)
 
 #: The attempt the running task's transaction is (each batch's, and each
 #: lane's, runs in a task of its own).
@@ -272,6 +298,8 @@ class AttributionWorker:
         # attacker → identity as last seen committed (a hint: rows are
         # re-pointed if the store says otherwise)
         self._identity_cache: dict[str, str] = {}
+        # shared store: identity -> end of the transaction that holds it
+        self._busy: dict[str, asyncio.Future[None]] = {}
         self._id_prefix = uuid.uuid4().hex[:16] + "-"
         # Retained windows written lazily (single-writer store)
         self.lazy = store.lazy_windows and not self.shared
@@ -687,6 +715,12 @@ class AttributionWorker:
             attempt += 1
             try:
                 return await self._commit(batch)
+            except _Busy as busy:
+                # rolled back: wait for the other transaction, then again
+                # (not a failure: nothing is counted)
+                attempt -= 1
+                await asyncio.wait(busy.waits)
+                continue
             except StoreUnavailable:
                 self.stats.batch_failures += 1
                 if attempt >= 3 or self._stop.is_set():
@@ -860,6 +894,8 @@ class AttributionWorker:
         # of other batches, or lanes of this one, count meanwhile)
         attempt = _AttemptStats(self._stats)
         token = _ATTEMPT.set(attempt)
+        claim = _Claim() if self.shared else None
+        claim_token = _CLAIM.set(claim)
         # the failures seen when this attempt took the writer (see _drop_inflight)
         generation: int | None = None
         if self.before_batch is not None:
@@ -898,6 +934,9 @@ class AttributionWorker:
         finally:
             self._inflight.pop(id(touched), None)
             _ATTEMPT.reset(token)
+            _CLAIM.reset(claim_token)
+            if claim is not None:
+                self._release(claim)
         attempt.commit()
         self.stats.dead_lettered += len(batch.dead)
         self.stats.batches += 1
@@ -909,6 +948,34 @@ class AttributionWorker:
         if newest is not None:
             self.stats.lag_seconds = max(0.0, now - newest)
         return events
+
+    def claim(self, identities: Iterable[str]) -> None:
+        """Hold ``identities`` for the running transaction (shared store):
+        transactions of this worker run side by side (lanes, partitions)
+        and share its engine, so one must not build on another's merges of
+        an identity before they commit (if that one then failed and ran
+        again, its observations would count twice). Raises :class:`_Busy`
+        when another holds one of them."""
+        claim = _CLAIM.get()
+        if claim is None:
+            return
+        busy = self._busy
+        waits = {
+            id(f): f for i in identities if (f := busy.get(i)) is not None and f is not claim.done
+        }
+        if waits:
+            raise _Busy(list(waits.values()))
+        for i in identities:
+            if i not in busy:
+                busy[i] = claim.done
+                claim.identities.append(i)
+
+    def _release(self, claim: _Claim) -> None:
+        busy = self._busy
+        for i in claim.identities:
+            if busy.get(i) is claim.done:
+                del busy[i]
+        claim.done.set_result(None)
 
     async def _merge_in_tx(
         self,
@@ -935,6 +1002,7 @@ class AttributionWorker:
             )
         else:
             identity_of, formed = await tx.ensure_identities([a for a, _ip, _ts in attackers], now)
+        self.claim(identity_of.values())
         if len(self._identity_cache) > 200_000:
             self._identity_cache.clear()
             self._needs_barrier = True  # identities in flight are read again
