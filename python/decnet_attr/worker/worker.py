@@ -646,7 +646,7 @@ class AttributionWorker:
         await self._publish(published)
 
     def _lanes(self, batch: _Batch) -> list[_Batch]:
-        """A large batch on a shared store cut by attacker into
+        """A large batch on a shared store cut by identity into
         ``worker_lanes`` transactions that run side by side (one builds its
         rows while the server writes another's); dead letters go with the
         first."""
