@@ -82,3 +82,28 @@ def test_resume_buffer_of_size_zero_resumes_nothing_older() -> None:
     buf.append(frame(1))
     assert buf.since(0) is None
     assert buf.since(1) == [] and not buf.frames
+
+
+def test_event_data_carries_an_integer_beyond_64_bits() -> None:
+    """The validator accepts any JSON integer as a value, and orjson writes
+    none beyond 64 bits: such a state event still reaches the streams."""
+    import json
+
+    from decnet_attr.bus import Event
+    from decnet_attr.server.sse.wire import event_data
+
+    big = -(2**63) - 1
+    event = Event(
+        "attribution.profile.state_changed",
+        {"identity_uuid": "i1", "current_value": big, "note": "é"},
+        type="profile.state_changed",
+        ts=5.0,
+    )
+    data = event_data(event)
+    assert json.loads(data) == {
+        "topic": "attribution.profile.state_changed",
+        "type": "profile.state_changed",
+        "ts": 5.0,
+        "payload": {"identity_uuid": "i1", "current_value": big, "note": "é"},
+    }
+    assert b"\n" not in data  # one data: line

@@ -11,6 +11,7 @@ bus or who is listening: that is the fan-out side
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
@@ -92,9 +93,13 @@ def gap(dropped: int) -> bytes:
 
 def event_data(event: Event) -> bytes:
     """A live event's ``data:``: ``{topic, type, ts, payload}``."""
-    return orjson.dumps(
-        {"topic": event.topic, "type": event.type, "ts": event.ts, "payload": event.payload}
-    )
+    body = {"topic": event.topic, "type": event.type, "ts": event.ts, "payload": event.payload}
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # (orjson's encode error is one)
+        # an integer beyond 64 bits, which the validator accepts as a value
+        # and orjson does not write: the standard library does
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class Frame:
