@@ -195,7 +195,7 @@ class Settings:
         default=2,
         metadata={
             "help": "shared store (PostgreSQL): transactions a large batch is cut into by "
-            "attacker, run side by side; 1: one"
+            "identity, run side by side; 1: one"
         },
     )
     batch_max: int = field(default=8000, metadata={"help": "largest worker micro-batch"})

@@ -238,6 +238,10 @@ async def test_multi_actor_is_reevaluated_on_the_merged_identity(
     await assert_states_equal_oracle(store, obs + link)
 
 
+#: The clusterer of the scenarios: links form from two shared fingerprints.
+SCENARIO_CLUSTER = json.dumps({"full_share": 2, "max_share": 3})
+
+
 def scenario(seed: int) -> list[list[dict[str, Any]]]:
     """Batches of observations for a handful of attackers: behaviour plus
     fingerprints drawn from small pools (so links form, and some values turn
@@ -319,7 +323,7 @@ async def test_merges_and_unmerges_across_the_partitions_of_one_worker(
         tmp_path,
         db_url=pg_dsn,
         partitions=2,
-        cluster=json.dumps({"full_share": 2, "max_share": 3}),
+        cluster=SCENARIO_CLUSTER,
     )
     bus = get_bus("memory://", **settings.bus_options())
     await bus.connect()
@@ -346,9 +350,7 @@ async def test_merges_and_unmerges_across_the_partitions_of_one_worker(
 async def run_scenario(tmp_path: Path, bus: Bus, seed: int, db_url: str) -> tuple[int, int]:
     """Feed a scenario batch by batch, checking every identity against the
     oracle after each; returns (merges, un-merges)."""
-    settings = make_settings(
-        tmp_path, db_url=db_url, cluster=json.dumps({"full_share": 2, "max_share": 3})
-    )
+    settings = make_settings(tmp_path, db_url=db_url, cluster=SCENARIO_CLUSTER)
     store = open_store(settings.store_url)
     await store.open()
     worker = AttributionWorker(settings, bus, store)
