@@ -21,7 +21,7 @@ from decnet_attr.topics import attacker_observation
 from decnet_attr.worker import AttributionWorker
 from decnet_attr.worker import worker as worker_module
 from tests import oracle
-from tests.worker.conftest import Collector
+from tests.worker.conftest import Collector, wait_until
 from tests.worker.helpers import (
     _Row,
     assert_runs_cover_rows,
@@ -336,10 +336,11 @@ async def test_merges_and_unmerges_across_the_partitions_of_one_worker(
         for batch in scenario(seed):
             await _post(bus, settings, batch)
             obs += batch
-            deadline = asyncio.get_running_loop().time() + 10
-            while worker.stats.merged + worker.stats.duplicates < len(obs):
-                assert asyncio.get_running_loop().time() < deadline, worker.health()
-                await asyncio.sleep(0.01)
+
+            async def committed(n: int = len(obs)) -> bool:
+                return worker.stats.merged + worker.stats.duplicates >= n
+
+            await wait_until(committed, 10, "the batch committed")
             await assert_states_equal_oracle(store, obs)
     finally:
         await worker.stop()
