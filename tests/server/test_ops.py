@@ -415,7 +415,7 @@ async def test_metrics_auth_and_request_counts(wh: Harness) -> None:
         assert resp.status == 404
     resp = await wh.client.get("/api/v1/attackers/x/attribution", headers=bearer("not-a-jwt"))
     assert resp.status == 401
-    assert (await wh.client.get("/no/such/path/12345")).status == 404
+    assert (await wh.client.get("/no/such/path/p12345q")).status == 404
     assert (await wh.client.delete("/healthz")).status == 405
     resp = await wh.client.post("/api/v1/auth/login", json={"username": "analyst", "password": "x"})
     assert resp.status == 401
@@ -431,7 +431,7 @@ async def test_metrics_auth_and_request_counts(wh: Harness) -> None:
         s.get("decnet_attr_http_requests_total", route="unmatched", method="DELETE", status="405")
         == 1
     )
-    assert "11111111-aaaa" not in s.text and "12345" not in s.text  # templates, not raw paths
+    assert "11111111-aaaa" not in s.text and "p12345q" not in s.text  # templates, not raw paths
     assert s.get("decnet_attr_api_auth_failures_total") == wh.counters["auth_failures_total"] >= 1
     assert s.get("decnet_attr_api_logins_total") == 1
     assert s.get("decnet_attr_api_login_failures_total") == 1
